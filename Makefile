@@ -1,0 +1,30 @@
+# Fresh-machine entry points: `make demo` and `make test`. Everything installs into .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench-cpu bench-gpu clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU wheel: a plain `torch` requirement would pull a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m nsa.cli demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 tests
+
+bench-cpu: $(STAMP)
+	$(BIN)/python benchmarks/cpu_suite.py
+
+bench-gpu:
+	bash benchmarks/run_gpu_suite.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache build src/*.egg-info

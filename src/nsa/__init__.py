@@ -1,0 +1,27 @@
+"""nsa: Native Sparse Attention (Yuan et al. 2025, arXiv 2502.11089) in PyTorch and Triton."""
+from .config import NSAConfig, num_compressed_tokens
+from .compression import COMPRESSORS, make_compressor
+from .layer import NativeSparseAttention
+from .ops.dispatch import (
+    available_backends,
+    compressed_attention,
+    native_sparse_attention,
+    select_blocks,
+    selected_attention,
+    sliding_window_attention,
+)
+
+__all__ = [
+    "NSAConfig",
+    "NativeSparseAttention",
+    "COMPRESSORS",
+    "available_backends",
+    "compressed_attention",
+    "make_compressor",
+    "native_sparse_attention",
+    "num_compressed_tokens",
+    "select_blocks",
+    "selected_attention",
+    "sliding_window_attention",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,99 @@
+"""φ, the learnable block compressor of Eq. 7, as a small registry: "mlp" (default), "linear", "mean".
+
+A compressor maps raw keys (or values) x [B, T, H, D] to compressed tokens [B, Tc, H, D], one per block of
+l = block_size tokens taken every d = stride tokens: block i covers positions [i*d, i*d + l - 1]. φ is shared by
+the KV heads. With `cu_seqlens`, blocks never straddle two sequences and the output packs each sequence's
+compressed tokens in order (see `nsa.ops.varlen.compressed_cu_seqlens`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import num_compressed_tokens
+
+
+def block_starts(seqlen: int, block_size: int, stride: int, cu_seqlens: torch.Tensor | None, device=None):
+    """First packed position of every compressed block, [Tc] int64 (per sequence when packed)."""
+    if cu_seqlens is None:
+        return torch.arange(num_compressed_tokens(seqlen, block_size, stride), device=device) * stride
+    bounds = cu_seqlens.tolist()
+    parts = [
+        start + torch.arange(num_compressed_tokens(end - start, block_size, stride), device=device) * stride
+        for start, end in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def compression_blocks(x: torch.Tensor, block_size: int, stride: int, cu_seqlens=None) -> torch.Tensor:
+    """Overlapping blocks of x [B, T, H, D] -> [B, Tc, H, l, D]."""
+    starts = block_starts(x.shape[1], block_size, stride, cu_seqlens, x.device)
+    idx = starts[:, None] + torch.arange(block_size, device=x.device)  # [Tc, l]
+    return x[:, idx].permute(0, 1, 3, 2, 4)  # [B, Tc, l, H, D] -> [B, Tc, H, l, D]
+
+
+class Compressor(nn.Module):
+    """Base class: subclasses implement `compress(blocks [B, Tc, H, l, D]) -> [B, Tc, H, D]`."""
+
+    def __init__(self, head_dim: int, block_size: int, stride: int, position_embedding: bool = False):
+        super().__init__()
+        self.head_dim, self.block_size, self.stride = head_dim, block_size, stride
+        # learned intra-block position embedding, added to the l tokens of a block (§3.3.1)
+        self.pos_emb = nn.Parameter(torch.randn(block_size, head_dim) * 0.02) if position_embedding else None
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        blocks = compression_blocks(x, self.block_size, self.stride, cu_seqlens)
+        if self.pos_emb is not None:
+            blocks = blocks + self.pos_emb.to(blocks.dtype)
+        return self.compress(blocks)
+
+    def compress(self, blocks: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class MeanCompressor(Compressor):
+    """Parameter-free mean pooling of each block."""
+
+    def __init__(self, head_dim, block_size, stride, position_embedding=False):
+        super().__init__(head_dim, block_size, stride, position_embedding=False)
+
+    def compress(self, blocks):
+        return blocks.mean(dim=-2)
+
+
+class LinearCompressor(Compressor):
+    """A linear map of the flattened block [l*D] -> [D], initialised to mean pooling."""
+
+    def __init__(self, head_dim, block_size, stride, position_embedding=True):
+        super().__init__(head_dim, block_size, stride, position_embedding)
+        self.proj = nn.Linear(block_size * head_dim, head_dim)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(head_dim).repeat(1, block_size) / block_size)
+            self.proj.bias.zero_()
+
+    def compress(self, blocks):
+        return self.proj(blocks.flatten(-2))
+
+
+class MLPCompressor(Compressor):
+    """Mean pooling plus a two-layer MLP over the flattened block (GELU); the MLP's last layer starts at zero,
+    so φ starts as mean pooling and learns from there."""
+
+    def __init__(self, head_dim, block_size, stride, position_embedding=True, hidden: int | None = None):
+        super().__init__(head_dim, block_size, stride, position_embedding)
+        hidden = hidden or head_dim
+        self.mlp = nn.Sequential(nn.Linear(block_size * head_dim, hidden), nn.GELU(), nn.Linear(hidden, head_dim))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def compress(self, blocks):
+        return blocks.mean(dim=-2) + self.mlp(blocks.flatten(-2))
+
+
+COMPRESSORS: dict[str, type[Compressor]] = {"mlp": MLPCompressor, "linear": LinearCompressor, "mean": MeanCompressor}
+
+
+def make_compressor(name: str, head_dim: int, block_size: int, stride: int, position_embedding: bool) -> Compressor:
+    if name not in COMPRESSORS:
+        raise ValueError(f"compression must be one of {sorted(COMPRESSORS)}, got {name!r}")
+    return COMPRESSORS[name](head_dim, block_size, stride, position_embedding=position_embedding)

@@ -1,0 +1,64 @@
+"""NSAConfig: the geometry of Native Sparse Attention and its validation."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class NSAConfig:
+    """Geometry of the three NSA branches (paper defaults, §4.1).
+
+    cmp_block_size  l   tokens per compressed block (Eq. 7)
+    cmp_stride      d   stride between compressed blocks (Eq. 7)
+    slc_block_size  l'  tokens per selection block (Eq. 9, 12)
+    num_selected    n   selected blocks per query, forced ones included (Eq. 11)
+    num_init_blocks     blocks 0..init-1 always selected
+    num_local_blocks    the query's own block and the ones before it, always selected
+    window_size     w   sliding-window length (§3.3.3)
+    """
+
+    cmp_block_size: int = 32
+    cmp_stride: int = 16
+    slc_block_size: int = 64
+    num_selected: int = 16
+    num_init_blocks: int = 1
+    num_local_blocks: int = 2
+    window_size: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("cmp_block_size", "cmp_stride", "slc_block_size", "num_selected", "window_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("num_init_blocks", "num_local_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        l, d, lp = self.cmp_block_size, self.cmp_stride, self.slc_block_size
+        if l % d:
+            raise ValueError(f"cmp_stride ({d}) must divide cmp_block_size ({l})")
+        if lp % d:
+            raise ValueError(f"cmp_stride ({d}) must divide slc_block_size ({lp})")
+        if l > lp:
+            raise ValueError(f"cmp_block_size ({l}) must be <= slc_block_size ({lp})")
+        if self.num_selected < self.num_init_blocks + self.num_local_blocks:
+            raise ValueError(
+                f"num_selected ({self.num_selected}) must be >= num_init_blocks + num_local_blocks "
+                f"({self.num_init_blocks} + {self.num_local_blocks})"
+            )
+
+    def num_compressed(self, seqlen: int) -> int:
+        """Compressed tokens of a length-`seqlen` sequence: max(0, floor((T - l) / d) + 1) (Eq. 7)."""
+        return num_compressed_tokens(seqlen, self.cmp_block_size, self.cmp_stride)
+
+    def num_slc_blocks(self, seqlen: int) -> int:
+        """Selection blocks covering a length-`seqlen` sequence: ceil(T / l')."""
+        return math.ceil(seqlen / self.slc_block_size)
+
+
+def num_compressed_tokens(seqlen: int, block_size: int, stride: int) -> int:
+    """max(0, floor((T - l) / d) + 1): compressed block i covers tokens [i*d, i*d + l - 1] (Eq. 7)."""
+    if seqlen < block_size:
+        return 0
+    return (seqlen - block_size) // stride + 1

@@ -1,0 +1,1 @@
+"""NSA ops: the checked, dispatched public functions live in `dispatch`; backends sit beside it."""

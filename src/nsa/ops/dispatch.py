@@ -1,0 +1,258 @@
+"""The public NSA ops: input checks and the one place that picks a backend.
+
+Every backend module exposes the same functions with the same signatures as `nsa.ops.reference`; this file checks
+the inputs once (raising ValueError that names the offending argument) and forwards to the chosen backend.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from types import ModuleType
+
+import torch
+
+from ..config import NSAConfig
+from .varlen import num_compressed_total
+
+# name -> module path; a backend whose import fails (e.g. Triton missing) is reported as unavailable.
+_BACKENDS = {
+    "reference": "nsa.ops.reference",
+}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def register_backend(name: str, module_path: str) -> None:
+    """Make `backend=name` resolve to the module at `module_path` (same functions as `nsa.ops.reference`)."""
+    _BACKENDS[name] = module_path
+
+
+def available_backends() -> list[str]:
+    out = []
+    for name in _BACKENDS:
+        try:
+            _load(name)
+        except ImportError:
+            continue
+        out.append(name)
+    return out
+
+
+def _load(name: str) -> ModuleType:
+    return importlib.import_module(_BACKENDS[name])
+
+
+def resolve_backend(backend: str, device: torch.device) -> ModuleType:
+    """'auto' picks triton on CUDA (when importable), else the fast torch backend, else the reference."""
+    if backend == "auto":
+        order = ["triton", "torch", "reference"] if device.type == "cuda" else ["torch", "reference"]
+        for name in order:
+            if name in _BACKENDS:
+                try:
+                    return _load(name)
+                except ImportError:
+                    continue
+        return _load("reference")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(_BACKENDS)}, got {backend!r}")
+    try:
+        return _load(backend)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ValueError(f"backend {backend!r} is not available here: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------------------------- input checks
+def _check_tensor(name, x, ndim=4):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+
+
+def _check_qkv(q, k, v, kname="k", vname="v", same_time=True):
+    _check_tensor("q", q)
+    _check_tensor(kname, k)
+    _check_tensor(vname, v)
+    if q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    for name, x in ((kname, k), (vname, v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+        if x.shape[0] != q.shape[0]:
+            raise ValueError(f"{name} batch size {x.shape[0]} does not match q's {q.shape[0]}")
+        if same_time and x.shape[1] != q.shape[1]:
+            raise ValueError(f"{name} length {x.shape[1]} does not match q's {q.shape[1]}")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"{kname} heads ({k.shape[2]}) must divide q heads ({q.shape[2]})")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"{vname} heads ({v.shape[2]}) must equal {kname} heads ({k.shape[2]})")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"{kname} head dim ({k.shape[3]}) must equal q's ({q.shape[3]})")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"{vname} length {v.shape[1]} does not match {kname}'s {k.shape[1]}")
+    if q.shape[3] == 0 or v.shape[3] == 0:
+        raise ValueError("q and v head dims must be positive")
+
+
+def _check_cu_seqlens(cu_seqlens, q):
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D tensor [N+1] of sequence offsets")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens requires a packed batch of size 1, got q batch size {q.shape[0]}")
+    cpu = cu_seqlens.detach().cpu()
+    if int(cpu[0]) != 0 or int(cpu[-1]) != q.shape[1]:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T={q.shape[1]}, got {cpu.tolist()}")
+    if bool((cpu[1:] < cpu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cpu.tolist()}")
+    return cu_seqlens.to(q.device)
+
+
+def _check_scale(scale):
+    if scale is None:
+        return
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+
+
+def _check_positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_config(config):
+    if not isinstance(config, NSAConfig):
+        raise ValueError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
+
+
+def _check_cmp(q, k_cmp, v_cmp, block_size, stride, cu_seqlens, kname="k_cmp", vname="v_cmp"):
+    _check_qkv(q, k_cmp, v_cmp, kname, vname, same_time=False)
+    expected = num_compressed_total(q.shape[1], cu_seqlens, block_size, stride)
+    if k_cmp.shape[1] != expected:
+        raise ValueError(
+            f"{kname} must hold {expected} compressed tokens for this q (block {block_size}, stride {stride}), "
+            f"got {k_cmp.shape[1]}"
+        )
+
+
+def _check_indices(indices, q, k, block_size):
+    _check_tensor("indices", indices)
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
+    B, T, HKV = q.shape[0], q.shape[1], k.shape[2]
+    if tuple(indices.shape[:3]) != (B, T, HKV):
+        raise ValueError(f"indices must be [B, T, HKV, n] = [{B}, {T}, {HKV}, n], got {tuple(indices.shape)}")
+    if indices.numel():
+        lo, hi = int(indices.min()), int(indices.max())
+        nb = math.ceil(T / block_size)
+        if lo < -1 or hi >= nb:
+            raise ValueError(f"indices must lie in [-1, {nb - 1}] (block size {block_size}), got [{lo}, {hi}]")
+
+
+def _check_backend_name(backend):
+    if not isinstance(backend, str):
+        raise ValueError(f"backend must be a string, got {backend!r}")
+
+
+# ----------------------------------------------------------------------------------------------- public ops
+def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None, cu_seqlens=None, backend="auto"):
+    """Attention of q [B,T,HQ,Dk] over compressed tokens k_cmp/v_cmp [B,Tc,HKV,Dk|Dv] (Eq. 7).
+
+    Query t sees compressed token i iff i*d + l - 1 <= t. Returns (o [B,T,HQ,Dv], lse [B,T,HQ] in fp32/fp64);
+    a query that sees none gets o = 0 and lse = -inf.
+    """
+    _check_positive_int("block_size", block_size)
+    _check_positive_int("stride", stride)
+    _check_scale(scale)
+    _check_backend_name(backend)
+    _check_tensor("q", q)
+    cu_seqlens = _check_cu_seqlens(cu_seqlens, q)
+    _check_cmp(q, k_cmp, v_cmp, block_size, stride, cu_seqlens)
+    impl = resolve_backend(backend, q.device)
+    return impl.compressed_attention(
+        q, k_cmp, v_cmp, block_size=block_size, stride=stride, scale=scale, cu_seqlens=cu_seqlens
+    )
+
+
+def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None, backend="auto"):
+    """Selected block indices [B,T,HKV,n] (Eq. 8-11): ascending, -1 padded, forced init/local blocks included."""
+    _check_config(config)
+    _check_scale(scale)
+    _check_backend_name(backend)
+    _check_tensor("q", q)
+    cu_seqlens = _check_cu_seqlens(cu_seqlens, q)
+    _check_cmp(q, k_cmp, k_cmp, config.cmp_block_size, config.cmp_stride, cu_seqlens, "k_cmp", "k_cmp")
+    impl = resolve_backend(backend, q.device)
+    return impl.select_blocks(q, k_cmp, config=config, scale=scale, cu_seqlens=cu_seqlens)
+
+
+def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=None, backend="auto"):
+    """Attention over the raw tokens of the blocks in `indices` [B,T,HKV,n] (Eq. 12), causal inside a block."""
+    _check_positive_int("block_size", block_size)
+    _check_scale(scale)
+    _check_backend_name(backend)
+    _check_qkv(q, k, v)
+    cu_seqlens = _check_cu_seqlens(cu_seqlens, q)
+    _check_indices(indices, q, k, block_size)
+    impl = resolve_backend(backend, q.device)
+    return impl.selected_attention(q, k, v, indices, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens)
+
+
+def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None, backend="auto"):
+    """Attention over keys in [t - window + 1, t] of the query's own sequence."""
+    _check_positive_int("window", window)
+    _check_scale(scale)
+    _check_backend_name(backend)
+    _check_qkv(q, k, v)
+    cu_seqlens = _check_cu_seqlens(cu_seqlens, q)
+    impl = resolve_backend(backend, q.device)
+    return impl.sliding_window_attention(q, k, v, window=window, scale=scale, cu_seqlens=cu_seqlens)
+
+
+def native_sparse_attention(
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config, scale=None, cu_seqlens=None,
+    block_indices=None, backend="auto",
+):
+    """Native Sparse Attention (Eq. 5): o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win.
+
+    q [B,T,HQ,Dk]; k_cmp/v_cmp [B,Tc,HKV,Dk|Dv] compressed tokens (output of φ); k_slc/v_slc and k_win/v_win
+    [B,T,HKV,Dk|Dv]; gates [B,T,HQ,3] in (cmp, slc, win) order; config an NSAConfig. `block_indices`
+    [B,T,HKV,n] replaces the selection computed from the compressed scores. Returns o [B,T,HQ,Dv].
+    """
+    _check_config(config)
+    _check_scale(scale)
+    _check_backend_name(backend)
+    _check_qkv(q, k_slc, v_slc, "k_slc", "v_slc")
+    _check_qkv(q, k_win, v_win, "k_win", "v_win")
+    if k_win.shape[2] != k_slc.shape[2]:
+        raise ValueError(f"k_win heads ({k_win.shape[2]}) must equal k_slc heads ({k_slc.shape[2]})")
+    if v_win.shape[3] != v_slc.shape[3]:
+        raise ValueError(f"v_win head dim ({v_win.shape[3]}) must equal v_slc's ({v_slc.shape[3]})")
+    cu_seqlens = _check_cu_seqlens(cu_seqlens, q)
+    _check_cmp(q, k_cmp, v_cmp, config.cmp_block_size, config.cmp_stride, cu_seqlens)
+    if k_cmp.shape[2] != k_slc.shape[2]:
+        raise ValueError(f"k_cmp heads ({k_cmp.shape[2]}) must equal k_slc heads ({k_slc.shape[2]})")
+    if v_cmp.shape[3] != v_slc.shape[3]:
+        raise ValueError(f"v_cmp head dim ({v_cmp.shape[3]}) must equal v_slc's ({v_slc.shape[3]})")
+    _check_tensor("gates", gates)
+    if tuple(gates.shape) != (q.shape[0], q.shape[1], q.shape[2], 3):
+        raise ValueError(f"gates must be [B, T, HQ, 3] = {(*q.shape[:3], 3)}, got {tuple(gates.shape)}")
+    if not gates.is_floating_point():
+        raise ValueError(f"gates must be a floating tensor, got {gates.dtype}")
+    if gates.device != q.device:
+        raise ValueError(f"gates must be on q's device {q.device}, got {gates.device}")
+    if block_indices is not None:
+        _check_indices(block_indices, q, k_slc, config.slc_block_size)
+        if block_indices.shape[3] != config.num_selected:
+            raise ValueError(
+                f"block_indices must list config.num_selected={config.num_selected} blocks, got {block_indices.shape[3]}"
+            )
+    impl = resolve_backend(backend, q.device)
+    return impl.native_sparse_attention(
+        q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config=config, scale=scale, cu_seqlens=cu_seqlens,
+        block_indices=block_indices,
+    )

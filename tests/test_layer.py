@@ -1,0 +1,91 @@
+"""NativeSparseAttention layer and φ compressors."""
+import pytest
+import torch
+
+import nsa
+from nsa.compression import compression_blocks
+from nsa.ops.varlen import compressed_cu_seqlens
+from tests.kit import assert_close, small_config
+
+CFG = small_config()
+
+
+def make_layer(**kw):
+    torch.manual_seed(0)
+    kw.setdefault("config", CFG)
+    return nsa.NativeSparseAttention(48, 6, 2, 8, **kw).double()
+
+
+def test_compression_blocks_layout_and_varlen():
+    x = torch.arange(2 * 30 * 1 * 1, dtype=torch.float64).view(2, 30, 1, 1)
+    blocks = compression_blocks(x, 8, 4)  # Tc = (30 - 8) // 4 + 1 = 6
+    assert blocks.shape == (2, 6, 1, 8, 1)
+    assert blocks[1, 2, 0, :, 0].tolist() == list(range(30 + 8, 30 + 16))
+    cu = torch.tensor([0, 9, 9, 30], dtype=torch.int32)  # lengths 9, 0, 21 -> 1, 0, 4 compressed tokens
+    packed = compression_blocks(x[:1], 8, 4, cu)
+    assert compressed_cu_seqlens(cu, 8, 4).tolist() == [0, 1, 1, 5]
+    assert packed[0, 0, 0, :, 0].tolist() == list(range(0, 8))
+    assert packed[0, 1, 0, :, 0].tolist() == list(range(9, 17))
+    assert packed[0, 4, 0, :, 0].tolist() == list(range(21, 29))
+
+
+@pytest.mark.parametrize("name", ["mlp", "linear", "mean"])
+def test_compressors_start_as_mean_pooling(name):
+    comp = nsa.make_compressor(name, 8, 8, 4, position_embedding=False).double()
+    x = torch.randn(2, 20, 3, 8, dtype=torch.float64)
+    assert_close(comp(x), compression_blocks(x, 8, 4).mean(-2), atol=1e-12, rtol=1e-12, name=name)
+
+
+@pytest.mark.parametrize("compression", ["mlp", "linear", "mean"])
+@pytest.mark.parametrize("shared_kv", [False, True])
+def test_layer_gradients_reach_everything(compression, shared_kv):
+    layer = make_layer(compression=compression, shared_kv=shared_kv, v_head_dim=6)
+    if compression == "mlp":  # leave the zero init so the MLP's first layer also receives gradient
+        torch.nn.init.normal_(layer.compress_k.mlp[2].weight, std=0.1)
+        torch.nn.init.normal_(layer.compress_v.mlp[2].weight, std=0.1)
+    x = torch.randn(2, 45, 48, dtype=torch.float64)
+    y = layer(x)
+    assert y.shape == x.shape
+    y.square().mean().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
+
+
+def test_layer_causal():
+    layer = make_layer()
+    x = torch.randn(1, 60, 48, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, 33:] = torch.randn(1, 27, 48, dtype=torch.float64)
+    assert torch.equal(layer(x)[:, :33], layer(x2)[:, :33])
+
+
+def test_layer_varlen_equals_per_sequence():
+    layer = make_layer()
+    lengths = [17, 40, 5]
+    cu = torch.tensor([0, 17, 57, 62], dtype=torch.int32)
+    x = torch.randn(1, 62, 48, dtype=torch.float64)
+    y = layer(x, cu_seqlens=cu)
+    for n, L in enumerate(lengths):
+        s = int(cu[n])
+        assert_close(y[:, s:s + L], layer(x[:, s:s + L]), atol=1e-10, rtol=1e-10, name=f"seq {n}")
+
+
+def test_rope_relative_positions():
+    """RoPE enters q, slc/win keys at their positions and compressed keys at their block's last position, so
+    shifting every position by a constant leaves the layer output unchanged (to rounding)."""
+    layer = make_layer()
+    x = torch.randn(2, 50, 48, dtype=torch.float64)
+    base = layer(x)
+    shifted = layer(x, position_ids=torch.arange(50) + 1234)
+    assert_close(shifted, base, atol=1e-9, rtol=1e-9, name="shift invariance")
+    # and positions matter: scrambling them changes the output
+    assert not torch.allclose(layer(x, position_ids=torch.arange(50).flip(0)), base)
+
+
+def test_compressed_keys_rotated_at_block_end():
+    layer = make_layer(compression="mean")
+    x = torch.randn(1, 20, 48, dtype=torch.float64)
+    q, k_cmp, *_ = layer.project(x)
+    raw = layer.kv_proj(x).view(1, 20, 3, 2, 16)[..., 0, :, :8]
+    expected = nsa.rope.apply_rope(compression_blocks(raw, 8, 4).mean(-2), torch.tensor([7, 11, 15, 19]))
+    assert_close(k_cmp, expected, atol=1e-12, rtol=1e-12, name="k_cmp")

@@ -1,0 +1,114 @@
+"""Malformed inputs raise ValueError naming the argument."""
+import pytest
+import torch
+
+import nsa
+from tests.kit import make_inputs, small_config
+
+CFG = small_config()
+
+
+def good():
+    return list(make_inputs(1, 20, 4, 2, 8, 8, CFG, dtype=torch.float32))
+
+
+def call(inputs, **kw):
+    kw.setdefault("config", CFG)
+    return nsa.native_sparse_attention(*inputs, **kw)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda x: x.__setitem__(0, x[0][0]), "q must be 4-D"),
+        (lambda x: x.__setitem__(3, x[3][..., 0]), "k_slc must be 4-D"),
+        (lambda x: x.__setitem__(0, torch.randn(1, 20, 5, 8)), "heads"),
+        (lambda x: x.__setitem__(3, torch.randn(2, 20, 2, 8)), "k_slc batch size"),
+        (lambda x: x.__setitem__(5, torch.randn(1, 19, 2, 8)), "k_win length"),
+        (lambda x: x.__setitem__(4, torch.randn(1, 20, 2, 8, dtype=torch.float64)), "v_slc must have q's dtype"),
+        (lambda x: x.__setitem__(3, torch.randn(1, 20, 2, 6)), "k_slc head dim"),
+        (lambda x: (x.__setitem__(1, torch.randn(1, 5, 2, 8)), x.__setitem__(2, torch.randn(1, 5, 2, 8))), "k_cmp must hold 4 compressed tokens"),
+        (lambda x: x.__setitem__(7, torch.rand(1, 20, 4, 2)), "gates must be"),
+        (lambda x: [x.__setitem__(i, x[i].to(torch.int32)) for i in range(7)], "q must be float16"),
+    ],
+)
+def test_bad_tensors(mutate, match):
+    x = good()
+    mutate(x)
+    with pytest.raises(ValueError, match=match):
+        call(x)
+
+
+@pytest.mark.parametrize(
+    "cu,match",
+    [
+        (torch.tensor([0, 12, 8, 20], dtype=torch.int32), "non-decreasing"),
+        (torch.tensor([0, 12, 19], dtype=torch.int32), "end at T=20"),
+        (torch.tensor([1, 12, 20], dtype=torch.int32), "start at 0"),
+        (torch.tensor([0.0, 20.0]), "int32 or int64"),
+        (torch.tensor([[0, 20]], dtype=torch.int32), "1-D"),
+    ],
+)
+def test_bad_cu_seqlens(cu, match):
+    with pytest.raises(ValueError, match="cu_seqlens.*" + match if "cu" not in match else match):
+        call(good(), cu_seqlens=cu)
+
+
+def test_cu_seqlens_needs_batch_one():
+    x = list(make_inputs(2, 20, 4, 2, 8, 8, CFG, dtype=torch.float32))
+    with pytest.raises(ValueError, match="cu_seqlens requires a packed batch of size 1"):
+        call(x, cu_seqlens=torch.tensor([0, 20], dtype=torch.int32))
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(cmp_block_size=24, cmp_stride=16), "cmp_stride .* must divide cmp_block_size"),
+        (dict(slc_block_size=40, cmp_stride=16), "cmp_stride .* must divide slc_block_size"),
+        (dict(cmp_block_size=128), "cmp_block_size .* must be <= slc_block_size"),
+        (dict(num_selected=2), "num_selected"),
+        (dict(window_size=0), "window_size"),
+        (dict(num_init_blocks=-1), "num_init_blocks"),
+        (dict(cmp_stride=2.5), "cmp_stride"),
+    ],
+)
+def test_bad_geometry(kw, match):
+    with pytest.raises(ValueError, match=match):
+        nsa.NSAConfig(**kw)
+
+
+def test_bad_scalars_and_names():
+    x = good()
+    with pytest.raises(ValueError, match="config"):
+        call(x, config=dict(window_size=4))
+    with pytest.raises(ValueError, match="scale"):
+        call(x, scale=-1.0)
+    with pytest.raises(ValueError, match="backend"):
+        call(x, backend="cuda-magic")
+    with pytest.raises(ValueError, match="window"):
+        nsa.sliding_window_attention(x[0], x[5], x[6], window=0)
+    with pytest.raises(ValueError, match="block_size"):
+        nsa.compressed_attention(x[0], x[1], x[2], block_size=0, stride=4)
+
+
+def test_bad_indices():
+    x = good()
+    idx = torch.zeros(1, 20, 2, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="indices must be int32 or int64"):
+        nsa.selected_attention(x[0], x[3], x[4], idx.float(), block_size=16)
+    with pytest.raises(ValueError, match="indices must be \\[B, T, HKV, n\\]"):
+        nsa.selected_attention(x[0], x[3], x[4], idx[:, :10], block_size=16)
+    with pytest.raises(ValueError, match="indices must lie in"):
+        nsa.selected_attention(x[0], x[3], x[4], idx + 2, block_size=16)
+    with pytest.raises(ValueError, match="block_indices must list"):
+        call(x, block_indices=idx[..., :3])
+
+
+def test_layer_bad_input():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        nsa.NativeSparseAttention(32, 4, 3, 8)
+    with pytest.raises(ValueError, match="compression"):
+        nsa.NativeSparseAttention(32, 4, 2, 8, compression="zip")
+    layer = nsa.NativeSparseAttention(32, 4, 2, 8, config=CFG)
+    with pytest.raises(ValueError, match="x must be"):
+        layer(torch.randn(2, 10, 16))
