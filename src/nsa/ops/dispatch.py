@@ -17,6 +17,8 @@ from .varlen import num_compressed_total
 # name -> module path; a backend whose import fails (e.g. Triton missing) is reported as unavailable.
 _BACKENDS = {
     "reference": "nsa.ops.reference",
+    "torch": "nsa.ops.torch_backend",
+    "triton": "nsa.ops.triton",
 }
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -31,7 +33,7 @@ def available_backends() -> list[str]:
     for name in _BACKENDS:
         try:
             _load(name)
-        except ImportError:
+        except ImportError:  # not installed here (Triton missing) or not built yet
             continue
         out.append(name)
     return out
