@@ -1,0 +1,310 @@
+"""Flash-style Triton kernels for the two "dense under a mask" branches, forward and backward.
+
+MODE 0, sliding window (§3.3.3): query t reads token keys in [t - w + 1, t] of its own sequence.
+MODE 1, compression (Eq. 7): query t reads compressed key i iff i*d + l - 1 <= t; keys are the packed
+compressed tokens of the query's sequence.
+
+Layout: q [Tq, HQ, Dk], k [Tk, HKV, Dk], v [Tk, HKV, Dv] packed and contiguous; `cu_q`/`cu_k` int64 [N+1] offsets.
+Online softmax in base 2 with fp32 accumulators. Backward: dQ per query tile and dK/dV per key tile (each loops
+over the G query heads of its KV head), so no atomics and bitwise-repeatable gradients.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import autotune_configs, dot_precision, interpreting, next_pow2, tile_table
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _visible(pos_q, pos_k, WINDOW, CMP_L, CMP_D, MODE: tl.constexpr):
+    """Mask of [BM, 1] query positions against [1, BN] key positions (both inside the sequence)."""
+    if MODE == 0:
+        return (pos_k <= pos_q) & (pos_k > pos_q - WINDOW)
+    else:
+        return pos_k * CMP_D + CMP_L - 1 <= pos_q
+
+
+@triton.jit
+def _key_hi(p_hi, Lk, CMP_L, CMP_D, MODE: tl.constexpr):
+    """One past the last key visible to the query at position p_hi."""
+    if MODE == 0:
+        return tl.minimum(p_hi + 1, Lk)
+    else:
+        n = tl.maximum(p_hi - CMP_L + 1, 0) // CMP_D + 1
+        return tl.minimum(tl.where(p_hi >= CMP_L - 1, n, 0), Lk)
+
+
+@triton.autotune(configs=autotune_configs(), key=["MODE", "BLOCK_DK", "BLOCK_DV", "PREC"])
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, TILES, CU_Q, CU_K,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_lt,
+    G, DK, DV, qk_scale, WINDOW, CMP_L, CMP_D,
+    MODE: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    hq = tl.program_id(1).to(tl.int64)
+    hk = hq // G
+    seq = tl.load(TILES + 2 * pid)
+    row0 = tl.load(TILES + 2 * pid + 1).to(tl.int64)
+    qs = tl.load(CU_Q + seq).to(tl.int64)
+    qe = tl.load(CU_Q + seq + 1).to(tl.int64)
+    ks = tl.load(CU_K + seq).to(tl.int64)
+    Lk = tl.load(CU_K + seq + 1).to(tl.int64) - ks
+
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < qe
+    pos_q = rows - qs
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + rows[:, None] * s_qt + hq * s_qh + offs_dk[None, :],
+                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+
+    p_lo = row0 - qs
+    p_hi = tl.minimum(row0 + BLOCK_M, qe) - 1 - qs
+    hi = _key_hi(p_hi, Lk, CMP_L, CMP_D, MODE)
+    if MODE == 0:
+        lo = tl.maximum(p_lo - WINDOW + 1, 0)
+        lo = lo - lo % BLOCK_N
+    else:
+        lo = p_lo * 0
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < hi
+        k = tl.load(K + (ks + cols)[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
+                    mask=col_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+        v = tl.load(V + (ks + cols)[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
+                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        vis = _visible(pos_q[:, None], cols[None, :], WINDOW, CMP_L, CMP_D, MODE)
+        vis = vis & col_ok[None, :] & row_ok[:, None]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(O + rows[:, None] * s_ot + hq * s_oh + offs_dv[None, :], o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + rows * s_lt + hq, lse, mask=row_ok)
+
+
+@triton.autotune(configs=autotune_configs(), key=["MODE", "BLOCK_DK", "BLOCK_DV", "PREC"])
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, TILES, CU_Q, CU_K,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_lt,
+    G, DK, DV, qk_scale, scale, WINDOW, CMP_L, CMP_D,
+    MODE: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    hq = tl.program_id(1).to(tl.int64)
+    hk = hq // G
+    seq = tl.load(TILES + 2 * pid)
+    row0 = tl.load(TILES + 2 * pid + 1).to(tl.int64)
+    qs = tl.load(CU_Q + seq).to(tl.int64)
+    qe = tl.load(CU_Q + seq + 1).to(tl.int64)
+    ks = tl.load(CU_K + seq).to(tl.int64)
+    Lk = tl.load(CU_K + seq + 1).to(tl.int64) - ks
+
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < qe
+    pos_q = rows - qs
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + rows[:, None] * s_qt + hq * s_qh + offs_dk[None, :],
+                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    do = tl.load(DO + rows[:, None] * s_dot + hq * s_doh + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + rows * s_lt + hq, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(DELTA + rows * s_lt + hq, mask=row_ok, other=0.0)
+
+    p_lo = row0 - qs
+    p_hi = tl.minimum(row0 + BLOCK_M, qe) - 1 - qs
+    hi = _key_hi(p_hi, Lk, CMP_L, CMP_D, MODE)
+    if MODE == 0:
+        lo = tl.maximum(p_lo - WINDOW + 1, 0)
+        lo = lo - lo % BLOCK_N
+    else:
+        lo = p_lo * 0
+
+    dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < hi
+        k = tl.load(K + (ks + cols)[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
+                    mask=col_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+        v = tl.load(V + (ks + cols)[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
+                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        vis = _visible(pos_q[:, None], cols[None, :], WINDOW, CMP_L, CMP_D, MODE)
+        vis = vis & col_ok[None, :] & row_ok[:, None]
+        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    dq = dq * scale
+    tl.store(DQ + rows[:, None] * s_qt + hq * s_qh + offs_dk[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dk[None, :] < DK))
+
+
+@triton.autotune(configs=autotune_configs(), key=["MODE", "BLOCK_DK", "BLOCK_DV", "PREC"])
+@triton.jit
+def _bwd_dkv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK_, DV_, TILES, CU_Q, CU_K,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_lt,
+    G, DK, DV, qk_scale, scale, WINDOW, CMP_L, CMP_D,
+    MODE: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    hk = tl.program_id(1).to(tl.int64)
+    seq = tl.load(TILES + 2 * pid)
+    col0 = tl.load(TILES + 2 * pid + 1).to(tl.int64)
+    qs = tl.load(CU_Q + seq).to(tl.int64)
+    Lq = tl.load(CU_Q + seq + 1).to(tl.int64) - qs
+    ks = tl.load(CU_K + seq).to(tl.int64)
+    ke = tl.load(CU_K + seq + 1).to(tl.int64)
+
+    cols = col0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < ke
+    pos_k = cols - ks
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = tl.load(K + cols[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
+                mask=col_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    v = tl.load(V + cols[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
+                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+
+    j_lo = col0 - ks
+    j_hi = tl.minimum(col0 + BLOCK_N, ke) - 1 - ks
+    if MODE == 0:
+        q_lo = j_lo
+        q_hi = tl.minimum(j_hi + WINDOW, Lq)
+    else:
+        q_lo = j_lo * CMP_D + CMP_L - 1
+        q_hi = Lq
+
+    dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for g in range(G):
+        hq = hk * G + g
+        for m0 in range(q_lo, q_hi, BLOCK_M):
+            pos_q = m0 + tl.arange(0, BLOCK_M)
+            row_ok = pos_q < q_hi
+            rows = qs + pos_q
+            q = tl.load(Q + rows[:, None] * s_qt + hq * s_qh + offs_dk[None, :],
+                        mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+            do = tl.load(DO + rows[:, None] * s_dot + hq * s_doh + offs_dv[None, :],
+                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            lse = tl.load(LSE + rows * s_lt + hq, mask=row_ok, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+            delta = tl.load(DELTA + rows * s_lt + hq, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            vis = _visible(pos_q[:, None], pos_k[None, :], WINDOW, CMP_L, CMP_D, MODE)
+            vis = vis & col_ok[None, :] & row_ok[:, None]
+            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    dk = dk * scale
+    tl.store(DK_ + cols[:, None] * s_kt + hk * s_kh + offs_dk[None, :], dk.to(DK_.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_dk[None, :] < DK))
+    tl.store(DV_ + cols[:, None] * s_vt + hk * s_vh + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+def _blocks(dk: int, dv: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) for the head dims: 16x16 when interpreting, smaller key tiles for wide heads on GPU."""
+    if interpreting():
+        return 16, 16
+    return (64, 64) if max(dk, dv) <= 128 else (64, 32)
+
+
+class DenseMaskedAttention(torch.autograd.Function):
+    """o, lse = masked attention (MODE 0 window, MODE 1 compressed) on packed tensors."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, mode, scale, window, cmp_l, cmp_d):
+        Tq, HQ, Dk = q.shape
+        HKV, Dv = k.shape[1], v.shape[2]
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o = torch.empty(Tq, HQ, Dv, dtype=q.dtype, device=q.device)
+        lse = torch.empty(Tq, HQ, dtype=torch.float32, device=q.device)
+        bm, bn = _blocks(Dk, Dv)
+        tiles_q = tile_table(cu_q, bm)
+        bdk, bdv = next_pow2(Dk), next_pow2(Dv)
+        if tiles_q.shape[0] and HQ:
+            _fwd_kernel[(tiles_q.shape[0], HQ)](
+                q, k, v, o, lse, tiles_q, cu_q, cu_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                o.stride(0), o.stride(1), lse.stride(0),
+                HQ // HKV, Dk, Dv, scale * LOG2E, window, cmp_l, cmp_d,
+                MODE=mode, PREC=dot_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DV=bdv,
+            )
+        ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k, tiles_q)
+        ctx.cfg = (mode, scale, window, cmp_l, cmp_d, bm, bn)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, cu_q, cu_k, tiles_q = ctx.saved_tensors
+        mode, scale, window, cmp_l, cmp_d, bm, bn = ctx.cfg
+        Tq, HQ, Dk = q.shape
+        HKV, Dv = k.shape[1], v.shape[2]
+        do = torch.zeros_like(o) if do is None else do.contiguous()
+        # delta_t = sum_d dO*O - dlse (the lse term of the chain rule)
+        delta = (do.float() * o.float()).sum(-1)
+        if dlse is not None:
+            delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(dlse), dlse.float())
+        delta = delta.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        bdk, bdv = next_pow2(Dk), next_pow2(Dv)
+        prec = dot_precision(q.dtype)
+        common = dict(MODE=mode, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DV=bdv)
+        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                   do.stride(0), do.stride(1), lse.stride(0))
+        if tiles_q.shape[0] and HQ:
+            _bwd_dq_kernel[(tiles_q.shape[0], HQ)](
+                q, k, v, do, lse, delta, dq, tiles_q, cu_q, cu_k, *strides,
+                HQ // HKV, Dk, Dv, scale * LOG2E, scale, window, cmp_l, cmp_d, **common,
+            )
+        else:
+            dq.zero_()
+        tiles_k = tile_table(cu_k, bn)
+        if tiles_k.shape[0] and HKV:
+            _bwd_dkv_kernel[(tiles_k.shape[0], HKV)](
+                q, k, v, do, lse, delta, dk, dv, tiles_k, cu_q, cu_k, *strides,
+                HQ // HKV, Dk, Dv, scale * LOG2E, scale, window, cmp_l, cmp_d, **common,
+            )
+        else:
+            dk.zero_()
+            dv.zero_()
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def dense_masked_attention(q, k, v, cu_q, cu_k, *, mode, scale, window=1, cmp_l=1, cmp_d=1):
+    """Packed entry point; see `DenseMaskedAttention`. Returns (o [Tq,HQ,Dv], lse [Tq,HQ] fp32)."""
+    return DenseMaskedAttention.apply(q, k, v, cu_q, cu_k, mode, float(scale), int(window), int(cmp_l), int(cmp_d))
+
+
+def default_scale(q: torch.Tensor, scale):
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+

@@ -1,0 +1,75 @@
+"""Host-side helpers shared by the Triton kernels: packing to the varlen layout, tile tables, launch configs.
+
+Every kernel works on the packed layout `[Ttot, H, D]` (contiguous) plus int64 sequence offsets `cu [N+1]`.
+A padded batch `[B, T, H, D]` is the packed batch of B sequences of length T (a free reshape).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ..varlen import compressed_cu_seqlens
+
+
+def interpreting() -> bool:
+    """True when kernels run in the Triton CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def next_pow2(x: int, lo: int = 16) -> int:
+    """Smallest power of two >= max(x, lo) (tl.dot needs tile dims that are powers of two >= 16)."""
+    return max(lo, triton.next_power_of_2(max(1, int(x))))
+
+
+def autotune_configs(*keys_unused):
+    """A small autotune list on GPU; a single config under the interpreter."""
+    if interpreting():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (4, 3))]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use IEEE dots (no silent TF32); fp16/bf16 use the tensor-core default."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, H, D] -> contiguous [B*T, H, D]."""
+    B, T, H, D = x.shape
+    return x.contiguous().reshape(B * T, H, D)
+
+
+def seq_offsets(B: int, T: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
+    """int64 [N+1] offsets of the packed sequences: cu_seqlens, or 0, T, 2T, ... for a padded batch."""
+    if cu_seqlens is None:
+        return torch.arange(B + 1, device=device, dtype=torch.int64) * T
+    return cu_seqlens.to(device=device, dtype=torch.int64)
+
+
+def cmp_offsets(B: int, Tc: int, cu_seqlens: torch.Tensor | None, block_size: int, stride: int, device):
+    """int64 [N+1] offsets of each sequence's compressed tokens in the packed compressed tensor."""
+    if cu_seqlens is None:
+        return torch.arange(B + 1, device=device, dtype=torch.int64) * Tc
+    return compressed_cu_seqlens(cu_seqlens.to(torch.int64), block_size, stride).to(device)
+
+
+def tile_table(cu: torch.Tensor, block: int) -> torch.Tensor:
+    """int32 [num_tiles, 2] of (sequence, first packed row): tiles of `block` rows that never cross a sequence."""
+    bounds = cu.tolist()
+    seqs, starts = [], []
+    for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if e > s:
+            st = torch.arange(s, e, block, dtype=torch.int32)
+            starts.append(st)
+            seqs.append(torch.full_like(st, n))
+    if not starts:
+        return torch.zeros(0, 2, dtype=torch.int32, device=cu.device)
+    return torch.stack([torch.cat(seqs), torch.cat(starts)], 1).contiguous().to(cu.device)
+
+
+def token_seq_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
+    """int64 [total]: the sequence each packed row belongs to."""
+    lengths = cu[1:] - cu[:-1]
+    return torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), lengths, output_size=total)
