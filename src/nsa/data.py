@@ -1,0 +1,257 @@
+"""Data with nothing downloaded: bytes as tokens, the Python standard library as corpus, synthetic recall tasks.
+
+- `ByteTokenizer`: token = byte value (vocab 256).
+- `stdlib_corpus()`: the standard library's own `.py` files (repository-level code), split train/validation by a
+  hash of each file's relative path, so the split is the same on every machine with the same Python.
+- `niah_example()`: a key-value "needle" line inserted at a chosen depth of a code haystack, asked for at the end.
+- `mqar_example()`: multi-query associative recall: key=value pairs, then the keys again, each to be answered.
+- `DataMix`: training batches drawn from a weighted mix of the three, packed with `cu_seqlens`. Batch `step` is a
+  pure function of (seed, step), so a resumed or distributed run sees exactly the same data.
+"""
+from __future__ import annotations
+
+import sysconfig
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+IGNORE = -100
+_KEY_CHARS = b"abcdefghijklmnopqrstuvwxyz"
+_VALUE_CHARS = b"0123456789"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes <-> token ids 0..255."""
+
+    vocab_size = 256
+
+    def encode(self, text: str | bytes) -> list[int]:
+        return list(text.encode("utf-8") if isinstance(text, str) else text)
+
+    def decode(self, ids) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+# ------------------------------------------------------------------------------------------------------ corpus
+@dataclass
+class Corpus:
+    """Concatenated UTF-8 bytes of a list of files; `doc_starts[i]` is where file i begins in `tokens`."""
+
+    tokens: torch.Tensor  # uint8 [N]
+    doc_starts: torch.Tensor  # int64 [num_docs + 1], last = N
+    files: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.tokens.numel())
+
+
+def stdlib_files(root: str | Path | None = None) -> list[Path]:
+    """Sorted `.py` files of the standard library (site-packages excluded)."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
+
+
+def is_validation(relpath: str, val_fraction: float) -> bool:
+    """Deterministic split: crc32 of the relative path (stable across machines and runs)."""
+    return (zlib.crc32(relpath.encode()) % 10_000) < val_fraction * 10_000
+
+
+def stdlib_corpus(split: str = "train", val_fraction: float = 0.05, max_bytes: int | None = None,
+                  root: str | Path | None = None) -> Corpus:
+    """The standard library's source as a `Corpus` (`split` = "train" | "val"), at most `max_bytes` bytes."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    chunks, starts, names, total = [], [0], [], 0
+    for path in stdlib_files(root):
+        rel = path.relative_to(root).as_posix()
+        if is_validation(rel, val_fraction) != (split == "val"):
+            continue
+        data = path.read_bytes()
+        if not data:
+            continue
+        if max_bytes is not None and total + len(data) > max_bytes:
+            data = data[: max_bytes - total]
+        chunks.append(data)
+        names.append(rel)
+        total += len(data)
+        starts.append(total)
+        if max_bytes is not None and total >= max_bytes:
+            break
+    if not chunks:
+        raise ValueError(f"no {split} files found under {root}")
+    tokens = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+    return Corpus(tokens, torch.tensor(starts, dtype=torch.long), names)
+
+
+def corpus_window(corpus: Corpus, start: int, length: int) -> tuple[list[int], list[int]]:
+    """Tokens [start, start + length) and the lengths of the file pieces in it (packing boundaries)."""
+    tokens = corpus.tokens[start:start + length].tolist()
+    inner = corpus.doc_starts[(corpus.doc_starts > start) & (corpus.doc_starts < start + length)].tolist()
+    cuts = [start] + inner + [start + length]
+    return tokens, [b - a for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _random_text(chars: bytes, n: int, g: torch.Generator) -> bytes:
+    return bytes(chars[i] for i in torch.randint(len(chars), (n,), generator=g).tolist())
+
+
+# ------------------------------------------------------------------------------------------------------ tasks
+@dataclass
+class Example:
+    """One sequence: tokens [T], labels [T] (next-token targets, IGNORE where unsupervised), and `answer` [T]
+    marking the target positions scored by the task (teacher-forced argmax == greedy generation)."""
+
+    tokens: list[int]
+    labels: list[int]
+    answer: list[bool]
+    info: dict = field(default_factory=dict)
+
+
+def niah_example(corpus: Corpus, length: int, depth: float, g: torch.Generator, key_len: int = 4,
+                 value_len: int = 5) -> Example:
+    """Needle in a haystack of `length` tokens.
+
+    haystack: a window of code; needle: a line `needle_<key> = "<value>"` inserted at a line break nearest to
+    `depth` (0 = start, 1 = just before the question); question at the end: `# needle_<key> = "` whose
+    continuation `<value>"` is the answer. Labels supervise the haystack (language modelling) and the answer, not
+    the random needle itself. `info['distance']` = tokens from the needle's value to the last answer token.
+    """
+    key = _random_text(_KEY_CHARS, key_len, g).decode()
+    value = _random_text(_VALUE_CHARS, value_len, g).decode()
+    needle = f'needle_{key} = "{value}"\n'.encode()
+    question = f'\n# needle_{key} = "'.encode()
+    answer = f'{value}"'.encode()
+    hay_len = length - len(needle) - len(question) - len(answer) + 1  # +1: the last answer byte is only a label
+    if hay_len < 1:
+        raise ValueError(f"length {length} is too short for a needle example")
+    start = int(torch.randint(len(corpus) - hay_len, (1,), generator=g))
+    hay = bytes(corpus.tokens[start:start + hay_len].tolist())
+    target = int(round(min(max(depth, 0.0), 1.0) * hay_len))
+    breaks = [i + 1 for i, c in enumerate(hay) if c == 10] + [0, hay_len]
+    cut = min(breaks, key=lambda i: (abs(i - target), i))
+    seq = hay[:cut] + needle + hay[cut:] + question + answer
+    tokens = list(seq[:-1])
+    labels = list(seq[1:])
+    n = len(tokens)
+    ans_start = n - len(answer)  # position whose next token is the first answer byte
+    is_answer = [i >= ans_start for i in range(n)]
+    for i in range(max(cut - 1, 0), cut + len(needle) - 1):  # positions predicting the random needle bytes
+        labels[i] = IGNORE
+    value_pos = cut + len(f'needle_{key} = "')
+    return Example(tokens, labels, is_answer, dict(depth=depth, needle_pos=cut, distance=n - value_pos,
+                                                     value=value, key=key))
+
+
+def mqar_example(length: int, num_pairs: int, g: torch.Generator, key_len: int = 2, value_len: int = 2) -> Example:
+    """Multi-query associative recall: `kv: ab=12 cd=34 ... ` then ` q: cd=34 ab=12 ...` (the keys in random
+    order), padded at the front with spaces to `length`. Answers: every queried value (and its space/newline);
+    labels supervise only the answers."""
+    keys: list[str] = []
+    while len(keys) < num_pairs:  # distinct keys
+        k = _random_text(_KEY_CHARS, key_len, g).decode()
+        if k not in keys:
+            keys.append(k)
+    values = [_random_text(_VALUE_CHARS, value_len, g).decode() for _ in keys]
+    order = torch.randperm(num_pairs, generator=g).tolist()
+    head = "kv:" + "".join(f" {k}={v}" for k, v in zip(keys, values)) + "\nq:"
+    parts, spans = [head], []
+    pos = len(head)
+    for i in order:
+        prefix = f" {keys[i]}="
+        spans.append((pos + len(prefix), pos + len(prefix) + value_len))
+        parts.append(prefix + values[i])
+        pos += len(prefix) + value_len
+    text = "".join(parts) + "\n"
+    if len(text) > length + 1:
+        raise ValueError(f"length {length} is too short for {num_pairs} pairs")
+    pad = length + 1 - len(text)
+    seq = (" " * pad + text).encode()
+    tokens, n = list(seq[:-1]), len(seq) - 1
+    is_answer = [False] * n
+    for a, b in spans:
+        for j in range(a + pad, b + pad):  # token j is an answer byte: predicted at position j - 1
+            is_answer[j - 1] = True
+    labels = [seq[i + 1] if is_answer[i] else IGNORE for i in range(n)]
+    return Example(tokens, labels, is_answer, dict(num_pairs=num_pairs))
+
+
+def lm_example(corpus: Corpus, length: int, g: torch.Generator) -> tuple[list[int], list[int]]:
+    """A random window of length + 1 bytes: (tokens, file-piece lengths) for packing."""
+    start = int(torch.randint(len(corpus) - length - 1, (1,), generator=g))
+    return corpus_window(corpus, start, length + 1)
+
+
+# ------------------------------------------------------------------------------------------------------ batches
+@dataclass
+class Batch:
+    """input_ids/labels [1, N] packed with cu_seqlens [S+1] (int32), N = rows * seq_len."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    cu_seqlens: torch.Tensor
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.labels.to(device), self.cu_seqlens.to(device))
+
+
+@dataclass
+class DataMix:
+    """Weighted mix of "lm" (stdlib code), "niah" and "mqar" rows of `seq_len` tokens.
+
+    `batch(step, rank, world)` draws `rows` rows for global step `step` from a generator seeded by (seed, step)
+    and returns this rank's share (rows rank, rank + world, ...), packed into one [1, N] sequence whose
+    `cu_seqlens` cut at row ends and at file boundaries inside LM rows.
+    """
+
+    corpus: Corpus
+    seq_len: int
+    rows: int
+    weights: dict = field(default_factory=lambda: {"lm": 1.0})
+    seed: int = 0
+    mqar_pairs: tuple = (8, 32)
+
+    def __post_init__(self):
+        unknown = set(self.weights) - {"lm", "niah", "mqar"}
+        if unknown or not self.weights or min(self.weights.values()) < 0 or sum(self.weights.values()) <= 0:
+            raise ValueError(f"weights must map 'lm'/'niah'/'mqar' to non-negative numbers, got {self.weights}")
+
+    def row(self, kind: str, g: torch.Generator) -> tuple[list[int], list[int], list[int]]:
+        T = self.seq_len
+        if kind == "lm":
+            seq, pieces = lm_example(self.corpus, T, g)
+            tokens, labels = seq[:-1], seq[1:]
+            cuts, pos = [], 0
+            for p in pieces[:-1]:  # a label may not cross a file boundary
+                pos += p
+                labels[pos - 1] = IGNORE
+                cuts.append(pos)
+            return tokens, labels, [c for c in cuts if 0 < c < T]
+        if kind == "niah":
+            ex = niah_example(self.corpus, T, float(torch.rand((), generator=g)), g)
+        else:
+            lo, hi = self.mqar_pairs
+            hi = max(1, min(hi, (T - 8) // 12))  # a pair costs 12 bytes (" ab=12" twice)
+            lo = min(lo, hi)
+            ex = mqar_example(T, int(torch.randint(lo, hi + 1, (), generator=g)), g)
+        return ex.tokens, ex.labels, []
+
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> Batch:
+        if self.rows % world:
+            raise ValueError(f"rows ({self.rows}) must be divisible by world size ({world})")
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        kinds = list(self.weights)
+        probs = torch.tensor([float(self.weights[k]) for k in kinds])
+        picks = torch.multinomial(probs, self.rows, replacement=True, generator=g).tolist()
+        rows = [self.row(kinds[p], g) for p in picks]  # every rank draws all rows: identical generator stream
+        ids, labels, cu = [], [], [0]
+        for tokens, labs, cuts in rows[rank::world]:
+            base = len(ids)
+            cu += [base + c for c in cuts] + [base + len(tokens)]
+            ids += tokens
+            labels += labs
+        return Batch(torch.tensor([ids]), torch.tensor([labels]), torch.tensor(cu, dtype=torch.int32))

@@ -1,0 +1,280 @@
+"""A compact Llama-style decoder whose attention is NSA or full attention, chosen by config.
+
+Pre-norm blocks: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)); RoPE inside attention; the output head is tied
+to the token embedding. Packed batches use `cu_seqlens` ([N+1] offsets, B = 1), as everywhere in `nsa`.
+Generation keeps a cache: `nsa.NSACache` for NSA, the small `KVCache` below for full attention.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import NSAConfig
+from ..layer import NativeSparseAttention
+from ..ops.varlen import sequence_spans, token_positions
+from ..rope import apply_rope
+
+ATTENTIONS = ("nsa", "full")
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines the decoder. `nsa` holds NSAConfig fields (used when attention == "nsa")."""
+
+    vocab_size: int = 256
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 384
+    attention: str = "nsa"
+    nsa: dict = field(default_factory=dict)
+    compression: str = "mlp"
+    shared_kv: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
+        if isinstance(self.nsa, NSAConfig):
+            self.nsa = dataclasses.asdict(self.nsa)
+        self.nsa_config()  # validates the geometry (ValueError naming the field)
+
+    def nsa_config(self) -> NSAConfig:
+        return NSAConfig(**self.nsa)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"model config has unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+class KVCache:
+    """Preallocated keys/values of every layer for full-attention decoding.
+
+    k[i], v[i]: [B, max_length, HKV, D]; `lengths[i]` tokens of layer i are filled. Same calling convention as
+    nsa.NSACache: each attention layer reads and extends its own slot.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
+                 device=None, dtype=None):
+        shape = (batch_size, max_length, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.lengths = [0] * num_layers
+        self.max_length = max_length
+
+    def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k/v [B, T_new, HKV, D] after the cached ones; return all keys/values [B, L + T_new, HKV, D]."""
+        start = self.lengths[layer_idx]
+        end = start + k.shape[1]
+        if end > self.max_length:
+            raise ValueError(f"cache holds at most {self.max_length} tokens, got {end}")
+        self.k[layer_idx][:, start:end] = k
+        self.v[layer_idx][:, start:end] = v
+        self.lengths[layer_idx] = end
+        return self.k[layer_idx][:, :end], self.v[layer_idx][:, :end]
+
+    def reset(self) -> None:
+        self.lengths = [0] * len(self.lengths)
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        self.k = [k.index_select(0, beam_idx) for k in self.k]
+        self.v = [v.index_select(0, beam_idx) for v in self.v]
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def _attend(q, k, v, mask=None, is_causal=False):
+    """SDPA on [B, T, H, D] tensors with GQA (k/v heads repeated to q's)."""
+    G = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(G, dim=2), v.repeat_interleave(G, dim=2)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=is_causal)
+    return o.transpose(1, 2)
+
+
+class FullAttention(nn.Module):
+    """Causal softmax attention with GQA and RoPE (the dense baseline). Same call signature as the NSA layer."""
+
+    def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, rope_theta=10000.0):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta = num_heads, num_kv_heads, head_dim, rope_theta
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.kv_proj = nn.Linear(hidden_size, 2 * num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+
+    def forward(self, x, cu_seqlens=None, position_ids=None, cache: KVCache | None = None, layer_idx: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k, v = self.kv_proj(x).view(B, T, 2, self.num_kv_heads, self.head_dim).unbind(2)
+        if cache is not None:
+            past = cache.lengths[layer_idx]
+            pos = torch.arange(past, past + T, device=x.device)
+            q, k = apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta)
+            k, v = cache.append(layer_idx, k, v)
+            # query i (absolute position past + i) sees keys 0 .. past + i
+            mask = torch.arange(past + T, device=x.device)[None, :] <= pos[:, None]
+            o = _attend(q, k, v, mask=mask)
+        else:
+            if position_ids is None:
+                position_ids = token_positions(T, cu_seqlens, x.device)
+            q, k = apply_rope(q, position_ids, self.rope_theta), apply_rope(k, position_ids, self.rope_theta)
+            if cu_seqlens is None:
+                o = _attend(q, k, v, is_causal=True)
+            else:  # one causal attention per packed sequence: nothing crosses a boundary
+                o = torch.zeros_like(q)
+                for _, s, e in sequence_spans(B, T, cu_seqlens):
+                    if e > s:
+                        o[:, s:e] = _attend(q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True)
+        return self.o_proj(o.reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size, intermediate_size):
+        super().__init__()
+        self.gate_up = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        if cfg.attention == "nsa":
+            self.attn = NativeSparseAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                              config=cfg.nsa_config(), compression=cfg.compression,
+                                              shared_kv=cfg.shared_kv, rope_theta=cfg.rope_theta, backend=cfg.backend)
+        else:
+            self.attn = FullAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta)
+        self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cu_seqlens=None, position_ids=None, cache=None, layer_idx=0):
+        h = self.attn_norm(x)
+        if cache is None:
+            h = self.attn(h, cu_seqlens=cu_seqlens, position_ids=position_ids)
+        else:
+            h = self.attn(h, cache=cache, layer_idx=layer_idx)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LlamaLM(nn.Module):
+    """Decoder-only LM: input_ids [B, T] (or packed [1, T] with cu_seqlens) -> logits [B, T, vocab]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for embeddings and projections, residual outputs scaled by 1/sqrt(2·layers);
+        the NSA layer's own zero/mean-pool initialisations (gate bias, φ) are kept."""
+        std = self.cfg.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        for block in self.blocks:
+            for name, mod in block.named_modules():
+                if isinstance(mod, nn.Linear) and not name.startswith(("attn.compress", "attn.g_proj")):
+                    out_proj = name.endswith(("o_proj", "down"))
+                    nn.init.normal_(mod.weight, std=std / (2 * self.cfg.num_layers) ** 0.5 if out_proj else std)
+
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError("cu_seqlens cannot be combined with a cache")
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cu_seqlens=cu_seqlens, position_ids=position_ids, cache=cache, layer_idx=i)
+        return F.linear(self.norm(x), self.embed.weight)  # tied output head
+
+    def loss(self, input_ids, labels, cu_seqlens=None, reduction="mean"):
+        """Cross-entropy of logits vs labels [B, T] (-100 = ignored)."""
+        logits = self(input_ids, cu_seqlens=cu_seqlens)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction=reduction)
+
+    def make_cache(self, batch_size: int, max_length: int, device=None, dtype=None):
+        """nsa.NSACache for NSA models, KVCache for full attention."""
+        device = device or self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        if self.cfg.attention == "full":
+            return KVCache(self.cfg.num_layers, batch_size, max_length, self.cfg.num_kv_heads, self.cfg.head_dim,
+                           device=device, dtype=dtype)
+        import nsa
+
+        if not hasattr(nsa, "NSACache"):
+            return None
+        return nsa.NSACache(self.cfg.num_layers, batch_size, max_length, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                 use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Extend prompt [B, T0] by max_new_tokens -> [B, T0 + max_new_tokens].
+
+        temperature 0 is greedy; otherwise nucleus sampling keeps the smallest set of tokens with mass >= top_p.
+        With `use_cache` (and a cache available for this attention type) each step feeds one token; without, the
+        whole prefix is recomputed every step.
+        """
+        if prompt.dim() != 2 or prompt.shape[1] == 0:
+            raise ValueError(f"prompt must be [B, T0] with T0 >= 1, got shape {tuple(prompt.shape)}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        cache = self.make_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens) if use_cache else None
+        out, step_in = prompt, prompt
+        for _ in range(max_new_tokens):
+            logits = self(step_in, cache=cache)[:, -1].float() if cache is not None else self(out)[:, -1].float()
+            nxt = sample(logits, temperature, top_p, generator)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            step_in = nxt[:, None]
+        return out
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """Next token [B] from logits [B, V]: argmax at temperature 0, else nucleus (top-p) sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # tokens before which the mass is still < top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

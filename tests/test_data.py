@@ -1,0 +1,108 @@
+"""nsa.data: byte tokenizer, stdlib corpus split, NIAH/MQAR generators, packed deterministic batches."""
+import pytest
+import torch
+
+from nsa.data import IGNORE, ByteTokenizer, DataMix, is_validation, mqar_example, niah_example, stdlib_corpus
+
+CORPUS = stdlib_corpus("train", max_bytes=400_000)
+
+
+def test_tokenizer_roundtrip():
+    tok = ByteTokenizer()
+    text = "def f(x):\n    return 'é' * x\n"
+    assert tok.decode(tok.encode(text)) == text
+    assert max(tok.encode(text)) < tok.vocab_size == 256
+
+
+def test_split_is_deterministic_and_disjoint():
+    val = stdlib_corpus("val", max_bytes=200_000)
+    assert set(val.files).isdisjoint(CORPUS.files)
+    assert all(is_validation(f, 0.05) for f in val.files)
+    assert not any(is_validation(f, 0.05) for f in CORPUS.files)
+    again = stdlib_corpus("train", max_bytes=400_000)
+    assert again.files == CORPUS.files and torch.equal(again.tokens, CORPUS.tokens)
+    assert len(CORPUS) == 400_000 and CORPUS.doc_starts[-1] == len(CORPUS)
+    with pytest.raises(ValueError, match="split"):
+        stdlib_corpus("test")
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.7, 1.0])
+def test_niah_example(depth):
+    tok = ByteTokenizer()
+    ex = niah_example(CORPUS, 300, depth, torch.Generator().manual_seed(3))
+    assert len(ex.tokens) == len(ex.labels) == len(ex.answer) == 300
+    text = tok.decode(ex.tokens)
+    key, value = ex.info["key"], ex.info["value"]
+    assert text.count(f'needle_{key} = "{value}"\n') == 1
+    assert text.endswith(f'# needle_{key} = "' + value[:-1]) or text.endswith(f'# needle_{key} = "{value}')
+    # the answer positions predict exactly value + closing quote
+    answer = tok.decode([l for l, a in zip(ex.labels, ex.answer) if a])
+    assert answer == value + '"'
+    # labels are next tokens except over the random needle
+    seq = ex.tokens + [ex.labels[-1]]
+    assert all(l == seq[i + 1] for i, l in enumerate(ex.labels) if l != IGNORE)
+    needle_len = len(f'needle_{key} = "{value}"\n')
+    assert sum(l == IGNORE for l in ex.labels) == needle_len - (ex.info["needle_pos"] == 0)
+    depth_frac = ex.info["needle_pos"] / 300
+    assert abs(depth_frac - depth) < 0.35  # the needle goes to a line break near the requested depth
+    assert ex.info["distance"] == 300 - ex.info["needle_pos"] - len(f'needle_{key} = "')
+
+
+def test_niah_depth_is_ordered():
+    pos = [niah_example(CORPUS, 400, d, torch.Generator().manual_seed(9)).info["needle_pos"] for d in (0.0, 0.5, 1.0)]
+    assert pos[0] < pos[1] < pos[2]
+
+
+def test_mqar_example():
+    tok = ByteTokenizer()
+    ex = mqar_example(200, 10, torch.Generator().manual_seed(4))
+    text = tok.decode(ex.tokens)  # the final newline is the unsupervised last target
+    assert len(ex.tokens) == 200 and ex.labels[-1] == IGNORE
+    head, queries = text.strip().split("\nq: ")
+    pairs = dict(p.split("=") for p in head.split("kv: ")[1].split(" "))
+    asked = [p.split("=") for p in queries.split(" ")]
+    assert len(pairs) == 10 and sorted(k for k, _ in asked) == sorted(pairs)
+    assert all(pairs[k] == v for k, v in asked)
+    answers = tok.decode([l for l, a in zip(ex.labels, ex.answer) if a])
+    assert answers == "".join(v for _, v in asked)
+    assert all((l != IGNORE) == a for l, a in zip(ex.labels, ex.answer))
+    with pytest.raises(ValueError, match="too short"):
+        mqar_example(50, 10, torch.Generator())
+
+
+def test_datamix_deterministic_packed_and_sharded():
+    mix = DataMix(CORPUS, seq_len=128, rows=4, weights={"lm": 1, "niah": 1, "mqar": 1}, seed=7)
+    b = mix.batch(5)
+    assert b.input_ids.shape == b.labels.shape == (1, 512)
+    cu = b.cu_seqlens.tolist()
+    assert cu[0] == 0 and cu[-1] == 512 and all(x in cu for x in (128, 256, 384))
+    assert torch.equal(mix.batch(5).input_ids, b.input_ids)
+    assert not torch.equal(mix.batch(6).input_ids, b.input_ids)
+    # a label never crosses a packed boundary
+    for c in cu[1:]:
+        assert b.labels[0, c - 1] == IGNORE or c in (128, 256, 384, 512)
+    # two ranks together hold exactly the rows of the single-process batch
+    r0, r1 = mix.batch(5, 0, 2), mix.batch(5, 1, 2)
+    rows = b.input_ids.view(4, 128)
+    assert torch.equal(r0.input_ids.view(2, 128), rows[0::2]) and torch.equal(r1.input_ids.view(2, 128), rows[1::2])
+    with pytest.raises(ValueError, match="weights"):
+        DataMix(CORPUS, 128, 4, weights={"books": 1})
+    with pytest.raises(ValueError, match="world"):
+        mix.batch(0, 0, 3)
+
+
+def test_lm_rows_cut_at_file_boundaries():
+    mix = DataMix(CORPUS, seq_len=1024, rows=8, weights={"lm": 1}, seed=1)
+    found = 0
+    for step in range(10):
+        b = mix.batch(step)
+        rows = set(range(0, 8 * 1024 + 1, 1024))
+        for c in b.cu_seqlens.tolist():
+            if c not in rows:
+                found += 1
+                assert b.labels[0, c - 1] == IGNORE
+        labs, toks = b.labels[0], b.input_ids[0]
+        ok = labs != IGNORE
+        ok[torch.tensor(sorted(rows)[1:]) - 1] = False
+        assert torch.equal(labs[:-1][ok[:-1]], toks[1:][ok[:-1]])
+    assert found > 0

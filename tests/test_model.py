@@ -1,0 +1,134 @@
+"""nsa.models: the small Llama-style decoder with NSA or full attention."""
+import dataclasses
+
+import pytest
+import torch
+
+import nsa
+from nsa.models import KVCache, LlamaLM, ModelConfig, sample
+from tests.kit import assert_close, small_config
+
+GEOM = dataclasses.asdict(small_config())  # l=8, d=4, l'=16, n=4, w=16
+
+
+def micro(attention, **kw):
+    base = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                intermediate_size=48, attention=attention, nsa=GEOM, backend="auto")
+    base.update(kw)
+    torch.manual_seed(0)
+    model = LlamaLM(ModelConfig(**base)).double()
+    if attention == "nsa":  # move φ away from its mean-pooling start so its MLP is exercised
+        for block in model.blocks:
+            torch.nn.init.normal_(block.attn.compress_k.mlp[2].weight, std=0.1)
+            torch.nn.init.normal_(block.attn.compress_v.mlp[2].weight, std=0.1)
+    return model
+
+
+def ids(B, T, seed=1, vocab=64):
+    return torch.randint(vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_shapes_and_loss(attention):
+    model = micro(attention)
+    x = ids(2, 40)
+    assert model(x).shape == (2, 40, 64)
+    loss = model.loss(x, x)
+    assert 3.0 < loss.item() < 5.5  # about ln(64) = 4.16 at init
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.count_nonzero(p.grad)]
+    # φ's first MLP layer and PE only receive gradient through the cmp branch: they must too
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_causal(attention):
+    model = micro(attention)
+    x = ids(1, 70)
+    x2 = x.clone()
+    x2[:, 41:] = ids(1, 29, seed=5)
+    with torch.no_grad():
+        assert torch.equal(model(x)[:, :41], model(x2)[:, :41])
+        assert not torch.equal(model(x)[:, 41:], model(x2)[:, 41:])
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_packed_equals_separate(attention):
+    model = micro(attention)
+    lengths = [37, 0, 5, 50]
+    seqs = [ids(1, n, seed=10 + i) for i, n in enumerate(lengths)]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(torch.cat(seqs, 1), cu_seqlens=cu)
+        for s, (a, b) in zip(seqs, zip(cu[:-1].tolist(), cu[1:].tolist())):
+            if b > a:
+                assert_close(packed[:, a:b], model(s), atol=1e-10, rtol=1e-10, name=f"seq {a}:{b}")
+
+
+def test_param_parity_nsa_vs_full():
+    """With shared K/V the NSA model has exactly the full model's parameters plus the gates and φ."""
+    n_full, n_nsa = micro("full").num_params(), micro("nsa")
+    extra = sum(p.numel() for name, p in n_nsa.named_parameters() if ".compress_" in name or ".g_proj." in name)
+    assert n_nsa.num_params() - extra == n_full
+    assert extra > 0
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="attention"):
+        ModelConfig(attention="linear")
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        ModelConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="cmp_stride"):
+        ModelConfig(nsa=dict(cmp_block_size=8, cmp_stride=3))
+    with pytest.raises(ValueError, match="unknown"):
+        ModelConfig.from_dict({"hidden": 3})
+    cfg = ModelConfig(nsa=small_config())
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="input_ids"):
+        micro("full")(torch.zeros(3, dtype=torch.long))
+
+
+def test_full_kv_cache_prefill_and_decode_match_forward():
+    model = micro("full")
+    x = ids(2, 30)
+    cache = model.make_cache(2, 40)
+    assert isinstance(cache, KVCache)
+    with torch.no_grad():
+        ref = model(x)
+        a = model(x[:, :17], cache=cache)
+        b = torch.cat([model(x[:, t:t + 1], cache=cache) for t in range(17, 30)], 1)
+    assert_close(torch.cat([a, b], 1), ref, atol=1e-10, rtol=1e-10, name="cached logits")
+    assert cache.lengths == [30, 30] and cache.memory_bytes() > 0
+    cache.reset()
+    assert cache.lengths == [0, 0]
+    with pytest.raises(ValueError, match="cache"):
+        model(ids(2, 41), cache=cache)
+
+
+@pytest.mark.parametrize("attention", ["full", "nsa"])
+def test_cached_greedy_generation_equals_uncached(attention):
+    if attention == "nsa" and not hasattr(nsa, "NSACache"):
+        pytest.skip("nsa.NSACache not available yet")
+    model = micro(attention)
+    prompt = ids(2, 21)
+    with torch.no_grad():
+        cached = model.generate(prompt, 30, temperature=0, use_cache=True)
+        plain = model.generate(prompt, 30, temperature=0, use_cache=False)
+    assert cached.shape == (2, 51) and torch.equal(cached[:, :21], prompt)
+    assert torch.equal(cached, plain)
+
+
+def test_sampling():
+    logits = torch.tensor([[0.0, 3.0, 1.0, -1.0], [2.0, 0.0, 0.0, 0.0]])
+    assert sample(logits, 0, 1.0).tolist() == [1, 0]
+    g = torch.Generator().manual_seed(0)
+    # tiny top_p keeps only the most likely token
+    assert all(sample(logits, 1.0, 1e-6, g).tolist() == [1, 0] for _ in range(20))
+    # probs of row 0: [0.041, 0.831, 0.112, 0.015]; top_p = 0.9 keeps tokens 1 and 2 only
+    draws = torch.stack([sample(logits[:1], 1.0, 0.9, g) for _ in range(300)])
+    assert set(draws.flatten().tolist()) <= {1, 2} and len(set(draws.flatten().tolist())) == 2
+    model = micro("full")
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(ids(1, 3), 2, top_p=0)
+    with pytest.raises(ValueError, match="prompt"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 2)
