@@ -1,0 +1,351 @@
+"""Selected attention (Eq. 12) in Triton: group-centric query tiles, shared KV fetching, deterministic backward.
+
+Tile design (paper §3.4, with the small-group fix of Flash Sparse Attention in spirit): one program owns the
+G query heads of one KV head for `BT` consecutive query positions of one sequence, flattened into
+`ROWS = max(16, next_pow2(G))` tile rows (row r -> position r // G, head r % G), with `BT = ROWS // G`.
+G >= 16 gives BT = 1, the paper's kernel (one query position, all its heads, one tile). Small G packs several
+positions into the same tile instead of padding G up to 16 rows. The program streams the *union* of the
+positions' selected blocks once (shared KV fetching); each row keeps only the keys of its own position's
+blocks, causally. Work per tile is at most what the padded BT = 1 kernel would do, and equal only when the
+packed positions share no block. `PACK_SMALL_GROUPS = False` gives the padded kernel (for the benchmark).
+
+Backward: dQ per query tile (same loop as the forward); dK/dV per (selection block, KV head) program that walks a
+reverse index (block -> query tiles whose union holds it), built with sort/bincount, so no float atomics and
+bitwise-repeatable results.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .flash import LOG2E, default_scale
+from .utils import autotune_configs, dot_precision, interpreting, next_pow2, pack, seq_offsets, tile_table
+
+PACK_SMALL_GROUPS = True
+_BIG = 2**30
+
+
+@triton.jit
+def _rows(TILES, CU, IDX, pid, hk, G, N, s_it, s_ih,
+          ROWS: tl.constexpr, BT: tl.constexpr, NPAD: tl.constexpr):
+    """Per-row (packed token, query head, position, valid) of a tile, its sequence and the rows' own indices."""
+    seq = tl.load(TILES + 2 * pid)
+    t0 = tl.load(TILES + 2 * pid + 1).to(tl.int64)
+    qs = tl.load(CU + seq).to(tl.int64)
+    qe = tl.load(CU + seq + 1).to(tl.int64)
+    r = tl.arange(0, ROWS)
+    tok = t0 + r // G
+    row_ok = (r < BT * G) & (tok < qe)
+    hq = hk * G + r % G
+    if BT > 1:
+        offs_n = tl.arange(0, NPAD)
+        own = tl.load(IDX + tok[:, None] * s_it + hk * s_ih + offs_n[None, :],
+                      mask=row_ok[:, None] & (offs_n[None, :] < N), other=-1)
+    else:
+        own = tl.zeros([ROWS, NPAD], tl.int32)
+    return qs, qe, tok, hq, tok - qs, row_ok, own
+
+
+@triton.jit
+def _member(own, blk, row_ok, BT: tl.constexpr):
+    """Rows whose own position selected block `blk` (all rows when BT == 1: the union is their own list)."""
+    if BT > 1:
+        return (tl.sum((own == blk).to(tl.int32), 1) > 0) & row_ok
+    else:
+        return row_ok
+
+
+@triton.autotune(configs=autotune_configs(), key=["G", "BLOCK_DK", "BLOCK_DV", "BT", "PREC"])
+@triton.jit
+def _slc_fwd_kernel(
+    Q, K, V, O, LSE, IDX, UNION, COUNT, TILES, CU,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_lt, s_it, s_ih, s_ut, s_uh,
+    G, N, LP, DK, DV, qk_scale,
+    PREC: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, NPAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    hk = tl.program_id(1).to(tl.int64)
+    qs, qe, tok, hq, pos_q, row_ok, own = _rows(TILES, CU, IDX, pid, hk, G, N, s_it, s_ih, ROWS, BT, NPAD)
+    L = qe - qs
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + tok[:, None] * s_qt + hq[:, None] * s_qh + offs_dk[None, :],
+                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    m_i = tl.full([ROWS], -1.0e30, tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
+    cnt = tl.load(COUNT + pid.to(tl.int64) * tl.num_programs(1) + hk)
+    ubase = UNION + pid.to(tl.int64) * s_ut + hk * s_uh
+    for u in range(cnt):
+        blk = tl.load(ubase + u)
+        member = _member(own, blk, row_ok, BT)
+        for sub in range(0, LP, BLOCK_N):
+            kpos = blk.to(tl.int64) * LP + sub + offs_n
+            k_ok = (sub + offs_n < LP) & (kpos < L)
+            k = tl.load(K + (qs + kpos)[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
+                        mask=k_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+            v = tl.load(V + (qs + kpos)[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
+                        mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            vis = member[:, None] & k_ok[None, :] & (kpos[None, :] <= pos_q[:, None])
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(O + tok[:, None] * s_ot + hq[:, None] * s_oh + offs_dv[None, :], o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + tok * s_lt + hq, lse, mask=row_ok)
+
+
+@triton.autotune(configs=autotune_configs(), key=["G", "BLOCK_DK", "BLOCK_DV", "BT", "PREC"])
+@triton.jit
+def _slc_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, IDX, UNION, COUNT, TILES, CU,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_lt, s_it, s_ih, s_ut, s_uh,
+    G, N, LP, DK, DV, qk_scale, scale,
+    PREC: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, NPAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    hk = tl.program_id(1).to(tl.int64)
+    qs, qe, tok, hq, pos_q, row_ok, own = _rows(TILES, CU, IDX, pid, hk, G, N, s_it, s_ih, ROWS, BT, NPAD)
+    L = qe - qs
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + tok[:, None] * s_qt + hq[:, None] * s_qh + offs_dk[None, :],
+                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    do = tl.load(DO + tok[:, None] * s_dot + hq[:, None] * s_doh + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + tok * s_lt + hq, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(DELTA + tok * s_lt + hq, mask=row_ok, other=0.0)
+    dq = tl.zeros([ROWS, BLOCK_DK], tl.float32)
+    cnt = tl.load(COUNT + pid.to(tl.int64) * tl.num_programs(1) + hk)
+    ubase = UNION + pid.to(tl.int64) * s_ut + hk * s_uh
+    for u in range(cnt):
+        blk = tl.load(ubase + u)
+        member = _member(own, blk, row_ok, BT)
+        for sub in range(0, LP, BLOCK_N):
+            kpos = blk.to(tl.int64) * LP + sub + offs_n
+            k_ok = (sub + offs_n < LP) & (kpos < L)
+            k = tl.load(K + (qs + kpos)[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
+                        mask=k_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+            v = tl.load(V + (qs + kpos)[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
+                        mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            vis = member[:, None] & k_ok[None, :] & (kpos[None, :] <= pos_q[:, None])
+            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    dq = dq * scale
+    tl.store(DQ + tok[:, None] * s_qt + hq[:, None] * s_qh + offs_dk[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dk[None, :] < DK))
+
+
+@triton.autotune(configs=autotune_configs(), key=["G", "BLOCK_DK", "BLOCK_DV", "BT", "PREC"])
+@triton.jit
+def _slc_bwd_dkv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK_, DV_, IDX, REV, REV_OFF, KV_BLOCKS, TILES, CU,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_lt, s_it, s_ih,
+    G, N, LP, NSUB, NB_TOTAL, DK, DV, qk_scale, scale,
+    PREC: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, NPAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid0 = tl.program_id(0)
+    hk = tl.program_id(1).to(tl.int64)
+    gb = pid0 // NSUB
+    sub = (pid0 % NSUB) * BLOCK_N
+    seq = tl.load(KV_BLOCKS + 2 * gb)
+    blk = tl.load(KV_BLOCKS + 2 * gb + 1)
+    qs = tl.load(CU + seq).to(tl.int64)
+    L = tl.load(CU + seq + 1).to(tl.int64) - qs
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    kpos = blk.to(tl.int64) * LP + sub + offs_n
+    k_ok = (sub + offs_n < LP) & (kpos < L)
+    k = tl.load(K + (qs + kpos)[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
+                mask=k_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    v = tl.load(V + (qs + kpos)[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
+                mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    e0 = tl.load(REV_OFF + hk * NB_TOTAL + gb)
+    e1 = tl.load(REV_OFF + hk * NB_TOTAL + gb + 1)
+    for e in range(e0, e1):
+        tile = tl.load(REV + e)
+        _, _, tok, hq, pos_q, row_ok, own = _rows(TILES, CU, IDX, tile, hk, G, N, s_it, s_ih, ROWS, BT, NPAD)
+        member = _member(own, blk, row_ok, BT)
+        q = tl.load(Q + tok[:, None] * s_qt + hq[:, None] * s_qh + offs_dk[None, :],
+                    mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+        do = tl.load(DO + tok[:, None] * s_dot + hq[:, None] * s_doh + offs_dv[None, :],
+                     mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        lse = tl.load(LSE + tok * s_lt + hq, mask=row_ok, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+        delta = tl.load(DELTA + tok * s_lt + hq, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        vis = member[:, None] & k_ok[None, :] & (kpos[None, :] <= pos_q[:, None])
+        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    dk = dk * scale
+    tl.store(DK_ + (qs + kpos)[:, None] * s_kt + hk * s_kh + offs_dk[None, :], dk.to(DK_.dtype.element_ty),
+             mask=k_ok[:, None] & (offs_dk[None, :] < DK))
+    tl.store(DV_ + (qs + kpos)[:, None] * s_vt + hk * s_vh + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+             mask=k_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+# ----------------------------------------------------------------------------------------------- host side
+def tile_shape(G: int, packed: bool | None = None) -> tuple[int, int]:
+    """(ROWS, BT): tile rows and query positions per tile for group size G."""
+    packed = PACK_SMALL_GROUPS if packed is None else packed
+    rows = next_pow2(G)
+    return rows, (max(1, rows // G) if packed else 1)
+
+
+def _block_n(lp: int) -> int:
+    return min(next_pow2(lp), 16 if interpreting() else 64)
+
+
+class SelectionPlan:
+    """Index preprocessing shared by forward and backward (all torch ops, on the indices' device).
+
+    idx    int32 [Tt, HKV, n]: -1 where the entry is ignored (negative, or after the query's own block).
+    union  int32 [NT, HKV, U]: ascending distinct blocks of each tile's positions, -1 padded; count [NT, HKV].
+    rev/rev_off: CSR reverse index, (KV head, global block) -> query tiles ascending; kv_blocks [NB, 2].
+    """
+
+    def __init__(self, indices, cu, block_size, G, packed=None):
+        Tt, HKV, n = indices.shape
+        dev = indices.device
+        self.rows, self.bt = tile_shape(G, packed)
+        lengths = cu[1:] - cu[:-1]
+        seq_of = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lengths, output_size=Tt)
+        pos = torch.arange(Tt, device=dev) - cu[:-1][seq_of]
+        idx = indices.long()
+        ok = (idx >= 0) & (idx <= (pos // block_size)[:, None, None])
+        self.idx = torch.where(ok, idx, -1).to(torch.int32).contiguous()
+        self.tiles = tile_table(cu, self.bt)
+        NT = self.tiles.shape[0]
+        tok = self.tiles[:, 1:2].long() + torch.arange(self.bt, device=dev)
+        tok_ok = tok < cu[self.tiles[:, 0].long() + 1][:, None]
+        gathered = self.idx[tok.clamp(max=max(Tt - 1, 0))].long()  # [NT, BT, HKV, n]
+        gathered = gathered.masked_fill(~tok_ok[:, :, None, None], -1)
+        u = gathered.permute(0, 2, 1, 3).reshape(NT, HKV, self.bt * n)
+        u = torch.where(u < 0, _BIG, u).sort(-1).values
+        dup = torch.zeros_like(u, dtype=torch.bool)
+        dup[..., 1:] = u[..., 1:] == u[..., :-1]
+        u = torch.where(dup, _BIG, u).sort(-1).values
+        count = (u < _BIG).sum(-1)
+        width = max(1, int(count.max())) if count.numel() else 1
+        u = u[..., :width]
+        self.count = count.to(torch.int32).contiguous()
+        self.union = torch.where(u == _BIG, -1, u).to(torch.int32).contiguous()
+        # reverse index for dK/dV
+        nb = (lengths + block_size - 1) // block_size
+        blk_off = torch.zeros(len(nb) + 1, dtype=torch.long, device=dev)
+        blk_off[1:] = nb.cumsum(0)
+        self.nb_total = int(blk_off[-1])
+        kv_seq = torch.repeat_interleave(torch.arange(len(nb), device=dev), nb, output_size=self.nb_total)
+        kv_blk = torch.arange(self.nb_total, device=dev) - blk_off[:-1][kv_seq]
+        self.kv_blocks = torch.stack([kv_seq, kv_blk], 1).to(torch.int32).contiguous()
+        valid = self.union >= 0
+        tile_id = torch.arange(NT, device=dev)[:, None, None].expand_as(self.union)
+        head = torch.arange(HKV, device=dev)[None, :, None].expand_as(self.union)
+        gblk = blk_off[self.tiles[:, 0].long()][:, None, None] + self.union.long()
+        key = (head * self.nb_total + gblk)[valid]
+        order = torch.sort(key, stable=True).indices
+        self.rev = tile_id[valid][order].to(torch.int32).contiguous()
+        off = torch.zeros(HKV * self.nb_total + 1, dtype=torch.long, device=dev)
+        off[1:] = torch.bincount(key, minlength=HKV * self.nb_total).cumsum(0)
+        self.rev_off = off.to(torch.int32).contiguous()
+        self.n = n
+        self.npad = next_pow2(n, lo=2)
+
+
+class SelectedAttention(torch.autograd.Function):
+    """o = selected attention on packed q [Tt,HQ,Dk], k [Tt,HKV,Dk], v [Tt,HKV,Dv], indices [Tt,HKV,n]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, indices, cu, block_size, scale, packed):
+        Tt, HQ, Dk = q.shape
+        HKV, Dv = k.shape[1], v.shape[2]
+        G = HQ // HKV
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        plan = SelectionPlan(indices, cu, block_size, G, packed)
+        o = torch.empty(Tt, HQ, Dv, dtype=q.dtype, device=q.device)
+        lse = torch.empty(Tt, HQ, dtype=torch.float32, device=q.device)
+        meta = dict(PREC=dot_precision(q.dtype), ROWS=plan.rows, BT=plan.bt, NPAD=plan.npad,
+                    BLOCK_N=_block_n(block_size), BLOCK_DK=next_pow2(Dk), BLOCK_DV=next_pow2(Dv))
+        NT = plan.tiles.shape[0]
+        if NT and HKV:
+            _slc_fwd_kernel[(NT, HKV)](
+                q, k, v, o, lse, plan.idx, plan.union, plan.count, plan.tiles, cu,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                o.stride(0), o.stride(1), lse.stride(0), plan.idx.stride(0), plan.idx.stride(1),
+                plan.union.stride(0), plan.union.stride(1),
+                G, plan.n, block_size, Dk, Dv, scale * LOG2E, **meta,
+            )
+        ctx.save_for_backward(q, k, v, o, lse, cu)
+        ctx.plan, ctx.meta, ctx.cfg = plan, meta, (block_size, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu = ctx.saved_tensors
+        plan, meta, (block_size, scale) = ctx.plan, ctx.meta, ctx.cfg
+        Tt, HQ, Dk = q.shape
+        HKV, Dv = k.shape[1], v.shape[2]
+        G = HQ // HKV
+        do = do.contiguous()
+        delta = (do.float() * o.float()).sum(-1).contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                   do.stride(0), do.stride(1), lse.stride(0), plan.idx.stride(0), plan.idx.stride(1))
+        NT = plan.tiles.shape[0]
+        if NT and HKV:
+            _slc_bwd_dq_kernel[(NT, HKV)](
+                q, k, v, do, lse, delta, dq, plan.idx, plan.union, plan.count, plan.tiles, cu,
+                *strides, plan.union.stride(0), plan.union.stride(1),
+                G, plan.n, block_size, Dk, Dv, scale * LOG2E, scale, **meta,
+            )
+        else:
+            dq.zero_()
+        nsub = triton.cdiv(block_size, meta["BLOCK_N"])
+        if plan.nb_total and HKV:
+            _slc_bwd_dkv_kernel[(plan.nb_total * nsub, HKV)](
+                q, k, v, do, lse, delta, dk, dv, plan.idx, plan.rev, plan.rev_off, plan.kv_blocks, plan.tiles, cu,
+                *strides, G, plan.n, block_size, nsub, plan.nb_total, Dk, Dv, scale * LOG2E, scale, **meta,
+            )
+        else:
+            dk.zero_()
+            dv.zero_()
+        return dq, dk, dv, None, None, None, None, None
+
+
+def selected_attention_packed(q, k, v, indices, cu, *, block_size, scale, packed=None):
+    """Packed entry point: q [Tt,HQ,Dk], k/v [Tt,HKV,D], indices [Tt,HKV,n], cu int64 [N+1]."""
+    return SelectedAttention.apply(q, k, v, indices, cu, int(block_size), float(scale), packed)
+
+
+def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=None):
+    """Attention over the raw tokens of the selected blocks (Eq. 12). q [B,T,HQ,Dk] -> o [B,T,HQ,Dv]."""
+    B, T, HQ, _ = q.shape
+    cu = seq_offsets(B, T, cu_seqlens, q.device)
+    idx = indices.reshape(B * T, *indices.shape[2:])
+    o = selected_attention_packed(pack(q), pack(k), pack(v), idx, cu, block_size=block_size,
+                                  scale=default_scale(q, scale))
+    return o.reshape(B, T, HQ, v.shape[-1])
