@@ -2,6 +2,8 @@
 from .config import NSAConfig, num_compressed_tokens
 from .compression import COMPRESSORS, make_compressor
 from .layer import NativeSparseAttention
+from .cache import NSACache
+from .decode_stats import decode_memory_access
 from .ops.dispatch import (
     available_backends,
     compressed_attention,
@@ -14,6 +16,8 @@ from .ops.dispatch import (
 __all__ = [
     "NSAConfig",
     "NativeSparseAttention",
+    "NSACache",
+    "decode_memory_access",
     "COMPRESSORS",
     "available_backends",
     "compressed_attention",

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .compression import block_starts, make_compressor
-from .config import NSAConfig
+from .config import NSAConfig, num_compressed_tokens
 from .ops import dispatch
 from .ops.varlen import token_positions
 from .rope import apply_rope
@@ -59,36 +59,207 @@ class NativeSparseAttention(nn.Module):
         self.compress_k = make_compressor(compression, head_dim, l, d, position_embedding=True)
         self.compress_v = make_compressor(compression, v_head_dim, l, d, position_embedding=False)
 
-    def project(self, x: torch.Tensor, cu_seqlens=None, position_ids=None):
-        """All inputs of the NSA op for x [B, T, hidden]: (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)."""
+    def _heads(self, x: torch.Tensor, position_ids: torch.Tensor):
+        """Rotated q, raw (un-rotated) cmp K/V, rotated slc/win K/V and gates for x [B, T, hidden]."""
         B, T, _ = x.shape
         HQ, HKV, Dk, Dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
-        if position_ids is None:
-            position_ids = token_positions(T, cu_seqlens, x.device)
         q = apply_rope(self.q_proj(x).view(B, T, HQ, Dk), position_ids, self.rope_theta)
         kv = self.kv_proj(x).view(B, T, self.num_kv_sets, HKV, Dk + Dv)
         ks, vs = kv[..., :Dk].unbind(2), kv[..., Dk:].unbind(2)
         if self.shared_kv:
             ks, vs = ks * 3, vs * 3
         (k_cmp_raw, k_slc, k_win), (v_cmp_raw, v_slc, v_win) = ks, vs
-        k_cmp = self.compress_k(k_cmp_raw, cu_seqlens)
-        v_cmp = self.compress_v(v_cmp_raw, cu_seqlens)
-        l, d = self.config.cmp_block_size, self.config.cmp_stride
-        last = block_starts(T, l, d, cu_seqlens, x.device) + l - 1
-        k_cmp = apply_rope(k_cmp, position_ids[..., last], self.rope_theta)
         k_slc = apply_rope(k_slc, position_ids, self.rope_theta)
         k_win = k_slc if self.shared_kv else apply_rope(k_win, position_ids, self.rope_theta)
         gates = torch.sigmoid(self.g_proj(x)).view(B, T, HQ, 3)
+        return q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win, gates
+
+    def _compress(self, k_raw, v_raw, last_positions, cu_seqlens=None):
+        """φ over raw cmp K/V; each compressed key is rotated at its block's last position (spec §8)."""
+        k_cmp = apply_rope(self.compress_k(k_raw, cu_seqlens), last_positions, self.rope_theta)
+        return k_cmp, self.compress_v(v_raw, cu_seqlens)
+
+    def project(self, x: torch.Tensor, cu_seqlens=None, position_ids=None):
+        """All inputs of the NSA op for x [B, T, hidden]: (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)."""
+        T = x.shape[1]
+        if position_ids is None:
+            position_ids = token_positions(T, cu_seqlens, x.device)
+        q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win, gates = self._heads(x, position_ids)
+        l, d = self.config.cmp_block_size, self.config.cmp_stride
+        last = block_starts(T, l, d, cu_seqlens, x.device) + l - 1
+        k_cmp, v_cmp = self._compress(k_cmp_raw, v_cmp_raw, position_ids[..., last], cu_seqlens)
         return q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, *, cache=None, layer_idx: int = 0,
+                new_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, hidden] -> [B, T, hidden].
+
+        With `cache` (an `nsa.NSACache`), x continues each cached sequence of layer `layer_idx`: prefill when the
+        cache is empty, chunked prefill, or T = 1 decode; RoPE positions come from the cache. Rows may hold
+        different numbers of cached tokens. `new_lengths` [B] (optional, each in [0, T]) gives the number of
+        valid tokens of each row of x (right padding) for ragged prefill; outputs at padded positions are 0.
+        """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be [B, T, {self.hidden_size}], got {shape}")
+        if cache is not None:
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens cannot be combined with cache (use new_lengths for ragged rows)")
+            if position_ids is not None:
+                raise ValueError("position_ids cannot be combined with cache: positions come from the cache")
+            return self._forward_cached(x, cache, layer_idx, new_lengths)
+        if new_lengths is not None:
+            raise ValueError("new_lengths is only used with cache")
         B, T, _ = x.shape
         o = dispatch.native_sparse_attention(
             *self.project(x, cu_seqlens, position_ids), config=self.config, cu_seqlens=cu_seqlens,
             backend=self.backend,
         )
         return self.o_proj(o.reshape(B, T, -1))
+
+    # ------------------------------------------------------------------------------------------------ decoding
+    def _decode_impl(self, device: torch.device) -> str:
+        """reference -> readable decode reference; torch -> vectorised torch decode; triton (or auto on CUDA) ->
+        the Triton decode kernel where it applies (one query per sequence), else the torch decode."""
+        if self.backend == "reference":
+            return "reference"
+        if self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"):
+            return "triton"
+        return "torch"
+
+    def _forward_cached(self, x, cache, layer_idx, new_lengths):
+        from .cache import NSACache
+
+        if not isinstance(cache, NSACache):
+            raise ValueError(f"cache must be an nsa.NSACache, got {type(cache).__name__}")
+        B, T, _ = x.shape
+        if B != cache.batch_size:
+            raise ValueError(f"x batch size {B} does not match the cache's batch_size {cache.batch_size}")
+        lc = cache.layer(layer_idx, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                         v_head_dim=self.v_head_dim, config=self.config, shared_kv=self.shared_kv, device=x.device,
+                         dtype=x.dtype)
+        if new_lengths is None:
+            return self._cached_step(x, lc, slice(None)) if T else self.o_proj(x.new_zeros(B, 0, self.num_heads *
+                                                                                            self.v_head_dim))
+        if not isinstance(new_lengths, torch.Tensor) or new_lengths.shape != (B,) or new_lengths.is_floating_point():
+            raise ValueError(f"new_lengths must be an integer tensor of shape [{B}]")
+        n_host = new_lengths.detach().cpu().long()
+        if int(n_host.min()) < 0 or int(n_host.max()) > T:
+            raise ValueError(f"new_lengths must lie in [0, {T}], got {n_host.tolist()}")
+        out = x.new_zeros(B, T, self.hidden_size)
+        for n in sorted(set(n_host.tolist())):  # rows with the same number of new tokens run together
+            if n == 0:
+                continue
+            rows = (n_host == n).nonzero().flatten()
+            rows_d = rows.to(x.device)
+            out[rows_d, :n] = self._cached_step(x[rows_d, :n], lc, rows)
+        return out
+
+    def _cached_step(self, x, lc, rows):
+        """Append x [R, T, hidden] to the cached rows `rows` (slice(None) or a CPU LongTensor) and attend."""
+        from .ops.decode import decode_attention
+
+        R, T, _ = x.shape
+        dev, cdt = x.device, lc.k_slc.dtype
+        L_old = lc.host_lengths[rows]
+        L_new = L_old + T
+        if int(L_new.max()) > lc.max_length:
+            raise ValueError(f"cache max_length {lc.max_length} exceeded: {int(L_new.max())} tokens")
+        pos = L_old.to(dev)[:, None] + torch.arange(T, device=dev)  # [R, T]
+        ridx = (torch.arange(R, device=dev) if isinstance(rows, slice) else rows.to(dev))[:, None]
+        q, kc_raw, vc_raw, k_slc, v_slc, k_win, v_win, gates = self._heads(x, pos)
+        lc.k_slc[ridx, pos] = k_slc.to(cdt)
+        lc.v_slc[ridx, pos] = v_slc.to(cdt)
+        win_start = None
+        if not self.shared_kv:  # the ring holds positions L_old - cap .. L_old - 1; the window op needs them + new
+            cap = lc.window_capacity
+            ring = (L_old.to(dev)[:, None] - cap + torch.arange(cap, device=dev)) % cap
+            k_win_all = torch.cat([lc.k_win[ridx, ring], k_win.to(cdt)], 1)
+            v_win_all = torch.cat([lc.v_win[ridx, ring], v_win.to(cdt)], 1)
+            win_start = L_old.to(dev) - cap
+            keep = min(T, cap)
+            lc.k_win[ridx, pos[:, T - keep:] % cap] = k_win[:, T - keep:].to(cdt)
+            lc.v_win[ridx, pos[:, T - keep:] % cap] = v_win[:, T - keep:].to(cdt)
+        fresh = self._append_compressed(lc, ridx, L_old, kc_raw, vc_raw)
+        lc.set_lengths(rows, L_new)
+        if fresh is not None and self._full_backend_available(dev):
+            # empty cache: this is an ordinary prefill, run the layer's backend on the chunk itself
+            o = dispatch.native_sparse_attention(q, *fresh, k_slc, v_slc, k_win, v_win, gates, config=self.config,
+                                                 backend=self.backend)
+            return self.o_proj(o.reshape(R, T, -1))
+        Lmax = int(L_new.max())
+        Tc = num_compressed_tokens(Lmax, self.config.cmp_block_size, self.config.cmp_stride)
+        if isinstance(rows, slice):
+            k_cmp, v_cmp, k_s, v_s = lc.k_cmp[:, :Tc], lc.v_cmp[:, :Tc], lc.k_slc[:, :Lmax], lc.v_slc[:, :Lmax]
+        else:
+            r = ridx[:, 0]
+            k_cmp, v_cmp, k_s, v_s = lc.k_cmp[r, :Tc], lc.v_cmp[r, :Tc], lc.k_slc[r, :Lmax], lc.v_slc[r, :Lmax]
+        if self.shared_kv:
+            k_win_all, v_win_all = k_s, v_s
+        o = decode_attention(q, k_cmp, v_cmp, k_s, v_s, k_win_all, v_win_all, gates, lengths=L_new.to(dev),
+                             config=self.config, win_start=win_start, impl=self._decode_impl(dev))
+        return self.o_proj(o.reshape(R, T, -1))
+
+    def _full_backend_available(self, device) -> bool:
+        try:
+            dispatch.resolve_backend(self.backend, device)
+        except ValueError:
+            return False
+        return True
+
+    def _append_compressed(self, lc, ridx, L_old, kc_raw, vc_raw):
+        """Emit the compressed tokens completed by the new raw cmp K/V [R, T, HKV, D] and keep the pending tail.
+
+        Block i (tokens i*d .. i*d + l - 1, Eq. 7) is emitted once its last token arrives. Returns the chunk's
+        compressed (k, v) when every row started empty (one batched φ, exactly as the full forward), else None.
+        """
+        l, d = self.config.cmp_block_size, self.config.cmp_stride
+        cap, cdt = lc.tail_capacity, lc.k_tail.dtype
+        R, T = kc_raw.shape[:2]
+        dev = kc_raw.device
+        if int(L_old.max()) == 0:
+            n = num_compressed_tokens(T, l, d)
+            k_cmp, v_cmp = self._compress(kc_raw, vc_raw, torch.arange(n, device=dev) * d + l - 1)
+            lc.k_cmp[ridx, torch.arange(n, device=dev)] = k_cmp.to(cdt)
+            lc.v_cmp[ridx, torch.arange(n, device=dev)] = v_cmp.to(cdt)
+            if cap:
+                keep = torch.arange(n * d, T, device=dev)
+                lc.k_tail[ridx, keep % cap] = kc_raw[:, n * d:].to(cdt)
+                lc.v_tail[ridx, keep % cap] = vc_raw[:, n * d:].to(cdt)
+            return k_cmp, v_cmp
+        if T == 1 and cap:  # decode: one candidate block per row (positions p - l + 1 .. p), emitted where complete
+            p = L_old  # host
+            emit = ((p + 1 - l) >= 0) & ((p + 1 - l) % d == 0)
+            p_d = p.to(dev)
+            slots = (p_d[:, None] - cap + torch.arange(cap, device=dev)) % cap
+            if bool(emit.any()):
+                e = emit.nonzero().flatten().to(dev)
+                blk_k = torch.cat([lc.k_tail[ridx[e], slots[e]].to(kc_raw.dtype), kc_raw[e]], 1)  # [E, l, HKV, D]
+                blk_v = torch.cat([lc.v_tail[ridx[e], slots[e]].to(vc_raw.dtype), vc_raw[e]], 1)
+                k_new, v_new = self._compress(blk_k, blk_v, p_d[e][:, None])
+                i_new = ((p_d[e] + 1 - l) // d)[:, None]
+                lc.k_cmp[ridx[e], i_new] = k_new.to(cdt)
+                lc.v_cmp[ridx[e], i_new] = v_new.to(cdt)
+            lc.k_tail[ridx, (p_d % cap)[:, None]] = kc_raw.to(cdt)
+            lc.v_tail[ridx, (p_d % cap)[:, None]] = vc_raw.to(cdt)
+            return None
+        for r in range(R):  # chunked prefill: per row, tail + chunk, then φ over the completed blocks
+            Lo = int(L_old[r])
+            Ln = Lo + T
+            c_old, c_new = num_compressed_tokens(Lo, l, d), num_compressed_tokens(Ln, l, d)
+            start = c_old * d
+            held = torch.arange(start, Lo, device=dev)
+            row = ridx[r]
+            seq_k = torch.cat([lc.k_tail[row, held % cap].to(kc_raw.dtype) if cap else kc_raw[r, :0], kc_raw[r]])
+            seq_v = torch.cat([lc.v_tail[row, held % cap].to(vc_raw.dtype) if cap else vc_raw[r, :0], vc_raw[r]])
+            if c_new > c_old:
+                idx = torch.arange(c_old, c_new, device=dev)
+                k_new, v_new = self._compress(seq_k[None], seq_v[None], idx * d + l - 1)
+                lc.k_cmp[row, idx] = k_new[0].to(cdt)
+                lc.v_cmp[row, idx] = v_new[0].to(cdt)
+            if cap:
+                keep = torch.arange(c_new * d, Ln, device=dev)
+                lc.k_tail[row, keep % cap] = seq_k[c_new * d - start:].to(cdt)
+                lc.v_tail[row, keep % cap] = seq_v[c_new * d - start:].to(cdt)
+        return None

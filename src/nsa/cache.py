@@ -1,0 +1,137 @@
+"""NSACache: the decoding state of every NSA layer (a data structure; the layer computes, the cache stores).
+
+Per layer and sequence b with L = lengths[b] cached tokens (positions 0..L-1):
+  k_slc, v_slc   [B, max_length, HKV, D]   selection-branch K/V (rotated keys), the full history: slot p = position p
+  k_win, v_win   [B, min(w, max_length), HKV, D]  window-branch K/V, a ring buffer holding the last w positions at
+                                           slot p % capacity (absent with shared_kv: the window reads k_slc/v_slc)
+  k_cmp, v_cmp   [B, Tc(max_length), HKV, D]  compressed tokens 0..Tc(L)-1 (keys rotated at i*d + l - 1)
+  k_tail, v_tail [B, l - 1, HKV, D]        raw (un-rotated) cmp-branch K/V of positions Tc(L)*d .. L-1, the only
+                                           tokens a future compressed block still needs (at most l - 1 of them),
+                                           ring buffer at slot p % (l - 1)
+where Tc(L) = max(0, (L - l)//d + 1) (Eq. 7). A new compressed token is emitted whenever a block end i*d + l - 1 is
+reached, i.e. every d tokens once l tokens exist. Storage is allocated once per layer (on first use, when the
+layer's head counts are known) for `max_length` tokens: appending never reallocates.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import NSAConfig, num_compressed_tokens
+
+
+class LayerCache:
+    """One layer's storage; see the module docstring. `lengths` [B] int64 lives on the cache device, with a CPU
+    mirror `host_lengths` so that the layer never has to synchronise with the device to slice or index."""
+
+    def __init__(self, batch_size, max_length, num_kv_heads, head_dim, v_head_dim, config: NSAConfig, shared_kv,
+                 device, dtype):
+        B, S, H = batch_size, max_length, num_kv_heads
+        l, w = config.cmp_block_size, config.window_size
+
+        def buf(n, dim):
+            return torch.zeros(B, n, H, dim, device=device, dtype=dtype)
+
+        self.config, self.shared_kv, self.max_length = config, shared_kv, max_length
+        self.num_kv_heads, self.head_dim, self.v_head_dim = num_kv_heads, head_dim, v_head_dim
+        self.k_slc, self.v_slc = buf(S, head_dim), buf(S, v_head_dim)
+        self.window_capacity = min(w, S)
+        self.k_win = self.v_win = None
+        if not shared_kv:
+            self.k_win, self.v_win = buf(self.window_capacity, head_dim), buf(self.window_capacity, v_head_dim)
+        tc = num_compressed_tokens(S, l, config.cmp_stride)
+        self.k_cmp, self.v_cmp = buf(tc, head_dim), buf(tc, v_head_dim)
+        self.tail_capacity = l - 1
+        self.k_tail, self.v_tail = buf(l - 1, head_dim), buf(l - 1, v_head_dim)
+        self.lengths = torch.zeros(B, dtype=torch.long, device=device)
+        self.host_lengths = torch.zeros(B, dtype=torch.long)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        names = ("k_slc", "v_slc", "k_win", "v_win", "k_cmp", "v_cmp", "k_tail", "v_tail")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def num_compressed(self) -> torch.Tensor:
+        """[B] compressed tokens per sequence (host)."""
+        l, d = self.config.cmp_block_size, self.config.cmp_stride
+        return torch.tensor([num_compressed_tokens(int(L), l, d) for L in self.host_lengths], dtype=torch.long)
+
+    def set_lengths(self, rows, new_lengths_host: torch.Tensor) -> None:
+        self.host_lengths[rows] = new_lengths_host
+        self.lengths[rows.to(self.lengths.device) if isinstance(rows, torch.Tensor) else rows] = \
+            new_lengths_host.to(self.lengths.device)
+
+
+class NSACache:
+    """KV cache for `NativeSparseAttention` decoding, one `LayerCache` per layer, allocated lazily.
+
+    cache = NSACache(num_layers, batch_size, max_length, device=None, dtype=None)
+    y = layer(x, cache=cache, layer_idx=i)   # continues each cached sequence; updates layer i only
+
+    Each layer tracks its own fill; `lengths` reports layer 0's ([B] int64). `device`/`dtype` default to those of
+    the first input a layer sees. Storage for a layer is `memory_bytes()`-accounted from its allocation on.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_length: int, device=None, dtype=None):
+        for name, value in (("num_layers", num_layers), ("batch_size", batch_size), ("max_length", max_length)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        self.num_layers, self.batch_size, self.max_length = num_layers, batch_size, max_length
+        self.device = None if device is None else torch.device(device)
+        self.dtype = dtype
+        self.layers: list[LayerCache | None] = [None] * num_layers
+
+    def layer(self, layer_idx: int, *, num_kv_heads, head_dim, v_head_dim, config, shared_kv, device, dtype):
+        """The storage of layer `layer_idx`, allocated on first use; later calls check the geometry matches."""
+        if not isinstance(layer_idx, int) or isinstance(layer_idx, bool) or not 0 <= layer_idx < self.num_layers:
+            raise ValueError(f"layer_idx must be an int in [0, {self.num_layers}), got {layer_idx!r}")
+        lc = self.layers[layer_idx]
+        if lc is None:
+            lc = LayerCache(self.batch_size, self.max_length, num_kv_heads, head_dim, v_head_dim, config, shared_kv,
+                            self.device or device, self.dtype or dtype)
+            self.layers[layer_idx] = lc
+        elif (lc.num_kv_heads, lc.head_dim, lc.v_head_dim, lc.config, lc.shared_kv) != (
+                num_kv_heads, head_dim, v_head_dim, config, shared_kv):
+            raise ValueError(f"layer_idx {layer_idx} is cached for a layer of another geometry")
+        return lc
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[B] int64 tokens cached per sequence in layer 0 (zeros before layer 0 is first used)."""
+        lc = self.layers[0]
+        if lc is None:
+            return torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+        return lc.lengths.clone()
+
+    def reset(self) -> None:
+        """Forget every sequence (storage is kept for reuse)."""
+        for lc in self.layers:
+            if lc is not None:
+                lc.lengths.zero_()
+                lc.host_lengths.zero_()
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Row b becomes old row beam_idx[b] in every layer (beam search); beam_idx [B] int64."""
+        if not isinstance(beam_idx, torch.Tensor) or beam_idx.shape != (self.batch_size,) or \
+                beam_idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"beam_idx must be an integer tensor of shape [{self.batch_size}]")
+        if beam_idx.numel() and (int(beam_idx.min()) < 0 or int(beam_idx.max()) >= self.batch_size):
+            raise ValueError(f"beam_idx must lie in [0, {self.batch_size}), got {beam_idx.tolist()}")
+        host = beam_idx.detach().cpu().long()
+        for lc in self.layers:
+            if lc is None:
+                continue
+            idx = beam_idx.to(lc.lengths.device).long()
+            for name, t in lc.tensors().items():
+                t.copy_(t.index_select(0, idx))
+            lc.lengths.copy_(lc.lengths.index_select(0, idx))
+            lc.host_lengths.copy_(lc.host_lengths.index_select(0, host))
+
+    def memory_bytes(self) -> int:
+        """Bytes of allocated storage over all layers (K/V buffers and lengths)."""
+        total = 0
+        for lc in self.layers:
+            if lc is not None:
+                total += sum(t.numel() * t.element_size() for t in lc.tensors().values())
+                total += lc.lengths.numel() * lc.lengths.element_size()
+        return total

@@ -1,0 +1,262 @@
+"""NSA attention for queries that are the LAST Tq positions of sequences whose earlier K/V are cached.
+
+Used by decoding (Tq = 1) and chunked prefill (Tq > 1). Two implementations with one signature:
+`reference_decode` (per sequence, per query, explicit key lists: written to be read) and `torch_decode`
+(vectorised over batch, queries and heads, gathers only the keys a query reads). Both follow docs/spec.md exactly.
+
+Inputs (B sequences; sequence b has `lengths[b]` tokens *including* the Tq new ones, so its queries sit at
+positions lengths[b] - Tq + j, j < Tq):
+  q       [B, Tq, HQ, Dk]            rotated queries
+  k_cmp   [B, Sc, HKV, Dk], v_cmp    compressed tokens 0..Sc-1 (only Tc(lengths[b]) are meaningful; the Eq. 7
+                                     visibility rule i*d + l - 1 <= t never reads the others)
+  k_slc   [B, S, HKV, Dk],  v_slc    selection K/V, slot p = position p, S >= max(lengths)
+  k_win   [B, W, HKV, Dk],  v_win    window K/V, slot s = position win_start[b] + s (win_start may be negative;
+                                     None means 0, i.e. the window tensor is indexed by position like k_slc)
+  gates   [B, Tq, HQ, 3]             (cmp, slc, win), already in [0, 1]
+Returns o [B, Tq, HQ, Dv] in q's dtype. Cached tensors may have another dtype than q: all math runs in float32
+(float64 when q is float64).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import NSAConfig, num_compressed_tokens
+from .reference import cmp_to_slc_weights
+
+_NEG_INF = float("-inf")
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def query_positions(lengths: torch.Tensor, tq: int) -> torch.Tensor:
+    """[B, Tq] int64 positions of the last Tq tokens of each sequence."""
+    return lengths.to(torch.long)[:, None] - tq + torch.arange(tq, device=lengths.device)
+
+
+# ------------------------------------------------------------------------------------------------ reference
+def _attend(q, k, v, scale):
+    """q [HQ, D] against one key list k [S, HKV, D] (GQA); returns o [HQ, Dv] (0 when S = 0) and p [HQ, S]."""
+    group = q.shape[0] // k.shape[1]
+    if k.shape[0] == 0:
+        return q.new_zeros(q.shape[0], v.shape[-1]), q.new_zeros(q.shape[0], 0)
+    kk = k.repeat_interleave(group, dim=1)  # [S, HQ, D]
+    vv = v.repeat_interleave(group, dim=1)
+    p = torch.softmax(torch.einsum("hd,shd->hs", q, kk) * scale, dim=-1)
+    return torch.einsum("hs,shd->hd", p, vv), p
+
+
+def _reference_topn(scores: torch.Tensor, t: int, config: NSAConfig) -> list[int]:
+    """Eq. 11 for one query at position t and one KV head: scores [nb] over blocks 0..t//l'."""
+    own = t // config.slc_block_size
+    forced = [j for j in range(own + 1) if j < config.num_init_blocks or j > own - config.num_local_blocks]
+    others = [j for j in range(own + 1) if j not in forced]
+    scores = scores.detach().tolist()
+    others.sort(key=lambda j: (-scores[j], j))  # highest score first, ties -> lower block index
+    return sorted(forced + others[: max(0, config.num_selected - len(forced))])[: config.num_selected]
+
+
+def reference_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths, config, scale=None,
+                     win_start=None, return_indices=False):
+    """Readable decode: every query of every sequence on its own, with explicit key lists (Eq. 5, 7-12)."""
+    B, Tq, HQ, Dk = q.shape
+    HKV, group = k_slc.shape[2], HQ // k_slc.shape[2]
+    acc = _acc(q.dtype)
+    scale = Dk ** -0.5 if scale is None else scale
+    l, d, lp, w = config.cmp_block_size, config.cmp_stride, config.slc_block_size, config.window_size
+    o = q.new_zeros(B, Tq, HQ, v_slc.shape[-1])
+    chosen_all = torch.full((B, Tq, HKV, config.num_selected), -1, dtype=torch.long, device=q.device)
+    for b in range(B):
+        L = int(lengths[b])
+        ws = 0 if win_start is None else int(win_start[b])
+        for j in range(Tq):
+            t = L - Tq + j
+            qt = q[b, j].to(acc)
+            # compression branch: compressed tokens whose block ends at or before t (Eq. 7)
+            nc = num_compressed_tokens(t + 1, l, d)
+            o_cmp, p = _attend(qt, k_cmp[b, :nc].to(acc), v_cmp[b, :nc].to(acc), scale)
+            # selection scores: Eq. 9 overlap remap, Eq. 10 sum over the group's heads
+            nb = t // lp + 1
+            slc = p @ cmp_to_slc_weights(nc, nb, config, q.device, acc)  # [HQ, nb]
+            slc = slc.view(HKV, group, nb).sum(1)
+            o_slc = torch.zeros(HQ, v_slc.shape[-1], dtype=acc, device=q.device)
+            for h in range(HKV):
+                blocks = _reference_topn(slc[h], t, config)
+                chosen_all[b, j, h, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+                keys = [s for blk in blocks for s in range(blk * lp, min((blk + 1) * lp, t + 1))]  # Eq. 12, causal
+                heads = slice(h * group, (h + 1) * group)
+                o_slc[heads], _ = _attend(qt[heads], k_slc[b, keys, h : h + 1].to(acc),
+                                          v_slc[b, keys, h : h + 1].to(acc), scale)
+            # sliding window: positions t-w+1 .. t
+            slots = [s - ws for s in range(max(0, t - w + 1), t + 1)]
+            o_win, _ = _attend(qt, k_win[b, slots].to(acc), v_win[b, slots].to(acc), scale)
+            g = gates[b, j].to(acc)
+            out = g[:, 0:1] * o_cmp + g[:, 1:2] * o_slc + g[:, 2:3] * o_win
+            o[b, j] = out.to(o.dtype)
+    return (o, chosen_all) if return_indices else o
+
+
+# ------------------------------------------------------------------------------------------------ fast torch
+def overlap_scatter(num_cmp: int, config: NSAConfig, device=None, dtype=torch.float32):
+    """Eq. 9 as a scatter: compressed block i overlaps selection blocks j0(i) and j1(i) (j1 = j0 or j0 + 1, since
+    l <= l' and d | l') with weights |block_i ∩ block_j| / d. Returns (j0, w0, j1, w1), each [num_cmp]."""
+    l, d, lp = config.cmp_block_size, config.cmp_stride, config.slc_block_size
+    start = torch.arange(num_cmp, device=device) * d
+    j0 = start // lp
+    j1 = (start + l - 1) // lp
+    w0 = (torch.minimum(start + l, (j0 + 1) * lp) - start).to(dtype) / d
+    w1 = torch.where(j1 > j0, (start + l - j1 * lp).to(dtype) / d, torch.zeros((), dtype=dtype, device=device))
+    return j0, w0, j1, w1
+
+
+def _masked_softmax_av(s, mask, v, contract):
+    """softmax over the last axis of scores s under mask (rows with no key -> 0), then probabilities @ v."""
+    if s.shape[-1] == 0:
+        return torch.einsum(contract, s, v), s
+    s = s.masked_fill(~mask, _NEG_INF)
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isinf(m), torch.zeros_like(m), m))
+    p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    return torch.einsum(contract, p, v), p
+
+
+def topn_from_scores(scores, pos, config, *, valid_blocks=None):
+    """Eq. 11 with forced blocks: scores [..., Nb] for queries at positions pos [...] -> indices [..., n]
+    (ascending, -1 padded), exactly `reference.topn_blocks` for one query per row."""
+    n, lp = config.num_selected, config.slc_block_size
+    Nb = scores.shape[-1]
+    j = torch.arange(Nb, device=scores.device)
+    own = (pos // lp)[..., None]
+    valid = j <= own
+    forced = (j < config.num_init_blocks) | (j > own - config.num_local_blocks)
+    ranked = scores.masked_fill(forced, float("inf")).masked_fill(~valid, _NEG_INF)
+    if Nb < n:
+        ranked = torch.nn.functional.pad(ranked, (0, n - Nb), value=_NEG_INF)
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :n]  # ties -> lower j
+    chosen = torch.gather(ranked, -1, order) > _NEG_INF
+    big = torch.iinfo(torch.long).max
+    idx = torch.where(chosen, order, big).sort(dim=-1).values
+    return idx.masked_fill(idx == big, -1)
+
+
+def _torch_decode_chunk(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, win_start, config, scale):
+    """One chunk of queries at positions pos [B, Tq]; see module docstring. Returns (o, indices)."""
+    B, Tq, HQ, Dk = q.shape
+    HKV = k_slc.shape[2]
+    G = HQ // HKV
+    acc = _acc(q.dtype)
+    dev = q.device
+    l, d, lp, w = config.cmp_block_size, config.cmp_stride, config.slc_block_size, config.window_size
+    qg = q.to(acc).view(B, Tq, HKV, G, Dk) * scale
+    bidx = torch.arange(B, device=dev)[:, None, None, None]
+    hidx = torch.arange(HKV, device=dev)[None, None, :, None]
+
+    # compression branch over all cached compressed tokens, masked by Eq. 7 visibility
+    Sc = k_cmp.shape[1]
+    vis = (torch.arange(Sc, device=dev) * d + l - 1)[None, None, :] <= pos[:, :, None]  # [B, Tq, Sc]
+    s = torch.einsum("btkgd,bskd->btkgs", qg, k_cmp.to(acc))
+    o_cmp, p = _masked_softmax_av(s, vis[:, :, None, None, :], v_cmp.to(acc), "btkgs,bskd->btkgd")
+
+    # selection scores (Eq. 8-10): group-sum p, then scatter onto selection blocks with the overlap weights
+    Nb = max(1, math.ceil((int(pos.max()) + 1) / lp))
+    pk = p.sum(3)  # [B, Tq, HKV, Sc]
+    j0, w0, j1, w1 = overlap_scatter(Sc, config, dev, acc)
+    scores = torch.zeros(B, Tq, HKV, Nb + 1, dtype=acc, device=dev)  # +1: blocks past the last query's block
+    shape = pk.shape
+    scores.scatter_add_(-1, j0.clamp(max=Nb).expand(shape), pk * w0)
+    scores.scatter_add_(-1, j1.clamp(max=Nb).expand(shape), pk * w1)
+    idx = topn_from_scores(scores[..., :Nb], pos[:, :, None], config)  # [B, Tq, HKV, n]
+
+    # selected attention (Eq. 12): gather the raw tokens of the chosen blocks, causal inside a block
+    tok = idx[..., None] * lp + torch.arange(lp, device=dev)  # [B, Tq, HKV, n, l']
+    ok = (idx[..., None] >= 0) & (tok <= pos[:, :, None, None, None])
+    tok = tok.clamp(0, k_slc.shape[1] - 1).flatten(-2)  # [B, Tq, HKV, n*l']
+    ks = k_slc[bidx, tok, hidx].to(acc)  # [B, Tq, HKV, N, Dk]
+    vs = v_slc[bidx, tok, hidx].to(acc)
+    s = torch.einsum("btkgd,btknd->btkgn", qg, ks)
+    o_slc, _ = _masked_softmax_av(s, ok.flatten(-2)[:, :, :, None, :], vs, "btkgn,btknd->btkgd")
+
+    # sliding window: positions t-w+1 .. t, read at slot position - win_start
+    wpos = pos[:, :, None] - w + 1 + torch.arange(w, device=dev)  # [B, Tq, w]
+    slot = wpos - (0 if win_start is None else win_start.to(dev, torch.long)[:, None, None])
+    okw = (wpos >= 0) & (slot >= 0) & (slot < k_win.shape[1])
+    slot = slot.clamp(0, k_win.shape[1] - 1)[:, :, None, :].expand(B, Tq, HKV, w)
+    kw = k_win[bidx, slot, hidx].to(acc)  # [B, Tq, HKV, w, Dk]
+    vw = v_win[bidx, slot, hidx].to(acc)
+    s = torch.einsum("btkgd,btknd->btkgn", qg, kw)
+    o_win, _ = _masked_softmax_av(s, okw[:, :, None, None, :], vw, "btkgn,btknd->btkgd")
+
+    g = gates.to(acc).view(B, Tq, HKV, G, 3, 1)
+    o = g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
+    return o.reshape(B, Tq, HQ, -1).to(q.dtype), idx
+
+
+def torch_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths, config, scale=None,
+                 win_start=None, return_indices=False, query_chunk=32):
+    """Vectorised decode (same contract as `reference_decode`); queries are processed `query_chunk` at a time so
+    chunked prefill gathers at most query_chunk * (n*l' + w) keys per KV head at once."""
+    B, Tq = q.shape[:2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    pos = query_positions(lengths.to(q.device), Tq)
+    outs, idxs = [], []
+    for c in range(0, Tq, query_chunk):
+        sl = slice(c, min(Tq, c + query_chunk))
+        o, idx = _torch_decode_chunk(q[:, sl], k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates[:, sl], pos[:, sl],
+                                     win_start, config, scale)
+        outs.append(o)
+        idxs.append(idx)
+    o = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+    if return_indices:
+        n = config.num_selected
+        idx = torch.cat([torch.nn.functional.pad(i, (0, n - i.shape[-1]), value=-1) for i in idxs], 1)
+        return o, idx
+    return o
+
+
+IMPLS = {"reference": reference_decode, "torch": torch_decode}
+
+
+def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths, config, scale=None,
+                     win_start=None, impl="torch"):
+    """Checked entry point: NSA output [B, Tq, HQ, Dv] for the last Tq positions of each cached sequence.
+
+    impl: "reference" | "torch" | "triton" (the Triton decode kernel; Tq = 1 only, else falls back to torch).
+    """
+    if not isinstance(config, NSAConfig):
+        raise ValueError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
+    for name, x in (("q", q), ("k_cmp", k_cmp), ("v_cmp", v_cmp), ("k_slc", k_slc), ("v_slc", v_slc),
+                    ("k_win", k_win), ("v_win", v_win), ("gates", gates)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor")
+        if x.shape[0] != q.shape[0]:
+            raise ValueError(f"{name} batch size {x.shape[0]} does not match q's {q.shape[0]}")
+    B, Tq, HQ, Dk = q.shape
+    HKV = k_slc.shape[2]
+    if HKV == 0 or HQ % HKV:
+        raise ValueError(f"k_slc heads ({HKV}) must divide q heads ({HQ})")
+    for name, x in (("k_cmp", k_cmp), ("v_cmp", v_cmp), ("v_slc", v_slc), ("k_win", k_win), ("v_win", v_win)):
+        if x.shape[2] != HKV:
+            raise ValueError(f"{name} heads ({x.shape[2]}) must equal k_slc heads ({HKV})")
+    if tuple(gates.shape) != (B, Tq, HQ, 3):
+        raise ValueError(f"gates must be [B, Tq, HQ, 3] = {(B, Tq, HQ, 3)}, got {tuple(gates.shape)}")
+    if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,):
+        raise ValueError(f"lengths must be a [B] = [{B}] integer tensor")
+    lo, hi = int(lengths.min()), int(lengths.max())
+    if lo < Tq or hi > k_slc.shape[1]:
+        raise ValueError(f"lengths must lie in [Tq={Tq}, k_slc length {k_slc.shape[1]}], got [{lo}, {hi}]")
+    need_c = num_compressed_tokens(hi, config.cmp_block_size, config.cmp_stride)
+    if k_cmp.shape[1] < need_c or v_cmp.shape[1] < need_c:
+        raise ValueError(f"k_cmp/v_cmp must hold at least {need_c} compressed tokens, got {k_cmp.shape[1]}")
+    kw = dict(lengths=lengths, config=config, scale=scale, win_start=win_start)
+    if impl == "triton":
+        from .triton_decode import triton_decode, triton_decode_supported
+
+        if triton_decode_supported(q, k_slc):
+            return triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)
+        impl = "torch"
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {sorted(IMPLS) + ['triton']}, got {impl!r}")
+    return IMPLS[impl](q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)
