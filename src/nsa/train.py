@@ -1,0 +1,350 @@
+"""`nsa train`: AdamW + warmup/cosine, grad clipping, bf16 autocast on GPU, packed batches, JSONL metrics,
+safetensors checkpoints (model, optimizer, RNG) with exact resume, and DDP / FSDP2 under torchrun.
+
+The batch of step s is a pure function of (data seed, s) (`nsa.data.DataMix`), and the learning rate a pure
+function of s, so a run resumed from a checkpoint replays the uninterrupted run exactly. Under torchrun each rank
+takes every world-th row of the global batch; the loss is the global token mean, so a 2-process run matches a
+single-process run with the same global batch.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .data import IGNORE, DataMix, stdlib_corpus
+from .models import LlamaLM, ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    """A training run. `model` holds ModelConfig fields; `data_weights` the DataMix weights."""
+
+    model: dict = field(default_factory=dict)
+    seq_len: int = 512
+    batch_rows: int = 8  # global batch, in rows of seq_len tokens
+    data_weights: dict = field(default_factory=lambda: {"lm": 1.0})
+    mqar_pairs: tuple = (8, 32)
+    corpus_max_bytes: int | None = None
+    val_fraction: float = 0.05
+    steps: int = 1000
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 0  # 0: only at the end
+    parallel: str = "auto"  # "auto" (ddp when WORLD_SIZE > 1) | "none" | "ddp" | "fsdp"
+    device: str = "auto"
+    threads: int = 0  # torch.set_num_threads when > 0
+
+    def __post_init__(self):
+        self.mqar_pairs, self.betas = tuple(self.mqar_pairs), tuple(self.betas)
+        if self.parallel not in ("auto", "none", "ddp", "fsdp"):
+            raise ValueError(f"parallel must be auto, none, ddp or fsdp, got {self.parallel!r}")
+        for name in ("seq_len", "batch_rows", "steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        ModelConfig.from_dict(self.model)  # validate early
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"train config has unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+# A demo-sized geometry: l=16, d=8, l'=32, n=4 (1 init + 2 local + 1 chosen), w=64.
+DEMO_NSA = dict(cmp_block_size=16, cmp_stride=8, slc_block_size=32, num_selected=4, num_init_blocks=1,
+                num_local_blocks=2, window_size=64)
+PRESETS: dict[str, dict] = {
+    # what `nsa demo` trains on a 2-core CPU (both attention types, same everything else)
+    "tiny-cpu": dict(
+        model=dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384,
+                   attention="nsa", nsa=DEMO_NSA, shared_kv=True),
+        seq_len=512, batch_rows=8, data_weights={"lm": 0.4, "niah": 0.4, "mqar": 0.2}, mqar_pairs=(4, 24),
+        steps=300, lr=3e-3, warmup_steps=30, log_every=10,
+    ),
+    # a GPU-sized starting point (paper geometry, 8k context)
+    "small-gpu": dict(
+        model=dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64,
+                   intermediate_size=2048, attention="nsa", nsa={}, shared_kv=False),
+        seq_len=8192, batch_rows=16, data_weights={"lm": 0.8, "niah": 0.1, "mqar": 0.1}, mqar_pairs=(16, 256),
+        steps=20000, lr=1e-3, warmup_steps=1000, log_every=50, ckpt_every=1000,
+    ),
+    # seconds on a CPU: for tests and smoke runs
+    "micro": dict(
+        model=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
+                   attention="nsa", nsa=dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, num_selected=4,
+                                             window_size=16), shared_kv=True),
+        seq_len=64, batch_rows=4, data_weights={"lm": 0.5, "niah": 0.3, "mqar": 0.2}, mqar_pairs=(2, 4),
+        corpus_max_bytes=300_000, steps=6, lr=3e-3, warmup_steps=2, log_every=1,
+    ),
+}
+
+
+def load_config(preset: str | None = None, path: str | Path | None = None, overrides: dict | None = None
+                ) -> TrainConfig:
+    """A preset, then a YAML file, then `overrides` (dotted keys allowed: "model.attention"), merged in order."""
+    d: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        d = copy.deepcopy(PRESETS[preset])
+    if path is not None:
+        import yaml
+
+        with open(path) as f:
+            _merge(d, yaml.safe_load(f) or {})
+    for key, value in (overrides or {}).items():
+        node = d
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return TrainConfig.from_dict(d)
+
+
+def _merge(base: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ------------------------------------------------------------------------------------------------- distributed
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if _dist_info()[1] > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def setup_distributed(device: torch.device) -> None:
+    """Initialise the process group from torchrun's environment (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def wrap_model(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
+    """DDP, or FSDP2 (`fully_shard` on every block, then the root); unchanged on one process."""
+    if _dist_info()[1] == 1 or mode == "none":
+        return model
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+def _state_dicts(model, opt):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(path: Path, model, opt, step: int, cfg: TrainConfig) -> None:
+    """One safetensors file: model.*, optim.* tensors and rng.torch; config, step, param groups in metadata."""
+    from safetensors.torch import save_file
+
+    model_sd, optim_sd = _state_dicts(model, opt)  # full state on rank 0 (collective under FSDP)
+    if _dist_info()[0] != 0:
+        return
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_sd.items()}
+    for fqn, state in optim_sd["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{fqn}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {"step": str(step), "config": json.dumps(cfg.to_dict()),
+            "param_groups": json.dumps(optim_sd["param_groups"]), "format": "nsa-train-v1"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a checkpoint file."""
+    from safetensors import safe_open
+
+    tensors, meta = {}, {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k)
+    if meta.get("format") != "nsa-train-v1":
+        raise ValueError(f"path {path} is not an nsa training checkpoint")
+    return tensors, meta
+
+
+def load_model(path: str | Path, device="cpu") -> tuple[LlamaLM, TrainConfig, int]:
+    """The model of a checkpoint (either attention type), its TrainConfig and step."""
+    tensors, meta = read_checkpoint(path)
+    cfg = TrainConfig.from_dict(json.loads(meta["config"]))
+    model = LlamaLM(ModelConfig.from_dict(cfg.model))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    return model.to(device), cfg, int(meta["step"])
+
+
+def _restore(path: Path, model, opt) -> int:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    tensors, meta = read_checkpoint(path)
+    model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            fqn, key = k[6:].split("::")
+            state.setdefault(fqn, {})[key] = v
+    optim_sd = {"state": state, "param_groups": json.loads(meta["param_groups"])}
+    for group in optim_sd["param_groups"]:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return int(meta["step"])
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    found = sorted(Path(out_dir).glob("ckpt_*.safetensors"))
+    return found[-1] if found else None
+
+
+# ------------------------------------------------------------------------------------------------- training
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, stop_at: int | None = None,
+          progress: bool = True, corpus=None) -> dict:
+    """Train, writing `metrics.jsonl` and `ckpt_<step>.safetensors` under out_dir; returns a summary dict.
+
+    resume: True = latest checkpoint in out_dir (if any), or a checkpoint path. stop_at: stop after this step
+    (the schedule still follows cfg.steps), to simulate an interruption.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    device = _device(cfg)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    setup_distributed(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rank, world = _dist_info()
+    mode = cfg.parallel if cfg.parallel != "auto" else ("ddp" if world > 1 else "none")
+
+    torch.manual_seed(cfg.seed)
+    model = LlamaLM(ModelConfig.from_dict(cfg.model)).to(device)
+    num_params = model.num_params()
+    model = wrap_model(model, mode, device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+    start = 0
+    ckpt = (latest_checkpoint(out_dir) if resume is True else Path(resume)) if resume else None
+    if ckpt is not None:
+        start = _restore(Path(ckpt), model, opt)
+    if corpus is None:
+        corpus = stdlib_corpus("train", cfg.val_fraction, cfg.corpus_max_bytes)
+    mix = DataMix(corpus, cfg.seq_len, cfg.batch_rows, cfg.data_weights, cfg.seed, cfg.mqar_pairs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    log = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
+    end = min(cfg.steps, stop_at if stop_at is not None else cfg.steps)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bar = tqdm(total=end, initial=start, disable=not progress or rank != 0, desc=f"train {cfg.model.get('attention')}",
+               dynamic_ncols=True)
+    tokens_seen, train_time, loss_value = 0, 0.0, float("nan")
+    model.train()
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        batch = mix.batch(step, rank, world).to(device)
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast:
+            logits = model(batch.input_ids, cu_seqlens=batch.cu_seqlens)
+        ce_sum = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE,
+                                 reduction="sum")
+        counts = _all_reduce(torch.tensor([float((batch.labels != IGNORE).sum()), float(batch.input_ids.numel())],
+                                          device=device))
+        # global token mean; DDP/FSDP average gradients over ranks, hence the factor `world`
+        (ce_sum * (world / counts[0].clamp_min(1))).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = float(_all_reduce(ce_sum.detach().clone()) / counts[0].clamp_min(1))
+        dt = time.perf_counter() - t0
+        train_time += dt
+        tokens_seen += int(counts[1])
+        done = step + 1
+        if log is not None and (done % cfg.log_every == 0 or done == end or done == 1):
+            rec = dict(step=done, loss=loss_value, lr=lr, grad_norm=float(grad_norm), tokens=done * int(counts[1]),
+                       tokens_per_s=tokens_seen / max(train_time, 1e-9), time=train_time)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
+        bar.update(1)
+        if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != end:
+            save_checkpoint(out_dir / f"ckpt_{done:06d}.safetensors", model, opt, done, cfg)
+    bar.close()
+    final = out_dir / f"ckpt_{end:06d}.safetensors"
+    if end > start:
+        save_checkpoint(final, model, opt, end, cfg)
+    if log is not None:
+        log.close()
+    return dict(final_step=end, final_loss=loss_value, checkpoint=str(final), num_params=num_params,
+                tokens_per_s=tokens_seen / max(train_time, 1e-9), train_time=train_time, world=world, mode=mode)
+
+
+def read_metrics(out_dir: str | Path) -> list[dict]:
+    path = Path(out_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
