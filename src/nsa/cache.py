@@ -49,6 +49,23 @@ class LayerCache:
         names = ("k_slc", "v_slc", "k_win", "v_win", "k_cmp", "v_cmp", "k_tail", "v_tail")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
+    def live(self, b: int) -> dict[str, torch.Tensor]:
+        """Row b's meaningful contents in position order (ring buffers unrolled): k/v_slc [L], k/v_win (the last
+        min(L, capacity) positions), k/v_cmp [Tc(L)], k/v_tail (positions Tc(L)*d .. L-1)."""
+        L = int(self.host_lengths[b])
+        l, d = self.config.cmp_block_size, self.config.cmp_stride
+        tc = num_compressed_tokens(L, l, d)
+        out = {"k_slc": self.k_slc[b, :L], "v_slc": self.v_slc[b, :L], "k_cmp": self.k_cmp[b, :tc],
+               "v_cmp": self.v_cmp[b, :tc]}
+        dev = self.k_slc.device
+        tail = torch.arange(tc * d, L, device=dev)
+        out["k_tail"] = self.k_tail[b, tail % max(1, self.tail_capacity)] if self.tail_capacity else self.k_tail[b]
+        out["v_tail"] = self.v_tail[b, tail % max(1, self.tail_capacity)] if self.tail_capacity else self.v_tail[b]
+        if self.k_win is not None:
+            win = torch.arange(max(0, L - self.window_capacity), L, device=dev) % self.window_capacity
+            out["k_win"], out["v_win"] = self.k_win[b, win], self.v_win[b, win]
+        return out
+
     def num_compressed(self) -> torch.Tensor:
         """[B] compressed tokens per sequence (host)."""
         l, d = self.config.cmp_block_size, self.config.cmp_stride

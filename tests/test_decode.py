@@ -1,0 +1,224 @@
+"""Decoding equivalences: prefill + token-by-token decode (and chunked prefill) == one full forward."""
+import pytest
+import torch
+
+import nsa
+from nsa.ops import reference as ref
+from nsa.ops.decode import decode_attention
+from tests.kit import assert_close, make_inputs, small_config
+
+CFG = small_config()  # l=8, d=4, l'=16, n=4, w=16
+NO_OVERLAP = small_config(cmp_stride=8, window_size=12, num_selected=5)  # l = d, w not a multiple of l'
+TOL64 = dict(atol=1e-10, rtol=1e-10)
+TOL32 = dict(atol=1e-6, rtol=1e-5)
+GROUPS = {1: (2, 2), 4: (8, 2), 16: (16, 1)}  # G -> (HQ, HKV)
+
+
+def make_layer(G=4, config=CFG, dtype=torch.float64, shared_kv=False, backend="torch", hidden=32, seed=0):
+    torch.manual_seed(seed)
+    HQ, HKV = GROUPS[G]
+    layer = nsa.NativeSparseAttention(hidden, HQ, HKV, 8, v_head_dim=6, config=config, shared_kv=shared_kv,
+                                      backend="reference")
+    torch.nn.init.normal_(layer.compress_k.mlp[2].weight, std=0.2)  # φ away from plain mean pooling
+    torch.nn.init.normal_(layer.compress_v.mlp[2].weight, std=0.2)
+    torch.nn.init.normal_(layer.g_proj.bias, std=1.0)
+    layer = layer.to(dtype)
+    layer.backend = backend
+    return layer
+
+
+def full_forward(layer, x):
+    backend, layer.backend = layer.backend, "reference"
+    try:
+        return layer(x)
+    finally:
+        layer.backend = backend
+
+
+def prefill_then_decode(layer, x, T, cache=None):
+    cache = cache or nsa.NSACache(1, x.shape[0], x.shape[1])
+    ys = [layer(x[:, :T], cache=cache)] if T else []
+    for t in range(T, x.shape[1]):
+        ys.append(layer(x[:, t:t + 1], cache=cache))
+    return torch.cat(ys, 1), cache
+
+
+# -------------------------------------------------------------------------------------------- op level
+@pytest.mark.parametrize("impl", ["reference", "torch"])
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_decode_op_matches_full_reference(impl, G):
+    """The last Tq queries of sequences of different lengths against the full reference on each prefix, including
+    the chosen blocks, with the window read through an offset (win_start) tensor."""
+    HQ, HKV = GROUPS[G]
+    T, Tq = 45, 3
+    lengths = torch.tensor([45, 30, 9, 3])
+    B = len(lengths)
+    inputs = make_inputs(B, T, HQ, HKV, 8, 6, CFG, seed=G)
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = inputs
+    pos = lengths[:, None] - Tq + torch.arange(Tq)
+    take = lambda x: torch.stack([x[b, pos[b]] for b in range(B)])  # noqa: E731
+    W = 20  # window tensor holds positions L-W .. L-1 of each row (some negative: never read)
+    slot = lengths[:, None] - W + torch.arange(W)
+    kw = torch.stack([k_win[b, slot[b].clamp(min=0)] for b in range(B)])
+    vw = torch.stack([v_win[b, slot[b].clamp(min=0)] for b in range(B)])
+    o, idx = decode_attention.__globals__["IMPLS"][impl](
+        take(q), k_cmp, v_cmp, k_slc, v_slc, kw, vw, take(gates), lengths=lengths, config=CFG,
+        win_start=lengths - W, return_indices=True)
+    for b, L in enumerate(lengths.tolist()):
+        Tc = CFG.num_compressed(L)
+        row = [x[b:b + 1, :L] for x in inputs]
+        row[1], row[2] = k_cmp[b:b + 1, :Tc], v_cmp[b:b + 1, :Tc]
+        expected = ref.native_sparse_attention(*row, config=CFG)[0, L - Tq:]
+        assert_close(o[b], expected, **TOL64, name=f"row {b}")
+        sel = ref.select_blocks(row[0], row[1], config=CFG)[0, L - Tq:]
+        assert torch.equal(idx[b], sel), f"row {b}: {idx[b].tolist()} vs {sel.tolist()}"
+
+
+def test_decode_op_fp32_cache_in_fp16():
+    """Cached K/V may be stored in another dtype than q: the math runs in fp32 either way."""
+    inputs = make_inputs(2, 40, 8, 2, 8, 6, CFG, dtype=torch.float32, seed=3)
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = inputs
+    lengths = torch.tensor([40, 33])
+    qd = torch.stack([q[0, 39:40], q[1, 32:33]])
+    gd = torch.stack([gates[0, 39:40], gates[1, 32:33]])
+    half = [x.half() for x in (k_cmp, v_cmp, k_slc, v_slc, k_win, v_win)]
+    a = decode_attention(qd, *half, gd, lengths=lengths, config=CFG, impl="torch")
+    b = decode_attention(qd, *half, gd, lengths=lengths, config=CFG, impl="reference")
+    assert a.dtype == torch.float32
+    assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_op_rejects_bad_input():
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = make_inputs(1, 20, 4, 2, 8, 8, CFG)
+    args = (q[:, -1:], k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates[:, -1:])
+    with pytest.raises(ValueError, match="lengths"):
+        decode_attention(*args, lengths=torch.tensor([21]), config=CFG)
+    with pytest.raises(ValueError, match="k_cmp"):
+        decode_attention(q[:, -1:], k_cmp[:, :1], *args[2:], lengths=torch.tensor([20]), config=CFG)
+    with pytest.raises(ValueError, match="gates"):
+        decode_attention(*args[:-1], gates, lengths=torch.tensor([20]), config=CFG)
+    with pytest.raises(ValueError, match="impl"):
+        decode_attention(*args, lengths=torch.tensor([20]), config=CFG, impl="nope")
+
+
+# -------------------------------------------------------------------------------------------- layer level
+# prompt lengths straddling l (8), d multiples (block ends 11, 15), l' = w (16) and 2l' (32); 0 = decode from scratch
+BOUNDARY_T = [0, 1, 7, 8, 9, 11, 12, 13, 15, 16, 17, 31, 32, 33]
+
+
+@pytest.mark.parametrize("T", BOUNDARY_T)
+def test_prefill_then_decode_equals_full_forward(T):
+    """float64, G = 4: prefill T tokens, decode up to 40 one token at a time, compare with one reference forward."""
+    layer = make_layer(G=4)
+    x = torch.randn(2, 40, 32, dtype=torch.float64)
+    y, cache = prefill_then_decode(layer, x, T)
+    assert_close(y, full_forward(layer, x), **TOL64)
+    assert cache.lengths.tolist() == [40, 40]
+
+
+@pytest.mark.parametrize("G", [1, 4, 16])
+@pytest.mark.parametrize("config", [CFG, NO_OVERLAP], ids=["overlap", "l=d"])
+@pytest.mark.parametrize("shared_kv", [False, True], ids=["sep_kv", "shared_kv"])
+def test_decode_groups_configs_shared_kv(G, config, shared_kv):
+    layer = make_layer(G=G, config=config, shared_kv=shared_kv, seed=G)
+    x = torch.randn(2, 37, 32, dtype=torch.float64)
+    y, _ = prefill_then_decode(layer, x, 13)
+    assert_close(y, full_forward(layer, x), **TOL64)
+
+
+@pytest.mark.parametrize("G", [1, 16])
+@pytest.mark.parametrize("T", [9, 16, 24])
+def test_decode_fp32(G, T):
+    layer = make_layer(G=G, dtype=torch.float32, seed=T)
+    x = torch.randn(2, 36, 32)
+    y, _ = prefill_then_decode(layer, x, T)
+    assert_close(y, full_forward(layer, x), **TOL32)
+
+
+def test_decode_reference_impl_through_layer():
+    """backend="reference" decodes with the readable per-query reference."""
+    layer = make_layer(G=4, backend="reference")
+    x = torch.randn(1, 30, 32, dtype=torch.float64)
+    y, _ = prefill_then_decode(layer, x, 10)
+    assert_close(y, full_forward(layer, x), **TOL64)
+
+
+@pytest.mark.parametrize("chunks", [[5, 14, 1, 20], [1] * 3 + [37], [16, 16, 8], [40]])
+@pytest.mark.parametrize("shared_kv", [False, True], ids=["sep_kv", "shared_kv"])
+def test_chunked_prefill_equals_one_shot(chunks, shared_kv):
+    layer = make_layer(G=4, shared_kv=shared_kv)
+    x = torch.randn(2, 40, 32, dtype=torch.float64)
+    one = nsa.NSACache(1, 2, 48)
+    y_one = layer(x, cache=one)
+    cache = nsa.NSACache(1, 2, 48)
+    ys, s = [], 0
+    for c in chunks:
+        ys.append(layer(x[:, s:s + c], cache=cache))
+        s += c
+    assert_close(torch.cat(ys, 1), y_one, **TOL64)
+    assert_close(y_one, full_forward(layer, x), **TOL64)
+    for b in range(2):  # the caches themselves agree
+        live, live1 = cache.layers[0].live(b), one.layers[0].live(b)
+        for name, t in live.items():
+            assert_close(t, live1[name], **TOL64, name=name)
+    nxt = torch.randn(2, 1, 32, dtype=torch.float64)  # and so does the next decode step
+    assert_close(layer(nxt, cache=cache), layer(nxt, cache=one), **TOL64)
+
+
+def test_long_chunk_uses_query_chunking():
+    """A chunk longer than the torch decode's query_chunk (32) after a non-empty cache."""
+    layer = make_layer(G=4)
+    x = torch.randn(1, 90, 32, dtype=torch.float64)
+    cache = nsa.NSACache(1, 1, 90)
+    y = torch.cat([layer(x[:, :7], cache=cache), layer(x[:, 7:], cache=cache)], 1)
+    assert_close(y, full_forward(layer, x), **TOL64)
+
+
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_ragged_batch_prefill_and_decode(G):
+    """Rows of different lengths: a right-padded prefill with new_lengths, then batched decode steps (every row at
+    its own position), then a step where one row pauses (new_lengths 0). Each row equals its own full forward."""
+    layer = make_layer(G=G, seed=G + 1)
+    lens = [13, 0, 33, 8]
+    steps = 6
+    B = len(lens)
+    seqs = [torch.randn(1, n + steps + 1, 32, dtype=torch.float64) for n in lens]
+    cache = nsa.NSACache(1, B, 48)
+    x = torch.zeros(B, max(lens), 32, dtype=torch.float64)
+    for b, n in enumerate(lens):
+        x[b, :n] = seqs[b][0, :n]
+    y0 = layer(x, cache=cache, new_lengths=torch.tensor(lens))
+    outs = [[y0[b, :n]] for b, n in enumerate(lens)]
+    assert_close(y0[0, 13:], torch.zeros_like(y0[0, 13:]), atol=0, rtol=0, name="padding")
+    for s in range(steps):
+        step = torch.cat([seqs[b][:, n + s:n + s + 1] for b, n in enumerate(lens)])
+        y = layer(step, cache=cache)
+        for b in range(B):
+            outs[b].append(y[b])
+    assert cache.lengths.tolist() == [n + steps for n in lens]
+    active = torch.tensor([1, 1, 0, 1])
+    step = torch.cat([seqs[b][:, n + steps:n + steps + 1] for b, n in enumerate(lens)])
+    y = layer(step, cache=cache, new_lengths=active)
+    for b in range(B):
+        if active[b]:
+            outs[b].append(y[b])
+    assert cache.lengths.tolist() == [n + steps + int(a) for n, a in zip(lens, active)]
+    for b in range(B):
+        got = torch.cat(outs[b])
+        want = full_forward(layer, seqs[b][:, :got.shape[0]])[0]
+        assert_close(got, want, **TOL64, name=f"row {b}")
+
+
+def test_decode_under_no_grad_and_two_layers():
+    """Two layers share one cache (each tracks its own fill); lengths reports layer 0."""
+    l0, l1 = make_layer(G=4, seed=1), make_layer(G=4, seed=2)
+    x = torch.randn(1, 30, 32, dtype=torch.float64)
+    full = full_forward(l1, full_forward(l0, x))
+    cache = nsa.NSACache(2, 1, 30)
+    with torch.no_grad():
+        h = l1(l0(x[:, :12], cache=cache, layer_idx=0), cache=cache, layer_idx=1)
+        ys = [h]
+        for t in range(12, 30):
+            ys.append(l1(l0(x[:, t:t + 1], cache=cache, layer_idx=0), cache=cache, layer_idx=1))
+    assert_close(torch.cat(ys, 1), full, **TOL64)
+    assert cache.lengths.tolist() == [30]
