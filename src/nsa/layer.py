@@ -203,10 +203,10 @@ class NativeSparseAttention(nn.Module):
 
     def _full_backend_available(self, device) -> bool:
         try:
-            dispatch.resolve_backend(self.backend, device)
+            module = dispatch.resolve_backend(self.backend, device)
         except ValueError:
             return False
-        return True
+        return hasattr(module, "native_sparse_attention")
 
     def _append_compressed(self, lc, ridx, L_old, kc_raw, vc_raw):
         """Emit the compressed tokens completed by the new raw cmp K/V [R, T, HKV, D] and keep the pending tail.
