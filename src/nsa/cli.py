@@ -1,27 +1,102 @@
-"""Command line: `nsa compare` (and the training/eval commands as they land)."""
+"""Command line: `nsa train`, `nsa eval`, `nsa demo` (NSA vs full attention, end to end) and `nsa compare`."""
 from __future__ import annotations
 
 import argparse
+import json
+
+
+def _value(text: str):
+    """A --set value: JSON when it parses (numbers, lists, dicts, true/false), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _overrides(pairs: list[str] | None) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key] = _value(value)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nsa", description="Native Sparse Attention")
     sub = parser.add_subparsers(dest="command", required=True)
-    cmp = sub.add_parser("compare", help="NSA vs dense attention on random inputs")
+
+    tr = sub.add_parser("train", help="train a small LM (NSA or full attention); runs under torchrun too")
+    tr.add_argument("--preset", default=None, help="tiny-cpu | small-gpu | micro (default tiny-cpu without --config)")
+    tr.add_argument("--config", default=None, help="YAML file merged over the preset")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. model.attention=full")
+    tr.add_argument("--attention", choices=["nsa", "full"], default=None)
+    tr.add_argument("--steps", type=int, default=None)
+    tr.add_argument("--out", default="runs/train")
+    tr.add_argument("--resume", nargs="?", const=True, default=False,
+                    help="resume from the latest checkpoint in --out, or from the given file")
+    tr.add_argument("--no-progress", action="store_true")
+
+    ev = sub.add_parser("eval", help="val loss/ppl, NIAH grid + heatmap, MQAR for a checkpoint")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--out", default=None, help="folder for eval.json and niah.png (default: next to checkpoint)")
+    ev.add_argument("--lengths", type=int, nargs="+", default=None)
+    ev.add_argument("--depths", type=float, nargs="+", default=None)
+    ev.add_argument("--niah-samples", type=int, default=16)
+    ev.add_argument("--mqar-samples", type=int, default=32)
+    ev.add_argument("--val-batches", type=int, default=8)
+    ev.add_argument("--device", default="cpu")
+
+    demo = sub.add_parser("demo", help="train tiny NSA and full-attention models, compare them side by side")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--preset", default="tiny-cpu")
+    demo.add_argument("--steps", type=int, default=None)
+    demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for both runs")
+    demo.add_argument("--no-progress", action="store_true")
+
+    cmp = sub.add_parser("compare", help="NSA vs dense attention ops on random inputs")
     cmp.add_argument("--seqlen", type=int, default=2048)
     cmp.add_argument("--heads", type=int, default=16)
     cmp.add_argument("--kv-heads", type=int, default=4)
     cmp.add_argument("--head-dim", type=int, default=64)
     cmp.add_argument("--backend", action="append", default=None)
-    demo = sub.add_parser("demo", help="the main demo")
-    demo.add_argument("--seqlen", type=int, default=2048)
     args = parser.parse_args(argv)
-    from .compare import run_compare
 
-    if args.command == "compare":
-        run_compare(args.seqlen, args.heads, args.kv_heads, args.head_dim, backends=args.backend)
+    if args.command == "train":
+        from .train import load_config, train
+
+        over = _overrides(args.set)
+        if args.attention:
+            over["model.attention"] = args.attention
+        if args.steps:
+            over["steps"] = args.steps
+        preset = args.preset or (None if args.config else "tiny-cpu")
+        cfg = load_config(preset, args.config, over)
+        summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+        print(json.dumps(summary, indent=1))
+    elif args.command == "eval":
+        from pathlib import Path
+
+        from .evaluate import evaluate_checkpoint
+
+        out = args.out or str(Path(args.checkpoint).parent / "eval")
+        res = evaluate_checkpoint(args.checkpoint, out, args.lengths, args.depths, args.niah_samples,
+                                  args.mqar_samples, args.val_batches, args.device)
+        print(json.dumps({k: res[k] for k in ("attention", "step", "val", "mqar")}, indent=1))
+        print(f"NIAH mean {res['niah']['mean']:.1%}, inside window {res['niah'].get('inside_window')}, beyond "
+              f"{res['niah'].get('beyond_window')}; wrote {out}/eval.json and {out}/niah.png")
     elif args.command == "demo":
-        run_compare(args.seqlen)
+        from .evaluate import run_demo
+
+        over = _overrides(args.set)
+        if args.steps:
+            over["steps"] = args.steps
+        run_demo(args.out, args.preset, over, progress=not args.no_progress)
+    elif args.command == "compare":
+        from .compare import run_compare
+
+        run_compare(args.seqlen, args.heads, args.kv_heads, args.head_dim, backends=args.backend)
 
 
 if __name__ == "__main__":

@@ -143,8 +143,9 @@ def niah_example(corpus: Corpus, length: int, depth: float, g: torch.Generator, 
     for i in range(max(cut - 1, 0), cut + len(needle) - 1):  # positions predicting the random needle bytes
         labels[i] = IGNORE
     value_pos = cut + len(f'needle_{key} = "')
+    # gap: how far back the first answer query (at ans_start) must look to read the value's first byte
     return Example(tokens, labels, is_answer, dict(depth=depth, needle_pos=cut, distance=n - value_pos,
-                                                     value=value, key=key))
+                                                     gap=ans_start - value_pos, value=value, key=key))
 
 
 def mqar_example(length: int, num_pairs: int, g: torch.Generator, key_len: int = 2, value_len: int = 2) -> Example:
