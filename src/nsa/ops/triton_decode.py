@@ -1,0 +1,249 @@
+"""Triton decode: one query position per sequence, all G query heads of a KV group per program (paper §3.4's
+group-centric loading), split over the KV length flash-decoding style so that batch 1 at 64k still fills the GPU.
+
+Same contract as `nsa.ops.decode.torch_decode` with Tq = 1. Four launches, all splits reduced in fp32:
+  1. `_attn_partial` (MODE 0) over compressed tokens, split over Tc   -> o_cmp and lse per head     (Eq. 7)
+  2. `_cmp_probs`    p = exp(s - lse) summed over the G heads, tiles of compressed tokens            (Eq. 8, 10)
+  3. `_topn`         Eq. 9 overlap remap + forced blocks + top-n (ties -> lower block), one program per (b, kv head)
+  4. `_attn_partial` (MODE 1) over the n selected blocks, one block per program; (MODE 2) over the window in
+                     chunks                                                                         (Eq. 12, §3.3.3)
+then the partials are merged and gated (Eq. 5) in PyTorch (a few [B, HKV, splits, G, Dv] tensors).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..config import NSAConfig, num_compressed_tokens
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(1, int(x))))
+
+
+def triton_decode_supported(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """One query per sequence, CUDA (or the interpreter), fp16/bf16/fp32, head dims <= 256."""
+    return (q.shape[1] == 1 and (q.is_cuda or (_interpreting() and q.device.type == "cpu"))
+            and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256)
+
+
+@triton.jit
+def _attn_partial(
+    Q, K, V, LENS, WSTART, IDX, PO, PM, PL,
+    sqb, sqh, skb, skt, skh, svb, svt, svh,
+    HKV, G, Dk, Dv, NU, scale, CHUNK,
+    CMP_L: tl.constexpr, CMP_D: tl.constexpr, SLC: tl.constexpr, WIN: tl.constexpr, NSEL: tl.constexpr,
+    MODE: tl.constexpr, PREC: tl.constexpr,
+    BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
+):
+    """Online-softmax partial of one unit of keys for the G heads of one (b, kv head).
+
+    MODE 0: compressed tokens [u*CHUNK, (u+1)*CHUNK) ∩ [0, Tc(L)); MODE 1: selected block IDX[b, h, u] ∩ [0, t];
+    MODE 2: window positions [max(0, t-WIN+1) + u*CHUNK, ... + CHUNK) ∩ [.., t], read at slot pos - WSTART[b].
+    Writes acc [BG, BDV], running max m and sum l (fp32) to PO/PM/PL[(b*HKV + h)*NU + u].
+    """
+    bh = tl.program_id(0).to(tl.int64)
+    u = tl.program_id(1).to(tl.int64)
+    b = bh // HKV
+    h = bh % HKV
+    L = tl.load(LENS + b).to(tl.int64)
+    t = L - 1
+    off = tl.load(WSTART + b).to(tl.int64)  # window slot offset (zeros for the other modes)
+    if MODE == 0:
+        tc = tl.where(L >= CMP_L, (L - CMP_L) // CMP_D + 1, 0)
+        lo = u * CHUNK
+        hi = tl.minimum(lo + CHUNK, tc)
+    elif MODE == 1:
+        blk = tl.load(IDX + bh * NSEL + u).to(tl.int64)
+        lo = tl.where(blk >= 0, blk * SLC, 0)
+        hi = tl.where(blk >= 0, tl.minimum(lo + SLC, t + 1), 0)
+    else:
+        lo = tl.maximum(t - WIN + 1, 0) + u * CHUNK
+        hi = tl.minimum(lo + CHUNK, t + 1)
+    g = tl.arange(0, BG)
+    dk = tl.arange(0, BD)
+    dv = tl.arange(0, BDV)
+    gm = g < G
+    q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + dk[None, :], mask=gm[:, None] & (dk < Dk)[None, :],
+                other=0.0)
+    q = q.to(K.dtype.element_ty)
+    m = tl.full([BG], float("-inf"), tl.float32)
+    lsum = tl.zeros([BG], tl.float32)
+    acc = tl.zeros([BG, BDV], tl.float32)
+    for k0 in range(lo, hi, BK):
+        pos = k0 + tl.arange(0, BK)
+        km = pos < hi
+        slot = (pos - off).to(tl.int64)
+        k = tl.load(K + b * skb + slot[:, None] * skt + h * skh + dk[None, :], mask=km[:, None] & (dk < Dk)[None, :],
+                    other=0.0)
+        v = tl.load(V + b * svb + slot[:, None] * svt + h * svh + dv[None, :], mask=km[:, None] & (dv < Dv)[None, :],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s = tl.where(km[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile holds at least one key
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        lsum = lsum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m = m_new
+    row = bh * NU + u
+    tl.store(PM + row * BG + g, m)
+    tl.store(PL + row * BG + g, lsum)
+    tl.store(PO + (row * BG + g)[:, None] * BDV + dv[None, :], acc)
+
+
+@triton.jit
+def _cmp_probs(
+    Q, K, LENS, LSE, PC, sqb, sqh, skb, skt, skh, HKV, G, Dk, S_PC, scale,
+    CMP_L: tl.constexpr, CMP_D: tl.constexpr, PREC: tl.constexpr,
+    BG: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+):
+    """PC[b, h, i] = sum over the G heads of p_i = exp(scale * q.k_i - lse) for a tile of compressed tokens."""
+    bh = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1).to(tl.int64)
+    b = bh // HKV
+    h = bh % HKV
+    L = tl.load(LENS + b).to(tl.int64)
+    tc = tl.where(L >= CMP_L, (L - CMP_L) // CMP_D + 1, 0)
+    g = tl.arange(0, BG)
+    dk = tl.arange(0, BD)
+    gm = g < G
+    i = tile * BK + tl.arange(0, BK)
+    im = i < tc
+    q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + dk[None, :], mask=gm[:, None] & (dk < Dk)[None, :],
+                other=0.0).to(K.dtype.element_ty)
+    k = tl.load(K + b * skb + i[:, None] * skt + h * skh + dk[None, :], mask=im[:, None] & (dk < Dk)[None, :],
+                other=0.0)
+    lse = tl.load(LSE + bh * BG + g)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    p = tl.where(gm[:, None] & im[None, :], tl.exp(s - lse[:, None]), 0.0)
+    tl.store(PC + bh * S_PC + i, tl.sum(p, 0), mask=i < S_PC)
+
+
+@triton.jit
+def _topn(
+    PC, LENS, IDX, HKV, S_PC,
+    CMP_L: tl.constexpr, CMP_D: tl.constexpr, SLC: tl.constexpr, NSEL: tl.constexpr, INIT: tl.constexpr,
+    LOCAL: tl.constexpr, BNB: tl.constexpr,
+):
+    """Eq. 9-11 for one (b, kv head): block scores from the group-summed probabilities, forced blocks, top-n with
+    ties to the lower index; writes the chosen blocks ascending into IDX (pre-filled with -1)."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // HKV
+    L = tl.load(LENS + b).to(tl.int64)
+    t = L - 1
+    tc = tl.where(L >= CMP_L, (L - CMP_L) // CMP_D + 1, 0)
+    own = t // SLC
+    j = tl.arange(0, BNB).to(tl.int64)
+    valid = j <= own
+    score = tl.zeros([BNB], tl.float32)
+    R: tl.constexpr = SLC // CMP_D + CMP_L // CMP_D - 1  # compressed blocks overlapping one selection block
+    for r in tl.static_range(R):
+        i = j * (SLC // CMP_D) - (CMP_L // CMP_D - 1) + r
+        lo = tl.maximum(i * CMP_D, j * SLC)
+        hi = tl.minimum(i * CMP_D + CMP_L, (j + 1) * SLC)
+        w = tl.maximum(hi - lo, 0).to(tl.float32) / CMP_D
+        pc = tl.load(PC + bh * S_PC + i, mask=valid & (i >= 0) & (i < tc), other=0.0)
+        score += pc * w
+    forced = (j < INIT) | (j > own - LOCAL)
+    ranked = tl.where(valid, tl.where(forced, float("inf"), score), float("-inf"))
+    chosen = j < 0
+    for _ in tl.static_range(NSEL):
+        mx = tl.max(ranked, 0)
+        jm = tl.min(tl.where(ranked == mx, j, BNB), 0)
+        hit = (j == jm) & (ranked > float("-inf"))  # ranked[jm] == mx
+        chosen = chosen | hit
+        ranked = tl.where(j == jm, float("-inf"), ranked)
+    rank = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    tl.store(IDX + bh * NSEL + rank, j, mask=chosen)
+
+
+def _merge(po, pm, pl):
+    """Merge split partials [BH, NU, BG(, BDV)] -> (o [BH, BG, BDV], lse [BH, BG]); no keys -> o = 0, lse = -inf."""
+    M = pm.amax(1)
+    Ms = torch.where(torch.isinf(M), torch.zeros_like(M), M)
+    w = torch.exp(pm - Ms[:, None])  # exp(-inf) = 0 for empty splits
+    lsum = (pl * w).sum(1)
+    o = (po * w[..., None]).sum(1) / lsum.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    return o, torch.where(lsum > 0, Ms + torch.log(lsum), torch.full_like(lsum, float("-inf")))
+
+
+def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths, config: NSAConfig, scale=None,
+                  win_start=None, return_indices=False, target_programs: int = 264):
+    """NSA output [B, 1, HQ, Dv] for the last position of each cached sequence (see `nsa.ops.decode`)."""
+    B, _, HQ, Dk = q.shape
+    HKV, Dv = k_slc.shape[2], v_slc.shape[-1]
+    G = HQ // HKV
+    BH = B * HKV
+    dev = q.device
+    scale = Dk ** -0.5 if scale is None else float(scale)
+    l, d, lp, w, n = (config.cmp_block_size, config.cmp_stride, config.slc_block_size, config.window_size,
+                      config.num_selected)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    BG, BD, BDV = _pow2(G), _pow2(Dk), _pow2(Dv)
+    lens = lengths.to(dev, torch.int64).contiguous()
+    wst = torch.zeros(B, dtype=torch.int64, device=dev) if win_start is None else win_start.to(dev, torch.int64)
+    wst = wst.contiguous()
+
+    def last_dim_contig(x):
+        return x if x.stride(-1) == 1 else x.contiguous()
+
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win = map(last_dim_contig, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win))
+    qs = (q.stride(0), q.stride(2))
+    L_max = int(lens.max())
+    tc_max = num_compressed_tokens(L_max, l, d)
+    f32 = dict(device=dev, dtype=torch.float32)
+
+    zeros = torch.zeros(B, dtype=torch.int64, device=dev)
+
+    def partial(mode, k, v, nu, chunk, bk, idx=None):
+        po = torch.empty(BH, nu, BG, BDV, **f32)
+        pm = torch.empty(BH, nu, BG, **f32)
+        pl = torch.empty(BH, nu, BG, **f32)
+        _attn_partial[(BH, nu)](
+            q, k, v, lens, wst if mode == 2 else zeros, lens if idx is None else idx, po, pm, pl, *qs,
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            HKV, G, Dk, Dv, nu, scale, chunk,
+            CMP_L=l, CMP_D=d, SLC=lp, WIN=w, NSEL=n, MODE=mode, PREC=prec, BG=BG, BD=BD, BDV=BDV, BK=bk,
+            num_warps=4, num_stages=1 if _interpreting() else 2,
+        )
+        return _merge(po, pm, pl)
+
+    # 1. compressed attention, split over the compressed tokens
+    bk_c = 64 if BD <= 128 else 32
+    nsplit = max(1, min(triton.cdiv(max(tc_max, 1), bk_c), triton.cdiv(target_programs, BH)))
+    chunk = triton.cdiv(triton.cdiv(max(tc_max, 1), nsplit), bk_c) * bk_c
+    o_cmp, lse = partial(0, k_cmp, v_cmp, nsplit, chunk, bk_c)
+
+    # 2-3. selection: group-summed probabilities, then scores + top-n per (b, kv head)
+    s_pc = max(tc_max, 1)
+    pc = torch.zeros(BH, s_pc, **f32)
+    if tc_max:
+        _cmp_probs[(BH, triton.cdiv(tc_max, bk_c))](
+            q, k_cmp, lens, lse.contiguous(), pc, *qs, k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
+            HKV, G, Dk, s_pc, scale, CMP_L=l, CMP_D=d, PREC=prec, BG=BG, BD=BD, BK=bk_c, num_warps=4,
+        )
+    idx = torch.full((BH, n), -1, dtype=torch.int64, device=dev)
+    _topn[(BH,)](pc, lens, idx, HKV, s_pc, CMP_L=l, CMP_D=d, SLC=lp, NSEL=n, INIT=config.num_init_blocks,
+                 LOCAL=config.num_local_blocks, BNB=_pow2(math.ceil(L_max / lp), 2), num_warps=4)
+
+    # 4. selected blocks (one per program) and the window (in chunks of l' tokens)
+    bk_s = min(64, _pow2(lp))
+    o_slc, _ = partial(1, k_slc, v_slc, n, lp, bk_s, idx)
+    wchunk = lp
+    o_win, _ = partial(2, k_win, v_win, triton.cdiv(min(w, L_max), wchunk), wchunk, bk_s)
+
+    gg = gates.reshape(B, HKV, G, 3).to(torch.float32)
+    o = sum(gg[..., i, None] * o_[:, :G, :Dv].reshape(B, HKV, G, Dv) for i, o_ in enumerate((o_cmp, o_slc, o_win)))
+    o = o.reshape(B, 1, HQ, Dv).to(q.dtype)
+    if return_indices:
+        return o, idx.view(B, 1, HKV, n)
+    return o

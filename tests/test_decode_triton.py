@@ -1,0 +1,91 @@
+"""The Triton decode kernel (interpreter on CPU, compiled on CUDA) against the decode reference and the layer."""
+import pytest
+import torch
+
+import nsa
+from nsa.ops.decode import decode_attention, reference_decode, torch_decode
+from tests.kit import assert_close, make_inputs, small_config
+from tests.test_decode import GROUPS, full_forward, make_layer
+
+triton_decode_mod = pytest.importorskip("nsa.ops.triton_decode")
+CFG = small_config()  # l=8, d=4, l'=16, n=4, w=16
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def last_queries(inputs, lengths):
+    q, *_, gates = inputs
+    qd = torch.stack([q[b, L - 1:L] for b, L in enumerate(lengths.tolist())])
+    gd = torch.stack([gates[b, L - 1:L] for b, L in enumerate(lengths.tolist())])
+    return qd, gd
+
+
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_triton_decode_matches_reference(G):
+    """Rows of different lengths (shorter than l, inside the first selection block, past the window), the window
+    read through an offset tensor; outputs and chosen blocks."""
+    HQ, HKV = GROUPS[G]
+    cfg = small_config(num_selected=5) if G == 4 else CFG
+    lengths = torch.tensor([45, 30, 5, 1, 17])
+    inputs = make_inputs(5, 45, HQ, HKV, 8, 6, cfg, dtype=torch.float32, seed=G, device=DEVICE)
+    _, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, _ = inputs
+    qd, gd = last_queries(inputs, lengths)
+    W, ws = 24, lengths - 24
+    slot = (ws[:, None] + torch.arange(W)).clamp(min=0).to(DEVICE)
+    kw = torch.stack([k_win[b, slot[b]] for b in range(5)])
+    vw = torch.stack([v_win[b, slot[b]] for b in range(5)])
+    kw_args = dict(lengths=lengths.to(DEVICE), config=cfg, win_start=ws.to(DEVICE), return_indices=True)
+    o, idx = triton_decode_mod.triton_decode(qd, k_cmp, v_cmp, k_slc, v_slc, kw, vw, gd, **kw_args)
+    o_ref, idx_ref = reference_decode(qd, k_cmp, v_cmp, k_slc, v_slc, kw, vw, gd, **kw_args)
+    assert torch.equal(idx.cpu(), idx_ref.cpu())
+    assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_decode_half_precision_cache():
+    """fp16 q and cache: within fp16 rounding of the fp32 torch decode on the same (rounded) values."""
+    lengths = torch.tensor([40, 23])
+    inputs = make_inputs(2, 40, 16, 1, 16, 16, CFG, dtype=torch.float16, seed=7, device=DEVICE)
+    qd, gd = last_queries(inputs, lengths)
+    _, *kv, _ = inputs
+    o = triton_decode_mod.triton_decode(qd, *kv, gd, lengths=lengths.to(DEVICE), config=CFG)
+    o32 = torch_decode(qd.float(), *[x.float() for x in kv], gd.float(), lengths=lengths.to(DEVICE), config=CFG)
+    assert o.dtype == torch.float16
+    assert_close(o, o32, atol=2e-3, rtol=2e-2)
+
+
+def test_decode_attention_triton_impl_falls_back_for_chunks():
+    """impl="triton" with Tq > 1 (chunked prefill) uses the torch decode."""
+    inputs = make_inputs(1, 30, 4, 2, 8, 8, CFG, dtype=torch.float32, seed=1)
+    q, *kv, gates = inputs
+    a = decode_attention(q[:, -3:], *kv, gates[:, -3:], lengths=torch.tensor([30]), config=CFG, impl="triton")
+    b = torch_decode(q[:, -3:], *kv, gates[:, -3:], lengths=torch.tensor([30]), config=CFG)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shared_kv", [False, True], ids=["sep_kv", "shared_kv"])
+def test_layer_decode_with_triton_backend(shared_kv):
+    """Prefill with the torch backend, then decode with backend="triton": equals the full reference forward."""
+    layer = make_layer(G=4, dtype=torch.float32, shared_kv=shared_kv).to(DEVICE)
+    x = torch.randn(2, 26, 32, device=DEVICE)
+    cache = nsa.NSACache(1, 2, 26)
+    ys = [layer(x[:, :15], cache=cache)]
+    layer.backend = "triton"
+    for t in range(15, 26):
+        ys.append(layer(x[:, t:t + 1], cache=cache))
+    assert_close(torch.cat(ys, 1), full_forward(layer, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_decode_paper_geometry_gpu(dtype):
+    """Paper geometry at 8k with G = 16, head dims 192/128, batch rows of different lengths."""
+    cfg = nsa.NSAConfig()
+    lengths = torch.tensor([8192, 5000, 700], device="cuda")
+    inputs = make_inputs(3, 8192, 16, 1, 192, 128, cfg, dtype=dtype, seed=0, device="cuda")
+    qd, gd = last_queries(inputs, lengths.cpu())
+    _, *kv, _ = inputs
+    o, idx = triton_decode_mod.triton_decode(qd, *kv, gd, lengths=lengths, config=cfg, return_indices=True)
+    o_ref, idx_ref = torch_decode(qd, *kv, gd, lengths=lengths, config=cfg, return_indices=True)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=5e-2)
+    if dtype == torch.float32:
+        assert torch.equal(idx, idx_ref)
+    assert_close(o, o_ref, **tol)
