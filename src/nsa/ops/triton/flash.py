@@ -14,12 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import autotune_configs, dot_precision, interpreting, next_pow2, tile_table
+from .utils import device_jit, autotune_configs, dot_precision, interpreting, next_pow2, tile_table
 
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@device_jit
 def _visible(pos_q, pos_k, WINDOW, CMP_L, CMP_D, MODE: tl.constexpr):
     """Mask of [BM, 1] query positions against [1, BN] key positions (both inside the sequence)."""
     if MODE == 0:
@@ -28,7 +28,7 @@ def _visible(pos_q, pos_k, WINDOW, CMP_L, CMP_D, MODE: tl.constexpr):
         return pos_k * CMP_D + CMP_L - 1 <= pos_q
 
 
-@triton.jit
+@device_jit
 def _key_hi(p_hi, Lk, CMP_L, CMP_D, MODE: tl.constexpr):
     """One past the last key visible to the query at position p_hi."""
     if MODE == 0:

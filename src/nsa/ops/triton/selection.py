@@ -20,13 +20,13 @@ import triton
 import triton.language as tl
 
 from .flash import LOG2E, default_scale
-from .utils import autotune_configs, dot_precision, interpreting, next_pow2, pack, seq_offsets, tile_table
+from .utils import device_jit, autotune_configs, dot_precision, interpreting, next_pow2, pack, seq_offsets, tile_table
 
 PACK_SMALL_GROUPS = True
 _BIG = 2**30
 
 
-@triton.jit
+@device_jit
 def _rows(TILES, CU, IDX, pid, hk, G, N, s_it, s_ih,
           ROWS: tl.constexpr, BT: tl.constexpr, NPAD: tl.constexpr):
     """Per-row (packed token, query head, position, valid) of a tile, its sequence and the rows' own indices."""
@@ -47,7 +47,7 @@ def _rows(TILES, CU, IDX, pid, hk, G, N, s_it, s_ih,
     return qs, qe, tok, hq, tok - qs, row_ok, own
 
 
-@triton.jit
+@device_jit
 def _member(own, blk, row_ok, BT: tl.constexpr):
     """Rows whose own position selected block `blk` (all rows when BT == 1: the union is their own list)."""
     if BT > 1:

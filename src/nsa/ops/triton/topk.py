@@ -4,8 +4,7 @@ One program per (query position, KV head) walks its valid selection blocks in ch
 recomputes the Eq. 8 probabilities of the overlapping compressed tokens from the cmp branch's lse
 (p = exp(scale q.k - lse), all G heads of the group in one tile), remaps them with the Eq. 9 overlap weights
 |cmp_i ∩ slc_j| / d, sums over the heads (Eq. 10), forces init/local blocks (+inf), and merges the chunk into a
-running top-n kept in registers. Candidates arrive in ascending block order and only a strictly larger score
-evicts, so ties go to the lower block index (Eq. 11). Extra memory: the [T, HKV, n] output.
+running top-n kept in registers by rank counting (ties go to the lower block index, Eq. 11). Extra memory: the [T, HKV, n] output.
 """
 from __future__ import annotations
 
@@ -14,10 +13,36 @@ import triton
 import triton.language as tl
 
 from .flash import LOG2E, default_scale, dense_masked_attention
-from .utils import autotune_configs, cmp_offsets, dot_precision, interpreting, next_pow2, pack, seq_offsets
+from .utils import device_jit, autotune_configs, cmp_offsets, dot_precision, interpreting, next_pow2, pack, seq_offsets
 
 _BIG = 2**62
 
+
+@device_jit
+def _beats(xs, xj, ys, yj):
+    """[X, Y]: x ranks above y (higher score; ties go to the lower block index)."""
+    return (xs[:, None] > ys[None, :]) | ((xs[:, None] == ys[None, :]) & (xj[:, None] < yj[None, :]))
+
+
+@device_jit
+def _merge(best_s, best_j, cand_s, cand_j, slot_ok, N):
+    """Top-N of (kept slots ∪ candidates) by rank counting; new winners fill the freed slots in order."""
+    rank_b = tl.sum(_beats(best_s, best_j, best_s, best_j).to(tl.int32), 0) + \
+        tl.sum(_beats(cand_s, cand_j, best_s, best_j).to(tl.int32), 0)
+    rank_c = tl.sum(_beats(best_s, best_j, cand_s, cand_j).to(tl.int32), 0) + \
+        tl.sum(_beats(cand_s, cand_j, cand_s, cand_j).to(tl.int32), 0)
+    keep_b = slot_ok & (best_s > float("-inf")) & (rank_b < N)
+    keep_c = (cand_s > float("-inf")) & (rank_c < N)
+    free = slot_ok & (keep_b == 0)
+    fr = tl.cumsum(free.to(tl.int32), 0) - 1
+    cr = tl.cumsum(keep_c.to(tl.int32), 0) - 1
+    assign = keep_c[:, None] & free[None, :] & (cr[:, None] == fr[None, :])
+    got = tl.sum(assign.to(tl.int32), 0) > 0
+    new_s = tl.sum(tl.where(assign, cand_s[:, None], 0.0), 0)
+    new_j = tl.sum(tl.where(assign, cand_j[:, None], 0), 0)
+    best_s = tl.where(keep_b, best_s, tl.where(got, new_s, float("-inf")))
+    best_j = tl.where(keep_b, best_j, tl.where(got, new_j, -1))
+    return best_s, best_j
 
 @triton.autotune(configs=autotune_configs(), key=["GP", "BLOCK_DK", "BLOCK_J", "CI", "NPAD", "PREC"])
 @triton.jit
@@ -73,18 +98,7 @@ def _topn_kernel(
         forced = (j < N_INIT) | (j > own - N_LOCAL)
         score = tl.where(forced, float("inf"), score)
         score = tl.where(j <= own, score, float("-inf"))
-        for c in range(BLOCK_J):
-            c_s = tl.max(tl.where(jj == c, score, float("-inf")), 0)
-            c_j = j0 + c
-            worst = tl.min(tl.where(slot_ok, best_s, float("inf")), 0)
-            # among the worst slots, the highest block index loses ties; empty slots (-1) go first
-            key = tl.where(slot_ok & (best_s == worst), best_j, -2)
-            kmax = tl.max(key, 0)
-            target = tl.min(tl.where(key == kmax, slot, NPAD), 0)
-            target = tl.where(c_s > worst, target, NPAD)  # a strictly larger score evicts
-            take = slot == target
-            best_s = tl.where(take, c_s, best_s)
-            best_j = tl.where(take, c_j, best_j)
+        best_s, best_j = _merge(best_s, best_j, score, j.to(tl.int64), slot_ok, N)
     tl.store(OUT + t * s_ot + hk * s_oh + slot, best_j, mask=slot_ok)
 
 

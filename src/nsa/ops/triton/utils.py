@@ -73,3 +73,9 @@ def token_seq_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
     """int64 [total]: the sequence each packed row belongs to."""
     lengths = cu[1:] - cu[:-1]
     return torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), lengths, output_size=total)
+
+
+def device_jit(fn):
+    """@triton.jit for device helpers; a plain function under the interpreter, which otherwise re-patches
+    triton.language on every helper call (most of the interpreted run time)."""
+    return fn if interpreting() else triton.jit(fn)
