@@ -77,6 +77,7 @@ def test_decode_never_reallocates():
     for _ in range(30):
         layer(torch.randn(2, 1, 32, dtype=torch.float64), cache=cache)
     assert {n: t.data_ptr() for n, t in cache.layers[0].tensors().items()} == ptrs
+    assert not any(t.requires_grad for t in cache.layers[0].tensors().values())  # no autograd history kept
     assert cache.memory_bytes() == size
     with pytest.raises(ValueError, match="max_length"):
         layer(torch.randn(2, 8, 32, dtype=torch.float64), cache=cache)

@@ -169,8 +169,8 @@ class NativeSparseAttention(nn.Module):
         pos = L_old.to(dev)[:, None] + torch.arange(T, device=dev)  # [R, T]
         ridx = (torch.arange(R, device=dev) if isinstance(rows, slice) else rows.to(dev))[:, None]
         q, kc_raw, vc_raw, k_slc, v_slc, k_win, v_win, gates = self._heads(x, pos)
-        lc.k_slc[ridx, pos] = k_slc.to(cdt)
-        lc.v_slc[ridx, pos] = v_slc.to(cdt)
+        lc.k_slc[ridx, pos] = k_slc.detach().to(cdt)
+        lc.v_slc[ridx, pos] = v_slc.detach().to(cdt)
         win_start = None
         if not self.shared_kv:  # the ring holds positions L_old - cap .. L_old - 1; the window op needs them + new
             cap = lc.window_capacity
@@ -179,8 +179,8 @@ class NativeSparseAttention(nn.Module):
             v_win_all = torch.cat([lc.v_win[ridx, ring], v_win.to(cdt)], 1)
             win_start = L_old.to(dev) - cap
             keep = min(T, cap)
-            lc.k_win[ridx, pos[:, T - keep:] % cap] = k_win[:, T - keep:].to(cdt)
-            lc.v_win[ridx, pos[:, T - keep:] % cap] = v_win[:, T - keep:].to(cdt)
+            lc.k_win[ridx, pos[:, T - keep:] % cap] = k_win[:, T - keep:].detach().to(cdt)
+            lc.v_win[ridx, pos[:, T - keep:] % cap] = v_win[:, T - keep:].detach().to(cdt)
         fresh = self._append_compressed(lc, ridx, L_old, kc_raw, vc_raw)
         lc.set_lengths(rows, L_new)
         if fresh is not None and self._full_backend_available(dev):
@@ -211,7 +211,8 @@ class NativeSparseAttention(nn.Module):
     def _append_compressed(self, lc, ridx, L_old, kc_raw, vc_raw):
         """Emit the compressed tokens completed by the new raw cmp K/V [R, T, HKV, D] and keep the pending tail.
 
-        Block i (tokens i*d .. i*d + l - 1, Eq. 7) is emitted once its last token arrives. Returns the chunk's
+        Block i (tokens i*d .. i*d + l - 1, Eq. 7) is emitted once its last token arrives. The cache stores
+        detached tensors: it never holds autograd history. Returns the chunk's
         compressed (k, v) when every row started empty (one batched φ, exactly as the full forward), else None.
         """
         l, d = self.config.cmp_block_size, self.config.cmp_stride
@@ -221,12 +222,12 @@ class NativeSparseAttention(nn.Module):
         if int(L_old.max()) == 0:
             n = num_compressed_tokens(T, l, d)
             k_cmp, v_cmp = self._compress(kc_raw, vc_raw, torch.arange(n, device=dev) * d + l - 1)
-            lc.k_cmp[ridx, torch.arange(n, device=dev)] = k_cmp.to(cdt)
-            lc.v_cmp[ridx, torch.arange(n, device=dev)] = v_cmp.to(cdt)
+            lc.k_cmp[ridx, torch.arange(n, device=dev)] = k_cmp.detach().to(cdt)
+            lc.v_cmp[ridx, torch.arange(n, device=dev)] = v_cmp.detach().to(cdt)
             if cap:
                 keep = torch.arange(n * d, T, device=dev)
-                lc.k_tail[ridx, keep % cap] = kc_raw[:, n * d:].to(cdt)
-                lc.v_tail[ridx, keep % cap] = vc_raw[:, n * d:].to(cdt)
+                lc.k_tail[ridx, keep % cap] = kc_raw[:, n * d:].detach().to(cdt)
+                lc.v_tail[ridx, keep % cap] = vc_raw[:, n * d:].detach().to(cdt)
             return k_cmp, v_cmp
         if T == 1 and cap:  # decode: one candidate block per row (positions p - l + 1 .. p), emitted where complete
             p = L_old  # host
@@ -239,10 +240,10 @@ class NativeSparseAttention(nn.Module):
                 blk_v = torch.cat([lc.v_tail[ridx[e], slots[e]].to(vc_raw.dtype), vc_raw[e]], 1)
                 k_new, v_new = self._compress(blk_k, blk_v, p_d[e][:, None])
                 i_new = ((p_d[e] + 1 - l) // d)[:, None]
-                lc.k_cmp[ridx[e], i_new] = k_new.to(cdt)
-                lc.v_cmp[ridx[e], i_new] = v_new.to(cdt)
-            lc.k_tail[ridx, (p_d % cap)[:, None]] = kc_raw.to(cdt)
-            lc.v_tail[ridx, (p_d % cap)[:, None]] = vc_raw.to(cdt)
+                lc.k_cmp[ridx[e], i_new] = k_new.detach().to(cdt)
+                lc.v_cmp[ridx[e], i_new] = v_new.detach().to(cdt)
+            lc.k_tail[ridx, (p_d % cap)[:, None]] = kc_raw.detach().to(cdt)
+            lc.v_tail[ridx, (p_d % cap)[:, None]] = vc_raw.detach().to(cdt)
             return None
         for r in range(R):  # chunked prefill: per row, tail + chunk, then φ over the completed blocks
             Lo = int(L_old[r])
@@ -256,10 +257,10 @@ class NativeSparseAttention(nn.Module):
             if c_new > c_old:
                 idx = torch.arange(c_old, c_new, device=dev)
                 k_new, v_new = self._compress(seq_k[None], seq_v[None], idx * d + l - 1)
-                lc.k_cmp[row, idx] = k_new[0].to(cdt)
-                lc.v_cmp[row, idx] = v_new[0].to(cdt)
+                lc.k_cmp[row, idx] = k_new[0].detach().to(cdt)
+                lc.v_cmp[row, idx] = v_new[0].detach().to(cdt)
             if cap:
                 keep = torch.arange(c_new * d, Ln, device=dev)
-                lc.k_tail[row, keep % cap] = seq_k[c_new * d - start:].to(cdt)
-                lc.v_tail[row, keep % cap] = seq_v[c_new * d - start:].to(cdt)
+                lc.k_tail[row, keep % cap] = seq_k[c_new * d - start:].detach().to(cdt)
+                lc.v_tail[row, keep % cap] = seq_v[c_new * d - start:].detach().to(cdt)
         return None

@@ -145,8 +145,8 @@ def _topn(
     j = tl.arange(0, BNB).to(tl.int64)
     valid = j <= own
     score = tl.zeros([BNB], tl.float32)
-    R: tl.constexpr = SLC // CMP_D + CMP_L // CMP_D - 1  # compressed blocks overlapping one selection block
-    for r in tl.static_range(R):
+    # the l'/d + l/d - 1 compressed blocks that can overlap selection block j
+    for r in tl.static_range(SLC // CMP_D + CMP_L // CMP_D - 1):
         i = j * (SLC // CMP_D) - (CMP_L // CMP_D - 1) + r
         lo = tl.maximum(i * CMP_D, j * SLC)
         hi = tl.minimum(i * CMP_D + CMP_L, (j + 1) * SLC)
