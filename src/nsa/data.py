@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import functools
 import sysconfig
 import zlib
 from dataclasses import dataclass, field
@@ -60,9 +61,11 @@ def is_validation(relpath: str, val_fraction: float) -> bool:
     return (zlib.crc32(relpath.encode()) % 10_000) < val_fraction * 10_000
 
 
+@functools.lru_cache(maxsize=8)
 def stdlib_corpus(split: str = "train", val_fraction: float = 0.05, max_bytes: int | None = None,
                   root: str | Path | None = None) -> Corpus:
-    """The standard library's source as a `Corpus` (`split` = "train" | "val"), at most `max_bytes` bytes."""
+    """The standard library's source as a `Corpus` (`split` = "train" | "val"), at most `max_bytes` bytes.
+    Cached per arguments: treat the result as read-only."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     root = Path(root or sysconfig.get_paths()["stdlib"])
