@@ -4,8 +4,8 @@ Both sides time the attention of one new token per sequence given a filled cache
 append are the same for both and excluded). NSA uses the vectorised torch decode (`nsa.ops.decode.torch_decode`)
 with the paper geometry (l=32, d=16, l'=64, n=16, w=512); dense uses `F.scaled_dot_product_attention` with the
 G query heads of a KV group folded into the query axis (q [B, HKV, G, Dk] against k [B, HKV, S, Dk], no mask:
-for a single new token this is exactly its causal attention, and no K/V head is expanded). Default heads: one KV group of the paper's model (G = 16,
-Dk = 192, Dv = 128), float32. With one KV head the NSA selection cache and the dense cache are the same tensor
+for a single new token this is exactly its causal attention, and no K/V head is expanded). Default heads: one KV
+group of the paper's model (G = 16, Dk = 192, Dv = 128), float32. With one KV head the NSA selection cache and the dense cache are the same tensor
 (the layouts [B, S, 1, D] and [B, 1, S, D] coincide), and the window reads it too (shared K/V).
 
     python benchmarks/cpu_decode.py [--contexts 8192,...] [--batches 1,16] [--repeats 5]

@@ -198,7 +198,7 @@ class NativeSparseAttention(nn.Module):
         if self.shared_kv:
             k_win_all, v_win_all = k_s, v_s
         o = decode_attention(q, k_cmp, v_cmp, k_s, v_s, k_win_all, v_win_all, gates, lengths=L_new.to(dev),
-                             config=self.config, win_start=win_start, impl=self._decode_impl(dev))
+                             config=self.config, win_start=win_start, impl=self._decode_impl(dev), host_lengths=L_new)
         return self.o_proj(o.reshape(R, T, -1))
 
     def _full_backend_available(self, device) -> bool:

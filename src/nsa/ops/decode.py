@@ -60,7 +60,7 @@ def _reference_topn(scores: torch.Tensor, t: int, config: NSAConfig) -> list[int
 
 
 def reference_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths, config, scale=None,
-                     win_start=None, return_indices=False):
+                     win_start=None, return_indices=False, max_len=None):
     """Readable decode: every query of every sequence on its own, with explicit key lists (Eq. 5, 7-12)."""
     B, Tq, HQ, Dk = q.shape
     HKV, group = k_slc.shape[2], HQ // k_slc.shape[2]
@@ -142,7 +142,8 @@ def topn_from_scores(scores, pos, config, *, valid_blocks=None):
     return idx.masked_fill(idx == big, -1)
 
 
-def _torch_decode_chunk(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, win_start, config, scale):
+def _torch_decode_chunk(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, win_start, config, scale,
+                       max_len):
     """One chunk of queries at positions pos [B, Tq]; see module docstring. Returns (o, indices)."""
     B, Tq, HQ, Dk = q.shape
     HKV = k_slc.shape[2]
@@ -161,7 +162,7 @@ def _torch_decode_chunk(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos,
     o_cmp, p = _masked_softmax_av(s, vis[:, :, None, None, :], v_cmp.to(acc), "btkgs,bskd->btkgd")
 
     # selection scores (Eq. 8-10): group-sum p, then scatter onto selection blocks with the overlap weights
-    Nb = max(1, math.ceil((int(pos.max()) + 1) / lp))
+    Nb = max(1, math.ceil(max_len / lp))  # blocks of the longest sequence
     pk = p.sum(3)  # [B, Tq, HKV, Sc]
     j0, w0, j1, w1 = overlap_scatter(Sc, config, dev, acc)
     scores = torch.zeros(B, Tq, HKV, Nb + 1, dtype=acc, device=dev)  # +1: blocks past the last query's block
@@ -195,17 +196,19 @@ def _torch_decode_chunk(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos,
 
 
 def torch_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths, config, scale=None,
-                 win_start=None, return_indices=False, query_chunk=32):
+                 win_start=None, return_indices=False, max_len=None, query_chunk=32):
     """Vectorised decode (same contract as `reference_decode`); queries are processed `query_chunk` at a time so
-    chunked prefill gathers at most query_chunk * (n*l' + w) keys per KV head at once."""
+    chunked prefill gathers at most query_chunk * (n*l' + w) keys per KV head at once. `max_len` (host int,
+    optional) is max(lengths); passing it avoids a device synchronisation."""
     B, Tq = q.shape[:2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    max_len = int(lengths.max()) if max_len is None else int(max_len)
     pos = query_positions(lengths.to(q.device), Tq)
     outs, idxs = [], []
     for c in range(0, Tq, query_chunk):
         sl = slice(c, min(Tq, c + query_chunk))
         o, idx = _torch_decode_chunk(q[:, sl], k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates[:, sl], pos[:, sl],
-                                     win_start, config, scale)
+                                     win_start, config, scale, max_len)
         outs.append(o)
         idxs.append(idx)
     o = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
@@ -220,10 +223,11 @@ IMPLS = {"reference": reference_decode, "torch": torch_decode}
 
 
 def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths, config, scale=None,
-                     win_start=None, impl="torch"):
+                     win_start=None, impl="torch", host_lengths=None):
     """Checked entry point: NSA output [B, Tq, HQ, Dv] for the last Tq positions of each cached sequence.
 
     impl: "reference" | "torch" | "triton" (the Triton decode kernel; Tq = 1 only, else falls back to torch).
+    `host_lengths` (optional CPU copy of `lengths`) spares a device synchronisation.
     """
     if not isinstance(config, NSAConfig):
         raise ValueError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
@@ -242,21 +246,25 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
             raise ValueError(f"{name} heads ({x.shape[2]}) must equal k_slc heads ({HKV})")
     if tuple(gates.shape) != (B, Tq, HQ, 3):
         raise ValueError(f"gates must be [B, Tq, HQ, 3] = {(B, Tq, HQ, 3)}, got {tuple(gates.shape)}")
-    if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,):
+    if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.is_floating_point():
         raise ValueError(f"lengths must be a [B] = [{B}] integer tensor")
-    lo, hi = int(lengths.min()), int(lengths.max())
+    host = lengths.detach().cpu() if host_lengths is None else host_lengths
+    lo, hi = int(host.min()), int(host.max())
     if lo < Tq or hi > k_slc.shape[1]:
         raise ValueError(f"lengths must lie in [Tq={Tq}, k_slc length {k_slc.shape[1]}], got [{lo}, {hi}]")
     need_c = num_compressed_tokens(hi, config.cmp_block_size, config.cmp_stride)
     if k_cmp.shape[1] < need_c or v_cmp.shape[1] < need_c:
         raise ValueError(f"k_cmp/v_cmp must hold at least {need_c} compressed tokens, got {k_cmp.shape[1]}")
-    kw = dict(lengths=lengths, config=config, scale=scale, win_start=win_start)
+    kw = dict(lengths=lengths, config=config, scale=scale, win_start=win_start, max_len=hi)
     if impl == "triton":
-        from .triton_decode import triton_decode, triton_decode_supported
-
-        if triton_decode_supported(q, k_slc):
-            return triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)
-        impl = "torch"
+        try:
+            from .triton_decode import triton_decode, triton_decode_supported
+        except ImportError:  # Triton not installed: the torch decode
+            impl = "torch"
+        else:
+            if triton_decode_supported(q, k_slc):
+                return triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)
+            impl = "torch"
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {sorted(IMPLS) + ['triton']}, got {impl!r}")
     return IMPLS[impl](q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)

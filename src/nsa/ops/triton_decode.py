@@ -1,13 +1,13 @@
 """Triton decode: one query position per sequence, all G query heads of a KV group per program (paper §3.4's
 group-centric loading), split over the KV length flash-decoding style so that batch 1 at 64k still fills the GPU.
 
-Same contract as `nsa.ops.decode.torch_decode` with Tq = 1. Four launches, all splits reduced in fp32:
-  1. `_attn_partial` (MODE 0) over compressed tokens, split over Tc   -> o_cmp and lse per head     (Eq. 7)
-  2. `_cmp_probs`    p = exp(s - lse) summed over the G heads, tiles of compressed tokens            (Eq. 8, 10)
+Same contract as `nsa.ops.decode.torch_decode` with Tq = 1. Six launches, all statistics in fp32:
+  1. `_attn_partial` (MODE 0) over compressed tokens, split over Tc: online-softmax partials         (Eq. 7)
+  2. `_cmp_probs`    lse from those partials, then p = exp(s - lse) summed over the G heads, per tile  (Eq. 8, 10)
   3. `_topn`         Eq. 9 overlap remap + forced blocks + top-n (ties -> lower block), one program per (b, kv head)
-  4. `_attn_partial` (MODE 1) over the n selected blocks, one block per program; (MODE 2) over the window in
-                     chunks                                                                         (Eq. 12, §3.3.3)
-then the partials are merged and gated (Eq. 5) in PyTorch (a few [B, HKV, splits, G, Dv] tensors).
+  4. `_attn_partial` (MODE 1) over the n selected blocks, one block per program                    (Eq. 12)
+  5. `_attn_partial` (MODE 2) over the window in chunks of l' tokens                               (§3.3.3)
+  6. `_merge_gate`   merges every branch's partials and applies the gates                          (Eq. 5)
 """
 from __future__ import annotations
 
@@ -102,11 +102,12 @@ def _attn_partial(
 
 @triton.jit
 def _cmp_probs(
-    Q, K, LENS, LSE, PC, sqb, sqh, skb, skt, skh, HKV, G, Dk, S_PC, scale,
+    Q, K, LENS, PM, PL, PC, sqb, sqh, skb, skt, skh, HKV, G, Dk, S_PC, NSPLIT, scale,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, PREC: tl.constexpr,
     BG: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
 ):
-    """PC[b, h, i] = sum over the G heads of p_i = exp(scale * q.k_i - lse) for a tile of compressed tokens."""
+    """PC[b, h, i] = sum over the G heads of p_i = exp(scale * q.k_i - lse) for a tile of compressed tokens; lse
+    comes from the NSPLIT compressed-attention partials (running max PM, sum PL) of this (b, h)."""
     bh = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1).to(tl.int64)
     b = bh // HKV
@@ -122,7 +123,16 @@ def _cmp_probs(
                 other=0.0).to(K.dtype.element_ty)
     k = tl.load(K + b * skb + i[:, None] * skt + h * skh + dk[None, :], mask=im[:, None] & (dk < Dk)[None, :],
                 other=0.0)
-    lse = tl.load(LSE + bh * BG + g)
+    M = tl.full([BG], float("-inf"), tl.float32)
+    lsum = tl.zeros([BG], tl.float32)
+    for u in range(NSPLIT):
+        m_u = tl.load(PM + (bh * NSPLIT + u) * BG + g)
+        l_u = tl.load(PL + (bh * NSPLIT + u) * BG + g)
+        M_new = tl.maximum(M, m_u)
+        M_safe = tl.where(M_new == float("-inf"), 0.0, M_new)
+        lsum = lsum * tl.exp(M - M_safe) + l_u * tl.exp(m_u - M_safe)
+        M = M_new
+    lse = M + tl.log(tl.where(lsum > 0, lsum, 1.0))  # unused where no compressed token is visible (p masked)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
     p = tl.where(gm[:, None] & im[None, :], tl.exp(s - lse[:, None]), 0.0)
     tl.store(PC + bh * S_PC + i, tl.sum(p, 0), mask=i < S_PC)
@@ -132,10 +142,10 @@ def _cmp_probs(
 def _topn(
     PC, LENS, IDX, HKV, S_PC,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, SLC: tl.constexpr, NSEL: tl.constexpr, INIT: tl.constexpr,
-    LOCAL: tl.constexpr, BNB: tl.constexpr,
+    LOCAL: tl.constexpr, BNB: tl.constexpr, BN: tl.constexpr,
 ):
     """Eq. 9-11 for one (b, kv head): block scores from the group-summed probabilities, forced blocks, top-n with
-    ties to the lower index; writes the chosen blocks ascending into IDX (pre-filled with -1)."""
+    ties to the lower index; writes the chosen blocks ascending into IDX, then -1 padding."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // HKV
     L = tl.load(LENS + b).to(tl.int64)
@@ -164,21 +174,61 @@ def _topn(
         ranked = tl.where(j == jm, float("-inf"), ranked)
     rank = tl.cumsum(chosen.to(tl.int32), 0) - 1
     tl.store(IDX + bh * NSEL + rank, j, mask=chosen)
+    pad = tl.arange(0, BN)
+    count = tl.sum(chosen.to(tl.int32), 0)
+    tl.store(IDX + bh * NSEL + pad, tl.full([BN], -1, tl.int64), mask=(pad >= count) & (pad < NSEL))
 
 
-def _merge(po, pm, pl):
-    """Merge split partials [BH, NU, BG(, BDV)] -> (o [BH, BG, BDV], lse [BH, BG]); no keys -> o = 0, lse = -inf."""
-    M = pm.amax(1)
-    Ms = torch.where(torch.isinf(M), torch.zeros_like(M), M)
-    w = torch.exp(pm - Ms[:, None])  # exp(-inf) = 0 for empty splits
-    lsum = (pl * w).sum(1)
-    o = (po * w[..., None]).sum(1) / lsum.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
-    return o, torch.where(lsum > 0, Ms + torch.log(lsum), torch.full_like(lsum, float("-inf")))
+@triton.jit
+def _merge_branch(PO, PM, PL, bh, NU, g, dv, BG: tl.constexpr, BDV: tl.constexpr):
+    """Normalised output [BG, BDV] of one branch from its NU partials (zero when the branch saw no key)."""
+    M = tl.full([BG], float("-inf"), tl.float32)
+    lsum = tl.zeros([BG], tl.float32)
+    acc = tl.zeros([BG, BDV], tl.float32)
+    for u in range(NU):
+        row = bh * NU + u
+        m_u = tl.load(PM + row * BG + g)
+        l_u = tl.load(PL + row * BG + g)
+        a_u = tl.load(PO + (row * BG + g)[:, None] * BDV + dv[None, :])
+        M_new = tl.maximum(M, m_u)
+        M_safe = tl.where(M_new == float("-inf"), 0.0, M_new)
+        alpha = tl.exp(M - M_safe)
+        beta = tl.exp(m_u - M_safe)
+        lsum = lsum * alpha + l_u * beta
+        acc = acc * alpha[:, None] + a_u * beta[:, None]
+        M = M_new
+    return acc / tl.where(lsum > 0, lsum, 1.0)[:, None]
+
+
+@triton.jit
+def _merge_gate(
+    PO_C, PM_C, PL_C, NU_C, PO_S, PM_S, PL_S, NU_S, PO_W, PM_W, PL_W, NU_W, GATES, O,
+    sgb, sgh, sob, soh, HKV, G, Dv, BG: tl.constexpr, BDV: tl.constexpr,
+):
+    """o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win (Eq. 5) for the G heads of one (b, kv head)."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // HKV
+    h = bh % HKV
+    g = tl.arange(0, BG)
+    dv = tl.arange(0, BDV)
+    gm = g < G
+    gate = GATES + b * sgb + (h * G + g) * sgh
+    g_c = tl.load(gate, mask=gm, other=0.0).to(tl.float32)
+    g_s = tl.load(gate + 1, mask=gm, other=0.0).to(tl.float32)
+    g_w = tl.load(gate + 2, mask=gm, other=0.0).to(tl.float32)
+    o = g_c[:, None] * _merge_branch(PO_C, PM_C, PL_C, bh, NU_C, g, dv, BG, BDV)
+    o += g_s[:, None] * _merge_branch(PO_S, PM_S, PL_S, bh, NU_S, g, dv, BG, BDV)
+    o += g_w[:, None] * _merge_branch(PO_W, PM_W, PL_W, bh, NU_W, g, dv, BG, BDV)
+    tl.store(O + b * sob + (h * G + g)[:, None] * soh + dv[None, :], o.to(O.dtype.element_ty),
+             mask=gm[:, None] & (dv < Dv)[None, :])
 
 
 def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths, config: NSAConfig, scale=None,
-                  win_start=None, return_indices=False, target_programs: int = 264):
-    """NSA output [B, 1, HQ, Dv] for the last position of each cached sequence (see `nsa.ops.decode`)."""
+                  win_start=None, return_indices=False, max_len=None, target_programs: int = 264):
+    """NSA output [B, 1, HQ, Dv] for the last position of each cached sequence (see `nsa.ops.decode`).
+
+    `max_len` (host int, optional) is max(lengths); passing it avoids a device synchronisation.
+    """
     B, _, HQ, Dk = q.shape
     HKV, Dv = k_slc.shape[2], v_slc.shape[-1]
     G = HQ // HKV
@@ -190,60 +240,57 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     BG, BD, BDV = _pow2(G), _pow2(Dk), _pow2(Dv)
     lens = lengths.to(dev, torch.int64).contiguous()
-    wst = torch.zeros(B, dtype=torch.int64, device=dev) if win_start is None else win_start.to(dev, torch.int64)
-    wst = wst.contiguous()
+    zeros = torch.zeros(B, dtype=torch.int64, device=dev)
+    wst = zeros if win_start is None else win_start.to(dev, torch.int64).contiguous()
 
     def last_dim_contig(x):
         return x if x.stride(-1) == 1 else x.contiguous()
 
-    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win = map(last_dim_contig, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win))
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = map(
+        last_dim_contig, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates))
     qs = (q.stride(0), q.stride(2))
-    L_max = int(lens.max())
+    L_max = int(lens.max()) if max_len is None else int(max_len)
     tc_max = num_compressed_tokens(L_max, l, d)
     f32 = dict(device=dev, dtype=torch.float32)
-
-    zeros = torch.zeros(B, dtype=torch.int64, device=dev)
+    stages = 1 if _interpreting() else 2
 
     def partial(mode, k, v, nu, chunk, bk, idx=None):
-        po = torch.empty(BH, nu, BG, BDV, **f32)
-        pm = torch.empty(BH, nu, BG, **f32)
-        pl = torch.empty(BH, nu, BG, **f32)
+        parts = (torch.empty(BH, nu, BG, BDV, **f32), torch.empty(BH, nu, BG, **f32), torch.empty(BH, nu, BG, **f32))
         _attn_partial[(BH, nu)](
-            q, k, v, lens, wst if mode == 2 else zeros, lens if idx is None else idx, po, pm, pl, *qs,
+            q, k, v, lens, wst if mode == 2 else zeros, lens if idx is None else idx, *parts, *qs,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             HKV, G, Dk, Dv, nu, scale, chunk,
             CMP_L=l, CMP_D=d, SLC=lp, WIN=w, NSEL=n, MODE=mode, PREC=prec, BG=BG, BD=BD, BDV=BDV, BK=bk,
-            num_warps=4, num_stages=1 if _interpreting() else 2,
+            num_warps=4, num_stages=stages,
         )
-        return _merge(po, pm, pl)
+        return parts + (nu,)
 
     # 1. compressed attention, split over the compressed tokens
     bk_c = 64 if BD <= 128 else 32
     nsplit = max(1, min(triton.cdiv(max(tc_max, 1), bk_c), triton.cdiv(target_programs, BH)))
     chunk = triton.cdiv(triton.cdiv(max(tc_max, 1), nsplit), bk_c) * bk_c
-    o_cmp, lse = partial(0, k_cmp, v_cmp, nsplit, chunk, bk_c)
+    cmp_parts = partial(0, k_cmp, v_cmp, nsplit, chunk, bk_c)
 
     # 2-3. selection: group-summed probabilities, then scores + top-n per (b, kv head)
     s_pc = max(tc_max, 1)
-    pc = torch.zeros(BH, s_pc, **f32)
-    if tc_max:
-        _cmp_probs[(BH, triton.cdiv(tc_max, bk_c))](
-            q, k_cmp, lens, lse.contiguous(), pc, *qs, k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
-            HKV, G, Dk, s_pc, scale, CMP_L=l, CMP_D=d, PREC=prec, BG=BG, BD=BD, BK=bk_c, num_warps=4,
-        )
-    idx = torch.full((BH, n), -1, dtype=torch.int64, device=dev)
+    pc = torch.empty(BH, s_pc, **f32)
+    _cmp_probs[(BH, triton.cdiv(s_pc, bk_c))](
+        q, k_cmp, lens, cmp_parts[1], cmp_parts[2], pc, *qs, k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
+        HKV, G, Dk, s_pc, nsplit, scale, CMP_L=l, CMP_D=d, PREC=prec, BG=BG, BD=BD, BK=bk_c, num_warps=4,
+    )
+    idx = torch.empty(BH, n, dtype=torch.int64, device=dev)
     _topn[(BH,)](pc, lens, idx, HKV, s_pc, CMP_L=l, CMP_D=d, SLC=lp, NSEL=n, INIT=config.num_init_blocks,
-                 LOCAL=config.num_local_blocks, BNB=_pow2(math.ceil(L_max / lp), 2), num_warps=4)
+                 LOCAL=config.num_local_blocks, BNB=_pow2(math.ceil(L_max / lp), 2), BN=_pow2(n, 2), num_warps=4)
 
-    # 4. selected blocks (one per program) and the window (in chunks of l' tokens)
+    # 4-5. selected blocks (one per program) and the window (in chunks of l' tokens)
     bk_s = min(64, _pow2(lp))
-    o_slc, _ = partial(1, k_slc, v_slc, n, lp, bk_s, idx)
-    wchunk = lp
-    o_win, _ = partial(2, k_win, v_win, triton.cdiv(min(w, L_max), wchunk), wchunk, bk_s)
+    slc_parts = partial(1, k_slc, v_slc, n, lp, bk_s, idx)
+    win_parts = partial(2, k_win, v_win, triton.cdiv(min(w, L_max), lp), lp, bk_s)
 
-    gg = gates.reshape(B, HKV, G, 3).to(torch.float32)
-    o = sum(gg[..., i, None] * o_[:, :G, :Dv].reshape(B, HKV, G, Dv) for i, o_ in enumerate((o_cmp, o_slc, o_win)))
-    o = o.reshape(B, 1, HQ, Dv).to(q.dtype)
+    # 6. merge + gates
+    o = torch.empty(B, 1, HQ, Dv, device=dev, dtype=q.dtype)
+    _merge_gate[(BH,)](*cmp_parts, *slc_parts, *win_parts, gates, o, gates.stride(0), gates.stride(2),
+                       o.stride(0), o.stride(2), HKV, G, Dv, BG=BG, BDV=BDV, num_warps=4)
     if return_indices:
         return o, idx.view(B, 1, HKV, n)
     return o
