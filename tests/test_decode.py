@@ -116,6 +116,15 @@ def test_prefill_then_decode_equals_full_forward(T):
     assert cache.lengths.tolist() == [40, 40]
 
 
+@pytest.mark.parametrize("T", [11, 12, 13])
+def test_prefill_then_decode_at_the_window_boundary(T):
+    """w = 12 differs from l' = 16 and l = 8: prompts straddling w, decoded past 2w."""
+    layer = make_layer(G=4, config=small_config(window_size=12))
+    x = torch.randn(1, 27, 32, dtype=torch.float64)
+    y, _ = prefill_then_decode(layer, x, T)
+    assert_close(y, full_forward(layer, x), **TOL64)
+
+
 @pytest.mark.parametrize("G", [1, 4, 16])
 @pytest.mark.parametrize("config", [CFG, NO_OVERLAP], ids=["overlap", "l=d"])
 @pytest.mark.parametrize("shared_kv", [False, True], ids=["sep_kv", "shared_kv"])
