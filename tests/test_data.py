@@ -106,3 +106,19 @@ def test_lm_rows_cut_at_file_boundaries():
         ok[torch.tensor(sorted(rows)[1:]) - 1] = False
         assert torch.equal(labs[:-1][ok[:-1]], toks[1:][ok[:-1]])
     assert found > 0
+
+
+def test_task_rows_pack_short_examples():
+    mix = DataMix(CORPUS, seq_len=256, rows=6, weights={"niah": 1, "mqar": 1}, seed=2, task_lengths=(64, 128, 256),
+                  mqar_pairs=(2, 20))
+    seen = set()
+    for step in range(4):
+        b = mix.batch(step)
+        cu = b.cu_seqlens.tolist()
+        assert all(c in cu for c in range(0, 6 * 256 + 1, 256))
+        seen |= {e - s for s, e in zip(cu[:-1], cu[1:])}
+        # every packed example ends in a supervised answer or the unsupervised MQAR newline
+        assert (b.labels != IGNORE).sum() > 0
+    assert seen == {64, 128, 256}
+    with pytest.raises(ValueError, match="task_lengths"):
+        DataMix(CORPUS, 256, 2, task_lengths=(100,))

@@ -205,7 +205,8 @@ class Batch:
 
 @dataclass
 class DataMix:
-    """Weighted mix of "lm" (stdlib code), "niah" and "mqar" rows of `seq_len` tokens.
+    """Weighted mix of "lm" (stdlib code), "niah" and "mqar" rows of `seq_len` tokens. A task row packs
+    seq_len / L examples of a length L drawn from `task_lengths` (more answers per token at short lengths).
 
     `batch(step, rank, world)` draws `rows` rows for global step `step` from a generator seeded by (seed, step)
     and returns this rank's share (rows rank, rank + world, ...), packed into one [1, N] sequence whose
@@ -218,13 +219,17 @@ class DataMix:
     weights: dict = field(default_factory=lambda: {"lm": 1.0})
     seed: int = 0
     mqar_pairs: tuple = (8, 32)
+    task_lengths: tuple | None = None  # NIAH/MQAR example lengths (divisors of seq_len); None: seq_len only
 
     def __post_init__(self):
+        if self.task_lengths is not None and not any(self.seq_len % L == 0 for L in self.task_lengths):
+            raise ValueError(f"task_lengths must contain a divisor of seq_len {self.seq_len}, got {self.task_lengths}")
         unknown = set(self.weights) - {"lm", "niah", "mqar"}
         if unknown or not self.weights or min(self.weights.values()) < 0 or sum(self.weights.values()) <= 0:
             raise ValueError(f"weights must map 'lm'/'niah'/'mqar' to non-negative numbers, got {self.weights}")
 
     def row(self, kind: str, g: torch.Generator) -> tuple[list[int], list[int], list[int]]:
+        """One row of seq_len tokens: (tokens, labels, cut positions inside the row)."""
         T = self.seq_len
         if kind == "lm":
             seq, pieces = lm_example(self.corpus, T, g)
@@ -235,14 +240,22 @@ class DataMix:
                 labels[pos - 1] = IGNORE
                 cuts.append(pos)
             return tokens, labels, [c for c in cuts if 0 < c < T]
-        if kind == "niah":
-            ex = niah_example(self.corpus, T, float(torch.rand((), generator=g)), g)
-        else:
-            lo, hi = self.mqar_pairs
-            hi = max(1, min(hi, (T - 8) // 12))  # a pair costs 12 bytes (" ab=12" twice)
-            lo = min(lo, hi)
-            ex = mqar_example(T, int(torch.randint(lo, hi + 1, (), generator=g)), g)
-        return ex.tokens, ex.labels, []
+        # task rows pack T / L examples of one length L drawn from task_lengths
+        lengths = [L for L in (self.task_lengths or (T,)) if T % L == 0]
+        L = lengths[int(torch.randint(len(lengths), (), generator=g))]
+        tokens, labels, cuts = [], [], []
+        for _ in range(T // L):
+            if kind == "niah":
+                ex = niah_example(self.corpus, L, float(torch.rand((), generator=g)), g)
+            else:
+                lo, hi = self.mqar_pairs
+                hi = max(1, min(hi, (L - 8) // 12))  # a pair costs 12 bytes (" ab=12" twice)
+                lo = min(lo, hi)
+                ex = mqar_example(L, int(torch.randint(lo, hi + 1, (), generator=g)), g)
+            tokens += ex.tokens
+            labels += ex.labels
+            cuts.append(len(tokens))
+        return tokens, labels, cuts[:-1]
 
     def batch(self, step: int, rank: int = 0, world: int = 1) -> Batch:
         if self.rows % world:

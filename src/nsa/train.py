@@ -34,6 +34,7 @@ class TrainConfig:
     batch_rows: int = 8  # global batch, in rows of seq_len tokens
     data_weights: dict = field(default_factory=lambda: {"lm": 1.0})
     mqar_pairs: tuple = (8, 32)
+    task_lengths: tuple | None = None  # NIAH/MQAR example lengths packed into rows (divisors of seq_len)
     corpus_max_bytes: int | None = None
     val_fraction: float = 0.05
     steps: int = 1000
@@ -52,6 +53,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self.mqar_pairs, self.betas = tuple(self.mqar_pairs), tuple(self.betas)
+        if self.task_lengths is not None:
+            self.task_lengths = tuple(self.task_lengths)
         if self.parallel not in ("auto", "none", "ddp", "fsdp"):
             raise ValueError(f"parallel must be auto, none, ddp or fsdp, got {self.parallel!r}")
         for name in ("seq_len", "batch_rows", "steps"):
@@ -71,16 +74,16 @@ class TrainConfig:
         return cls(**d)
 
 
-# A demo-sized geometry: l=16, d=8, l'=32, n=4 (1 init + 2 local + 1 chosen), w=64.
-DEMO_NSA = dict(cmp_block_size=16, cmp_stride=8, slc_block_size=32, num_selected=4, num_init_blocks=1,
+# A demo-sized geometry: l=16, d=8, l'=32, n=6 (1 init + 2 local + 3 chosen), w=64.
+DEMO_NSA = dict(cmp_block_size=16, cmp_stride=8, slc_block_size=32, num_selected=6, num_init_blocks=1,
                 num_local_blocks=2, window_size=64)
 PRESETS: dict[str, dict] = {
     # what `nsa demo` trains on a 2-core CPU (both attention types, same everything else)
     "tiny-cpu": dict(
         model=dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384,
                    attention="nsa", nsa=DEMO_NSA, shared_kv=True),
-        seq_len=512, batch_rows=8, data_weights={"lm": 0.4, "niah": 0.4, "mqar": 0.2}, mqar_pairs=(4, 24),
-        steps=300, lr=3e-3, warmup_steps=30, log_every=10,
+        seq_len=512, batch_rows=8, data_weights={"lm": 0.3, "niah": 0.4, "mqar": 0.3}, mqar_pairs=(2, 24),
+        task_lengths=(128, 256, 512), steps=600, lr=3e-3, warmup_steps=30, log_every=10,
     ),
     # a GPU-sized starting point (paper geometry, 8k context)
     "small-gpu": dict(
@@ -293,7 +296,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, sto
         start = _restore(Path(ckpt), model, opt)
     if corpus is None:
         corpus = stdlib_corpus("train", cfg.val_fraction, cfg.corpus_max_bytes)
-    mix = DataMix(corpus, cfg.seq_len, cfg.batch_rows, cfg.data_weights, cfg.seed, cfg.mqar_pairs)
+    mix = DataMix(corpus, cfg.seq_len, cfg.batch_rows, cfg.data_weights, cfg.seed, cfg.mqar_pairs, cfg.task_lengths)
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
