@@ -262,7 +262,7 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
         except ImportError:  # Triton not installed: the torch decode
             impl = "torch"
         else:
-            if triton_decode_supported(q, k_slc):
+            if triton_decode_supported(q, k_slc, v_slc):
                 return triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)
             impl = "torch"
     if impl not in IMPLS:

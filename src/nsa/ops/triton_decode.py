@@ -29,10 +29,12 @@ def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(1, int(x))))
 
 
-def triton_decode_supported(q: torch.Tensor, k: torch.Tensor) -> bool:
+def triton_decode_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> bool:
     """One query per sequence, CUDA (or the interpreter), fp16/bf16/fp32, head dims <= 256."""
+    kinds = (torch.float16, torch.bfloat16, torch.float32)
     return (q.shape[1] == 1 and (q.is_cuda or (_interpreting() and q.device.type == "cpu"))
-            and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256)
+            and q.dtype in kinds and k.dtype in kinds and q.shape[-1] <= 256
+            and (v is None or v.shape[-1] <= 256))
 
 
 @triton.jit
@@ -237,7 +239,7 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
     scale = Dk ** -0.5 if scale is None else float(scale)
     l, d, lp, w, n = (config.cmp_block_size, config.cmp_stride, config.slc_block_size, config.window_size,
                       config.num_selected)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec = "ieee" if k_slc.dtype == torch.float32 else "tf32"  # dots run in the cache dtype (q is cast to it)
     BG, BD, BDV = _pow2(G), _pow2(Dk), _pow2(Dv)
     lens = lengths.to(dev, torch.int64).contiguous()
     zeros = torch.zeros(B, dtype=torch.int64, device=dev)
