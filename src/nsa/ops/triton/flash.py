@@ -23,19 +23,21 @@ LOG2E = 1.4426950408889634
 def _visible(pos_q, pos_k, WINDOW, CMP_L, CMP_D, MODE: tl.constexpr):
     """Mask of [BM, 1] query positions against [1, BN] key positions (both inside the sequence)."""
     if MODE == 0:
-        return (pos_k <= pos_q) & (pos_k > pos_q - WINDOW)
+        vis = (pos_k <= pos_q) & (pos_k > pos_q - WINDOW)
     else:
-        return pos_k * CMP_D + CMP_L - 1 <= pos_q
+        vis = pos_k * CMP_D + CMP_L - 1 <= pos_q
+    return vis
 
 
 @device_jit
 def _key_hi(p_hi, Lk, CMP_L, CMP_D, MODE: tl.constexpr):
     """One past the last key visible to the query at position p_hi."""
     if MODE == 0:
-        return tl.minimum(p_hi + 1, Lk)
+        hi = tl.minimum(p_hi + 1, Lk)
     else:
         n = tl.maximum(p_hi - CMP_L + 1, 0) // CMP_D + 1
-        return tl.minimum(tl.where(p_hi >= CMP_L - 1, n, 0), Lk)
+        hi = tl.minimum(tl.where(p_hi >= CMP_L - 1, n, 0), Lk)
+    return hi
 
 
 @triton.autotune(configs=autotune_configs(), key=["MODE", "BLOCK_DK", "BLOCK_DV", "PREC"])

@@ -51,9 +51,10 @@ def _rows(TILES, CU, IDX, pid, hk, G, N, s_it, s_ih,
 def _member(own, blk, row_ok, BT: tl.constexpr):
     """Rows whose own position selected block `blk` (all rows when BT == 1: the union is their own list)."""
     if BT > 1:
-        return (tl.sum((own == blk).to(tl.int32), 1) > 0) & row_ok
+        member = (tl.sum((own == blk).to(tl.int32), 1) > 0) & row_ok
     else:
-        return row_ok
+        member = row_ok
+    return member
 
 
 @triton.autotune(configs=autotune_configs(), key=["G", "BLOCK_DK", "BLOCK_DV", "BT", "PREC"])
