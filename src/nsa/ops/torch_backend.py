@@ -1,0 +1,859 @@
+"""Fast pure-PyTorch NSA backend ("torch"): chunked, vectorised over heads and queries, CPU-friendly.
+
+Same functions and contract as `nsa.ops.reference` (see docs/spec.md). Design:
+- Queries are processed per sequence in chunks of `CHUNK_SIZE`; inside a chunk every score tile is kept below
+  `WORK_ELEMS` elements, so peak memory is O(chunk * (n*l' + w + T/d)) per head, never O(T^2).
+- cmp branch (Eq. 7): dense over the visible compressed prefix of a sub-chunk; its probabilities also give the
+  selection scores (Eq. 8-10) through the periodic Eq. 9 overlap weights, so no [T, T/d] matrix ever exists.
+- top-n (Eq. 11) per chunk with `topk`; rows with a tie at the threshold fall back to a stable sort (ties -> lower j).
+- slc branch (Eq. 12): the chunk's (query, KV head, block) pairs are grouped by (KV head, block) into segments of
+  P pairs, so one gather of a key block serves P queries and their G heads; partial softmax results are merged
+  per query with the log-sum-exp rule.
+- win branch: banded tiles of `WIN_TILE` queries against the (w + tile) keys before them.
+- backward: custom autograd.Functions save only the inputs, indices, branch outputs and log-sum-exps, and recompute
+  the score tiles chunk by chunk.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import num_compressed_tokens
+from .varlen import compressed_cu_seqlens, sequence_spans
+
+CHUNK_SIZE = 512  # queries per chunk (tests shrink it to exercise chunk boundaries)
+WORK_ELEMS = 1 << 21  # max elements of one score tile (keeps allocations small and cache/allocator friendly)
+WIN_TILE = 64  # queries per sliding-window tile
+
+SMALL_NUMEL = 1 << 15  # q with at most this many elements runs single-threaded (tiny ops pay more in
+# thread wake-ups than they gain, badly so on an oversubscribed machine)
+
+_NEG = float("-inf")
+
+
+class _threads_for:
+    """Context manager: one intra-op thread while the problem (q.numel()) is small."""
+
+    def __init__(self, q):
+        self.small = q.numel() <= SMALL_NUMEL
+
+    def __enter__(self):
+        if self.small:
+            self.n = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.small:
+            torch.set_num_threads(self.n)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cmp_spans(B, T, cu_seqlens, l, d):
+    """(b, start, end, cmp_start, cmp_end) of every sequence."""
+    ccu = None if cu_seqlens is None else compressed_cu_seqlens(cu_seqlens, l, d).tolist()
+    for n, (b, s, e) in enumerate(sequence_spans(B, T, cu_seqlens)):
+        if ccu is None:
+            yield b, s, e, 0, num_compressed_tokens(e - s, l, d)
+        else:
+            yield b, s, e, ccu[n], ccu[n + 1]
+
+
+def _chunks(L, q0=0):
+    """Chunk boundaries of the query range [q0, L)."""
+    c = max(1, int(CHUNK_SIZE))
+    return [(a, min(L, a + c)) for a in range(q0, L, c)]
+
+
+def _scaled_q(q_s, a, b, HKV, scale, acc):
+    """Scaled queries of rows [a, b): a [C*HKV + 1, G*Dk] buffer whose last row is zero (a dummy for padding)."""
+    C, HQ, Dk = b - a, q_s.shape[1], q_s.shape[2]
+    buf = torch.empty(C * HKV + 1, (HQ // HKV) * Dk, dtype=acc, device=q_s.device)
+    torch.mul(q_s[a:b].reshape(C * HKV, -1), scale, out=buf[:-1])
+    buf[-1].zero_()
+    return buf
+
+
+def _softmax_stats_(s, lo_fix):
+    """In place: s <- exp(s - m). Returns (m, sum) with keepdim; rows that are all -inf get m = 0, sum = 0."""
+    m = s.amax(-1, keepdim=True)
+    if lo_fix:
+        m = m.masked_fill(m == _NEG, 0.0)
+    s.sub_(m).exp_()
+    return m, s.sum(-1, keepdim=True)
+
+
+def _safe_inv(x):
+    return torch.where(x > 0, 1.0 / x.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x))
+
+
+def _finite_lse(lse):
+    """lse with -inf replaced by 0 (such rows have every score -inf, so exp(s - 0) = 0)."""
+    return lse.masked_fill(torch.isinf(lse), 0.0)
+
+
+# ============================================================================================ compressed branch
+def _n_visible(t, l, d, Tc):
+    """Compressed tokens visible to query t: i*d + l - 1 <= t (Eq. 7)."""
+    return 0 if t < l - 1 else min(Tc, (t - l + 1) // d + 1)
+
+
+def _prep_cmp(k_cmp_s, v_cmp_s, r, acc):
+    """[Tc, HKV, D] -> [HKV, Tcp, D] (zero padded to a multiple of r)."""
+    Tc, HKV = k_cmp_s.shape[0], k_cmp_s.shape[1]
+    Tcp = max(r, -(-Tc // r) * r)
+    out = []
+    for x in (k_cmp_s, v_cmp_s):
+        if x is None:
+            out.append(None)
+            continue
+        buf = torch.zeros(HKV, Tcp, x.shape[2], dtype=acc, device=x.device)
+        buf[:, :Tc] = x.permute(1, 0, 2)
+        out.append(buf)
+    return out
+
+
+def _overlap_weights(cfg, acc, device):
+    """[r, 2] Eq. 9 weights of a compressed token with start offset s*d inside its selection block: (own, next)."""
+    l, d, lp = cfg.cmp_block_size, cfg.cmp_stride, cfg.slc_block_size
+    r = lp // d
+    s = torch.arange(r, device=device)
+    first = torch.clamp(lp - s * d, max=l)
+    return torch.stack([first, l - first], -1).to(acc) / d
+
+
+def _cmp_tiles(C, t0, l, d, Tc, per_query, r):
+    """Sub-chunks (a, b, lo, hi) of a chunk: queries [a, b) see at least lo and at most hi compressed tokens."""
+    hi_max = _n_visible(t0 + C - 1, l, d, Tc)
+    if hi_max == 0:
+        return []
+    hi_pad = -(-hi_max // r) * r
+    step = max(1, WORK_ELEMS // max(1, per_query * hi_pad))
+    out = []
+    for a in range(0, C, step):
+        b = min(C, a + step)
+        hi = _n_visible(t0 + b - 1, l, d, Tc)
+        if hi:
+            out.append((a, b, _n_visible(t0 + a, l, d, Tc), -(-hi // r) * r))
+    return out
+
+
+def _cmp_scores(qflat, kc, a, b, lo, hi, t0, l, d, HKV):
+    """Masked scaled scores [HKV, G, M, hi] of queries [a, b) of the chunk against compressed tokens [0, hi)."""
+    M = b - a
+    G = qflat.shape[1] // kc.shape[2]
+    qs = qflat[a * HKV:b * HKV].view(M, HKV, G, -1).permute(1, 2, 0, 3).reshape(HKV, G * M, -1)
+    s = torch.bmm(qs, kc[:, :hi].transpose(1, 2)).view(HKV, G, M, hi)
+    if lo < hi:
+        tt = torch.arange(t0 + a, t0 + b, device=kc.device)
+        ii = torch.arange(lo, hi, device=kc.device)
+        s[..., lo:].masked_fill_(ii[None, :] * d + (l - 1) > tt[:, None], _NEG)
+    return s, qs
+
+
+def _cmp_forward_chunk(qflat, kc, vc, t0, C, l, d, Tc, sel=None):
+    """Compressed attention of one chunk (Eq. 7) and, with `sel`, its group-summed block scores (Eq. 8-10).
+
+    qflat [C*HKV(+1), G*Dk] scaled queries at positions t0.., kc [HKV, Tcp, Dk], vc [HKV, Tcp, Dv] or None,
+    sel = (W [r, 2], r, l', Nb) or None. Returns o [C, HKV, G, Dv] | None, lse [C, HKV, G], blk [HKV, C, Nb] | None.
+    """
+    HKV, _, Dk = kc.shape
+    G = qflat.shape[1] // Dk
+    o = None if vc is None else kc.new_zeros(C, HKV, G, vc.shape[2])
+    lse = kc.new_full((C, HKV, G), _NEG)
+    blk = None
+    r = 1
+    if sel is not None:
+        W, r, _, nb = sel
+        blk = kc.new_zeros(HKV, C, nb)
+    for a, b, lo, hi in _cmp_tiles(C, t0, l, d, Tc, HKV * G, r):
+        M = b - a
+        s, _ = _cmp_scores(qflat, kc, a, b, lo, hi, t0, l, d, HKV)
+        m, ssum = _softmax_stats_(s, lo == 0)
+        lse[a:b] = (m + ssum.log()).squeeze(-1).permute(2, 0, 1)
+        inv = _safe_inv(ssum)  # [HKV, G, M, 1]
+        if vc is not None:
+            ob = torch.bmm(s.view(HKV, G * M, hi), vc[:, :hi]).view(HKV, G, M, -1) * inv
+            o[a:b] = ob.permute(2, 0, 1, 3)
+        if sel is not None:
+            x = torch.matmul(s.view(HKV, G, M, hi // r, r), W)  # [HKV, G, M, hi/r, 2]  (Eq. 9)
+            x = (x * inv.unsqueeze(-1)).sum(1)  # normalise (Eq. 8), sum the group (Eq. 10)
+            nbe = min(hi // r, nb)
+            blk[:, a:b, :nbe] += x[:, :, :nbe, 0]
+            if nb > 1:
+                k1 = min(hi // r, nb - 1)
+                blk[:, a:b, 1:k1 + 1] += x[:, :, :k1, 1]
+    return o, lse, blk
+
+
+def _cmp_backward_chunk(qflat, kc, vc, t0, C, l, d, Tc, dO, delta, lse, dkc, dvc):
+    """Gradients of one chunk of the cmp branch; dk/dv accumulate into dkc/dvc [HKV, Tcp, D].
+
+    dO [C, HKV, G, Dv] output gradient, delta [C, HKV, G] = rowsum(dO * o) - dlse, lse [C, HKV, G].
+    Returns dq w.r.t. the scaled queries, [C, HKV, G, Dk].
+    """
+    HKV, _, Dk = kc.shape
+    G = qflat.shape[1] // Dk
+    dq = kc.new_zeros(C, HKV, G, Dk)
+    lse = _finite_lse(lse)
+    for a, b, lo, hi in _cmp_tiles(C, t0, l, d, Tc, 2 * HKV * G, 1):
+        M = b - a
+        s, qs = _cmp_scores(qflat, kc, a, b, lo, hi, t0, l, d, HKV)
+        p = s.sub_(lse[a:b].permute(1, 2, 0).unsqueeze(-1)).exp_()  # [HKV, G, M, hi]
+        dOs = dO[a:b].permute(1, 2, 0, 3).reshape(HKV, G * M, -1)
+        pf = p.view(HKV, G * M, hi)
+        dvc[:, :hi] += torch.bmm(pf.transpose(1, 2), dOs)
+        ds = torch.bmm(dOs, vc[:, :hi].transpose(1, 2)).view(HKV, G, M, hi)
+        ds.sub_(delta[a:b].permute(1, 2, 0).unsqueeze(-1)).mul_(p)
+        dsf = ds.view(HKV, G * M, hi)
+        dq[a:b] = torch.bmm(dsf, kc[:, :hi]).view(HKV, G, M, Dk).permute(2, 0, 1, 3)
+        dkc[:, :hi] += torch.bmm(dsf.transpose(1, 2), qs)
+    return dq
+
+
+# ============================================================================================ selection (Eq. 11)
+def _topn(blk, t0, cfg):
+    """Top-n with forced blocks from group-summed scores blk [HKV, C, Nb] of queries t0.. -> int64 [C, HKV, n]."""
+    HKV, C, nb = blk.shape
+    n, lp = cfg.num_selected, cfg.slc_block_size
+    t = torch.arange(t0, t0 + C, device=blk.device)
+    own = (t // lp)[None, :, None]
+    j = torch.arange(nb, device=blk.device)
+    valid = j <= own
+    forced = (j < cfg.num_init_blocks) | (j > own - cfg.num_local_blocks)
+    ranked = blk.masked_fill(forced, float("inf")).masked_fill(~valid, _NEG)
+    k = min(n, nb)
+    vals, order = ranked.topk(k, dim=-1)
+    thr = vals[..., -1:]
+    # a tie at the threshold: the chosen set must prefer lower indices, so redo those rows with a stable sort
+    ties = ((ranked == thr).sum(-1) > (vals == thr).sum(-1)) & (thr[..., 0] > _NEG)
+    if bool(ties.any()):
+        rows = ties.nonzero(as_tuple=True)
+        sub = ranked[rows]
+        o2 = torch.sort(sub, dim=-1, descending=True, stable=True).indices[..., :k]
+        order[rows] = o2
+        vals[rows] = torch.gather(sub, -1, o2)
+    big = torch.iinfo(torch.long).max
+    idx = torch.where(vals > _NEG, order, big).sort(dim=-1).values
+    idx = idx.masked_fill(idx == big, -1)
+    if k < n:
+        idx = torch.nn.functional.pad(idx, (0, n - k), value=-1)
+    return idx.permute(1, 0, 2).contiguous()
+
+
+# ============================================================================================ selected branch
+class _SlcPlan:
+    """The chunk's valid (query, KV head, block) pairs grouped into segments of P pairs sharing one key block.
+
+    Lanes are the S*P padded pair positions; lane_slot is the pair's query-major slot ((c*HKV + h)*n + s) or the
+    dummy slot C*HKV*n, lane_row its q row (c*HKV + h) or the dummy row C*HKV.
+    """
+
+    def __init__(self, idx, t0, lp, L):
+        C, HKV, n = idx.shape
+        dev = idx.device
+        self.C, self.HKV, self.n, self.lp, self.L = C, HKV, n, lp, L
+        NB = -(-L // lp)
+        self.NB = NB
+        t = torch.arange(t0, t0 + C, device=dev)
+        idx = idx.long().sort(-1).values.contiguous()
+        valid = (idx >= 0) & (idx <= (t // lp)[:, None, None])
+        valid[..., 1:] &= idx[..., 1:] != idx[..., :-1]  # a repeated index counts once
+        slots = valid.view(-1).nonzero().squeeze(1)
+        N = slots.numel()
+        key = ((slots // n) % HKV) * NB + idx.view(-1)[slots]
+        skey, order = torch.sort(key, stable=True)
+        counts = torch.bincount(skey, minlength=HKV * NB)
+        used = int((counts > 0).sum())
+        avg = N / max(1, used)
+        P = 8
+        while P < 64 and P < avg:
+            P *= 2
+        self.P = P
+        nseg = (counts + P - 1) // P
+        S = int(nseg.sum())
+        self.S = S
+        seg_start = torch.cumsum(nseg, 0) - nseg
+        key_start = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(N, device=dev) - key_start[skey]
+        lane = seg_start[skey] * P + rank
+        dummy_slot = C * HKV * n
+        self.lane_slot = torch.full((S * P,), dummy_slot, dtype=torch.long, device=dev)
+        self.lane_slot[lane] = slots[order]
+        is_pad = self.lane_slot == dummy_slot
+        self.lane_row = torch.where(is_pad, C * HKV, self.lane_slot // n)
+        seg_key = torch.repeat_interleave(torch.arange(HKV * NB, device=dev), nseg, output_size=S)
+        self.seg_key = seg_key
+        self.seg_h = seg_key // NB
+        self.seg_j = seg_key % NB
+        lane_t = torch.where(is_pad, torch.iinfo(torch.long).max, t0 + self.lane_slot // (HKV * n))
+        self.lane_t = lane_t
+        # segments whose block reaches past one of its queries need the token-level causal mask (Eq. 12)
+        self.seg_need = self.seg_j * lp + (lp - 1) > lane_t.view(S, P).amin(1) if S else lane_t.new_zeros(0, dtype=torch.bool)
+        self.ar = torch.arange(lp, device=dev)
+
+    def batches(self, G):
+        step = max(1, WORK_ELEMS // (self.P * G * self.lp))
+        for s0 in range(0, self.S, step):
+            yield s0, min(self.S, s0 + step)
+
+    def keys(self, kf, vf, s0, s1):
+        """Gathered key/value blocks [SB, l', D] of segments [s0, s1) from kf/vf [L*HKV, D]."""
+        pos = (self.seg_j[s0:s1, None] * self.lp + self.ar).clamp(max=self.L - 1)
+        rows = (pos * self.HKV + self.seg_h[s0:s1, None]).view(-1)
+        SB = s1 - s0
+        return kf.index_select(0, rows).view(SB, self.lp, -1), vf.index_select(0, rows).view(SB, self.lp, -1)
+
+    def scores(self, qflat, kb, s0, s1, G):
+        """Masked scores [SB, P, G, l'] and the gathered queries [SB, P*G, Dk]."""
+        P, SB = self.P, s1 - s0
+        qb = qflat.index_select(0, self.lane_row[s0 * P:s1 * P]).view(SB, P * G, -1)
+        s = torch.bmm(qb, kb.transpose(1, 2)).view(SB, P, G, self.lp)
+        need = self.seg_need[s0:s1].nonzero().squeeze(1)
+        if need.numel():
+            kp = self.seg_j[s0:s1][need, None] * self.lp + self.ar  # [Sn, l']
+            lt = self.lane_t[s0 * P:s1 * P].view(SB, P)[need]  # [Sn, P]
+            s[need] = s[need].masked_fill(kp[:, None, None, :] > lt[:, :, None, None], _NEG)
+        return s, qb
+
+
+def _slc_forward_chunk(qflat, kf, vf, plan, G, Dv):
+    """Selected attention (Eq. 12) of one chunk. Returns o [C, HKV, G, Dv] and lse [C, HKV, G]."""
+    C, HKV, n, P = plan.C, plan.HKV, plan.n, plan.P
+    acc = qflat.dtype
+    nslot = C * HKV * n
+    buf_o = torch.zeros(nslot + 1, G * Dv, dtype=acc, device=qflat.device)
+    buf_m = torch.full((nslot + 1, G), _NEG, dtype=acc, device=qflat.device)
+    buf_l = torch.zeros(nslot + 1, G, dtype=acc, device=qflat.device)
+    for s0, s1 in plan.batches(G):
+        SB = s1 - s0
+        kb, vb = plan.keys(kf, vf, s0, s1)
+        s, _ = plan.scores(qflat, kb, s0, s1, G)
+        m, ssum = _softmax_stats_(s, False)
+        ob = torch.bmm(s.view(SB, P * G, -1), vb).view(SB * P, G * Dv)
+        ls = plan.lane_slot[s0 * P:s1 * P]
+        buf_o.index_copy_(0, ls, ob)
+        buf_m.index_copy_(0, ls, m.view(SB * P, G))
+        buf_l.index_copy_(0, ls, ssum.view(SB * P, G))
+    # merge the partial softmaxes of a query's blocks (log-sum-exp rule)
+    bm = buf_m[:-1].view(C, HKV, n, G)
+    M = bm.amax(2, keepdim=True)
+    M = M.masked_fill(M == _NEG, 0.0)
+    w = torch.exp(bm - M)  # [C, HKV, n, G]
+    lsum = (w * buf_l[:-1].view(C, HKV, n, G)).sum(2)
+    o = torch.einsum("chsg,chsgd->chgd", w, buf_o[:-1].view(C, HKV, n, G, Dv))
+    o = o * _safe_inv(lsum).unsqueeze(-1)
+    lse = M.squeeze(2) + lsum.log()
+    return o, lse
+
+
+def _slc_backward_chunk(qflat, kf, vf, plan, G, dO, delta, lse, dkb, dvb):
+    """Gradients of one chunk of the slc branch; dk/dv accumulate into dkb/dvb [HKV*NB, l'*D] (block rows).
+
+    Returns dq w.r.t. the scaled queries, [C, HKV, G, Dk].
+    """
+    C, HKV, P = plan.C, plan.HKV, plan.P
+    Dk, Dv = kf.shape[1], vf.shape[1]
+    dev, acc = qflat.device, qflat.dtype
+    lse_f = torch.cat([lse.reshape(C * HKV, G), torch.full((1, G), float("inf"), dtype=acc, device=dev)])
+    delta_f = torch.cat([delta.reshape(C * HKV, G), torch.zeros(1, G, dtype=acc, device=dev)])
+    dO_f = torch.cat([dO.reshape(C * HKV, G * Dv), torch.zeros(1, G * Dv, dtype=acc, device=dev)])
+    dq = torch.zeros(C * HKV + 1, G * Dk, dtype=acc, device=dev)
+    for s0, s1 in plan.batches(G):
+        SB = s1 - s0
+        rows = plan.lane_row[s0 * P:s1 * P]
+        kb, vb = plan.keys(kf, vf, s0, s1)
+        s, qb = plan.scores(qflat, kb, s0, s1, G)
+        p = s.sub_(lse_f.index_select(0, rows).view(SB, P, G, 1)).exp_()
+        pf = p.view(SB, P * G, -1)
+        dOl = dO_f.index_select(0, rows).view(SB, P * G, Dv)
+        ds = torch.bmm(dOl, vb.transpose(1, 2)).view(SB, P, G, -1)
+        ds.sub_(delta_f.index_select(0, rows).view(SB, P, G, 1)).mul_(p)
+        dsf = ds.view(SB, P * G, -1)
+        dq.index_add_(0, rows, torch.bmm(dsf, kb).view(SB * P, G * Dk))
+        keys = plan.seg_key[s0:s1]
+        dkb.index_add_(0, keys, torch.bmm(dsf.transpose(1, 2), qb).view(SB, -1))
+        dvb.index_add_(0, keys, torch.bmm(pf.transpose(1, 2), dOl).view(SB, -1))
+    return dq[:-1].view(C, HKV, G, Dk)
+
+
+# ============================================================================================ window branch
+class _WinPlan:
+    """Banded tiles of Wt queries; tile keys span [tile_start - nw*Wt, tile_start + Wt) (Kp = (nw+1)*Wt keys)."""
+
+    def __init__(self, window, L, C, device, acc):
+        w = min(window, max(L, 1))
+        Wt = max(1, min(int(WIN_TILE), C))
+        nw = -(-(w - 1) // Wt)
+        Kp = (nw + 1) * Wt
+        self.w, self.Wt, self.nw, self.Kp = w, Wt, nw, Kp
+        r = torch.arange(Wt, device=device)[:, None]
+        c = torch.arange(Kp, device=device)[None, :]
+        ok = (c <= r + nw * Wt) & (c > r + nw * Wt - w)  # kp <= t and t - kp < w
+        self.bias = torch.zeros(Wt, Kp, dtype=acc, device=device).masked_fill_(~ok, _NEG)
+        lo_end, hi_start = max(0, Kp - w), nw * Wt
+        self.split = (lo_end, hi_start) if lo_end <= hi_start else None
+
+    def tiles(self, C, HKV, G, extra=1):
+        nt = -(-C // self.Wt)
+        step = max(1, WORK_ELEMS // (extra * HKV * G * self.Wt * self.Kp))
+        return nt, [(i, min(nt, i + step)) for i in range(0, nt, step)]
+
+    def span(self, x_s, t0, nt):
+        """[HKV, nt + nw, Wt, D] zero-padded keys of positions [t0 - nw*Wt, t0 + nt*Wt) from x_s [L, HKV, D]."""
+        L, HKV, D = x_s.shape
+        lo = t0 - self.nw * self.Wt
+        n_all = (nt + self.nw) * self.Wt
+        buf = x_s.new_zeros(HKV, n_all, D)
+        a, b = max(lo, 0), min(lo + n_all, L)
+        if b > a:
+            buf[:, a - lo:b - lo] = x_s[a:b].permute(1, 0, 2)
+        return buf
+
+    def windows(self, buf, i0, i1):
+        """[HKV, i1-i0, Kp, D] overlapping key windows of tiles [i0, i1) (a strided view of `buf`)."""
+        HKV, _, D = buf.shape
+        st = buf.stride()
+        return buf.as_strided((HKV, i1 - i0, self.Kp, D), (st[0], self.Wt * st[1], st[1], st[2]),
+                              buf.storage_offset() + i0 * self.Wt * st[1])
+
+    def scores(self, qt, kw, t0, i0, i1, G):
+        """Masked scores [HKV, tb, G, Wt, Kp] of tiles [i0, i1)."""
+        HKV, tb = qt.shape[0], i1 - i0
+        s = torch.matmul(qt[:, i0:i1], kw.transpose(-1, -2)).view(HKV, tb, G, self.Wt, self.Kp)
+        if self.split is None:
+            s.add_(self.bias)
+        else:
+            lo_end, hi_start = self.split
+            if lo_end:
+                s[..., :lo_end].add_(self.bias[:, :lo_end])
+            s[..., hi_start:].add_(self.bias[:, hi_start:])
+        first = t0 + i0 * self.Wt - self.nw * self.Wt  # position of column 0 of tile i0
+        if first < 0:  # keys before the sequence start
+            kp = first + torch.arange(tb, device=s.device)[:, None] * self.Wt + torch.arange(self.Kp, device=s.device)
+            s.masked_fill_((kp < 0)[None, :, None, None, :], _NEG)
+        return s
+
+
+def _win_q_tiles(qflat, C, HKV, G, Wt):
+    """Scaled queries as tiles [HKV, nt, G*Wt, Dk] (zero padded to nt*Wt queries)."""
+    nt = -(-C // Wt)
+    q = qflat[:C * HKV].view(C, HKV, G, -1)
+    if nt * Wt != C:
+        q = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, 0, 0, nt * Wt - C))
+    return q.view(nt, Wt, HKV, G, -1).permute(2, 0, 3, 1, 4).reshape(HKV, nt, G * Wt, -1)
+
+
+def _from_tiles(x, C, HKV, G, Wt):
+    """[HKV, nt, G*Wt, D] -> [C, HKV, G, D]."""
+    nt = x.shape[1]
+    return x.view(HKV, nt, G, Wt, -1).permute(1, 3, 0, 2, 4).reshape(nt * Wt, HKV, G, -1)[:C]
+
+
+def _win_forward_chunk(qflat, k_s, v_s, t0, C, plan, G):
+    """Sliding-window attention of one chunk. Returns o [C, HKV, G, Dv], lse [C, HKV, G]."""
+    HKV, Wt = k_s.shape[1], plan.Wt
+    nt, batches = plan.tiles(C, HKV, G)
+    qt = _win_q_tiles(qflat, C, HKV, G, Wt)
+    kbuf, vbuf = plan.span(k_s, t0, nt), plan.span(v_s, t0, nt)
+    o = qt.new_empty(HKV, nt, G * Wt, v_s.shape[2])
+    lse = qt.new_empty(HKV, nt, G * Wt, 1)
+    for i0, i1 in batches:
+        tb = i1 - i0
+        s = plan.scores(qt, plan.windows(kbuf, i0, i1), t0, i0, i1, G)
+        m, ssum = _softmax_stats_(s, False)
+        ob = torch.matmul(s.view(HKV, tb, G * Wt, plan.Kp), plan.windows(vbuf, i0, i1))
+        o[:, i0:i1] = ob / ssum.view(HKV, tb, G * Wt, 1)
+        lse[:, i0:i1] = (m + ssum.log()).view(HKV, tb, G * Wt, 1)
+    return _from_tiles(o, C, HKV, G, Wt), _from_tiles(lse, C, HKV, G, Wt).squeeze(-1)
+
+
+def _win_backward_chunk(qflat, k_s, v_s, t0, C, plan, G, dO, delta, lse, dk_buf, dv_buf):
+    """Gradients of one chunk of the window branch. dk_buf/dv_buf [HKV, L + nw*Wt + pad, D] hold position p at
+    index p + nw*Wt. Returns dq w.r.t. the scaled queries, [C, HKV, G, Dk]."""
+    HKV, Wt, Kp, nw = k_s.shape[1], plan.Wt, plan.Kp, plan.nw
+    nt, batches = plan.tiles(C, HKV, G, extra=2)
+    qt = _win_q_tiles(qflat, C, HKV, G, Wt)
+    pad = (0, 0, 0, 0, 0, 0, 0, nt * Wt - C)
+    dOt = _win_q_tiles(torch.nn.functional.pad(dO, pad).reshape(-1, dO.shape[2] * dO.shape[3]), nt * Wt, HKV, G, Wt)
+    lse_t = _win_q_tiles(torch.nn.functional.pad(_finite_lse(lse)[..., None], pad).reshape(-1, G), nt * Wt, HKV, G, Wt)
+    del_t = _win_q_tiles(torch.nn.functional.pad(delta[..., None], pad).reshape(-1, G), nt * Wt, HKV, G, Wt)
+    kbuf, vbuf = plan.span(k_s, t0, nt), plan.span(v_s, t0, nt)
+    dq = qt.new_empty(HKV, nt, G * Wt, qt.shape[-1])
+    for i0, i1 in batches:
+        tb = i1 - i0
+        kw, vw = plan.windows(kbuf, i0, i1), plan.windows(vbuf, i0, i1)
+        s = plan.scores(qt, kw, t0, i0, i1, G).view(HKV, tb, G * Wt, Kp)
+        p = s.sub_(lse_t[:, i0:i1]).exp_()
+        dOs = dOt[:, i0:i1]
+        dvw = torch.matmul(p.transpose(-1, -2), dOs)  # [HKV, tb, Kp, Dv]
+        ds = torch.matmul(dOs, vw.transpose(-1, -2))
+        ds.sub_(del_t[:, i0:i1]).mul_(p)
+        dq[:, i0:i1] = torch.matmul(ds, kw)
+        dkw = torch.matmul(ds.transpose(-1, -2), qt[:, i0:i1])  # [HKV, tb, Kp, Dk]
+        # tile i's key block q covers positions t0 + (i + q - nw)*Wt ..: buffer index t0 + (i + q)*Wt
+        base = t0 + i0 * Wt
+        for qb in range(nw + 1):
+            sl = slice(base + qb * Wt, base + (qb + tb) * Wt)
+            dk_buf[:, sl] += dkw[:, :, qb * Wt:(qb + 1) * Wt].reshape(HKV, tb * Wt, -1)
+            dv_buf[:, sl] += dvw[:, :, qb * Wt:(qb + 1) * Wt].reshape(HKV, tb * Wt, -1)
+    return _from_tiles(dq, C, HKV, G, Wt)
+
+
+def _win_grad_buffers(L, HKV, Dk, Dv, plan, acc, device):
+    n = L + plan.nw * plan.Wt + 2 * plan.Wt + int(CHUNK_SIZE)
+    return (torch.zeros(HKV, n, Dk, dtype=acc, device=device), torch.zeros(HKV, n, Dv, dtype=acc, device=device))
+
+
+def _win_grad_out(buf, plan, L):
+    off = plan.nw * plan.Wt
+    return buf[:, off:off + L].permute(1, 0, 2)
+
+
+# ============================================================================================ drivers
+class _Geom:
+    """Everything a driver needs besides the tensors."""
+
+    def __init__(self, scale, cu_seqlens, l=None, d=None, cfg=None, window=None, slc_block=None, q_offset=0):
+        self.scale, self.cu, self.l, self.d, self.cfg = scale, cu_seqlens, l, d, cfg
+        self.window, self.lp, self.q_offset = window, slc_block, q_offset
+
+
+def _spans(geom, B, T):
+    if geom.l is not None:
+        yield from _cmp_spans(B, T, geom.cu, geom.l, geom.d)
+    else:
+        for b, s, e in sequence_spans(B, T, geom.cu):
+            yield b, s, e, 0, 0
+
+
+def _forward(q, cmp, slc, win, gates, geom, save):
+    with _threads_for(q):
+        return _forward_impl(q, cmp, slc, win, gates, geom, save)
+
+
+def _forward_impl(q, cmp, slc, win, gates, geom, save):
+    """Chunked forward of any subset of the branches (the composed op when `gates` is given).
+
+    cmp = (k_cmp, v_cmp) | None, slc = (k, v, indices | None) | None, win = (k, v) | None; q [B, Tq, HQ, Dk] holds
+    the queries of key positions q_offset .. q_offset + Tq - 1 (q_offset > 0 only without cu_seqlens).
+    Returns (out [B, Tq, HQ, Dv], saved) where saved has per-branch o and lse (acc dtype) and the indices.
+    """
+    B, Tq, HQ, Dk = q.shape
+    acc = _acc_dtype(q.dtype)
+    ref_kv = (slc or win or cmp)
+    T = Tq + geom.q_offset
+    HKV, Dv = ref_kv[0].shape[2], ref_kv[1].shape[3]
+    G = HQ // HKV
+    q0 = geom.q_offset
+    out = q.new_zeros(B, Tq, HQ, Dv)
+    saved = {}
+    if save or gates is None:
+        for name, br in (("cmp", cmp), ("slc", slc), ("win", win)):
+            if br is not None:
+                saved["o_" + name] = torch.zeros(B, Tq, HQ, Dv, dtype=acc, device=q.device)
+                saved["lse_" + name] = torch.full((B, Tq, HQ), _NEG, dtype=acc, device=q.device)
+    need_sel = slc is not None and slc[2] is None
+    if need_sel or (save and slc is not None):
+        n = geom.cfg.num_selected if need_sel else slc[2].shape[3]
+        saved["idx"] = torch.full((B, Tq, HKV, n), -1, dtype=torch.long, device=q.device)
+    W = r = None
+    if need_sel:
+        W = _overlap_weights(geom.cfg, acc, q.device)
+        r = geom.cfg.slc_block_size // geom.cfg.cmp_stride
+    for b, s, e, cs, ce in _spans(geom, B, T):
+        L = e - s
+        if L == 0 or L <= q0:
+            continue
+        q_s = q[b, s:e] if q0 == 0 else q[b]
+        Tc = ce - cs
+        if cmp is not None:
+            kc, vc = _prep_cmp(cmp[0][b, cs:ce].to(acc), cmp[1][b, cs:ce].to(acc), r or 1, acc)
+        if slc is not None:
+            kf, vf = (x[b, s:e].to(acc).reshape(L * HKV, -1) for x in slc[:2])
+        if win is not None:
+            kw_s, vw_s = (x[b, s:e].to(acc) for x in win)
+            wplan = _WinPlan(geom.window, L, min(int(CHUNK_SIZE), L - q0), q.device, acc)
+        for a, c1 in _chunks(L, q0):
+            C = c1 - a
+            rows = slice(s + a - q0, s + c1 - q0)  # rows of q / out
+            qflat = _scaled_q(q_s, a - q0, c1 - q0, HKV, geom.scale, acc)
+            res = {}
+            if cmp is not None:
+                sel = (W, r, geom.cfg.slc_block_size, (c1 - 1) // geom.cfg.slc_block_size + 1) if need_sel else None
+                o_c, lse_c, blk = _cmp_forward_chunk(qflat, kc, vc, a, C, geom.l, geom.d, Tc, sel)
+                res["cmp"] = (o_c, lse_c)
+            if slc is not None:
+                with torch.no_grad():
+                    idx = _topn(blk, a, geom.cfg) if need_sel else slc[2][b, rows]
+                if "idx" in saved:
+                    saved["idx"][b, rows] = idx
+                plan = _SlcPlan(idx, a, geom.lp, L)
+                res["slc"] = _slc_forward_chunk(qflat, kf, vf, plan, G, Dv)
+            if win is not None:
+                res["win"] = _win_forward_chunk(qflat, kw_s, vw_s, a, C, wplan, G)
+            for name, (o_b, lse_b) in res.items():
+                if "o_" + name in saved:
+                    saved["o_" + name][b, rows] = o_b.view(C, HQ, Dv)
+                    saved["lse_" + name][b, rows] = lse_b.view(C, HQ)
+            if gates is not None:
+                g = gates[b, rows].to(acc).view(C, HKV, G, 3, 1)
+                o = g[..., 0, :] * res["cmp"][0] + g[..., 1, :] * res["slc"][0] + g[..., 2, :] * res["win"][0]
+                out[b, rows] = o.view(C, HQ, Dv).to(out.dtype)
+    if gates is None:
+        name = "cmp" if cmp is not None else ("slc" if slc is not None else "win")
+        out = saved["o_" + name].to(q.dtype)
+    return out, saved
+
+
+def _backward(q, cmp, slc, win, gates, geom, saved, dout, dlse=None):
+    with _threads_for(q):
+        return _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse)
+
+
+def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None):
+    """Gradients of `_forward` (recomputing score tiles per chunk). Returns dq, (dk_cmp, dv_cmp), (dk, dv) slc,
+    (dk, dv) win, dgates (None where a branch or the gates are absent)."""
+    B, T, HQ, Dk = q.shape
+    acc = _acc_dtype(q.dtype)
+    ref_kv = (slc or win or cmp)
+    HKV, Dv = ref_kv[0].shape[2], ref_kv[1].shape[3]
+    G = HQ // HKV
+    dq = torch.zeros(B, T, HQ, Dk, dtype=acc, device=q.device)
+    dcmp = None if cmp is None else tuple(torch.zeros_like(x, dtype=acc) for x in cmp[:2])
+    dslc = None if slc is None else tuple(torch.zeros_like(x, dtype=acc) for x in slc[:2])
+    dwin = None if win is None else tuple(torch.zeros_like(x, dtype=acc) for x in win)
+    dg = None if gates is None else torch.zeros(B, T, HQ, 3, dtype=acc, device=q.device)
+    for b, s, e, cs, ce in _spans(geom, B, T):
+        L = e - s
+        if L == 0:
+            continue
+        q_s = q[b, s:e]
+        Tc = ce - cs
+        if cmp is not None:
+            kc, vc = _prep_cmp(cmp[0][b, cs:ce].to(acc), cmp[1][b, cs:ce].to(acc), 1, acc)
+            dkc, dvc = torch.zeros_like(kc), torch.zeros_like(vc)
+        if slc is not None:
+            kf, vf = (x[b, s:e].to(acc).reshape(L * HKV, -1) for x in slc[:2])
+            NB = -(-L // geom.lp)
+            dkb = torch.zeros(HKV * NB, geom.lp * Dk, dtype=acc, device=q.device)
+            dvb = torch.zeros(HKV * NB, geom.lp * Dv, dtype=acc, device=q.device)
+        if win is not None:
+            kw_s, vw_s = (x[b, s:e].to(acc) for x in win)
+            wplan = _WinPlan(geom.window, L, min(int(CHUNK_SIZE), L), q.device, acc)
+            dkw, dvw = _win_grad_buffers(L, HKV, Dk, Dv, wplan, acc, q.device)
+        for a, c1 in _chunks(L):
+            C = c1 - a
+            rows = slice(s + a, s + c1)
+            qflat = _scaled_q(q_s, a, c1, HKV, geom.scale, acc)
+            dO = dout[b, rows].to(acc).view(C, HKV, G, Dv)
+            if gates is not None:
+                g = gates[b, rows].to(acc).view(C, HKV, G, 3)
+            dqc = torch.zeros(C, HKV, G, Dk, dtype=acc, device=q.device)
+            for k_, name in enumerate(("cmp", "slc", "win")):
+                br = (cmp, slc, win)[k_]
+                if br is None:
+                    continue
+                o_b = saved["o_" + name][b, rows].view(C, HKV, G, Dv)
+                lse_b = saved["lse_" + name][b, rows].view(C, HKV, G)
+                if gates is not None:
+                    dg[b, rows, :, k_] = (dO * o_b).sum(-1).view(C, HQ)
+                    dOb = dO * g[..., k_:k_ + 1]
+                else:
+                    dOb = dO
+                delta = (dOb * o_b).sum(-1)
+                if name == "cmp":
+                    if dlse is not None:
+                        delta = delta - dlse[b, rows].to(acc).view(C, HKV, G)
+                    dqc += _cmp_backward_chunk(qflat, kc, vc, a, C, geom.l, geom.d, Tc, dOb, delta, lse_b, dkc, dvc)
+                elif name == "slc":
+                    plan = _SlcPlan(saved["idx"][b, rows], a, geom.lp, L)
+                    dqc += _slc_backward_chunk(qflat, kf, vf, plan, G, dOb, delta, lse_b, dkb, dvb)
+                else:
+                    dqc += _win_backward_chunk(qflat, kw_s, vw_s, a, C, wplan, G, dOb, delta, lse_b, dkw, dvw)
+            dq[b, rows] = dqc.view(C, HQ, Dk) * geom.scale
+        if cmp is not None:
+            dcmp[0][b, cs:ce] = dkc[:, :Tc].permute(1, 0, 2)
+            dcmp[1][b, cs:ce] = dvc[:, :Tc].permute(1, 0, 2)
+        if slc is not None:
+            dslc[0][b, s:e] = dkb.view(HKV, NB * geom.lp, Dk)[:, :L].permute(1, 0, 2)
+            dslc[1][b, s:e] = dvb.view(HKV, NB * geom.lp, Dv)[:, :L].permute(1, 0, 2)
+        if win is not None:
+            dwin[0][b, s:e] = _win_grad_out(dkw, wplan, L)
+            dwin[1][b, s:e] = _win_grad_out(dvw, wplan, L)
+    return dq, dcmp, dslc, dwin, dg
+
+
+def _cast(x, like):
+    return None if x is None else x.to(like.dtype)
+
+
+class _CmpFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, geom):
+        o, saved = _forward(q, (k_cmp, v_cmp), None, None, None, geom, True)
+        ctx.geom = geom
+        ctx.save_for_backward(q, k_cmp, v_cmp, saved["o_cmp"], saved["lse_cmp"])
+        return o, saved["lse_cmp"]
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
+        saved = {"o_cmp": o, "lse_cmp": lse}
+        if dlse is not None:
+            dlse = dlse.masked_fill(torch.isinf(lse), 0.0)
+        dq, dcmp, _, _, _ = _backward(q, (k_cmp, v_cmp), None, None, None, ctx.geom, saved, do, dlse)
+        return _cast(dq, q), _cast(dcmp[0], k_cmp), _cast(dcmp[1], v_cmp), None
+
+
+class _SlcFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, indices, geom):
+        o, saved = _forward(q, None, (k, v, indices), None, None, geom, True)
+        ctx.geom = geom
+        ctx.save_for_backward(q, k, v, saved["idx"], saved["o_slc"], saved["lse_slc"])
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, idx, o, lse = ctx.saved_tensors
+        saved = {"o_slc": o, "lse_slc": lse, "idx": idx}
+        dq, _, dslc, _, _ = _backward(q, None, (k, v, idx), None, None, ctx.geom, saved, do)
+        return _cast(dq, q), _cast(dslc[0], k), _cast(dslc[1], v), None, None
+
+
+class _WinFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, geom):
+        o, saved = _forward(q, None, None, (k, v), None, geom, True)
+        ctx.geom = geom
+        ctx.save_for_backward(q, k, v, saved["o_win"], saved["lse_win"])
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        saved = {"o_win": o, "lse_win": lse}
+        dq, _, _, dwin, _ = _backward(q, None, None, (k, v), None, ctx.geom, saved, do)
+        return _cast(dq, q), _cast(dwin[0], k), _cast(dwin[1], v), None
+
+
+class _NSAFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, block_indices, geom):
+        out, saved = _forward(q, (k_cmp, v_cmp), (k_slc, v_slc, block_indices), (k_win, v_win), gates, geom, True)
+        ctx.geom = geom
+        ctx.keys = sorted(saved)
+        ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *[saved[k] for k in ctx.keys])
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *rest = ctx.saved_tensors
+        saved = dict(zip(ctx.keys, rest))
+        dq, dcmp, dslc, dwin, dg = _backward(q, (k_cmp, v_cmp), (k_slc, v_slc, saved["idx"]), (k_win, v_win), gates,
+                                             ctx.geom, saved, do)
+        return (_cast(dq, q), _cast(dcmp[0], k_cmp), _cast(dcmp[1], v_cmp), _cast(dslc[0], k_slc),
+                _cast(dslc[1], v_slc), _cast(dwin[0], k_win), _cast(dwin[1], v_win), _cast(dg, gates), None, None)
+
+
+def _needs_grad(*xs):
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in xs)
+
+
+def _contig(*xs):
+    return [None if x is None else x.contiguous() for x in xs]
+
+
+# ============================================================================================ public functions
+def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None, cu_seqlens=None):
+    """Attention over compressed tokens (Eq. 7). Returns (o [B,T,HQ,Dv], lse [B,T,HQ] fp32/fp64)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k_cmp, v_cmp = _contig(q, k_cmp, v_cmp)
+    geom = _Geom(scale, cu_seqlens, l=block_size, d=stride)
+    if _needs_grad(q, k_cmp, v_cmp):
+        return _CmpFn.apply(q, k_cmp, v_cmp, geom)
+    o, saved = _forward(q, (k_cmp, v_cmp), None, None, None, geom, False)
+    return o, saved["lse_cmp"]
+
+
+def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None):
+    """Indices [B, T, HKV, n] of the selected blocks of every query (Eq. 8-11), ascending, -1 padded."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k_cmp = _contig(q.detach(), k_cmp.detach())
+    B, T, HQ, _ = q.shape
+    HKV = k_cmp.shape[2]
+    acc = _acc_dtype(q.dtype)
+    cfg = config
+    l, d, lp = cfg.cmp_block_size, cfg.cmp_stride, cfg.slc_block_size
+    out = torch.full((B, T, HKV, cfg.num_selected), -1, dtype=torch.long, device=q.device)
+    W = _overlap_weights(cfg, acc, q.device)
+    r = lp // d
+    with torch.no_grad(), _threads_for(q):
+        for b, s, e, cs, ce in _cmp_spans(B, T, cu_seqlens, l, d):
+            L = e - s
+            if L == 0:
+                continue
+            kc, _ = _prep_cmp(k_cmp[b, cs:ce].to(acc), None, r, acc)
+            for a, c1 in _chunks(L):
+                qflat = _scaled_q(q[b, s:e], a, c1, HKV, scale, acc)
+                _, _, blk = _cmp_forward_chunk(qflat, kc, None, a, c1 - a, l, d, ce - cs, (W, r, lp, (c1 - 1) // lp + 1))
+                out[b, s + a:s + c1] = _topn(blk, a, cfg)
+    return out
+
+
+def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=None):
+    """Attention over the raw tokens of the selected blocks (Eq. 12). Returns o [B, T, HQ, Dv]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = _contig(q, k, v)
+    geom = _Geom(scale, cu_seqlens, slc_block=block_size)
+    if _needs_grad(q, k, v):
+        return _SlcFn.apply(q, k, v, indices, geom)
+    return _forward(q, None, (k, v, indices), None, None, geom, False)[0]
+
+
+def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None):
+    """Attention over keys in [t - w + 1, t] of the query's own sequence. Returns o [B, T, HQ, Dv]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = _contig(q, k, v)
+    geom = _Geom(scale, cu_seqlens, window=window)
+    if _needs_grad(q, k, v):
+        return _WinFn.apply(q, k, v, geom)
+    return _forward(q, None, None, (k, v), None, geom, False)[0]
+
+
+def native_sparse_attention(
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config, scale=None, cu_seqlens=None, block_indices=None
+):
+    """NSA output o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win (Eq. 5), fused per query chunk.
+
+    Selection runs under no_grad inside the chunk loop unless `block_indices` [B, T, HKV, n] is given.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    xs = _contig(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
+    geom = _Geom(scale, cu_seqlens, l=config.cmp_block_size, d=config.cmp_stride, cfg=config,
+                 window=config.window_size, slc_block=config.slc_block_size)
+    if _needs_grad(*xs):
+        return _NSAFn.apply(*xs, block_indices, geom)
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = xs
+    return _forward(q, (k_cmp, v_cmp), (k_slc, v_slc, block_indices), (k_win, v_win), gates, geom, False)[0]
+
+
+def native_sparse_attention_tail(q_tail, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates_tail, *, config, scale=None):
+    """NSA forward (no grad) for the last Tq queries of a length-T context, e.g. one decoding step (Tq = 1).
+
+    q_tail [B, Tq, HQ, Dk] and gates_tail [B, Tq, HQ, 3] belong to positions T - Tq .. T - 1; k_cmp/v_cmp
+    [B, Tc(T), HKV, D] and k/v [B, T, HKV, D] cover the whole context. Returns o [B, Tq, HQ, Dv].
+    """
+    scale = q_tail.shape[-1] ** -0.5 if scale is None else scale
+    T, Tq = k_slc.shape[1], q_tail.shape[1]
+    if not 0 < Tq <= T:
+        raise ValueError(f"q_tail length {Tq} must be in [1, T={T}]")
+    geom = _Geom(scale, None, l=config.cmp_block_size, d=config.cmp_stride, cfg=config,
+                 window=config.window_size, slc_block=config.slc_block_size, q_offset=T - Tq)
+    xs = _contig(q_tail, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates_tail)
+    with torch.no_grad():
+        return _forward(xs[0], (xs[1], xs[2]), (xs[3], xs[4], None), (xs[5], xs[6]), xs[7], geom, False)[0]
