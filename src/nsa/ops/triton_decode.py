@@ -3,6 +3,7 @@ group-centric loading), split over the KV length flash-decoding style so that ba
 
 Same contract as `nsa.ops.decode.torch_decode` with Tq = 1. Six launches, all statistics in fp32:
   1. `_attn_partial` (MODE 0) over compressed tokens, split over Tc: online-softmax partials         (Eq. 7)
+     (it also keeps the scaled scores, G x Tc fp32, so the compressed keys are read once)
   2. `_cmp_probs`    lse from those partials, then p = exp(s - lse) summed over the G heads, per tile  (Eq. 8, 10)
   3. `_topn`         Eq. 9 overlap remap + forced blocks + top-n (ties -> lower block), one program per (b, kv head)
   4. `_attn_partial` (MODE 1) over the n selected blocks, one block per program                    (Eq. 12)
@@ -39,9 +40,9 @@ def triton_decode_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | 
 
 @triton.jit
 def _attn_partial(
-    Q, K, V, LENS, WSTART, IDX, PO, PM, PL,
+    Q, K, V, LENS, WSTART, IDX, PO, PM, PL, SC,
     sqb, sqh, skb, skt, skh, svb, svt, svh,
-    HKV, G, Dk, Dv, NU, scale, CHUNK,
+    HKV, G, Dk, Dv, NU, scale, CHUNK, S_SC,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, SLC: tl.constexpr, WIN: tl.constexpr, NSEL: tl.constexpr,
     MODE: tl.constexpr, PREC: tl.constexpr,
     BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
@@ -50,7 +51,8 @@ def _attn_partial(
 
     MODE 0: compressed tokens [u*CHUNK, (u+1)*CHUNK) ∩ [0, Tc(L)); MODE 1: selected block IDX[b, h, u] ∩ [0, t];
     MODE 2: window positions [max(0, t-WIN+1) + u*CHUNK, ... + CHUNK) ∩ [.., t], read at slot pos - WSTART[b].
-    Writes acc [BG, BDV], running max m and sum l (fp32) to PO/PM/PL[(b*HKV + h)*NU + u].
+    Writes acc [BG, BDV], running max m and sum l (fp32) to PO/PM/PL[(b*HKV + h)*NU + u]; MODE 0 also keeps the
+    scaled scores in SC[b*HKV + h, g, i] (fp32) for the selection, so the compressed keys are read only once.
     """
     bh = tl.program_id(0).to(tl.int64)
     u = tl.program_id(1).to(tl.int64)
@@ -90,6 +92,8 @@ def _attn_partial(
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         s = tl.where(km[None, :], s, float("-inf"))
+        if MODE == 0:
+            tl.store(SC + (bh * BG + g)[:, None] * S_SC + pos[None, :], s, mask=gm[:, None] & km[None, :])
         m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile holds at least one key
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -104,27 +108,20 @@ def _attn_partial(
 
 @triton.jit
 def _cmp_probs(
-    Q, K, LENS, PM, PL, PC, sqb, sqh, skb, skt, skh, HKV, G, Dk, S_PC, NSPLIT, scale,
-    CMP_L: tl.constexpr, CMP_D: tl.constexpr, PREC: tl.constexpr,
-    BG: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+    SC, LENS, PM, PL, PC, HKV, G, S_SC, NSPLIT,
+    CMP_L: tl.constexpr, CMP_D: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
 ):
-    """PC[b, h, i] = sum over the G heads of p_i = exp(scale * q.k_i - lse) for a tile of compressed tokens; lse
-    comes from the NSPLIT compressed-attention partials (running max PM, sum PL) of this (b, h)."""
+    """PC[b, h, i] = sum over the G heads of p_i = exp(s_i - lse) for a tile of compressed tokens, from the scores
+    SC kept by the compressed-attention pass; lse comes from its NSPLIT partials (running max PM, sum PL)."""
     bh = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1).to(tl.int64)
     b = bh // HKV
-    h = bh % HKV
     L = tl.load(LENS + b).to(tl.int64)
     tc = tl.where(L >= CMP_L, (L - CMP_L) // CMP_D + 1, 0)
     g = tl.arange(0, BG)
-    dk = tl.arange(0, BD)
     gm = g < G
     i = tile * BK + tl.arange(0, BK)
     im = i < tc
-    q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + dk[None, :], mask=gm[:, None] & (dk < Dk)[None, :],
-                other=0.0).to(K.dtype.element_ty)
-    k = tl.load(K + b * skb + i[:, None] * skt + h * skh + dk[None, :], mask=im[:, None] & (dk < Dk)[None, :],
-                other=0.0)
     M = tl.full([BG], float("-inf"), tl.float32)
     lsum = tl.zeros([BG], tl.float32)
     for u in range(NSPLIT):
@@ -135,9 +132,9 @@ def _cmp_probs(
         lsum = lsum * tl.exp(M - M_safe) + l_u * tl.exp(m_u - M_safe)
         M = M_new
     lse = M + tl.log(tl.where(lsum > 0, lsum, 1.0))  # unused where no compressed token is visible (p masked)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    s = tl.load(SC + (bh * BG + g)[:, None] * S_SC + i[None, :], mask=gm[:, None] & im[None, :], other=0.0)
     p = tl.where(gm[:, None] & im[None, :], tl.exp(s - lse[:, None]), 0.0)
-    tl.store(PC + bh * S_PC + i, tl.sum(p, 0), mask=i < S_PC)
+    tl.store(PC + bh * S_SC + i, tl.sum(p, 0), mask=i < S_SC)
 
 
 @triton.jit
@@ -256,12 +253,14 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
     f32 = dict(device=dev, dtype=torch.float32)
     stages = 1 if _interpreting() else 2
 
-    def partial(mode, k, v, nu, chunk, bk, idx=None):
+    s_pc = max(tc_max, 1)
+
+    def partial(mode, k, v, nu, chunk, bk, idx=None, sc=None):
         parts = (torch.empty(BH, nu, BG, BDV, **f32), torch.empty(BH, nu, BG, **f32), torch.empty(BH, nu, BG, **f32))
         _attn_partial[(BH, nu)](
-            q, k, v, lens, wst if mode == 2 else zeros, lens if idx is None else idx, *parts, *qs,
-            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            HKV, G, Dk, Dv, nu, scale, chunk,
+            q, k, v, lens, wst if mode == 2 else zeros, lens if idx is None else idx, *parts,
+            parts[1] if sc is None else sc, *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+            v.stride(2), HKV, G, Dk, Dv, nu, scale, chunk, s_pc,
             CMP_L=l, CMP_D=d, SLC=lp, WIN=w, NSEL=n, MODE=mode, PREC=prec, BG=BG, BD=BD, BDV=BDV, BK=bk,
             num_warps=4, num_stages=stages,
         )
@@ -271,14 +270,14 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
     bk_c = 64 if BD <= 128 else 32
     nsplit = max(1, min(triton.cdiv(max(tc_max, 1), bk_c), triton.cdiv(target_programs, BH)))
     chunk = triton.cdiv(triton.cdiv(max(tc_max, 1), nsplit), bk_c) * bk_c
-    cmp_parts = partial(0, k_cmp, v_cmp, nsplit, chunk, bk_c)
+    scores = torch.empty(BH, BG, s_pc, **f32)  # scaled q.k_cmp of every head, kept for the selection
+    cmp_parts = partial(0, k_cmp, v_cmp, nsplit, chunk, bk_c, sc=scores)
 
-    # 2-3. selection: group-summed probabilities, then scores + top-n per (b, kv head)
-    s_pc = max(tc_max, 1)
+    # 2-3. selection: group-summed probabilities, then block scores + top-n per (b, kv head)
     pc = torch.empty(BH, s_pc, **f32)
-    _cmp_probs[(BH, triton.cdiv(s_pc, bk_c))](
-        q, k_cmp, lens, cmp_parts[1], cmp_parts[2], pc, *qs, k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
-        HKV, G, Dk, s_pc, nsplit, scale, CMP_L=l, CMP_D=d, PREC=prec, BG=BG, BD=BD, BK=bk_c, num_warps=4,
+    _cmp_probs[(BH, triton.cdiv(s_pc, 128))](
+        scores, lens, cmp_parts[1], cmp_parts[2], pc, HKV, G, s_pc, nsplit, CMP_L=l, CMP_D=d, BG=BG, BK=128,
+        num_warps=4,
     )
     idx = torch.empty(BH, n, dtype=torch.int64, device=dev)
     _topn[(BH,)](pc, lens, idx, HKV, s_pc, CMP_L=l, CMP_D=d, SLC=lp, NSEL=n, INIT=config.num_init_blocks,
