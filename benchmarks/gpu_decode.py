@@ -43,6 +43,14 @@ def bench_ms(fn, device):
     return (time.perf_counter() - t0) * 1e3
 
 
+def traffic_ratio(S, cfg, G, Dk, Dv, elt):
+    """Dense bytes / the Triton decode's main HBM traffic per (sequence, KV head): compressed K/V once, the fp32
+    scores of the G heads written and read back, the selected and window K/V (partials and indices excluded)."""
+    m = nsa.decode_memory_access(S, cfg)
+    nsa_bytes = (m["nsa"] * (Dk + Dv) * elt) + 2 * G * m["compressed"] * 4
+    return S * (Dk + Dv) * elt / nsa_bytes
+
+
 def run(contexts, batches, HQ, HKV, Dk, Dv, dtype, device, cfg, check=True):
     rows = []
     G = HQ // HKV
@@ -79,10 +87,12 @@ def run(contexts, batches, HQ, HKV, Dk, Dv, dtype, device, cfg, check=True):
                 t_dense, t_tri, t_torch = bench_ms(dense, device), bench_ms(nsa_triton, device), bench_ms(nsa_torch,
                                                                                                         device)
             bound = nsa.decode_memory_access(S, cfg)["ratio"]
+            traffic = traffic_ratio(S, cfg, G, Dk, Dv, k.element_size())
             rows.append(dict(context=S, batch=B, dense_ms=t_dense, nsa_triton_ms=t_tri, nsa_torch_ms=t_torch,
-                             speedup=t_dense / t_tri, memory_bound=bound, max_abs_diff_vs_torch=err))
+                             speedup=t_dense / t_tri, memory_bound=bound, kernel_traffic_ratio=traffic,
+                             max_abs_diff_vs_torch=err))
             print(f"{S:>8} {B:>5} {t_dense:>10.4f} {t_tri:>10.4f} {t_torch:>10.4f} {t_dense / t_tri:>8.2f}x "
-                  f"{bound:>8.2f}x {err:>9.2e}", flush=True)
+                  f"{bound:>8.2f}x {traffic:>8.2f}x {err:>9.2e}", flush=True)
             del k, v, kd, vd, k_cmp, v_cmp
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -116,7 +126,7 @@ def main(argv=None):
     print(f"# GPU decode step, attention only: NSA Triton decode vs SDPA (one query, dense cache)\n# {gpu}, "
           f"torch {torch.__version__}; HQ={args.heads} HKV={args.kv_heads} Dk={args.dk} Dv={args.dv} {dtype}")
     print(f"{'context':>8} {'batch':>5} {'dense ms':>10} {'triton ms':>10} {'torch ms':>10} {'speedup':>9} "
-          f"{'mem bound':>9} {'max|diff|':>9}")
+          f"{'mem bound':>9} {'traffic':>9} {'max|diff|':>9}")
     rows = run(contexts, batches, args.heads, args.kv_heads, args.dk, args.dv, dtype, device, cfg)
     out = args.out or (None if args.smoke else str(Path(__file__).parent / "results" / "gpu_decode.json"))
     if out:
