@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from nsa.data import IGNORE, ByteTokenizer, DataMix, is_validation, mqar_example, niah_example, stdlib_corpus
+from nsa.data import (IGNORE, ByteTokenizer, DataMix, is_validation, mqar_example, mqar_max_pairs, niah_example,
+                      stdlib_corpus)
 
 CORPUS = stdlib_corpus("train", max_bytes=400_000)
 
@@ -33,19 +34,20 @@ def test_niah_example(depth):
     assert len(ex.tokens) == len(ex.labels) == len(ex.answer) == 300
     text = tok.decode(ex.tokens)
     key, value = ex.info["key"], ex.info["value"]
-    assert text.count(f'needle_{key} = "{value}"\n') == 1
-    assert text.endswith(f'# needle_{key} = "' + value[:-1]) or text.endswith(f'# needle_{key} = "{value}')
+    assert text.count(ex.info["needle"]) == 1 and ex.info["needle"] == f"${key}={value}$\n"
+    assert text.endswith(f"\n${key}=" + value)  # the last answer byte is only a label
     # the answer positions predict exactly value + closing quote
     answer = tok.decode([l for l, a in zip(ex.labels, ex.answer) if a])
-    assert answer == value + '"'
+    assert answer == value + "$"
     # labels are next tokens except over the random needle
     seq = ex.tokens + [ex.labels[-1]]
     assert all(l == seq[i + 1] for i, l in enumerate(ex.labels) if l != IGNORE)
-    needle_len = len(f'needle_{key} = "{value}"\n')
+    needle_len = len(ex.info["needle"])
     assert sum(l == IGNORE for l in ex.labels) == needle_len - (ex.info["needle_pos"] == 0)
     depth_frac = ex.info["needle_pos"] / 300
     assert abs(depth_frac - depth) < 0.35  # the needle goes to a line break near the requested depth
-    assert ex.info["distance"] == 300 - ex.info["needle_pos"] - len(f'needle_{key} = "')
+    assert ex.info["distance"] == 300 - ex.info["needle_pos"] - len(f"${key}=")
+    assert ex.info["gap"] == ex.info["distance"] - len(value) - 1
 
 
 def test_niah_depth_is_ordered():
@@ -58,14 +60,14 @@ def test_mqar_example():
     ex = mqar_example(200, 10, torch.Generator().manual_seed(4))
     text = tok.decode(ex.tokens)  # the final newline is the unsupervised last target
     assert len(ex.tokens) == 200 and ex.labels[-1] == IGNORE
-    head, queries = text.strip().split("\nq: ")
-    pairs = dict(p.split("=") for p in head.split("kv: ")[1].split(" "))
-    asked = [p.split("=") for p in queries.split(" ")]
-    assert len(pairs) == 10 and sorted(k for k, _ in asked) == sorted(pairs)
-    assert all(pairs[k] == v for k, v in asked)
+    head, queries = text.strip().split("\n? ")
+    pairs = [p for p in head.strip("{} ").split(" ")]
+    asked = queries.split(" ")
+    assert len(pairs) == 10 and len({p[0] for p in pairs}) == 10 and sorted(asked) == sorted(pairs)
     answers = tok.decode([l for l, a in zip(ex.labels, ex.answer) if a])
-    assert answers == "".join(v for _, v in asked)
+    assert answers == "".join(p[1] for p in asked)
     assert all((l != IGNORE) == a for l, a in zip(ex.labels, ex.answer))
+    assert mqar_max_pairs(64) == 9 and mqar_max_pairs(10_000) == 52
     with pytest.raises(ValueError, match="too short"):
         mqar_example(50, 10, torch.Generator())
 
@@ -122,3 +124,9 @@ def test_task_rows_pack_short_examples():
     assert seen == {64, 128, 256}
     with pytest.raises(ValueError, match="task_lengths"):
         DataMix(CORPUS, 256, 2, task_lengths=(100,))
+
+
+@pytest.mark.parametrize("length", [11, 17, 64, 65, 200, 400])
+def test_mqar_fits_at_max_pairs(length):
+    ex = mqar_example(length, mqar_max_pairs(length), torch.Generator().manual_seed(length))
+    assert len(ex.tokens) == length and ex.tokens[0] in (32, ord("{"))

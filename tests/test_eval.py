@@ -63,7 +63,7 @@ def test_mqar_scoring_against_oracle():
     g = torch.Generator().manual_seed(999)
     exs = [mqar_example(120, 6, g) for _ in range(5)]
     assert mqar_accuracy(Oracle(exs), 120, 6, samples=5)["accuracy"] == 1.0
-    res = mqar_accuracy(Oracle(exs, wrong={2}), 120, 6, samples=5)  # one query of 30 spoiled
+    res = mqar_accuracy(Oracle(exs, wrong={2}), 120, 6, samples=5)  # one query of 30 spoiled (the last)
     assert res["queries"] == 30 and res["accuracy"] == pytest.approx(29 / 30)
 
 

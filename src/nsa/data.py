@@ -115,20 +115,21 @@ class Example:
     info: dict = field(default_factory=dict)
 
 
-def niah_example(corpus: Corpus, length: int, depth: float, g: torch.Generator, key_len: int = 4,
+def niah_example(corpus: Corpus, length: int, depth: float, g: torch.Generator, key_len: int = 2,
                  value_len: int = 5) -> Example:
     """Needle in a haystack of `length` tokens.
 
-    haystack: a window of code; needle: a line `needle_<key> = "<value>"` inserted at a line break nearest to
-    `depth` (0 = start, 1 = just before the question); question at the end: `# needle_<key> = "` whose
-    continuation `<value>"` is the answer. Labels supervise the haystack (language modelling) and the answer, not
-    the random needle itself. `info['distance']` = tokens from the needle's value to the last answer token.
+    haystack: a window of code; needle: a line `$<key>=<value>` (`$` is rare in Python source, so it anchors the
+    lookup) inserted at a line break nearest to `depth` (0 = start, 1 = just before the question); question at
+    the end: `\n$<key>=`, whose continuation `<value>$` is the answer. Labels supervise the haystack (language
+    modelling) and the answer, not the random needle itself. `info['gap']`: how far back the first answer query
+    must look to read the value's first byte; `info['distance']`: from the value to the last query.
     """
     key = _random_text(_KEY_CHARS, key_len, g).decode()
     value = _random_text(_VALUE_CHARS, value_len, g).decode()
-    needle = f'needle_{key} = "{value}"\n'.encode()
-    question = f'\n# needle_{key} = "'.encode()
-    answer = f'{value}"'.encode()
+    needle = f"${key}={value}$\n".encode()
+    question = f"\n${key}=".encode()
+    answer = f"{value}$".encode()
     hay_len = length - len(needle) - len(question) - len(answer) + 1  # +1: the last answer byte is only a label
     if hay_len < 1:
         raise ValueError(f"length {length} is too short for a needle example")
@@ -145,41 +146,43 @@ def niah_example(corpus: Corpus, length: int, depth: float, g: torch.Generator, 
     is_answer = [i >= ans_start for i in range(n)]
     for i in range(max(cut - 1, 0), cut + len(needle) - 1):  # positions predicting the random needle bytes
         labels[i] = IGNORE
-    value_pos = cut + len(f'needle_{key} = "')
-    # gap: how far back the first answer query (at ans_start) must look to read the value's first byte
+    value_pos = cut + len(f"${key}=")
     return Example(tokens, labels, is_answer, dict(depth=depth, needle_pos=cut, distance=n - value_pos,
-                                                     gap=ans_start - value_pos, value=value, key=key))
+                                                     gap=ans_start - value_pos, value=value, key=key,
+                                                     needle=needle.decode()))
 
 
-def mqar_example(length: int, num_pairs: int, g: torch.Generator, key_len: int = 2, value_len: int = 2) -> Example:
-    """Multi-query associative recall: `kv: ab=12 cd=34 ... ` then ` q: cd=34 ab=12 ...` (the keys in random
-    order), padded at the front with spaces to `length`. Answers: every queried value (and its space/newline);
-    labels supervise only the answers."""
-    keys: list[str] = []
-    while len(keys) < num_pairs:  # distinct keys
-        k = _random_text(_KEY_CHARS, key_len, g).decode()
-        if k not in keys:
-            keys.append(k)
-    values = [_random_text(_VALUE_CHARS, value_len, g).decode() for _ in keys]
+_MQAR_KEYS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def mqar_max_pairs(length: int) -> int:
+    """Most pairs an MQAR example of `length` tokens holds (6 bytes per pair, 6 of framing, 1 is a label)."""
+    return max(0, min(len(_MQAR_KEYS), (length - 5) // 6))
+
+
+def mqar_example(length: int, num_pairs: int, g: torch.Generator) -> Example:
+    """Multi-query associative recall: `{ a7 Q3 ... }` (one-letter keys, distinct; one-digit values), then
+    `? Q3 a7 ...` (every key again, in random order), padded at the front with spaces to `length`. Answers: every
+    queried value; labels supervise only the answers."""
+    if not 1 <= num_pairs <= mqar_max_pairs(length):
+        raise ValueError(f"length {length} is too short for {num_pairs} pairs (at most {mqar_max_pairs(length)})")
+    keys = [chr(_MQAR_KEYS[i]) for i in torch.randperm(len(_MQAR_KEYS), generator=g)[:num_pairs].tolist()]
+    values = [_random_text(_VALUE_CHARS, 1, g).decode() for _ in keys]
     order = torch.randperm(num_pairs, generator=g).tolist()
-    head = "kv:" + "".join(f" {k}={v}" for k, v in zip(keys, values)) + "\nq:"
-    parts, spans = [head], []
+    head = "{" + "".join(f" {k}{v}" for k, v in zip(keys, values)) + " }\n?"
+    parts, answer_at = [head], []
     pos = len(head)
     for i in order:
-        prefix = f" {keys[i]}="
-        spans.append((pos + len(prefix), pos + len(prefix) + value_len))
-        parts.append(prefix + values[i])
-        pos += len(prefix) + value_len
+        answer_at.append(pos + 2)  # " K" then the value byte
+        parts.append(f" {keys[i]}{values[i]}")
+        pos += 3
     text = "".join(parts) + "\n"
-    if len(text) > length + 1:
-        raise ValueError(f"length {length} is too short for {num_pairs} pairs")
     pad = length + 1 - len(text)
     seq = (" " * pad + text).encode()
     tokens, n = list(seq[:-1]), len(seq) - 1
     is_answer = [False] * n
-    for a, b in spans:
-        for j in range(a + pad, b + pad):  # token j is an answer byte: predicted at position j - 1
-            is_answer[j - 1] = True
+    for j in answer_at:  # token j + pad is an answer byte: predicted at position j + pad - 1
+        is_answer[j + pad - 1] = True
     labels = [seq[i + 1] if is_answer[i] else IGNORE for i in range(n)]
     return Example(tokens, labels, is_answer, dict(num_pairs=num_pairs))
 
@@ -249,7 +252,7 @@ class DataMix:
                 ex = niah_example(self.corpus, L, float(torch.rand((), generator=g)), g)
             else:
                 lo, hi = self.mqar_pairs
-                hi = max(1, min(hi, (L - 8) // 12))  # a pair costs 12 bytes (" ab=12" twice)
+                hi = max(1, min(hi, mqar_max_pairs(L)))
                 lo = min(lo, hi)
                 ex = mqar_example(L, int(torch.randint(lo, hi + 1, (), generator=g)), g)
             tokens += ex.tokens

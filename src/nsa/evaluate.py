@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE, Corpus, DataMix, mqar_example, niah_example, stdlib_corpus
+from .data import IGNORE, Corpus, DataMix, mqar_example, mqar_max_pairs, niah_example, stdlib_corpus
 
 
 def _device_of(model) -> torch.device:
@@ -101,8 +101,7 @@ def mqar_accuracy(model, length: int, num_pairs: int, samples: int = 32, seed: i
             labels = torch.tensor([e.labels for e in chunk], device=ids.device)
             mask = torch.tensor([e.answer for e in chunk], device=ids.device)
             hit = (model(ids).argmax(-1) == labels) | ~mask
-            # answers are value_len = 2 consecutive bytes per query
-            per_query = hit[mask].view(-1, 2).all(-1)
+            per_query = hit[mask]  # one answer byte per query
             right += int(per_query.sum())
             total += per_query.numel()
     model.train(was_training)
@@ -144,7 +143,7 @@ def evaluate_checkpoint(path: str | Path, out_dir: str | Path | None = None, len
     window = model.cfg.nsa_config().window_size
     lengths = lengths or sorted({max(64, T // 4), max(64, T // 2), T})
     depths = depths or (0.0, 0.25, 0.5, 0.75, 1.0)
-    pairs = max(1, min(cfg.mqar_pairs[1], (T - 8) // 12))
+    pairs = max(1, min(cfg.mqar_pairs[1], mqar_max_pairs(T)))
     res = dict(checkpoint=str(path), step=step, attention=model.cfg.attention, num_params=model.num_params(),
                val=val_loss(model, val, T, val_batches),
                niah=niah_grid(model, val, lengths, depths, niah_samples, window=window),
@@ -210,7 +209,7 @@ def run_demo(out_dir: str | Path = "runs/demo", preset: str = "tiny-cpu", overri
         window = model.cfg.nsa_config().window_size
         lengths = sorted({max(64, T // 4), max(64, T // 2), T})
         niah = niah_grid(model, val, lengths, (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0), niah_samples, window=window)
-        pairs = max(1, min(cfg.mqar_pairs[1], (T - 8) // 12))
+        pairs = max(1, min(cfg.mqar_pairs[1], mqar_max_pairs(T)))
         res = dict(train=summary, val=val_loss(model, val, T, 8), niah=niah, niah_at_T=window_split(niah["records"],
                    window, T), mqar=mqar_accuracy(model, T, pairs, mqar_samples), seq_len=T, window=window)
         plot_niah(niah, run_dir / "niah.png", f"NIAH, {attention} attention ({step} steps)")
