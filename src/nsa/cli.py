@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--preset", default="tiny-cpu")
     demo.add_argument("--steps", type=int, default=None)
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for both runs")
+    demo.add_argument("--jobs", type=int, default=2, help="train the two models in parallel (one thread each)")
+    demo.add_argument("--niah-samples", type=int, default=16)
     demo.add_argument("--no-progress", action="store_true")
 
     cmp = sub.add_parser("compare", help="NSA vs dense attention ops on random inputs")
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         over = _overrides(args.set)
         if args.steps:
             over["steps"] = args.steps
-        run_demo(args.out, args.preset, over, progress=not args.no_progress)
+        run_demo(args.out, args.preset, over, progress=not args.no_progress, niah_samples=args.niah_samples,
+                 jobs=args.jobs)
     elif args.command == "compare":
         from .compare import run_compare
 

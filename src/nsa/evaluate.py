@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -180,41 +181,73 @@ def plot_losses(runs: dict, path: str | Path) -> None:
 def _fmt(x, pct=False):
     if x is None:
         return "-"
+    if isinstance(x, int):
+        return f"{x:,}"
     return f"{x:.1%}" if pct else (f"{x:,.0f}" if abs(x) >= 100 else f"{x:.4f}")
 
 
+def _demo_run(attention: str, run_dir: str, preset: str, overrides: dict, progress: bool, niah_samples: int,
+              mqar_samples: int, threads: int = 0) -> dict:
+    """Train one demo model and evaluate it; writes run_dir/eval.json and niah.png, returns the results."""
+    import shutil
+
+    from .train import load_config, load_model, train
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = load_config(preset, overrides={**overrides, "model.attention": attention})
+    run_dir = Path(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    summary = train(cfg, run_dir, progress=progress)
+    model, _, step = load_model(summary["checkpoint"])
+    val = stdlib_corpus("val", cfg.val_fraction)
+    T = cfg.seq_len
+    window = model.cfg.nsa_config().window_size
+    lengths = sorted({max(64, T // 4), max(64, T // 2), T})
+    niah = niah_grid(model, val, lengths, (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0), niah_samples, window=window)
+    pairs = max(1, min(cfg.mqar_pairs[1], mqar_max_pairs(T)))
+    res = dict(train=summary, val=val_loss(model, val, T, 8), niah=niah,
+               niah_at_T=window_split(niah["records"], window, T), mqar=mqar_accuracy(model, T, pairs, mqar_samples),
+               seq_len=T, window=window)
+    plot_niah(niah, run_dir / "niah.png", f"NIAH, {attention} attention ({step} steps)")
+    (run_dir / "eval.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
 def run_demo(out_dir: str | Path = "runs/demo", preset: str = "tiny-cpu", overrides: dict | None = None,
-             progress: bool = True, niah_samples: int = 16, mqar_samples: int = 32) -> dict:
+             progress: bool = True, niah_samples: int = 16, mqar_samples: int = 32, jobs: int = 1) -> dict:
     """Train an NSA and a full-attention model with the same preset (same seed, data, steps and, up to the NSA
     gates and φ, parameters), evaluate both, print a side-by-side table, and write loss curves, NIAH heatmaps,
-    summary.json and table.md under out_dir."""
+    summary.json and table.md under out_dir. jobs=2 trains the two models at once, one thread each."""
+    import os
     import platform
     import shutil
 
-    import os
-
-    from .train import load_config, load_model, read_metrics, train
+    from .train import read_metrics
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results, metrics = {}, {}
-    for attention in ("nsa", "full"):
-        cfg = load_config(preset, overrides={**(overrides or {}), "model.attention": attention})
-        run_dir = out / attention
-        shutil.rmtree(run_dir, ignore_errors=True)
-        summary = train(cfg, run_dir, progress=progress)
-        model, _, step = load_model(summary["checkpoint"])
-        val = stdlib_corpus("val", cfg.val_fraction)
-        T = cfg.seq_len
-        window = model.cfg.nsa_config().window_size
-        lengths = sorted({max(64, T // 4), max(64, T // 2), T})
-        niah = niah_grid(model, val, lengths, (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0), niah_samples, window=window)
-        pairs = max(1, min(cfg.mqar_pairs[1], mqar_max_pairs(T)))
-        res = dict(train=summary, val=val_loss(model, val, T, 8), niah=niah, niah_at_T=window_split(niah["records"],
-                   window, T), mqar=mqar_accuracy(model, T, pairs, mqar_samples), seq_len=T, window=window)
-        plot_niah(niah, run_dir / "niah.png", f"NIAH, {attention} attention ({step} steps)")
-        (run_dir / "eval.json").write_text(json.dumps(res, indent=1))
-        results[attention], metrics[attention] = res, read_metrics(run_dir)
+    overrides = dict(overrides or {})
+    names = ("nsa", "full")
+    start = time.perf_counter()
+    if jobs > 1:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_demo_run, args=(a, str(out / a), preset, overrides, False, niah_samples,
+                                                     mqar_samples, 1)) for a in names]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+            if p.exitcode != 0:
+                raise RuntimeError(f"demo run failed with exit code {p.exitcode}")
+        results = {a: json.loads((out / a / "eval.json").read_text()) for a in names}
+    else:
+        results = {a: _demo_run(a, str(out / a), preset, overrides, progress, niah_samples, mqar_samples)
+                   for a in names}
+    wall = time.perf_counter() - start
+    metrics = {a: read_metrics(out / a) for a in names}
     plot_losses(metrics, out / "loss_curves.png")
     for attention in results:
         shutil.copyfile(out / attention / "niah.png", out / f"niah_{attention}.png")
@@ -239,13 +272,14 @@ def run_demo(out_dir: str | Path = "runs/demo", preset: str = "tiny-cpu", overri
     lines = [f"| metric | NSA | full attention |", "|---|---|---|"]
     lines += [f"| {name} | {_fmt(a, pct)} | {_fmt(b, pct)} |" for name, a, b, pct in rows]
     counts = (f"NIAH @ {T}: {n['niah_at_T']['n_inside']} needles inside / {n['niah_at_T']['n_beyond']} beyond the "
-              f"window; machine: {machine}")
+              f"window. Wall time, training + evaluation of both models ({jobs} job(s) in parallel): {wall:.0f} s; "
+              f"machine: {machine}")
     table = "\n".join(lines + ["", counts])
     print("\n" + table)
     (out / "table.md").write_text(table + "\n")
     for res in results.values():
         res["niah"].pop("records")
-    summary = dict(results=results, machine=machine, preset=preset, overrides=overrides or {})
+    summary = dict(results=results, machine=machine, preset=preset, overrides=overrides, jobs=jobs, wall_s=wall)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"\nwrote {out}/loss_curves.png, niah_nsa.png, niah_full.png, table.md, summary.json")
     return summary
