@@ -22,7 +22,7 @@ import torch
 from ..config import num_compressed_tokens
 from .varlen import compressed_cu_seqlens, sequence_spans
 
-CHUNK_SIZE = 512  # queries per chunk (tests shrink it to exercise chunk boundaries)
+CHUNK_SIZE = 2048  # queries per chunk (tests shrink it to exercise chunk boundaries)
 WORK_ELEMS = 1 << 21  # max elements of one score tile (keeps allocations small and cache/allocator friendly)
 WIN_TILE = 64  # queries per sliding-window tile
 
@@ -77,8 +77,31 @@ def _scaled_q(q_s, a, b, HKV, scale, acc):
     return buf
 
 
-def _softmax_stats_(s, lo_fix):
-    """In place: s <- exp(s - m). Returns (m, sum) with keepdim; rows that are all -inf get m = 0, sum = 0."""
+def _exp_limit(dtype):
+    """|score| bound under which exp(score) needs no max subtraction: no overflow of exp, of the row sums (up to
+    ~1e5 terms) or of exp @ V for |v| up to ~1e6, and no underflow to zero (exp(-60) ~ 1e-26 is a normal fp32)."""
+    return 600.0 if dtype == torch.float64 else 60.0
+
+
+def _qnorm(qflat, HKV, Dk):
+    """Largest scaled-query norm per KV head, [HKV], of qflat [C*HKV(+1), G*Dk] (the dummy row is zero)."""
+    n = torch.linalg.vector_norm(qflat[:-1].view(-1, HKV, qflat.shape[1] // Dk, Dk), dim=-1)
+    return n.amax(dim=(0, 2)) if n.numel() else n.new_zeros(HKV)
+
+
+def _shift_free(qn, kmax):
+    """True when every score is provably small enough for exp without max subtraction (Cauchy-Schwarz):
+    max_h |q|_h * max|k|_h <= _exp_limit. qn, kmax [HKV]."""
+    return bool((qn * kmax).max() <= _exp_limit(qn.dtype)) if qn.numel() else True
+
+
+def _softmax_stats_(s, lo_fix, shift_free=False):
+    """In place: s <- exp(s - m). Returns (m, sum) with keepdim; rows that are all -inf get m = 0, sum = 0.
+
+    With shift_free (scores known to be small, see _shift_free) m is 0 and the max pass is skipped."""
+    if shift_free:
+        s.exp_()
+        return 0.0, s.sum(-1, keepdim=True)
     m = s.amax(-1, keepdim=True)
     if lo_fix:
         m = m.masked_fill(m == _NEG, 0.0)
@@ -154,11 +177,11 @@ def _cmp_scores(qflat, kc, a, b, lo, hi, t0, l, d, HKV):
     return s, qs
 
 
-def _cmp_forward_chunk(qflat, kc, vc, t0, C, l, d, Tc, sel=None):
+def _cmp_forward_chunk(qflat, kc, vc, t0, C, l, d, Tc, sel=None, sf=False):
     """Compressed attention of one chunk (Eq. 7) and, with `sel`, its group-summed block scores (Eq. 8-10).
 
     qflat [C*HKV(+1), G*Dk] scaled queries at positions t0.., kc [HKV, Tcp, Dk], vc [HKV, Tcp, Dv] or None,
-    sel = (W [r, 2], r, l', Nb) or None. Returns o [C, HKV, G, Dv] | None, lse [C, HKV, G], blk [HKV, C, Nb] | None.
+    sel = (W [r, 2], r, l', Nb) or None, sf: scores are small (see _shift_free). Returns o [C, HKV, G, Dv] | None, lse [C, HKV, G], blk [HKV, C, Nb] | None.
     """
     HKV, _, Dk = kc.shape
     G = qflat.shape[1] // Dk
@@ -172,7 +195,7 @@ def _cmp_forward_chunk(qflat, kc, vc, t0, C, l, d, Tc, sel=None):
     for a, b, lo, hi in _cmp_tiles(C, t0, l, d, Tc, HKV * G, r):
         M = b - a
         s, _ = _cmp_scores(qflat, kc, a, b, lo, hi, t0, l, d, HKV)
-        m, ssum = _softmax_stats_(s, lo == 0)
+        m, ssum = _softmax_stats_(s, lo == 0, sf)
         lse[a:b] = (m + ssum.log()).squeeze(-1).permute(2, 0, 1)
         inv = _safe_inv(ssum)  # [HKV, G, M, 1]
         if vc is not None:
@@ -267,11 +290,14 @@ class _SlcPlan:
         key = ((slots // n) % HKV) * NB + idx.view(-1)[slots]
         skey, order = torch.sort(key, stable=True)
         counts = torch.bincount(skey, minlength=HKV * NB)
-        used = int((counts > 0).sum())
-        avg = N / max(1, used)
-        P = 8
-        while P < 64 and P < avg:
-            P *= 2
+        # segment size: padded lanes plus ~16 lanes' worth of traffic per gathered key/value block
+        best = None
+        for P in (8, 16, 32, 64):
+            nseg_p = int(((counts + P - 1) // P).sum())
+            cost = nseg_p * P + 16 * nseg_p
+            if best is None or cost < best[0]:
+                best = (cost, P)
+        P = best[1]
         self.P = P
         nseg = (counts + P - 1) // P
         S = int(nseg.sum())
@@ -320,10 +346,28 @@ class _SlcPlan:
         return s, qb
 
 
-def _slc_forward_chunk(qflat, kf, vf, plan, G, Dv):
-    """Selected attention (Eq. 12) of one chunk. Returns o [C, HKV, G, Dv] and lse [C, HKV, G]."""
+def _slc_forward_chunk(qflat, kf, vf, plan, G, Dv, sf=False):
+    """Selected attention (Eq. 12) of one chunk. Returns o [C, HKV, G, Dv] and lse [C, HKV, G].
+
+    With sf (scores provably small, see _shift_free) the unshifted exp-sums of all of a query's blocks are
+    accumulated directly per query; otherwise each (query, block) pair keeps its own max and the partial results
+    are merged with the log-sum-exp rule."""
     C, HKV, n, P = plan.C, plan.HKV, plan.n, plan.P
     acc = qflat.dtype
+    if sf:
+        acc_o = torch.zeros(C * HKV + 1, G * Dv, dtype=acc, device=qflat.device)
+        acc_l = torch.zeros(C * HKV + 1, G, dtype=acc, device=qflat.device)
+        for s0, s1 in plan.batches(G):
+            SB = s1 - s0
+            kb, vb = plan.keys(kf, vf, s0, s1)
+            s, _ = plan.scores(qflat, kb, s0, s1, G)
+            rows = plan.lane_row[s0 * P:s1 * P]
+            s.exp_()
+            acc_l.index_add_(0, rows, s.sum(-1).view(SB * P, G))
+            acc_o.index_add_(0, rows, torch.bmm(s.view(SB, P * G, -1), vb).view(SB * P, G * Dv))
+        lsum = acc_l[:-1].view(C, HKV, G)
+        o = acc_o[:-1].view(C, HKV, G, Dv) * _safe_inv(lsum).unsqueeze(-1)
+        return o, lsum.log()
     nslot = C * HKV * n
     buf_o = torch.zeros(nslot + 1, G * Dv, dtype=acc, device=qflat.device)
     buf_m = torch.full((nslot + 1, G), _NEG, dtype=acc, device=qflat.device)
@@ -453,7 +497,7 @@ def _from_tiles(x, C, HKV, G, Wt):
     return x.view(HKV, nt, G, Wt, -1).permute(1, 3, 0, 2, 4).reshape(nt * Wt, HKV, G, -1)[:C]
 
 
-def _win_forward_chunk(qflat, k_s, v_s, t0, C, plan, G):
+def _win_forward_chunk(qflat, k_s, v_s, t0, C, plan, G, sf=False):
     """Sliding-window attention of one chunk. Returns o [C, HKV, G, Dv], lse [C, HKV, G]."""
     HKV, Wt = k_s.shape[1], plan.Wt
     nt, batches = plan.tiles(C, HKV, G)
@@ -464,7 +508,7 @@ def _win_forward_chunk(qflat, k_s, v_s, t0, C, plan, G):
     for i0, i1 in batches:
         tb = i1 - i0
         s = plan.scores(qt, plan.windows(kbuf, i0, i1), t0, i0, i1, G)
-        m, ssum = _softmax_stats_(s, False)
+        m, ssum = _softmax_stats_(s, False, sf)
         ob = torch.matmul(s.view(HKV, tb, G * Wt, plan.Kp), plan.windows(vbuf, i0, i1))
         o[:, i0:i1] = ob / ssum.view(HKV, tb, G * Wt, 1)
         lse[:, i0:i1] = (m + ssum.log()).view(HKV, tb, G * Wt, 1)
@@ -572,19 +616,24 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save):
         Tc = ce - cs
         if cmp is not None:
             kc, vc = _prep_cmp(cmp[0][b, cs:ce].to(acc), cmp[1][b, cs:ce].to(acc), r or 1, acc)
+            km_c = torch.linalg.vector_norm(kc, dim=-1).amax(-1)
         if slc is not None:
             kf, vf = (x[b, s:e].to(acc).reshape(L * HKV, -1) for x in slc[:2])
+            km_s = torch.linalg.vector_norm(kf.view(L, HKV, Dk), dim=-1).amax(0)
         if win is not None:
             kw_s, vw_s = (x[b, s:e].to(acc) for x in win)
+            km_w = torch.linalg.vector_norm(kw_s, dim=-1).amax(0)
             wplan = _WinPlan(geom.window, L, min(int(CHUNK_SIZE), L - q0), q.device, acc)
         for a, c1 in _chunks(L, q0):
             C = c1 - a
             rows = slice(s + a - q0, s + c1 - q0)  # rows of q / out
             qflat = _scaled_q(q_s, a - q0, c1 - q0, HKV, geom.scale, acc)
+            qn = _qnorm(qflat, HKV, Dk)
             res = {}
             if cmp is not None:
                 sel = (W, r, geom.cfg.slc_block_size, (c1 - 1) // geom.cfg.slc_block_size + 1) if need_sel else None
-                o_c, lse_c, blk = _cmp_forward_chunk(qflat, kc, vc, a, C, geom.l, geom.d, Tc, sel)
+                o_c, lse_c, blk = _cmp_forward_chunk(qflat, kc, vc, a, C, geom.l, geom.d, Tc, sel,
+                                                     _shift_free(qn, km_c))
                 res["cmp"] = (o_c, lse_c)
             if slc is not None:
                 with torch.no_grad():
@@ -592,9 +641,9 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save):
                 if "idx" in saved:
                     saved["idx"][b, rows] = idx
                 plan = _SlcPlan(idx, a, geom.lp, L)
-                res["slc"] = _slc_forward_chunk(qflat, kf, vf, plan, G, Dv)
+                res["slc"] = _slc_forward_chunk(qflat, kf, vf, plan, G, Dv, _shift_free(qn, km_s))
             if win is not None:
-                res["win"] = _win_forward_chunk(qflat, kw_s, vw_s, a, C, wplan, G)
+                res["win"] = _win_forward_chunk(qflat, kw_s, vw_s, a, C, wplan, G, _shift_free(qn, km_w))
             for name, (o_b, lse_b) in res.items():
                 if "o_" + name in saved:
                     saved["o_" + name][b, rows] = o_b.view(C, HQ, Dv)

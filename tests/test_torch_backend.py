@@ -1,0 +1,193 @@
+"""The "torch" backend against the reference: outputs and every gradient, fp64 to 1e-10 and fp32 to 1e-5, across
+odd shapes, GQA group sizes, Dk != Dv, varlen (empty and length-1 sequences), T < l, tiny chunks/tiles, both softmax
+paths (shift-free and max-shifted), tie-robust selection, and the short-query-tail entry point."""
+import math
+
+import pytest
+import torch
+
+import nsa
+from nsa.ops import dispatch
+from nsa.ops import reference as ref
+from nsa.ops import torch_backend as tb
+from tests.kit import assert_close, assert_same_selection, make_inputs, small_config
+
+CFG = small_config()  # l=8, d=4, l'=16, n=4, w=16
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
+
+
+@pytest.fixture(params=["tiny", "default"])
+def chunking(request, monkeypatch):
+    """Tiny chunks, score tiles and window tiles, so that every boundary is crossed; or the shipped settings."""
+    if request.param == "tiny":
+        monkeypatch.setattr(tb, "CHUNK_SIZE", 7)
+        monkeypatch.setattr(tb, "WORK_ELEMS", 300)
+        monkeypatch.setattr(tb, "WIN_TILE", 3)
+    return request.param
+
+
+def _grads(out, inputs, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    dout = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in out]
+    mask = [torch.isfinite(o) for o in out]
+    loss = sum((torch.where(m, o, 0) * d).sum() for o, d, m in zip(out, dout, mask))
+    params = [x for x in inputs if x.requires_grad]
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def _compare(fn, inputs, dtype, names, scaled=False):
+    """fn(backend, *inputs) -> tuple of outputs; compares outputs and gradients of torch vs reference.
+
+    scaled (ill-conditioned inputs): the reference runs in float64 and atol is 1e-4 times the tensor's largest
+    magnitude -- fp32 rounding is amplified by the large logits in both backends alike."""
+    res = {}
+    for backend in ("reference", "torch"):
+        cast = torch.float64 if scaled and backend == "reference" else dtype
+        xs = [x.detach().clone().to(cast).requires_grad_(x.is_floating_point()) for x in inputs]
+        out = fn(backend, *xs)
+        out = out if isinstance(out, tuple) else (out,)
+        res[backend] = (out, _grads(out, xs))
+    for i, (a, e) in enumerate(zip(res["torch"][0], res["reference"][0])):
+        assert a.dtype == e.dtype or scaled
+        assert_close(a, e, **_tol(dtype, e, scaled), name=f"output {i}")
+    for name, a, e in zip(names, res["torch"][1], res["reference"][1]):
+        e = torch.zeros_like(a) if e is None else e
+        a = torch.zeros_like(e) if a is None else a
+        assert_close(a, e, **_tol(dtype, e, scaled), name=f"grad {name}")
+
+
+def _tol(dtype, e, scaled):
+    tol = dict(TOL[dtype])
+    if scaled:
+        finite = e[torch.isfinite(e)]
+        tol["atol"] = 1e-4 * max(1.0, finite.abs().max().item() if finite.numel() else 1.0)
+    return tol
+
+
+def test_auto_picks_torch_on_cpu():
+    assert dispatch.resolve_backend("auto", torch.device("cpu")) is tb
+
+
+SHAPES = [  # B, T, HQ, HKV, Dk, Dv
+    (1, 5, 2, 2, 8, 8),  # T < l: no compressed token at all
+    (2, 37, 3, 3, 8, 5),  # G = 1, Dk != Dv
+    (1, 53, 4, 2, 6, 10),  # G = 2
+    (1, 61, 6, 2, 8, 8),  # G = 3
+    (1, 70, 16, 1, 4, 6),  # G = 16
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_composed_matches_reference(shape, dtype, chunking):
+    B, T, HQ, HKV, Dk, Dv = shape
+    inputs = make_inputs(B, T, HQ, HKV, Dk, Dv, CFG, dtype=dtype, seed=T)
+    # fp32 may pick a different block on a near-tie; the selection itself is compared tie-robustly below
+    idx = ref.select_blocks(inputs[0].double(), inputs[1].double(), config=CFG)
+    names = ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"]
+    _compare(lambda be, *x: nsa.native_sparse_attention(*x, config=CFG, block_indices=idx, backend=be),
+             inputs, dtype, names)
+    if dtype == torch.float64:  # own selection inside the fused op
+        o = nsa.native_sparse_attention(*inputs, config=CFG, backend="torch")
+        assert_close(o, nsa.native_sparse_attention(*inputs, config=CFG, backend="reference"), **TOL[dtype],
+                     name="with selection")
+
+
+@pytest.mark.parametrize("lengths", [[1, 0, 37, 5], [0, 16, 1, 29], [9, 0, 0]])
+def test_varlen_matches_reference(lengths, chunking):
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    T = int(cu[-1])
+    inputs = make_inputs(1, T, 4, 2, 8, 6, CFG, cu_seqlens=cu, seed=len(lengths) + T)
+    names = ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"]
+    _compare(lambda be, *x: nsa.native_sparse_attention(*x, config=CFG, cu_seqlens=cu, backend=be), inputs,
+             torch.float64, names)
+    q, k_cmp = inputs[:2]
+    assert torch.equal(nsa.select_blocks(q, k_cmp, config=CFG, cu_seqlens=cu, backend="torch"),
+                       nsa.select_blocks(q, k_cmp, config=CFG, cu_seqlens=cu, backend="reference"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("T", [3, 8, 45])
+def test_compressed_attention_and_lse_gradients(T, dtype, chunking):
+    q, k_cmp, v_cmp, *_ = make_inputs(2, T, 6, 2, 8, 5, CFG, dtype=dtype, seed=T + 1)
+    _compare(lambda be, *x: nsa.compressed_attention(*x, block_size=8, stride=4, backend=be), (q, k_cmp, v_cmp),
+             dtype, ["q", "k_cmp", "v_cmp"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_selected_attention_odd_indices(dtype, chunking):
+    """-1 slots, repeated indices and blocks after the query's own block, against the reference."""
+    T, HKV = 50, 2
+    q, _, _, k, v, *_ = make_inputs(1, T, 6, HKV, 8, 7, CFG, dtype=dtype, seed=2)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(-1, math.ceil(T / 16), (1, T, HKV, 5), generator=g)
+    idx[0, 20, 1] = torch.tensor([1, 1, 0, -1, 1])
+    idx[0, 0] = -1  # a query with no block at all -> zeros
+    _compare(lambda be, *x: nsa.selected_attention(*x, idx, block_size=16, backend=be), (q, k, v), dtype,
+             ["q", "k", "v"])
+
+
+@pytest.mark.parametrize("window", [1, 3, 16, 100])
+def test_sliding_window_matches_reference(window, chunking):
+    q, _, _, _, _, k, v, _ = make_inputs(2, 41, 4, 1, 6, 9, CFG, seed=window)
+    _compare(lambda be, *x: nsa.sliding_window_attention(*x, window=window, backend=be), (q, k, v), torch.float64,
+             ["q", "k", "v"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_large_logits_take_the_max_shifted_path(dtype, chunking):
+    """Scores far beyond the shift-free bound (|q||k|*scale > 60): the max-subtracted softmax must agree too.
+
+    Logits ~100 amplify fp32 rounding in both backends, so fp32 uses an atol relative to each tensor's scale."""
+    inputs = list(make_inputs(1, 48, 4, 2, 8, 8, CFG, dtype=dtype, seed=9))
+    for i in (0, 1, 3, 5):
+        inputs[i] = inputs[i] * 12.0
+    qn = torch.linalg.vector_norm(inputs[0] * 8 ** -0.5, dim=-1).max()
+    assert qn * torch.linalg.vector_norm(inputs[3], dim=-1).max() > tb._exp_limit(dtype)
+    idx = ref.select_blocks(inputs[0].double(), inputs[1].double(), config=CFG)
+    names = ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"]
+    _compare(lambda be, *x: nsa.native_sparse_attention(*x, config=CFG, block_indices=idx, backend=be), inputs,
+             dtype, names, scaled=dtype == torch.float32)
+
+
+@pytest.mark.parametrize("G", [1, 2, 3, 16])
+def test_selection_agrees_tie_robustly(G, chunking):
+    cfg = small_config(num_selected=5)
+    q, k_cmp, *_ = make_inputs(2, 150, 2 * G, 2, 8, 8, cfg, dtype=torch.float32, seed=G)
+    idx = nsa.select_blocks(q, k_cmp, config=cfg, backend="torch")
+    expected = nsa.select_blocks(q, k_cmp, config=cfg, backend="reference")
+    assert_same_selection(idx, expected, ref.block_scores(q, k_cmp, config=cfg), cfg)
+    q64, k64 = q.double(), k_cmp.double()
+    assert torch.equal(nsa.select_blocks(q64, k64, config=cfg, backend="torch"),
+                       nsa.select_blocks(q64, k64, config=cfg, backend="reference"))
+
+
+def test_exact_ties_go_to_the_lower_block(chunking):
+    """Identical compressed keys make many block scores exactly equal: the choice must match the reference."""
+    cfg = small_config(num_selected=5, num_local_blocks=1)
+    q, k_cmp, *_ = make_inputs(1, 160, 4, 2, 8, 8, cfg, seed=4)
+    k_cmp = k_cmp[:, :1].expand_as(k_cmp).contiguous()
+    assert torch.equal(nsa.select_blocks(q, k_cmp, config=cfg, backend="torch"),
+                       nsa.select_blocks(q, k_cmp, config=cfg, backend="reference"))
+
+
+@pytest.mark.parametrize("Tq", [1, 5])
+def test_query_tail_equals_last_rows(Tq, chunking):
+    q, k_cmp, v_cmp, ks, vs, kw, vw, gates = make_inputs(2, 90, 6, 2, 8, 8, CFG, seed=Tq)
+    full = nsa.native_sparse_attention(q, k_cmp, v_cmp, ks, vs, kw, vw, gates, config=CFG, backend="reference")
+    tail = tb.native_sparse_attention_tail(q[:, -Tq:], k_cmp, v_cmp, ks, vs, kw, vw, gates[:, -Tq:], config=CFG)
+    assert_close(tail, full[:, -Tq:], **TOL[torch.float64], name="tail")
+    with pytest.raises(ValueError, match="q_tail"):
+        tb.native_sparse_attention_tail(q[:, :0], k_cmp, v_cmp, ks, vs, kw, vw, gates[:, :0], config=CFG)
+
+
+def test_paper_geometry_float32(chunking):
+    """Paper geometry (l=32, d=16, l'=64, n=16, w=512) at T=700, fp32, against the float64 reference."""
+    cfg = nsa.NSAConfig()
+    inputs = make_inputs(1, 700, 4, 1, 16, 16, cfg, dtype=torch.float64, seed=5)
+    idx = ref.select_blocks(inputs[0], inputs[1], config=cfg)
+    o64 = ref.native_sparse_attention(*inputs, config=cfg, block_indices=idx)
+    o32 = nsa.native_sparse_attention(*[x.float() for x in inputs], config=cfg, block_indices=idx, backend="torch")
+    assert_close(o32, o64, atol=1e-5, rtol=1e-5, name="fp32 torch vs fp64 reference")
+    sel = nsa.select_blocks(inputs[0].float(), inputs[1].float(), config=cfg, backend="torch")
+    assert_same_selection(sel, idx, ref.block_scores(inputs[0], inputs[1], config=cfg), cfg)
