@@ -21,7 +21,7 @@ def chunking(request, monkeypatch):
     """Tiny chunks, score tiles and window tiles, so that every boundary is crossed; or the shipped settings."""
     if request.param == "tiny":
         monkeypatch.setattr(tb, "CHUNK_SIZE", 7)
-        monkeypatch.setattr(tb, "WORK_ELEMS", 300)
+        monkeypatch.setattr(tb, "WORK_ELEMS", 1000)
         monkeypatch.setattr(tb, "WIN_TILE", 3)
     return request.param
 
@@ -181,8 +181,10 @@ def test_query_tail_equals_last_rows(Tq, chunking):
         tb.native_sparse_attention_tail(q[:, :0], k_cmp, v_cmp, ks, vs, kw, vw, gates[:, :0], config=CFG)
 
 
-def test_paper_geometry_float32(chunking):
+@pytest.mark.parametrize("chunk", [96, 2048])
+def test_paper_geometry_float32(chunk, monkeypatch):
     """Paper geometry (l=32, d=16, l'=64, n=16, w=512) at T=700, fp32, against the float64 reference."""
+    monkeypatch.setattr(tb, "CHUNK_SIZE", chunk)
     cfg = nsa.NSAConfig()
     inputs = make_inputs(1, 700, 4, 1, 16, 16, cfg, dtype=torch.float64, seed=5)
     idx = ref.select_blocks(inputs[0], inputs[1], config=cfg)
