@@ -233,11 +233,14 @@ def _bwd_dkv_kernel(
              mask=col_ok[:, None] & (offs_dv[None, :] < DV))
 
 
-def _blocks(dk: int, dv: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) for the head dims: 16x16 when interpreting, smaller key tiles for wide heads on GPU."""
+def _blocks(dk: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): 16x16 when interpreting; on GPU smaller tiles for wide heads / fp32 (shared memory)."""
     if interpreting():
         return 16, 16
-    return (64, 64) if max(dk, dv) <= 128 else (64, 32)
+    wide, fp32 = max(dk, dv) > 128, dtype == torch.float32
+    if wide and fp32:
+        return 32, 32
+    return (64, 32) if wide or fp32 else (64, 64)
 
 
 class DenseMaskedAttention(torch.autograd.Function):
@@ -250,7 +253,7 @@ class DenseMaskedAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o = torch.empty(Tq, HQ, Dv, dtype=q.dtype, device=q.device)
         lse = torch.empty(Tq, HQ, dtype=torch.float32, device=q.device)
-        bm, bn = _blocks(Dk, Dv)
+        bm, bn = _blocks(Dk, Dv, q.dtype)
         tiles_q = tile_table(cu_q, bm)
         bdk, bdv = next_pow2(Dk), next_pow2(Dv)
         if tiles_q.shape[0] and HQ:

@@ -217,8 +217,12 @@ def tile_shape(G: int, packed: bool | None = None) -> tuple[int, int]:
     return rows, (max(1, rows // G) if packed else 1)
 
 
-def _block_n(lp: int) -> int:
-    return min(next_pow2(lp), 16 if interpreting() else 64)
+def _block_n(lp: int, rows: int, d: int, dtype: torch.dtype) -> int:
+    """Key sub-tile inside a selection block: 16 when interpreting; on GPU bounded by shared memory."""
+    if interpreting():
+        return min(next_pow2(lp), 16)
+    big = d > 128 and (rows > 16 or dtype == torch.float32)
+    return min(next_pow2(lp), 32 if big else 64)
 
 
 class SelectionPlan:
@@ -290,7 +294,8 @@ class SelectedAttention(torch.autograd.Function):
         o = torch.empty(Tt, HQ, Dv, dtype=q.dtype, device=q.device)
         lse = torch.empty(Tt, HQ, dtype=torch.float32, device=q.device)
         meta = dict(PREC=dot_precision(q.dtype), ROWS=plan.rows, BT=plan.bt, NPAD=plan.npad,
-                    BLOCK_N=_block_n(block_size), BLOCK_DK=next_pow2(Dk), BLOCK_DV=next_pow2(Dv))
+                    BLOCK_N=_block_n(block_size, plan.rows, max(Dk, Dv), q.dtype),
+                    BLOCK_DK=next_pow2(Dk), BLOCK_DV=next_pow2(Dv))
         NT = plan.tiles.shape[0]
         if NT and HKV:
             _slc_fwd_kernel[(NT, HKV)](

@@ -102,9 +102,9 @@ def _topn_kernel(
     tl.store(OUT + t * s_ot + hk * s_oh + slot, best_j, mask=slot_ok)
 
 
-def _chunk(lp: int, l: int, d: int) -> tuple[int, int]:
+def _chunk(lp: int, l: int, d: int, dk: int = 128, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
     """(BLOCK_J, CI): blocks per chunk and the compressed-token tile that covers them."""
-    bj = 8 if interpreting() else 16
+    bj = 8 if interpreting() or (dk > 128 and dtype == torch.float32) else 16
     return bj, next_pow2(bj * lp // d + l // d)
 
 
@@ -119,7 +119,7 @@ def topn_from_lse(q, k_cmp, lse, cu, ccu, *, config, scale):
     q, k_cmp, lse = q.contiguous(), k_cmp.contiguous(), lse.contiguous().float()
     lengths = cu[1:] - cu[:-1]
     seq_of = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths, output_size=Tt)
-    bj, ci = _chunk(config.slc_block_size, config.cmp_block_size, config.cmp_stride)
+    bj, ci = _chunk(config.slc_block_size, config.cmp_block_size, config.cmp_stride, Dk, q.dtype)
     G = HQ // HKV
     _topn_kernel[(Tt, HKV)](
         q, k_cmp, lse, out, seq_of.to(torch.int32), cu, ccu,
