@@ -33,19 +33,43 @@ _NEG = float("-inf")
 
 
 class _threads_for:
-    """Context manager: one intra-op thread while the problem (q.numel()) is small."""
+    """Context manager: run the op's torch calls single-threaded and spread its query chunks over Python worker
+    threads instead (one per intra-op thread; just one for a small q). Many mid-sized ops each paying an OpenMP
+    barrier cost far more than one independent stream of ops per core, above all on a busy machine.
+    Yields the number of workers. Note: torch's thread count is process-wide while the op runs."""
 
     def __init__(self, q):
         self.small = q.numel() <= SMALL_NUMEL
 
     def __enter__(self):
-        if self.small:
-            self.n = torch.get_num_threads()
-            torch.set_num_threads(1)
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        return 1 if self.small else self.n
 
     def __exit__(self, *exc):
-        if self.small:
-            torch.set_num_threads(self.n)
+        torch.set_num_threads(self.n)
+
+
+_POOL = None
+
+
+def _run_chunks(fn, items, workers):
+    """[fn(group) for group in round-robin groups of items], the groups on worker threads when workers > 1."""
+    global _POOL
+    workers = max(1, min(workers, len(items)))
+    groups = [items[i::workers] for i in range(workers)]
+    if workers == 1:
+        return [fn(g) for g in groups]
+    if _POOL is None or _POOL._max_workers < workers:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nsa-torch")
+    grad = torch.is_grad_enabled()
+
+    def run(g):
+        with torch.set_grad_enabled(grad):
+            return fn(g)
+
+    return list(_POOL.map(run, groups))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -346,6 +370,18 @@ class _SlcPlan:
         return s, qb
 
 
+def _plan_kmax(plan, kf, Dk):
+    """Largest key norm per KV head over the key blocks a plan touches, [HKV]."""
+    out = kf.new_zeros(plan.HKV)
+    keys = torch.unique(plan.seg_key)
+    if keys.numel():
+        pos = ((keys % plan.NB)[:, None] * plan.lp + plan.ar).clamp(max=plan.L - 1)
+        rows = (pos * plan.HKV + (keys // plan.NB)[:, None]).view(-1)
+        nrm = torch.linalg.vector_norm(kf.index_select(0, rows).view(keys.numel(), -1, Dk), dim=-1).amax(-1)
+        out.scatter_reduce_(0, keys // plan.NB, nrm, "amax")
+    return out
+
+
 def _slc_forward_chunk(qflat, kf, vf, plan, G, Dv, sf=False):
     """Selected attention (Eq. 12) of one chunk. Returns o [C, HKV, G, Dv] and lse [C, HKV, G].
 
@@ -575,11 +611,11 @@ def _spans(geom, B, T):
 
 
 def _forward(q, cmp, slc, win, gates, geom, save):
-    with _threads_for(q):
-        return _forward_impl(q, cmp, slc, win, gates, geom, save)
+    with _threads_for(q) as workers:
+        return _forward_impl(q, cmp, slc, win, gates, geom, save, workers)
 
 
-def _forward_impl(q, cmp, slc, win, gates, geom, save):
+def _forward_impl(q, cmp, slc, win, gates, geom, save, workers=1):
     """Chunked forward of any subset of the branches (the composed op when `gates` is given).
 
     cmp = (k_cmp, v_cmp) | None, slc = (k, v, indices | None) | None, win = (k, v) | None; q [B, Tq, HQ, Dk] holds
@@ -617,14 +653,16 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save):
         if cmp is not None:
             kc, vc = _prep_cmp(cmp[0][b, cs:ce].to(acc), cmp[1][b, cs:ce].to(acc), r or 1, acc)
             km_c = torch.linalg.vector_norm(kc, dim=-1).amax(-1)
+        # largest key norm per KV head, for the shift-free test; a query tail (decoding) only looks at the keys
+        # it can reach, so that one step does not pay a pass over the whole context
         if slc is not None:
             kf, vf = (x[b, s:e].to(acc).reshape(L * HKV, -1) for x in slc[:2])
-            km_s = torch.linalg.vector_norm(kf.view(L, HKV, Dk), dim=-1).amax(0)
+            km_s = None if q0 else torch.linalg.vector_norm(kf.view(L, HKV, Dk), dim=-1).amax(0)
         if win is not None:
             kw_s, vw_s = (x[b, s:e].to(acc) for x in win)
-            km_w = torch.linalg.vector_norm(kw_s, dim=-1).amax(0)
+            km_w = torch.linalg.vector_norm(kw_s[max(0, q0 - geom.window):], dim=-1).amax(0)
             wplan = _WinPlan(geom.window, L, min(int(CHUNK_SIZE), L - q0), q.device, acc)
-        for a, c1 in _chunks(L, q0):
+        def one_chunk(a, c1, b=b, s=s, L=L, q_s=q_s, Tc=Tc):
             C = c1 - a
             rows = slice(s + a - q0, s + c1 - q0)  # rows of q / out
             qflat = _scaled_q(q_s, a - q0, c1 - q0, HKV, geom.scale, acc)
@@ -641,7 +679,8 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save):
                 if "idx" in saved:
                     saved["idx"][b, rows] = idx
                 plan = _SlcPlan(idx, a, geom.lp, L)
-                res["slc"] = _slc_forward_chunk(qflat, kf, vf, plan, G, Dv, _shift_free(qn, km_s))
+                km = _plan_kmax(plan, kf, Dk) if km_s is None else km_s
+                res["slc"] = _slc_forward_chunk(qflat, kf, vf, plan, G, Dv, _shift_free(qn, km))
             if win is not None:
                 res["win"] = _win_forward_chunk(qflat, kw_s, vw_s, a, C, wplan, G, _shift_free(qn, km_w))
             for name, (o_b, lse_b) in res.items():
@@ -652,6 +691,8 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save):
                 g = gates[b, rows].to(acc).view(C, HKV, G, 3, 1)
                 o = g[..., 0, :] * res["cmp"][0] + g[..., 1, :] * res["slc"][0] + g[..., 2, :] * res["win"][0]
                 out[b, rows] = o.view(C, HQ, Dv).to(out.dtype)
+
+        _run_chunks(lambda group: [one_chunk(a, c1) for a, c1 in group], _chunks(L, q0), workers)
     if gates is None:
         name = "cmp" if cmp is not None else ("slc" if slc is not None else "win")
         out = saved["o_" + name].to(q.dtype)
@@ -659,11 +700,11 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save):
 
 
 def _backward(q, cmp, slc, win, gates, geom, saved, dout, dlse=None):
-    with _threads_for(q):
-        return _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse)
+    with _threads_for(q) as workers:
+        return _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse, workers)
 
 
-def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None):
+def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None, workers=1):
     """Gradients of `_forward` (recomputing score tiles per chunk). Returns dq, (dk_cmp, dv_cmp), (dk, dv) slc,
     (dk, dv) win, dgates (None where a branch or the gates are absent)."""
     B, T, HQ, Dk = q.shape
@@ -684,17 +725,28 @@ def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None):
         Tc = ce - cs
         if cmp is not None:
             kc, vc = _prep_cmp(cmp[0][b, cs:ce].to(acc), cmp[1][b, cs:ce].to(acc), 1, acc)
-            dkc, dvc = torch.zeros_like(kc), torch.zeros_like(vc)
         if slc is not None:
             kf, vf = (x[b, s:e].to(acc).reshape(L * HKV, -1) for x in slc[:2])
             NB = -(-L // geom.lp)
-            dkb = torch.zeros(HKV * NB, geom.lp * Dk, dtype=acc, device=q.device)
-            dvb = torch.zeros(HKV * NB, geom.lp * Dv, dtype=acc, device=q.device)
         if win is not None:
             kw_s, vw_s = (x[b, s:e].to(acc) for x in win)
             wplan = _WinPlan(geom.window, L, min(int(CHUNK_SIZE), L), q.device, acc)
-            dkw, dvw = _win_grad_buffers(L, HKV, Dk, Dv, wplan, acc, q.device)
-        for a, c1 in _chunks(L):
+
+        def group(chunks, b=b, s=s, L=L, q_s=q_s, Tc=Tc):
+            """Gradients of some chunks of this sequence; k/v gradients go to buffers local to the group."""
+            buf = {}
+            if cmp is not None:
+                buf["dkc"], buf["dvc"] = torch.zeros_like(kc), torch.zeros_like(vc)
+            if slc is not None:
+                buf["dkb"] = torch.zeros(HKV * NB, geom.lp * Dk, dtype=acc, device=q.device)
+                buf["dvb"] = torch.zeros(HKV * NB, geom.lp * Dv, dtype=acc, device=q.device)
+            if win is not None:
+                buf["dkw"], buf["dvw"] = _win_grad_buffers(L, HKV, Dk, Dv, wplan, acc, q.device)
+            for a, c1 in chunks:
+                one_chunk(a, c1, b, s, L, q_s, Tc, **buf)
+            return buf
+
+        def one_chunk(a, c1, b, s, L, q_s, Tc, dkc=None, dvc=None, dkb=None, dvb=None, dkw=None, dvw=None):
             C = c1 - a
             rows = slice(s + a, s + c1)
             qflat = _scaled_q(q_s, a, c1, HKV, geom.scale, acc)
@@ -724,6 +776,10 @@ def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None):
                 else:
                     dqc += _win_backward_chunk(qflat, kw_s, vw_s, a, C, wplan, G, dOb, delta, lse_b, dkw, dvw)
             dq[b, rows] = dqc.view(C, HQ, Dk) * geom.scale
+
+        bufs = _run_chunks(group, _chunks(L), workers)
+        tot = {k: sum(bb[k] for bb in bufs[1:]) + bufs[0][k] if len(bufs) > 1 else bufs[0][k] for k in bufs[0]}
+        dkc, dvc, dkb, dvb, dkw, dvw = (tot.get(k) for k in ("dkc", "dvc", "dkb", "dvb", "dkw", "dvw"))
         if cmp is not None:
             dcmp[0][b, cs:ce] = dkc[:, :Tc].permute(1, 0, 2)
             dcmp[1][b, cs:ce] = dvc[:, :Tc].permute(1, 0, 2)
