@@ -41,9 +41,9 @@ def test_shapes_and_loss(attention):
     assert not missing, missing
 
 
-@pytest.mark.parametrize("attention", ["nsa", "full"])
-def test_causal(attention):
-    model = micro(attention)
+@pytest.mark.parametrize("attention,shift", [("nsa", False), ("full", False), ("nsa", True), ("full", True)])
+def test_causal(attention, shift):
+    model = micro(attention, token_shift=shift)
     x = ids(1, 70)
     x2 = x.clone()
     x2[:, 41:] = ids(1, 29, seed=5)
@@ -52,9 +52,9 @@ def test_causal(attention):
         assert not torch.equal(model(x)[:, 41:], model(x2)[:, 41:])
 
 
-@pytest.mark.parametrize("attention", ["nsa", "full"])
-def test_packed_equals_separate(attention):
-    model = micro(attention)
+@pytest.mark.parametrize("attention,shift", [("nsa", False), ("full", False), ("nsa", True), ("full", True)])
+def test_packed_equals_separate(attention, shift):
+    model = micro(attention, token_shift=shift)
     lengths = [37, 0, 5, 50]
     seqs = [ids(1, n, seed=10 + i) for i, n in enumerate(lengths)]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
@@ -65,9 +65,10 @@ def test_packed_equals_separate(attention):
                 assert_close(packed[:, a:b], model(s), atol=1e-10, rtol=1e-10, name=f"seq {a}:{b}")
 
 
-def test_param_parity_nsa_vs_full():
+@pytest.mark.parametrize("shift", [False, True])
+def test_param_parity_nsa_vs_full(shift):
     """With shared K/V the NSA model has exactly the full model's parameters plus the gates and φ."""
-    n_full, n_nsa = micro("full").num_params(), micro("nsa")
+    n_full, n_nsa = micro("full", token_shift=shift).num_params(), micro("nsa", token_shift=shift)
     extra = sum(p.numel() for name, p in n_nsa.named_parameters() if ".compress_" in name or ".g_proj." in name)
     assert n_nsa.num_params() - extra == n_full
     assert extra > 0
@@ -105,11 +106,11 @@ def test_full_kv_cache_prefill_and_decode_match_forward():
         model(ids(2, 41), cache=cache)
 
 
-@pytest.mark.parametrize("attention", ["full", "nsa"])
-def test_cached_greedy_generation_equals_uncached(attention):
+@pytest.mark.parametrize("attention,shift", [("full", False), ("nsa", False), ("full", True), ("nsa", True)])
+def test_cached_greedy_generation_equals_uncached(attention, shift):
     if attention == "nsa" and not hasattr(nsa, "NSACache"):
         pytest.skip("nsa.NSACache not available yet")
-    model = micro(attention)
+    model = micro(attention, token_shift=shift)
     prompt = ids(2, 21)
     with torch.no_grad():
         cached = model.generate(prompt, 30, temperature=0, use_cache=True)
@@ -132,3 +133,17 @@ def test_sampling():
         model.generate(ids(1, 3), 2, top_p=0)
     with pytest.raises(ValueError, match="prompt"):
         model.generate(torch.zeros(1, 0, dtype=torch.long), 2)
+
+
+def test_token_shift_reads_previous_token_only_within_sequence():
+    model = micro("full", token_shift=True)
+    x = ids(1, 20)
+    with pytest.raises(ValueError, match="shift_state"):
+        model(x, cache=model.make_cache(1, 20))
+    x2 = x.clone()
+    x2[0, 9] = (x2[0, 9] + 1) % 64
+    cu = torch.tensor([0, 10, 20])
+    with torch.no_grad():
+        a, b = model(x, cu_seqlens=cu), model(x2, cu_seqlens=cu)
+    assert torch.equal(a[:, 10:], b[:, 10:])  # token 9 ends sequence 0: it must not leak into token 10
+    assert not torch.equal(a[:, 9], b[:, 9])

@@ -40,6 +40,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     backend: str = "auto"
+    token_shift: bool = False  # attention input += mix * previous token's (a "smeared" input, see Block)
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
@@ -177,9 +178,27 @@ class Block(nn.Module):
             self.attn = FullAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta)
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        # token shift: the attention input also carries the previous token's normalised state (per-channel mix),
+        # so a key can say "I follow token X" without a previous-token head; speeds up learning recall (induction)
+        self.shift_mix = nn.Parameter(torch.full((cfg.hidden_size,), 0.5)) if cfg.token_shift else None
 
-    def forward(self, x, cu_seqlens=None, position_ids=None, cache=None, layer_idx=0):
+    def _shift(self, h, cu_seqlens, shift_state, layer_idx):
+        """h [B, T, C] -> h + mix * h[t-1] (zero at every sequence start, or the cached last state)."""
+        if shift_state is not None:  # decoding: continue from the state of the last cached token
+            prev = shift_state.get(layer_idx, torch.zeros_like(h[:, :1]))
+            shift_state[layer_idx] = h[:, -1:]
+            prev = torch.cat([prev, h[:, :-1]], dim=1)
+        else:
+            prev = F.pad(h[:, :-1], (0, 0, 1, 0))
+            if cu_seqlens is not None:
+                starts = token_positions(h.shape[1], cu_seqlens, h.device) == 0
+                prev = prev.masked_fill(starts[None, :, None], 0.0)
+        return h + self.shift_mix * prev
+
+    def forward(self, x, cu_seqlens=None, position_ids=None, cache=None, layer_idx=0, shift_state=None):
         h = self.attn_norm(x)
+        if self.shift_mix is not None:
+            h = self._shift(h, cu_seqlens, shift_state if cache is not None else None, layer_idx)
         if cache is None:
             h = self.attn(h, cu_seqlens=cu_seqlens, position_ids=position_ids)
         else:
@@ -211,14 +230,20 @@ class LlamaLM(nn.Module):
                     nn.init.normal_(mod.weight, std=std / (2 * self.cfg.num_layers) ** 0.5 if out_proj else std)
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, cache=None, shift_state: dict | None = None
+                ) -> torch.Tensor:
+        """`shift_state` (a dict, with `cache` and cfg.token_shift): each layer's last input state, kept by
+        `generate` between calls."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         if cache is not None and cu_seqlens is not None:
             raise ValueError("cu_seqlens cannot be combined with a cache")
+        if cache is not None and self.cfg.token_shift and shift_state is None:
+            raise ValueError("shift_state (a dict) is required with a cache when token_shift is on")
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
-            x = block(x, cu_seqlens=cu_seqlens, position_ids=position_ids, cache=cache, layer_idx=i)
+            x = block(x, cu_seqlens=cu_seqlens, position_ids=position_ids, cache=cache, layer_idx=i,
+                      shift_state=shift_state)
         return F.linear(self.norm(x), self.embed.weight)  # tied output head
 
     def loss(self, input_ids, labels, cu_seqlens=None, reduction="mean"):
@@ -255,9 +280,13 @@ class LlamaLM(nn.Module):
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         cache = self.make_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens) if use_cache else None
+        shift_state = {} if cache is not None else None
         out, step_in = prompt, prompt
         for _ in range(max_new_tokens):
-            logits = self(step_in, cache=cache)[:, -1].float() if cache is not None else self(out)[:, -1].float()
+            if cache is not None:
+                logits = self(step_in, cache=cache, shift_state=shift_state)[:, -1].float()
+            else:
+                logits = self(out)[:, -1].float()
             nxt = sample(logits, temperature, top_p, generator)
             out = torch.cat([out, nxt[:, None]], dim=1)
             step_in = nxt[:, None]
