@@ -128,6 +128,21 @@ def test_selected_attention_padded_and_packed_tiles_agree(packed, monkeypatch):
              F32, "qkv")
 
 
+def test_selected_attention_split_reverse_lists(monkeypatch):
+    """dK/dV programs cover at most MAX_SEGMENT query tiles; longer lists are split, reduced in order, repeatable."""
+    from nsa.ops.triton import selection
+
+    monkeypatch.setattr(selection, "MAX_SEGMENT", 2)
+    x, cu = _case((4, 2), True)
+    q, kc, k, v = x[0], x[1], x[3], x[4]
+    idx = _messy_indices(q, kc, cu, seed=4)
+    _compare(lambda b: nsa.selected_attention(q, k, v, idx, block_size=16, cu_seqlens=cu, backend=b), (q, k, v),
+             F32, "qkv")
+    o = lambda: nsa.selected_attention(q, k, v, idx, block_size=16, cu_seqlens=cu, backend="triton")  # noqa: E731
+    for a, b in zip(_grads(o(), (q, k, v)), _grads(o(), (q, k, v))):
+        assert torch.equal(a, b)
+
+
 def test_selected_attention_block_not_multiple_of_tile():
     """l' = 12 (not a power of two): key tiles are masked at the block edge."""
     x, _ = _case((3, 1), False, T=41)

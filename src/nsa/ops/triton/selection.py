@@ -23,6 +23,7 @@ from .flash import LOG2E, default_scale
 from .utils import device_jit, autotune_configs, dot_precision, interpreting, next_pow2, pack, seq_offsets, tile_table
 
 PACK_SMALL_GROUPS = True
+MAX_SEGMENT = 256  # query tiles per dK/dV program; longer reverse lists are split and reduced in order
 _BIG = 2**30
 
 
@@ -157,16 +158,23 @@ def _slc_bwd_dq_kernel(
 @triton.autotune(configs=autotune_configs(), key=["G", "BLOCK_DK", "BLOCK_DV", "BT", "PREC"])
 @triton.jit
 def _slc_bwd_dkv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK_, DV_, IDX, REV, REV_OFF, KV_BLOCKS, TILES, CU,
+    Q, K, V, DO, LSE, DELTA, DK_, DV_, PART_K, PART_V, IDX, REV, SEGMENTS, KV_BLOCKS, TILES, CU,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_lt, s_it, s_ih,
     G, N, LP, NSUB, NB_TOTAL, DK, DV, qk_scale, scale,
     PREC: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, NPAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, LP_PAD: tl.constexpr,
 ):
+    """One program per (reverse-index segment, key sub-tile). A block whose list is split over several
+    segments writes fp32 partials to PART_*[slot]; `_slc_dkv_reduce_kernel` sums them in segment order."""
     pid0 = tl.program_id(0)
-    hk = tl.program_id(1).to(tl.int64)
-    gb = pid0 // NSUB
+    seg = pid0 // NSUB
     sub = (pid0 % NSUB) * BLOCK_N
+    key = tl.load(SEGMENTS + 4 * seg).to(tl.int64)
+    e0 = tl.load(SEGMENTS + 4 * seg + 1)
+    e1 = tl.load(SEGMENTS + 4 * seg + 2)
+    slot = tl.load(SEGMENTS + 4 * seg + 3).to(tl.int64)
+    hk = key // NB_TOTAL
+    gb = key % NB_TOTAL
     seq = tl.load(KV_BLOCKS + 2 * gb)
     blk = tl.load(KV_BLOCKS + 2 * gb + 1)
     qs = tl.load(CU + seq).to(tl.int64)
@@ -182,8 +190,6 @@ def _slc_bwd_dkv_kernel(
                 mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    e0 = tl.load(REV_OFF + hk * NB_TOTAL + gb)
-    e1 = tl.load(REV_OFF + hk * NB_TOTAL + gb + 1)
     for e in range(e0, e1):
         tile = tl.load(REV + e)
         _, _, tok, hq, pos_q, row_ok, own = _rows(TILES, CU, IDX, tile, hk, G, N, s_it, s_ih, ROWS, BT, NPAD)
@@ -203,6 +209,48 @@ def _slc_bwd_dkv_kernel(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     dk = dk * scale
+    direct = (offs_n * 0 + slot) < 0  # [BLOCK_N]: this segment owns the whole list
+    mk = k_ok[:, None] & (offs_dk[None, :] < DK)
+    mv = k_ok[:, None] & (offs_dv[None, :] < DV)
+    tl.store(DK_ + (qs + kpos)[:, None] * s_kt + hk * s_kh + offs_dk[None, :], dk.to(DK_.dtype.element_ty),
+             mask=mk & direct[:, None])
+    tl.store(DV_ + (qs + kpos)[:, None] * s_vt + hk * s_vh + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+             mask=mv & direct[:, None])
+    prow = tl.maximum(slot, 0) * LP_PAD + sub + offs_n
+    tl.store(PART_K + prow[:, None] * BLOCK_DK + offs_dk[None, :], dk, mask=mk & (direct[:, None] == 0))
+    tl.store(PART_V + prow[:, None] * BLOCK_DV + offs_dv[None, :], dv, mask=mv & (direct[:, None] == 0))
+
+
+@triton.jit
+def _slc_dkv_reduce_kernel(
+    DK_, DV_, PART_K, PART_V, SPLITS, KV_BLOCKS, CU,
+    s_kt, s_kh, s_vt, s_vh, LP, NSUB, NB_TOTAL, DK, DV,
+    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, LP_PAD: tl.constexpr,
+):
+    """dK/dV of a block whose reverse list was split: the sum of its partials in a fixed order (deterministic)."""
+    pid0 = tl.program_id(0)
+    i = pid0 // NSUB
+    sub = (pid0 % NSUB) * BLOCK_N
+    key = tl.load(SPLITS + 3 * i).to(tl.int64)
+    first = tl.load(SPLITS + 3 * i + 1).to(tl.int64)
+    nseg = tl.load(SPLITS + 3 * i + 2)
+    hk = key // NB_TOTAL
+    gb = key % NB_TOTAL
+    seq = tl.load(KV_BLOCKS + 2 * gb)
+    blk = tl.load(KV_BLOCKS + 2 * gb + 1)
+    qs = tl.load(CU + seq).to(tl.int64)
+    L = tl.load(CU + seq + 1).to(tl.int64) - qs
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    kpos = blk.to(tl.int64) * LP + sub + offs_n
+    k_ok = (sub + offs_n < LP) & (kpos < L)
+    dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for j in range(nseg):
+        prow = (first + j) * LP_PAD + sub + offs_n
+        dk += tl.load(PART_K + prow[:, None] * BLOCK_DK + offs_dk[None, :], mask=k_ok[:, None], other=0.0)
+        dv += tl.load(PART_V + prow[:, None] * BLOCK_DV + offs_dv[None, :], mask=k_ok[:, None], other=0.0)
     tl.store(DK_ + (qs + kpos)[:, None] * s_kt + hk * s_kh + offs_dk[None, :], dk.to(DK_.dtype.element_ty),
              mask=k_ok[:, None] & (offs_dk[None, :] < DK))
     tl.store(DV_ + (qs + kpos)[:, None] * s_vt + hk * s_vh + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
@@ -231,6 +279,8 @@ class SelectionPlan:
     idx    int32 [Tt, HKV, n]: -1 where the entry is ignored (negative, or after the query's own block).
     union  int32 [NT, HKV, U]: ascending distinct blocks of each tile's positions, -1 padded; count [NT, HKV].
     rev/rev_off: CSR reverse index, (KV head, global block) -> query tiles ascending; kv_blocks [NB, 2].
+    segments [NS, 4] (key, start, end, partial slot or -1): the dK/dV programs; splits [NM, 3] (key, first
+    slot, count): blocks whose list was split, reduced in slot order.
     """
 
     def __init__(self, indices, cu, block_size, G, packed=None):
@@ -277,6 +327,20 @@ class SelectionPlan:
         off = torch.zeros(HKV * self.nb_total + 1, dtype=torch.long, device=dev)
         off[1:] = torch.bincount(key, minlength=HKV * self.nb_total).cumsum(0)
         self.rev_off = off.to(torch.int32).contiguous()
+        # split long lists (the init block is selected by every query) into segments of <= MAX_SEGMENT tiles
+        cnt = off[1:] - off[:-1]
+        nseg = ((cnt + MAX_SEGMENT - 1) // MAX_SEGMENT).clamp(min=1)
+        total = int(nseg.sum())
+        seg_key = torch.repeat_interleave(torch.arange(len(cnt), device=dev), nseg, output_size=total)
+        first_seg = nseg.cumsum(0) - nseg
+        start = off[:-1][seg_key] + (torch.arange(total, device=dev) - first_seg[seg_key]) * MAX_SEGMENT
+        end = torch.minimum(start + MAX_SEGMENT, off[1:][seg_key])
+        split = nseg[seg_key] > 1
+        slot = torch.where(split, split.long().cumsum(0) - 1, -1)
+        self.segments = torch.stack([seg_key, start, end, slot], 1).to(torch.int32).contiguous()
+        self.num_slots = int(split.sum())
+        multi = (nseg > 1).nonzero().flatten()
+        self.splits = torch.stack([multi, slot[first_seg[multi]], nseg[multi]], 1).to(torch.int32).contiguous()
         self.n = n
         self.npad = next_pow2(n, lo=2)
 
@@ -332,10 +396,20 @@ class SelectedAttention(torch.autograd.Function):
             dq.zero_()
         nsub = triton.cdiv(block_size, meta["BLOCK_N"])
         if plan.nb_total and HKV:
-            _slc_bwd_dkv_kernel[(plan.nb_total * nsub, HKV)](
-                q, k, v, do, lse, delta, dk, dv, plan.idx, plan.rev, plan.rev_off, plan.kv_blocks, plan.tiles, cu,
-                *strides, G, plan.n, block_size, nsub, plan.nb_total, Dk, Dv, scale * LOG2E, scale, **meta,
+            lp_pad = nsub * meta["BLOCK_N"]
+            part_k = torch.empty(plan.num_slots * lp_pad, meta["BLOCK_DK"], dtype=torch.float32, device=q.device)
+            part_v = torch.empty(plan.num_slots * lp_pad, meta["BLOCK_DV"], dtype=torch.float32, device=q.device)
+            _slc_bwd_dkv_kernel[(plan.segments.shape[0] * nsub,)](
+                q, k, v, do, lse, delta, dk, dv, part_k, part_v, plan.idx, plan.rev, plan.segments, plan.kv_blocks,
+                plan.tiles, cu, *strides, G, plan.n, block_size, nsub, plan.nb_total, Dk, Dv, scale * LOG2E, scale,
+                LP_PAD=lp_pad, **meta,
             )
+            if plan.splits.shape[0]:
+                _slc_dkv_reduce_kernel[(plan.splits.shape[0] * nsub,)](
+                    dk, dv, part_k, part_v, plan.splits, plan.kv_blocks, cu, k.stride(0), k.stride(1), v.stride(0),
+                    v.stride(1), block_size, nsub, plan.nb_total, Dk, Dv, BLOCK_N=meta["BLOCK_N"],
+                    BLOCK_DK=meta["BLOCK_DK"], BLOCK_DV=meta["BLOCK_DV"], LP_PAD=lp_pad,
+                )
         else:
             dk.zero_()
             dv.zero_()
