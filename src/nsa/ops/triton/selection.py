@@ -249,8 +249,10 @@ def _slc_dkv_reduce_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for j in range(nseg):
         prow = (first + j) * LP_PAD + sub + offs_n
-        dk += tl.load(PART_K + prow[:, None] * BLOCK_DK + offs_dk[None, :], mask=k_ok[:, None], other=0.0)
-        dv += tl.load(PART_V + prow[:, None] * BLOCK_DV + offs_dv[None, :], mask=k_ok[:, None], other=0.0)
+        dk += tl.load(PART_K + prow[:, None] * BLOCK_DK + offs_dk[None, :],
+                      mask=k_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+        dv += tl.load(PART_V + prow[:, None] * BLOCK_DV + offs_dv[None, :],
+                      mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     tl.store(DK_ + (qs + kpos)[:, None] * s_kt + hk * s_kh + offs_dk[None, :], dk.to(DK_.dtype.element_ty),
              mask=k_ok[:, None] & (offs_dk[None, :] < DK))
     tl.store(DV_ + (qs + kpos)[:, None] * s_vt + hk * s_vh + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
