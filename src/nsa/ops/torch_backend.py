@@ -22,8 +22,9 @@ import torch
 from ..config import num_compressed_tokens
 from .varlen import compressed_cu_seqlens, sequence_spans
 
-CHUNK_SIZE = 2048  # queries per chunk (tests shrink it to exercise chunk boundaries)
-WORK_ELEMS = 1 << 21  # max elements of one score tile (keeps allocations small and cache/allocator friendly)
+CHUNK_SIZE = 1024  # queries per chunk (tests shrink it to exercise chunk boundaries)
+CHUNK_TOKENS = 1 << 24  # long sequences use smaller chunks: at most max(128, CHUNK_TOKENS / L) queries
+WORK_ELEMS = 1 << 18  # max elements of one score tile (keeps allocations small and cache/allocator friendly)
 WIN_TILE = 64  # queries per sliding-window tile
 
 SMALL_NUMEL = 1 << 15  # q with at most this many elements runs single-threaded (tiny ops pay more in
@@ -88,7 +89,7 @@ def _cmp_spans(B, T, cu_seqlens, l, d):
 
 def _chunks(L, q0=0):
     """Chunk boundaries of the query range [q0, L)."""
-    c = max(1, int(CHUNK_SIZE))
+    c = max(1, min(int(CHUNK_SIZE), max(128, CHUNK_TOKENS // max(L, 1))))
     return [(a, min(L, a + c)) for a in range(q0, L, c)]
 
 
@@ -265,6 +266,9 @@ def _cmp_backward_chunk(qflat, kc, vc, t0, C, l, d, Tc, dO, delta, lse, dkc, dvc
 def _topn(blk, t0, cfg):
     """Top-n with forced blocks from group-summed scores blk [HKV, C, Nb] of queries t0.. -> int64 [C, HKV, n]."""
     HKV, C, nb = blk.shape
+    step = max(1, WORK_ELEMS // max(1, HKV * nb))
+    if C > step:  # bound the temporaries
+        return torch.cat([_topn(blk[:, a:a + step], t0 + a, cfg) for a in range(0, C, step)])
     n, lp = cfg.num_selected, cfg.slc_block_size
     t = torch.arange(t0, t0 + C, device=blk.device)
     own = (t // lp)[None, :, None]
@@ -637,7 +641,7 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save, workers=1):
                 saved["o_" + name] = torch.zeros(B, Tq, HQ, Dv, dtype=acc, device=q.device)
                 saved["lse_" + name] = torch.full((B, Tq, HQ), _NEG, dtype=acc, device=q.device)
     need_sel = slc is not None and slc[2] is None
-    if need_sel or (save and slc is not None):
+    if save and slc is not None:
         n = geom.cfg.num_selected if need_sel else slc[2].shape[3]
         saved["idx"] = torch.full((B, Tq, HKV, n), -1, dtype=torch.long, device=q.device)
     W = r = None
@@ -669,13 +673,26 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save, workers=1):
             qn = _qnorm(qflat, HKV, Dk)
             res = {}
             if cmp is not None:
-                sel = (W, r, geom.cfg.slc_block_size, (c1 - 1) // geom.cfg.slc_block_size + 1) if need_sel else None
-                o_c, lse_c, blk = _cmp_forward_chunk(qflat, kc, vc, a, C, geom.l, geom.d, Tc, sel,
-                                                     _shift_free(qn, km_c))
+                sf = _shift_free(qn, km_c)
+                lp = geom.lp
+                # selection scores only ever exist for groups of rows small enough for WORK_ELEMS
+                gs = max(1, WORK_ELEMS // (HKV * ((c1 - 1) // lp + 1))) if need_sel else C
+                parts = []
+                for g0 in range(0, C, gs):
+                    g1 = min(C, g0 + gs)
+                    sel = (W, r, lp, (a + g1 - 1) // lp + 1) if need_sel else None
+                    o_g, lse_g, blk = _cmp_forward_chunk(qflat[g0 * HKV:g1 * HKV], kc, vc, a + g0, g1 - g0, geom.l,
+                                                         geom.d, Tc, sel, sf)
+                    with torch.no_grad():
+                        parts.append((o_g, lse_g, _topn(blk, a + g0, geom.cfg) if need_sel else None))
+                if len(parts) == 1:
+                    o_c, lse_c, idx_c = parts[0]
+                else:
+                    o_c, lse_c = torch.cat([p_[0] for p_ in parts]), torch.cat([p_[1] for p_ in parts])
+                    idx_c = torch.cat([p_[2] for p_ in parts]) if need_sel else None
                 res["cmp"] = (o_c, lse_c)
             if slc is not None:
-                with torch.no_grad():
-                    idx = _topn(blk, a, geom.cfg) if need_sel else slc[2][b, rows]
+                idx = idx_c if need_sel else slc[2][b, rows]
                 if "idx" in saved:
                     saved["idx"][b, rows] = idx
                 plan = _SlcPlan(idx, a, geom.lp, L)
@@ -689,8 +706,9 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save, workers=1):
                     saved["lse_" + name][b, rows] = lse_b.view(C, HQ)
             if gates is not None:
                 g = gates[b, rows].to(acc).view(C, HKV, G, 3, 1)
-                o = g[..., 0, :] * res["cmp"][0] + g[..., 1, :] * res["slc"][0] + g[..., 2, :] * res["win"][0]
-                out[b, rows] = o.view(C, HQ, Dv).to(out.dtype)
+                o = res["cmp"][0].mul_(g[..., 0, :])  # Eq. 5, in place: the branch outputs are no longer needed
+                o.addcmul_(res["slc"][0], g[..., 1, :]).addcmul_(res["win"][0], g[..., 2, :])
+                out[b, rows] = o.view(C, HQ, Dv)
 
         _run_chunks(lambda group: [one_chunk(a, c1) for a, c1 in group], _chunks(L, q0), workers)
     if gates is None:
@@ -897,16 +915,19 @@ def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None):
     out = torch.full((B, T, HKV, cfg.num_selected), -1, dtype=torch.long, device=q.device)
     W = _overlap_weights(cfg, acc, q.device)
     r = lp // d
-    with torch.no_grad(), _threads_for(q):
+    with torch.no_grad(), _threads_for(q) as workers:
         for b, s, e, cs, ce in _cmp_spans(B, T, cu_seqlens, l, d):
             L = e - s
             if L == 0:
                 continue
             kc, _ = _prep_cmp(k_cmp[b, cs:ce].to(acc), None, r, acc)
-            for a, c1 in _chunks(L):
+
+            def one_chunk(a, c1, b=b, s=s, e=e, Tc=ce - cs, kc=kc):
                 qflat = _scaled_q(q[b, s:e], a, c1, HKV, scale, acc)
-                _, _, blk = _cmp_forward_chunk(qflat, kc, None, a, c1 - a, l, d, ce - cs, (W, r, lp, (c1 - 1) // lp + 1))
+                _, _, blk = _cmp_forward_chunk(qflat, kc, None, a, c1 - a, l, d, Tc, (W, r, lp, (c1 - 1) // lp + 1))
                 out[b, s + a:s + c1] = _topn(blk, a, cfg)
+
+            _run_chunks(lambda group: [one_chunk(a, c1) for a, c1 in group], _chunks(L), workers)
     return out
 
 
