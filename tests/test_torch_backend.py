@@ -23,6 +23,8 @@ def chunking(request, monkeypatch):
         monkeypatch.setattr(tb, "CHUNK_SIZE", 7)
         monkeypatch.setattr(tb, "WORK_ELEMS", 1000)
         monkeypatch.setattr(tb, "WIN_TILE", 3)
+        monkeypatch.setattr(tb, "SMALL_NUMEL", 0)  # chunks on worker threads even for these tiny inputs
+        monkeypatch.setattr(tb, "NUM_WORKERS", 3)
     return request.param
 
 

@@ -30,6 +30,8 @@ WIN_TILE = 64  # queries per sliding-window tile
 SMALL_NUMEL = 1 << 15  # q with at most this many elements runs single-threaded (tiny ops pay more in
 # thread wake-ups than they gain, badly so on an oversubscribed machine)
 
+NUM_WORKERS = None  # worker threads per op; None: torch.get_num_threads()
+
 _NEG = float("-inf")
 
 
@@ -45,7 +47,7 @@ class _threads_for:
     def __enter__(self):
         self.n = torch.get_num_threads()
         torch.set_num_threads(1)
-        return 1 if self.small else self.n
+        return 1 if self.small else (NUM_WORKERS or self.n)
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.n)
