@@ -48,9 +48,10 @@ def env_info() -> dict:
                                 timeout=10).stdout.strip()
     except Exception:  # noqa: BLE001 - no git on the box is fine
         commit = ""
-    return dict(card=props.name, capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1),
-                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-                commit=commit, date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return dict(card=props.name, capability=f"{props.major}.{props.minor}",
+                memory_gib=round(props.total_memory / 2**30, 1), torch=torch.__version__, triton=triton.__version__,
+                cuda=torch.version.cuda, python=platform.python_version(), commit=commit,
+                date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
 def inputs(T, HQ, HKV, Dk, Dv, cfg, dtype=None, cu=None, seed=0):
@@ -177,7 +178,8 @@ def check_correctness() -> dict:
     gt = torch.autograd.grad(o, x, do)
     ge = torch.autograd.grad(e, x, do)
     names = ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"]
-    res = dict(case=f"{str(DTYPE)[6:]}, varlen cu_seqlens={cu.tolist()}, HQ={HQ}, HKV={HKV}, Dk={Dk}, Dv={Dv}, paper geometry",
+    res = dict(case=f"{str(DTYPE)[6:]}, varlen cu_seqlens={cu.tolist()}, HQ={HQ}, HKV={HKV}, Dk={Dk}, Dv={Dv}, "
+                    "paper geometry",
                selection_rows_identical=float((idx_t == idx_r).all(-1).float().mean()),
                o_max_abs_err=(o.float() - e.float()).abs().max().item(), o_cosine=_cos(o, e),
                grad_cosine={n: _cos(a, b) for n, a, b in zip(names, gt, ge)})
@@ -231,7 +233,8 @@ def main():
         assert os.environ.get("TRITON_INTERPRET") != "1", "unset TRITON_INTERPRET for the GPU suite"
     lengths = [int(t) for t in args.lengths.split(",")]
     t0 = time.time()
-    result = dict(env=env_info(), dtype=str(DTYPE)[6:], reps=args.reps, lengths=lengths, notes=[], paper=[], g_sweep=[], packing=[])
+    result = dict(env=env_info(), dtype=str(DTYPE)[6:], reps=args.reps, lengths=lengths, notes=[], paper=[],
+                  g_sweep=[], packing=[])
 
     def left():
         return args.budget_s - (time.time() - t0)
@@ -303,7 +306,8 @@ def markdown(res) -> str:
              f"both measured in this run. {res.get('dtype', 'bfloat16')}.", ""]
     c = res.get("correctness")
     if c:
-        lines += [f"## Correctness ({res.get('dtype', 'bfloat16')} vs reference)", "", f"{c['case']}: **{'pass' if c['pass'] else 'FAIL'}**; "
+        verdict = "pass" if c["pass"] else "FAIL"
+        lines += [f"## Correctness ({res.get('dtype', 'bfloat16')} vs reference)", "", f"{c['case']}: **{verdict}**; "
                   f"o cosine {c['o_cosine']:.6f}, max abs {c['o_max_abs_err']:.3e}; selection rows identical "
                   f"{c['selection_rows_identical']:.4f}; grad cosines "
                   + ", ".join(f"{k} {v:.5f}" for k, v in c["grad_cosine"].items()), ""]

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import device_jit, autotune_configs, dot_precision, interpreting, next_pow2, tile_table
+from .utils import autotune_configs, device_jit, dot_precision, interpreting, next_pow2, tile_table
 
 LOG2E = 1.4426950408889634
 

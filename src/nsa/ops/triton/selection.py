@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from .flash import LOG2E, default_scale
-from .utils import device_jit, autotune_configs, dot_precision, interpreting, next_pow2, pack, seq_offsets, tile_table
+from .utils import (autotune_configs, device_jit, dot_precision, interpreting, next_pow2, pack, seq_offsets,
+                    tile_table)
 
 PACK_SMALL_GROUPS = True
 MAX_SEGMENT = 256  # query tiles per dK/dV program; longer reverse lists are split and reduced in order

@@ -4,7 +4,8 @@ One program per (query position, KV head) walks its valid selection blocks in ch
 recomputes the Eq. 8 probabilities of the overlapping compressed tokens from the cmp branch's lse
 (p = exp(scale q.k - lse), all G heads of the group in one tile), remaps them with the Eq. 9 overlap weights
 |cmp_i ∩ slc_j| / d, sums over the heads (Eq. 10), forces init/local blocks (+inf), and merges the chunk into a
-running top-n kept in registers by rank counting (ties go to the lower block index, Eq. 11). Extra memory: the [T, HKV, n] output.
+running top-n kept in registers by rank counting (ties go to the lower block index, Eq. 11).
+Extra memory: the [T, HKV, n] output only.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import triton
 import triton.language as tl
 
 from .flash import LOG2E, default_scale, dense_masked_attention
-from .utils import device_jit, autotune_configs, cmp_offsets, dot_precision, interpreting, next_pow2, pack, seq_offsets
+from .utils import (autotune_configs, cmp_offsets, device_jit, dot_precision, interpreting, next_pow2, pack,
+                    seq_offsets)
 
 _BIG = 2**62
 
