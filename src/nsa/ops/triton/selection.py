@@ -421,7 +421,7 @@ class SelectedAttention(torch.autograd.Function):
 
 def selected_attention_packed(q, k, v, indices, cu, *, block_size, scale, packed=None):
     """Packed entry point: q [Tt,HQ,Dk], k/v [Tt,HKV,D], indices [Tt,HKV,n], cu int64 [N+1]."""
-    return SelectedAttention.apply(q, k, v, indices, cu, int(block_size), float(scale), packed)
+    return SelectedAttention.apply(q, k, v, indices.to(q.device), cu, int(block_size), float(scale), packed)
 
 
 def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=None):
