@@ -187,7 +187,7 @@ def _fmt(x, pct=False):
 
 
 def _demo_run(attention: str, run_dir: str, preset: str, overrides: dict, progress: bool, niah_samples: int,
-              mqar_samples: int, threads: int = 0) -> dict:
+              mqar_samples: int, threads: int = 0, position: int = 0) -> dict:
     """Train one demo model and evaluate it; writes run_dir/eval.json and niah.png, returns the results."""
     import shutil
 
@@ -198,7 +198,7 @@ def _demo_run(attention: str, run_dir: str, preset: str, overrides: dict, progre
     cfg = load_config(preset, overrides={**overrides, "model.attention": attention})
     run_dir = Path(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
-    summary = train(cfg, run_dir, progress=progress)
+    summary = train(cfg, run_dir, progress=progress, progress_position=position)
     model, _, step = load_model(summary["checkpoint"])
     val = stdlib_corpus("val", cfg.val_fraction)
     T = cfg.seq_len
@@ -234,8 +234,8 @@ def run_demo(out_dir: str | Path = "runs/demo", preset: str = "tiny-cpu", overri
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_demo_run, args=(a, str(out / a), preset, overrides, False, niah_samples,
-                                                     mqar_samples, 1)) for a in names]
+        procs = [ctx.Process(target=_demo_run, args=(a, str(out / a), preset, overrides, progress, niah_samples,
+                                                     mqar_samples, 1, i)) for i, a in enumerate(names)]
         for p in procs:
             p.start()
         for p in procs:

@@ -265,7 +265,7 @@ def _device(cfg: TrainConfig) -> torch.device:
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, stop_at: int | None = None,
-          progress: bool = True, corpus=None) -> dict:
+          progress: bool = True, corpus=None, progress_position: int = 0) -> dict:
     """Train, writing `metrics.jsonl` and `ckpt_<step>.safetensors` under out_dir; returns a summary dict.
 
     resume: True = latest checkpoint in out_dir (if any), or a checkpoint path. stop_at: stop after this step
@@ -305,7 +305,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, sto
     end = min(cfg.steps, stop_at if stop_at is not None else cfg.steps)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     bar = tqdm(total=end, initial=start, disable=not progress or rank != 0, desc=f"train {cfg.model.get('attention')}",
-               dynamic_ncols=True)
+               dynamic_ncols=True, position=progress_position)
     tokens_seen, train_time, loss_value = 0, 0.0, float("nan")
     model.train()
     for step in range(start, end):
