@@ -7,11 +7,17 @@ Same functions and contract as `nsa.ops.reference` (see docs/spec.md). Design:
   selection scores (Eq. 8-10) through the periodic Eq. 9 overlap weights, so no [T, T/d] matrix ever exists.
 - top-n (Eq. 11) per chunk with `topk`; rows with a tie at the threshold fall back to a stable sort (ties -> lower j).
 - slc branch (Eq. 12): the chunk's (query, KV head, block) pairs are grouped by (KV head, block) into segments of
-  P pairs, so one gather of a key block serves P queries and their G heads; partial softmax results are merged
-  per query with the log-sum-exp rule.
+  P pairs, so one gather of a key block serves P queries and their G heads.
+- softmax: when Cauchy-Schwarz bounds every score (scale*|q|*max|k| <= 60 in fp32), exp needs no max
+  subtraction, so a query's selected blocks are summed straight into per-query accumulators; otherwise each
+  (query, block) pair keeps its own max and the partials are merged with the log-sum-exp rule.
 - win branch: banded tiles of `WIN_TILE` queries against the (w + tile) keys before them.
 - backward: custom autograd.Functions save only the inputs, indices, branch outputs and log-sum-exps, and recompute
   the score tiles chunk by chunk.
+- threads: torch ops run single-threaded while the chunks are spread over `NUM_WORKERS` Python threads (torch's
+  thread count by default; k/v gradients use per-thread buffers). Thousands of mid-sized ops each paying an
+  OpenMP barrier were several times slower on a busy 2-core machine. torch's thread count is process-wide, so it
+  reads 1 from other threads while an op runs.
 """
 from __future__ import annotations
 
