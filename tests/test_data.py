@@ -34,11 +34,12 @@ def test_niah_example(depth):
     assert len(ex.tokens) == len(ex.labels) == len(ex.answer) == 300
     text = tok.decode(ex.tokens)
     key, value = ex.info["key"], ex.info["value"]
-    assert text.count(ex.info["needle"]) == 1 and ex.info["needle"] == f"${key}={value}$\n"
-    assert text.endswith(f"\n${key}=" + value)  # the last answer byte is only a label
+    assert text.count(ex.info["needle"]) == 1 and ex.info["needle"] == f"{key}=${value}\n"
+    assert len(key) == len(value) == len(set(value)) == 2 and key.islower() and set(value) <= set("JKQVWXYZ")
+    assert text.endswith(f"\n{key}=$" + value)  # the last answer byte is only a label
     # the answer positions predict exactly value + closing quote
     answer = tok.decode([l for l, a in zip(ex.labels, ex.answer) if a])
-    assert answer == value + "$"
+    assert answer == value + "\n"
     # labels are next tokens except over the random needle
     seq = ex.tokens + [ex.labels[-1]]
     assert all(l == seq[i + 1] for i, l in enumerate(ex.labels) if l != IGNORE)
@@ -46,7 +47,7 @@ def test_niah_example(depth):
     assert sum(l == IGNORE for l in ex.labels) == needle_len - (ex.info["needle_pos"] == 0)
     depth_frac = ex.info["needle_pos"] / 300
     assert abs(depth_frac - depth) < 0.35  # the needle goes to a line break near the requested depth
-    assert ex.info["distance"] == 300 - ex.info["needle_pos"] - len(f"${key}=")
+    assert ex.info["distance"] == 300 - ex.info["needle_pos"] - len(f"{key}=$")
     assert ex.info["gap"] == ex.info["distance"] - len(value) - 1
 
 
@@ -124,6 +125,21 @@ def test_task_rows_pack_short_examples():
     assert seen == {64, 128, 256}
     with pytest.raises(ValueError, match="task_lengths"):
         DataMix(CORPUS, 256, 2, task_lengths=(100,))
+
+
+def test_niah_lengths_apply_to_niah_rows_only():
+    mix = DataMix(CORPUS, seq_len=256, rows=6, weights={"niah": 1, "mqar": 1}, seed=3, task_lengths=(64,),
+                  niah_lengths=(256,), mqar_pairs=(2, 8))
+    sizes = {"niah": set(), "mqar": set()}
+    for step in range(4):
+        b = mix.batch(step)
+        cu = b.cu_seqlens.tolist()
+        for s, e in zip(cu[:-1], cu[1:]):
+            # a NIAH example's last label (the answer's closing newline) is supervised; an MQAR example's is not
+            sizes["niah" if b.labels[0, e - 1] != IGNORE else "mqar"].add(e - s)
+    assert sizes == {"niah": {256}, "mqar": {64}}
+    with pytest.raises(ValueError, match="niah_lengths"):
+        DataMix(CORPUS, 256, 2, niah_lengths=(100,))
 
 
 @pytest.mark.parametrize("length", [11, 17, 64, 65, 200, 400])

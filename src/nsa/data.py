@@ -20,7 +20,8 @@ import torch
 
 IGNORE = -100
 _KEY_CHARS = b"abcdefghijklmnopqrstuvwxyz"
-_VALUE_CHARS = b"0123456789"
+_VALUE_CHARS = b"0123456789"  # MQAR values
+_NEEDLE_CHARS = b"JKQVWXYZ"  # NIAH values: uppercase letters rare in the stdlib (< 1e-3 of bytes each)
 
 
 class ByteTokenizer:
@@ -116,20 +117,25 @@ class Example:
 
 
 def niah_example(corpus: Corpus, length: int, depth: float, g: torch.Generator, key_len: int = 2,
-                 value_len: int = 5) -> Example:
+                 value_len: int = 2) -> Example:
     """Needle in a haystack of `length` tokens.
 
-    haystack: a window of code; needle: a line `$<key>=<value>` (`$` is rare in Python source, so it anchors the
-    lookup) inserted at a line break nearest to `depth` (0 = start, 1 = just before the question); question at
-    the end: `\n$<key>=`, whose continuation `<value>$` is the answer. Labels supervise the haystack (language
-    modelling) and the answer, not the random needle itself. `info['gap']`: how far back the first answer query
-    must look to read the value's first byte; `info['distance']`: from the value to the last query.
+    haystack: a window of code; needle: a line `<key>=$<value>` inserted at a line break nearest to `depth`
+    (0 = start, 1 = just before the question); question at the end: `\n<key>=$`, whose continuation `<value>\n` is
+    the answer, scored by exact match. Keys are lowercase letters; values are distinct letters rare in Python
+    source (`_NEEDLE_CHARS`), and `$` (rare too) occurs once in the needle, right before the value: each answer
+    byte is the byte that follows the previous one in the needle, a one-step lookup (as in MQAR).
+    Labels supervise the haystack (language modelling) and the answer, not the random needle itself.
+    `info['gap']`: how far back the first answer query must look to read the value's first byte;
+    `info['distance']`: from the value to the last query.
     """
     key = _random_text(_KEY_CHARS, key_len, g).decode()
-    value = _random_text(_VALUE_CHARS, value_len, g).decode()
-    needle = f"${key}={value}$\n".encode()
-    question = f"\n${key}=".encode()
-    answer = f"{value}$".encode()
+    if not 1 <= value_len <= len(_NEEDLE_CHARS):
+        raise ValueError(f"value_len must be in 1..{len(_NEEDLE_CHARS)}, got {value_len}")
+    value = bytes(_NEEDLE_CHARS[i] for i in torch.randperm(len(_NEEDLE_CHARS), generator=g)[:value_len]).decode()
+    needle = f"{key}=${value}\n".encode()
+    question = f"\n{key}=$".encode()
+    answer = f"{value}\n".encode()
     hay_len = length - len(needle) - len(question) - len(answer) + 1  # +1: the last answer byte is only a label
     if hay_len < 1:
         raise ValueError(f"length {length} is too short for a needle example")
@@ -146,7 +152,7 @@ def niah_example(corpus: Corpus, length: int, depth: float, g: torch.Generator, 
     is_answer = [i >= ans_start for i in range(n)]
     for i in range(max(cut - 1, 0), cut + len(needle) - 1):  # positions predicting the random needle bytes
         labels[i] = IGNORE
-    value_pos = cut + len(f"${key}=")
+    value_pos = cut + len(f"{key}=$")
     return Example(tokens, labels, is_answer, dict(depth=depth, needle_pos=cut, distance=n - value_pos,
                                                      gap=ans_start - value_pos, value=value, key=key,
                                                      needle=needle.decode()))
@@ -223,10 +229,13 @@ class DataMix:
     seed: int = 0
     mqar_pairs: tuple = (8, 32)
     task_lengths: tuple | None = None  # NIAH/MQAR example lengths (divisors of seq_len); None: seq_len only
+    niah_lengths: tuple | None = None  # NIAH example lengths when they differ from task_lengths
 
     def __post_init__(self):
         if self.task_lengths is not None and not any(self.seq_len % L == 0 for L in self.task_lengths):
             raise ValueError(f"task_lengths must contain a divisor of seq_len {self.seq_len}, got {self.task_lengths}")
+        if self.niah_lengths is not None and not any(self.seq_len % L == 0 for L in self.niah_lengths):
+            raise ValueError(f"niah_lengths must contain a divisor of seq_len {self.seq_len}, got {self.niah_lengths}")
         unknown = set(self.weights) - {"lm", "niah", "mqar"}
         if unknown or not self.weights or min(self.weights.values()) < 0 or sum(self.weights.values()) <= 0:
             raise ValueError(f"weights must map 'lm'/'niah'/'mqar' to non-negative numbers, got {self.weights}")
@@ -244,7 +253,8 @@ class DataMix:
                 cuts.append(pos)
             return tokens, labels, [c for c in cuts if 0 < c < T]
         # task rows pack T / L examples of one length L drawn from task_lengths
-        lengths = [L for L in (self.task_lengths or (T,)) if T % L == 0]
+        choices = self.niah_lengths if kind == "niah" and self.niah_lengths is not None else self.task_lengths
+        lengths = [L for L in (choices or (T,)) if T % L == 0]
         L = lengths[int(torch.randint(len(lengths), (), generator=g))]
         tokens, labels, cuts = [], [], []
         for _ in range(T // L):

@@ -35,6 +35,7 @@ class TrainConfig:
     data_weights: dict = field(default_factory=lambda: {"lm": 1.0})
     mqar_pairs: tuple = (8, 32)
     task_lengths: tuple | None = None  # NIAH/MQAR example lengths packed into rows (divisors of seq_len)
+    niah_lengths: tuple | None = None  # NIAH example lengths, when they differ from task_lengths
     corpus_max_bytes: int | None = None
     val_fraction: float = 0.05
     steps: int = 1000
@@ -55,6 +56,8 @@ class TrainConfig:
         self.mqar_pairs, self.betas = tuple(self.mqar_pairs), tuple(self.betas)
         if self.task_lengths is not None:
             self.task_lengths = tuple(self.task_lengths)
+        if self.niah_lengths is not None:
+            self.niah_lengths = tuple(self.niah_lengths)
         if self.parallel not in ("auto", "none", "ddp", "fsdp"):
             raise ValueError(f"parallel must be auto, none, ddp or fsdp, got {self.parallel!r}")
         for name in ("seq_len", "batch_rows", "steps"):
@@ -83,8 +86,11 @@ PRESETS: dict[str, dict] = {
         # init_std 0.08 (~ hidden^-1/2) instead of 0.02: with the small init, recall did not emerge in 600 steps
         model=dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384,
                    attention="nsa", nsa=DEMO_NSA, shared_kv=True, token_shift=True, init_std=0.08),
-        seq_len=512, batch_rows=8, data_weights={"lm": 0.1, "niah": 0.3, "mqar": 0.6}, mqar_pairs=(2, 24),
-        task_lengths=(64, 128, 256, 512), steps=600, lr=3e-3, warmup_steps=30, log_every=10,
+        # NIAH examples of 128-512 tokens (needles mostly beyond w=64); MQAR at 64-512 makes the recall circuit
+        # emerge early, and the NIAH answer (`=$` + 2 rare letters) is read by the same one-hop lookup
+        seq_len=512, batch_rows=8, data_weights={"lm": 0.1, "niah": 0.4, "mqar": 0.5}, mqar_pairs=(2, 24),
+        task_lengths=(64, 128, 256, 512), niah_lengths=(128, 256, 512), steps=800, lr=3e-3, warmup_steps=30,
+        log_every=10,
     ),
     # a GPU-sized starting point (paper geometry, 8k context)
     "small-gpu": dict(
@@ -297,7 +303,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, sto
         start = _restore(Path(ckpt), model, opt)
     if corpus is None:
         corpus = stdlib_corpus("train", cfg.val_fraction, cfg.corpus_max_bytes)
-    mix = DataMix(corpus, cfg.seq_len, cfg.batch_rows, cfg.data_weights, cfg.seed, cfg.mqar_pairs, cfg.task_lengths)
+    mix = DataMix(corpus, cfg.seq_len, cfg.batch_rows, cfg.data_weights, cfg.seed, cfg.mqar_pairs, cfg.task_lengths,
+                  cfg.niah_lengths)
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
