@@ -190,6 +190,9 @@ def main():
     def sec(x):
         return f"{x:.3f}" if x is not None else "-"
 
+    def mib(x):
+        return f"{x:.0f}" if x is not None else "-"
+
     lines = ["| T | fwd NSA (s) | fwd SDPA (s) | fwd speed-up | fwd+bwd NSA (s) | fwd+bwd SDPA (s) | fwd+bwd speed-up "
              "| peak fwd NSA (MiB) | peak fwd SDPA (MiB) | memory ratio |", "|" + "---|" * 10]
     for r in rows:
@@ -197,7 +200,7 @@ def main():
             f"| {r['T']} | {sec(r['fwd_nsa_s'])} | {sec(r['fwd_sdpa_s'])} | {ratio(r['fwd_sdpa_s'], r['fwd_nsa_s'])} "
             f"| {sec(r.get('fwdbwd_nsa_s'))} | {sec(r.get('fwdbwd_sdpa_s'))} "
             f"| {ratio(r.get('fwdbwd_sdpa_s'), r.get('fwdbwd_nsa_s'))} "
-            f"| {r.get('peak_nsa_mib', 0):.0f} | {r.get('peak_sdpa_mib', 0):.0f} "
+            f"| {mib(r.get('peak_nsa_mib'))} | {mib(r.get('peak_sdpa_mib'))} "
             f"| {ratio(r.get('peak_nsa_mib'), r.get('peak_sdpa_mib'))} |")
     lines.append("")
     lines.append(f"Decode (one query at position {dec['T'] - 1} over {dec['T']} keys): NSA {dec['nsa_s'] * 1e3:.2f} ms, "
