@@ -86,11 +86,10 @@ PRESETS: dict[str, dict] = {
         # init_std 0.08 (~ hidden^-1/2) instead of 0.02: with the small init, recall did not emerge in 600 steps
         model=dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384,
                    attention="nsa", nsa=DEMO_NSA, shared_kv=True, token_shift=True, init_std=0.08),
-        # NIAH examples of 128-512 tokens (needles mostly beyond w=64); MQAR at 64-512 makes the recall circuit
-        # emerge early, and the NIAH answer (`=$` + 2 rare letters) is read by the same one-hop lookup
-        seq_len=512, batch_rows=8, data_weights={"lm": 0.1, "niah": 0.4, "mqar": 0.5}, mqar_pairs=(2, 24),
-        task_lengths=(64, 128, 256, 512), niah_lengths=(128, 256, 512), steps=800, lr=3e-3, warmup_steps=30,
-        log_every=10,
+        # NIAH-heavy mix with examples of 64-512 tokens: short ones (dense answers) make the one-step lookup
+        # emerge early; with NIAH only at 128-512 tokens (0.4 NIAH / 0.5 MQAR) NSA stayed at chance on NIAH
+        seq_len=512, batch_rows=8, data_weights={"lm": 0.1, "niah": 0.5, "mqar": 0.4}, mqar_pairs=(2, 24),
+        task_lengths=(64, 128, 256, 512), steps=800, lr=3e-3, warmup_steps=30, log_every=10,
     ),
     # a GPU-sized starting point (paper geometry, 8k context)
     "small-gpu": dict(
