@@ -77,8 +77,9 @@ class TrainConfig:
         return cls(**d)
 
 
-# A demo-sized geometry: l=16, d=8, l'=32, n=6 (1 init + 2 local + 3 chosen), w=64.
-DEMO_NSA = dict(cmp_block_size=16, cmp_stride=8, slc_block_size=32, num_selected=6, num_init_blocks=1,
+# A demo-sized geometry: l=16, d=8, l'=32, n=8 (1 init + 2 local + 5 chosen of up to 16 blocks at 512 tokens), w=64.
+# n=8 over n=6: NIAH@512 beyond the window 42% vs 19% and MQAR 88% vs 56% in one 800-step NSA run each.
+DEMO_NSA = dict(cmp_block_size=16, cmp_stride=8, slc_block_size=32, num_selected=8, num_init_blocks=1,
                 num_local_blocks=2, window_size=64)
 PRESETS: dict[str, dict] = {
     # what `nsa demo` trains on a 2-core CPU (both attention types, same everything else)
