@@ -235,8 +235,11 @@ def _cmp_forward_chunk(qflat, kc, vc, t0, C, l, d, Tc, sel=None, sf=False):
             ob = torch.bmm(s.view(HKV, G * M, hi), vc[:, :hi]).view(HKV, G, M, -1) * inv
             o[a:b] = ob.permute(2, 0, 1, 3)
         if sel is not None:
-            x = torch.matmul(s.view(HKV, G, M, hi // r, r), W)  # [HKV, G, M, hi/r, 2]  (Eq. 9)
-            x = (x * inv.unsqueeze(-1)).sum(1)  # normalise (Eq. 8), sum the group (Eq. 10)
+            # normalise (Eq. 8) and sum the group (Eq. 10) in one pass, then apply the Eq. 9 overlap weights
+            ps = s[:, 0] * inv[:, 0]  # [HKV, M, hi]
+            for g in range(1, G):
+                ps.addcmul_(s[:, g], inv[:, g])
+            x = torch.matmul(ps.view(HKV, M, hi // r, r), W)  # [HKV, M, hi/r, 2]
             nbe = min(hi // r, nb)
             blk[:, a:b, :nbe] += x[:, :, :nbe, 0]
             if nb > 1:
@@ -915,7 +918,7 @@ def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None):
     """Indices [B, T, HKV, n] of the selected blocks of every query (Eq. 8-11), ascending, -1 padded."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k_cmp = _contig(q.detach(), k_cmp.detach())
-    B, T, HQ, _ = q.shape
+    B, T, HQ, Dk = q.shape
     HKV = k_cmp.shape[2]
     acc = _acc_dtype(q.dtype)
     cfg = config
@@ -929,10 +932,13 @@ def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None):
             if L == 0:
                 continue
             kc, _ = _prep_cmp(k_cmp[b, cs:ce].to(acc), None, r, acc)
+            km_c = torch.linalg.vector_norm(kc, dim=-1).amax(-1)
 
-            def one_chunk(a, c1, b=b, s=s, e=e, Tc=ce - cs, kc=kc):
+            def one_chunk(a, c1, b=b, s=s, e=e, Tc=ce - cs, kc=kc, km_c=km_c):
                 qflat = _scaled_q(q[b, s:e], a, c1, HKV, scale, acc)
-                _, _, blk = _cmp_forward_chunk(qflat, kc, None, a, c1 - a, l, d, Tc, (W, r, lp, (c1 - 1) // lp + 1))
+                sf = _shift_free(_qnorm(qflat, HKV, Dk), km_c)
+                _, _, blk = _cmp_forward_chunk(qflat, kc, None, a, c1 - a, l, d, Tc, (W, r, lp, (c1 - 1) // lp + 1),
+                                               sf)
                 out[b, s + a:s + c1] = _topn(blk, a, cfg)
 
             _run_chunks(lambda group: [one_chunk(a, c1) for a, c1 in group], _chunks(L), workers)
