@@ -195,3 +195,37 @@ def test_paper_geometry_float32(chunk, monkeypatch):
     assert_close(o32, o64, atol=1e-5, rtol=1e-5, name="fp32 torch vs fp64 reference")
     sel = nsa.select_blocks(inputs[0].float(), inputs[1].float(), config=cfg, backend="torch")
     assert_same_selection(sel, idx, ref.block_scores(inputs[0], inputs[1], config=cfg), cfg)
+
+
+def test_concurrent_calls_restore_thread_count(monkeypatch):
+    """Ops running at once in several Python threads: each result equals the single-threaded one, and torch's
+    thread count (which the op sets to 1 while it runs) reads as before in every thread afterwards."""
+    import threading
+
+    monkeypatch.setattr(tb, "SMALL_NUMEL", 0)
+    cfg = small_config()
+    inputs = make_inputs(1, 600, 4, 2, 8, 8, cfg, dtype=torch.float32, seed=2)
+    expect = tb.native_sparse_attention(*inputs, config=cfg)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        errors, barrier = [], threading.Barrier(4)
+
+        def worker():
+            n = torch.get_num_threads()
+            barrier.wait()
+            for _ in range(3):
+                if not torch.equal(tb.native_sparse_attention(*inputs, config=cfg), expect):
+                    errors.append("mismatch")
+            if torch.get_num_threads() != n:
+                errors.append(f"thread count {torch.get_num_threads()} != {n}")
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

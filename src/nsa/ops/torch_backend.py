@@ -16,8 +16,7 @@ Same functions and contract as `nsa.ops.reference` (see docs/spec.md). Design:
   the score tiles chunk by chunk.
 - threads: torch ops run single-threaded while the chunks are spread over `NUM_WORKERS` Python threads (torch's
   thread count by default; k/v gradients use per-thread buffers). Thousands of mid-sized ops each paying an
-  OpenMP barrier were several times slower on a busy 2-core machine. torch's thread count is process-wide, so it
-  reads 1 from other threads while an op runs.
+  OpenMP barrier were several times slower on a busy 2-core machine. The calling thread's count is restored after.
 """
 from __future__ import annotations
 
@@ -45,7 +44,9 @@ class _threads_for:
     """Context manager: run the op's torch calls single-threaded and spread its query chunks over Python worker
     threads instead (one per intra-op thread; just one for a small q). Many mid-sized ops each paying an OpenMP
     barrier cost far more than one independent stream of ops per core, above all on a busy machine.
-    Yields the number of workers. Note: torch's thread count is process-wide while the op runs."""
+    Yields the number of workers. The caller's count is restored afterwards, also when several threads run ops
+    at once (tested); ATen's OpenMP backend partly shares the setting between threads, so threads that each set
+    a *different* count of their own while ops run concurrently can see one another's."""
 
     def __init__(self, q):
         self.small = q.numel() <= SMALL_NUMEL
