@@ -229,3 +229,24 @@ def test_concurrent_calls_restore_thread_count(monkeypatch):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_autocast_region_does_not_change_results(small, monkeypatch):
+    """Inside a CPU bf16 autocast region the op computes exactly as outside it (fp32 accumulation, its own
+    precisions), whether the chunks run in the calling thread (small input) or on worker threads."""
+    monkeypatch.setattr(tb, "SMALL_NUMEL", 1 << 30 if small else 0)
+    cfg = small_config()
+    inputs = make_inputs(1, 200, 4, 2, 8, 8, cfg, dtype=torch.float32, seed=4)
+    res = []
+    for autocast in (False, True):
+        xs = [x.detach().clone().requires_grad_() for x in inputs]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = tb.native_sparse_attention(*xs, config=cfg)
+            sel = tb.select_blocks(xs[0], xs[1], config=cfg)
+        assert out.dtype == torch.float32
+        res.append((out, sel, _grads((out,), xs)))
+    (o1, s1, g1), (o2, s2, g2) = res
+    assert torch.equal(o1, o2) and torch.equal(s1, s2)
+    for a, b in zip(g1, g2):
+        assert (a is None and b is None) or torch.equal(a, b)

@@ -626,8 +626,14 @@ def _spans(geom, B, T):
             yield b, s, e, 0, 0
 
 
+def _no_autocast(x):
+    """This backend picks its own precisions (fp32 accumulation); an enclosing autocast region would recast its
+    matmuls, and only in the calling thread (autocast state is per thread, the chunk workers have none)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def _forward(q, cmp, slc, win, gates, geom, save):
-    with _threads_for(q) as workers:
+    with _threads_for(q) as workers, _no_autocast(q):
         return _forward_impl(q, cmp, slc, win, gates, geom, save, workers)
 
 
@@ -730,7 +736,7 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save, workers=1):
 
 
 def _backward(q, cmp, slc, win, gates, geom, saved, dout, dlse=None):
-    with _threads_for(q) as workers:
+    with _threads_for(q) as workers, _no_autocast(q):
         return _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse, workers)
 
 
@@ -927,7 +933,7 @@ def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None):
     out = torch.full((B, T, HKV, cfg.num_selected), -1, dtype=torch.long, device=q.device)
     W = _overlap_weights(cfg, acc, q.device)
     r = lp // d
-    with torch.no_grad(), _threads_for(q) as workers:
+    with torch.no_grad(), _threads_for(q) as workers, _no_autocast(q):
         for b, s, e, cs, ce in _cmp_spans(B, T, cu_seqlens, l, d):
             L = e - s
             if L == 0:
