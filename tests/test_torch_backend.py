@@ -95,7 +95,7 @@ def test_composed_matches_reference(shape, dtype, chunking):
                      name="with selection")
 
 
-@pytest.mark.parametrize("lengths", [[1, 0, 37, 5], [0, 16, 1, 29], [9, 0, 0]])
+@pytest.mark.parametrize("lengths", [[1, 0, 37, 5], [0, 16, 1, 29], [9, 0, 0], [20, 20, 0, 7, 20, 7, 33], [5, 5]])
 def test_varlen_matches_reference(lengths, chunking):
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
     T = int(cu[-1])
@@ -106,6 +106,32 @@ def test_varlen_matches_reference(lengths, chunking):
     q, k_cmp = inputs[:2]
     assert torch.equal(nsa.select_blocks(q, k_cmp, config=CFG, cu_seqlens=cu, backend="torch"),
                        nsa.select_blocks(q, k_cmp, config=CFG, cu_seqlens=cu, backend="reference"))
+
+
+def test_equal_length_sequences_run_side_by_side(monkeypatch):
+    """A packed batch whose sequences share lengths runs once per length, the sequences side by side along the
+    head axis; every op and every gradient still equals the reference (float64), and empty sequences stay empty."""
+    lengths = [20, 20, 0, 7, 20, 7, 33, 3]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    T = int(cu[-1])
+    calls = []
+    real = tb._grouped
+    monkeypatch.setattr(tb, "_grouped", lambda *a: (r := real(*a), calls.append(r is not None))[0])
+    inputs = make_inputs(1, T, 4, 2, 8, 6, CFG, cu_seqlens=cu, seed=9)
+    q, k_cmp, v_cmp, ks, vs, kw, vw, gates = inputs
+    idx = ref.select_blocks(q, k_cmp, config=CFG, cu_seqlens=cu)
+    kw_ = dict(cu_seqlens=cu)
+    _compare(lambda be, *x: nsa.compressed_attention(*x, block_size=CFG.cmp_block_size, stride=CFG.cmp_stride,
+                                                       backend=be, **kw_), (q, k_cmp, v_cmp), torch.float64,
+             ["q", "k_cmp", "v_cmp"])
+    _compare(lambda be, *x: nsa.selected_attention(*x, idx, block_size=CFG.slc_block_size, backend=be, **kw_),
+             (q, ks, vs), torch.float64, ["q", "k", "v"])
+    _compare(lambda be, *x: nsa.sliding_window_attention(*x, window=CFG.window_size, backend=be, **kw_),
+             (q, kw, vw), torch.float64, ["q", "k", "v"])
+    _compare(lambda be, *x: nsa.native_sparse_attention(*x, config=CFG, backend=be, block_indices=idx, **kw_),
+             inputs, torch.float64, ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"])
+    assert torch.equal(tb.select_blocks(q, k_cmp, config=CFG, cu_seqlens=cu), idx)
+    assert calls == [True] * 5  # the torch side of the four comparisons and the selection took the grouped path
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -909,10 +909,70 @@ def _contig(*xs):
     return [None if x is None else x.contiguous() for x in xs]
 
 
+# ============================================================================================ packed batches
+def _length_groups(cu_seqlens, l=None, d=None):
+    """Token (and compressed-token) indices of a packed batch's non-empty sequences grouped by length:
+    [(tok [m, L], cmp [m, Tc] | None)], or None when no two sequences share a length (nothing to merge)."""
+    cu = cu_seqlens.tolist()
+    groups = {}
+    for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+        if b > a:
+            groups.setdefault(b - a, []).append(i)
+    if len(groups) == sum(len(v) for v in groups.values()):
+        return None
+    dev = cu_seqlens.device
+    ccu = None if l is None else compressed_cu_seqlens(cu_seqlens, l, d).tolist()
+    out = []
+    for L, ids in groups.items():
+        tok = torch.tensor([cu[i] for i in ids], device=dev)[:, None] + torch.arange(L, device=dev)
+        cmp = None
+        if ccu is not None:
+            Tc = num_compressed_tokens(L, l, d)
+            cmp = torch.tensor([ccu[i] for i in ids], device=dev)[:, None] + torch.arange(Tc, device=dev)
+        out.append((tok, cmp))
+    return out
+
+
+def _to_group(x, idx):
+    """[1, N, H, ...] -> [1, L, m*H, ...]: the m sequences at idx [m, L] side by side along the head axis."""
+    m, L = idx.shape
+    return x[0, idx].transpose(0, 1).reshape(1, L, m * x.shape[2], *x.shape[3:])
+
+
+def _grouped(cu_seqlens, l, d, fn, tok, cmp, heads):
+    """Runs fn once per group of equal-length sequences, the sequences of a group side by side along the head axis
+    (exact: heads never interact, and a KV head's G query heads stay together), instead of once per sequence; then
+    reassembles the packed outputs. tok / cmp: token-axis / compressed-axis tensors (None passes through);
+    fn(*tok, *cmp) -> tensor | tuple; heads: head count of each output. None when nothing would be merged."""
+    groups = _length_groups(cu_seqlens, l, d)
+    if groups is None:
+        return None
+    parts = []
+    for ti, ci in groups:
+        res = fn(*[None if x is None else _to_group(x, ti) for x in tok],
+                 *[None if x is None else _to_group(x, ci) for x in cmp])
+        parts.append((res if isinstance(res, tuple) else (res,), ti))
+    order = torch.argsort(torch.cat([ti.reshape(-1) for _, ti in parts]))
+    outs = []
+    for k, H in enumerate(heads):
+        ys = []
+        for res, ti in parts:
+            y = res[k][0]
+            m, L = ti.shape
+            ys.append(y.reshape(L, m, H, *y.shape[2:]).transpose(0, 1).reshape(m * L, H, *y.shape[2:]))
+        outs.append(torch.cat(ys)[order].unsqueeze(0))
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
 # ============================================================================================ public functions
 def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None, cu_seqlens=None):
     """Attention over compressed tokens (Eq. 7). Returns (o [B,T,HQ,Dv], lse [B,T,HQ] fp32/fp64)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cu_seqlens is not None:
+        res = _grouped(cu_seqlens, block_size, stride, lambda q_, kc, vc: compressed_attention(
+            q_, kc, vc, block_size=block_size, stride=stride, scale=scale), (q,), (k_cmp, v_cmp), (q.shape[2],) * 2)
+        if res is not None:
+            return res
     q, k_cmp, v_cmp = _contig(q, k_cmp, v_cmp)
     geom = _Geom(scale, cu_seqlens, l=block_size, d=stride)
     if _needs_grad(q, k_cmp, v_cmp):
@@ -924,6 +984,12 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None, cu_
 def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None):
     """Indices [B, T, HKV, n] of the selected blocks of every query (Eq. 8-11), ascending, -1 padded."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cu_seqlens is not None:
+        res = _grouped(cu_seqlens, config.cmp_block_size, config.cmp_stride,
+                       lambda q_, kc: select_blocks(q_, kc, config=config, scale=scale), (q,), (k_cmp,),
+                       (k_cmp.shape[2],))
+        if res is not None:
+            return res
     q, k_cmp = _contig(q.detach(), k_cmp.detach())
     B, T, HQ, Dk = q.shape
     HKV = k_cmp.shape[2]
@@ -955,6 +1021,11 @@ def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None):
 def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=None):
     """Attention over the raw tokens of the selected blocks (Eq. 12). Returns o [B, T, HQ, Dv]."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cu_seqlens is not None:
+        res = _grouped(cu_seqlens, None, None, lambda q_, k_, v_, i_: selected_attention(
+            q_, k_, v_, i_, block_size=block_size, scale=scale), (q, k, v, indices), (), (q.shape[2],))
+        if res is not None:
+            return res
     q, k, v = _contig(q, k, v)
     geom = _Geom(scale, cu_seqlens, slc_block=block_size)
     if _needs_grad(q, k, v):
@@ -965,6 +1036,11 @@ def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=N
 def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None):
     """Attention over keys in [t - w + 1, t] of the query's own sequence. Returns o [B, T, HQ, Dv]."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cu_seqlens is not None:
+        res = _grouped(cu_seqlens, None, None, lambda q_, k_, v_: sliding_window_attention(
+            q_, k_, v_, window=window, scale=scale), (q, k, v), (), (q.shape[2],))
+        if res is not None:
+            return res
     q, k, v = _contig(q, k, v)
     geom = _Geom(scale, cu_seqlens, window=window)
     if _needs_grad(q, k, v):
@@ -980,6 +1056,13 @@ def native_sparse_attention(
     Selection runs under no_grad inside the chunk loop unless `block_indices` [B, T, HKV, n] is given.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cu_seqlens is not None:
+        res = _grouped(cu_seqlens, config.cmp_block_size, config.cmp_stride,
+                       lambda q_, ks, vs, kw, vw, g_, bi, kc, vc: native_sparse_attention(
+                           q_, kc, vc, ks, vs, kw, vw, g_, config=config, scale=scale, block_indices=bi),
+                       (q, k_slc, v_slc, k_win, v_win, gates, block_indices), (k_cmp, v_cmp), (q.shape[2],))
+        if res is not None:
+            return res
     xs = _contig(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
     geom = _Geom(scale, cu_seqlens, l=config.cmp_block_size, d=config.cmp_stride, cfg=config,
                  window=config.window_size, slc_block=config.slc_block_size)
