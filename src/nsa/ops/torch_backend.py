@@ -600,7 +600,7 @@ def _win_backward_chunk(qflat, k_s, v_s, t0, C, plan, G, dO, delta, lse, dk_buf,
 
 
 def _win_grad_buffers(L, HKV, Dk, Dv, plan, acc, device):
-    n = L + plan.nw * plan.Wt + 2 * plan.Wt + int(CHUNK_SIZE)
+    n = L + (plan.nw + 2) * plan.Wt  # the last tile of a chunk ends before L + (nw + 1) * Wt
     return (torch.zeros(HKV, n, Dk, dtype=acc, device=device), torch.zeros(HKV, n, Dv, dtype=acc, device=device))
 
 
