@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench-cpu bench-gpu clean
+.PHONY: demo test bench-cpu bench-gpu gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ bench-cpu: $(STAMP)
 
 bench-gpu:
 	bash benchmarks/run_gpu_suite.sh
+
+# one ~8-minute call: Triton tests compiled on the GPU, the GPU suite and the decode benchmark
+gpu-check:
+	bash benchmarks/run_gpu_all.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info
