@@ -167,8 +167,9 @@ def _prep_cmp(k_cmp_s, v_cmp_s, r, acc):
         if x is None:
             out.append(None)
             continue
-        buf = torch.zeros(HKV, Tcp, x.shape[2], dtype=acc, device=x.device)
+        buf = torch.empty(HKV, Tcp, x.shape[2], dtype=acc, device=x.device)
         buf[:, :Tc] = x.permute(1, 0, 2)
+        buf[:, Tc:] = 0
         out.append(buf)
     return out
 
@@ -203,7 +204,11 @@ def _cmp_scores(qflat, kc, a, b, lo, hi, t0, l, d, HKV):
     M = b - a
     G = qflat.shape[1] // kc.shape[2]
     qs = qflat[a * HKV:b * HKV].view(M, HKV, G, -1).permute(1, 2, 0, 3).reshape(HKV, G * M, -1)
-    s = torch.bmm(qs, kc[:, :hi].transpose(1, 2)).view(HKV, G, M, hi)
+    hk = min(hi, kc.shape[1])  # kc may be an unpadded view (a decoding tail): columns past it are masked below
+    s = torch.bmm(qs, kc[:, :hk].transpose(1, 2))
+    if hk < hi:
+        s = torch.nn.functional.pad(s, (0, hi - hk), value=_NEG)
+    s = s.view(HKV, G, M, hi)
     if lo < hi:
         tt = torch.arange(t0 + a, t0 + b, device=kc.device)
         ii = torch.arange(lo, hi, device=kc.device)
@@ -233,7 +238,8 @@ def _cmp_forward_chunk(qflat, kc, vc, t0, C, l, d, Tc, sel=None, sf=False):
         lse[a:b] = (m + ssum.log()).squeeze(-1).permute(2, 0, 1)
         inv = _safe_inv(ssum)  # [HKV, G, M, 1]
         if vc is not None:
-            ob = torch.bmm(s.view(HKV, G * M, hi), vc[:, :hi]).view(HKV, G, M, -1) * inv
+            hv = min(hi, vc.shape[1])
+            ob = torch.bmm(s.view(HKV, G * M, hi)[..., :hv], vc[:, :hv]).view(HKV, G, M, -1) * inv
             o[a:b] = ob.permute(2, 0, 1, 3)
         if sel is not None:
             # normalise (Eq. 8) and sum the group (Eq. 10) in one pass, then apply the Eq. 9 overlap weights
@@ -384,18 +390,6 @@ class _SlcPlan:
             lt = self.lane_t[s0 * P:s1 * P].view(SB, P)[need]  # [Sn, P]
             s[need] = s[need].masked_fill(kp[:, None, None, :] > lt[:, :, None, None], _NEG)
         return s, qb
-
-
-def _plan_kmax(plan, kf, Dk):
-    """Largest key norm per KV head over the key blocks a plan touches, [HKV]."""
-    out = kf.new_zeros(plan.HKV)
-    keys = torch.unique(plan.seg_key)
-    if keys.numel():
-        pos = ((keys % plan.NB)[:, None] * plan.lp + plan.ar).clamp(max=plan.L - 1)
-        rows = (pos * plan.HKV + (keys // plan.NB)[:, None]).view(-1)
-        nrm = torch.linalg.vector_norm(kf.index_select(0, rows).view(keys.numel(), -1, Dk), dim=-1).amax(-1)
-        out.scatter_reduce_(0, keys // plan.NB, nrm, "amax")
-    return out
 
 
 def _slc_forward_chunk(qflat, kf, vf, plan, G, Dv, sf=False):
@@ -673,16 +667,20 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save, workers=1):
         q_s = q[b, s:e] if q0 == 0 else q[b]
         Tc = ce - cs
         if cmp is not None:
-            kc, vc = _prep_cmp(cmp[0][b, cs:ce].to(acc), cmp[1][b, cs:ce].to(acc), r or 1, acc)
-            km_c = torch.linalg.vector_norm(kc, dim=-1).amax(-1)
+            if q0 == 0:
+                kc, vc = _prep_cmp(cmp[0][b, cs:ce].to(acc), cmp[1][b, cs:ce].to(acc), r or 1, acc)
+                km_c = torch.linalg.vector_norm(kc, dim=-1).amax(-1)
+            else:  # a query tail (decoding): head-major views, no copy and no norm pass over every compressed key
+                kc, vc = (x[b, cs:ce].to(acc).permute(1, 0, 2) for x in cmp[:2])
         # largest key norm per KV head, for the shift-free test; a query tail (decoding) only looks at the keys
         # it can reach, so that one step does not pay a pass over the whole context
         if slc is not None:
             kf, vf = (x[b, s:e].to(acc).reshape(L * HKV, -1) for x in slc[:2])
             km_s = None if q0 else torch.linalg.vector_norm(kf.view(L, HKV, Dk), dim=-1).amax(0)
+        # a query tail takes the max-shifted softmax in every branch (a few rows: cheaper than the norm passes)
         if win is not None:
             kw_s, vw_s = (x[b, s:e].to(acc) for x in win)
-            km_w = torch.linalg.vector_norm(kw_s[max(0, q0 - geom.window):], dim=-1).amax(0)
+            km_w = None if q0 else torch.linalg.vector_norm(kw_s, dim=-1).amax(0)
             wplan = _WinPlan(geom.window, L, min(int(CHUNK_SIZE), L - q0), q.device, acc)
         def one_chunk(a, c1, b=b, s=s, L=L, q_s=q_s, Tc=Tc):
             C = c1 - a
@@ -691,7 +689,7 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save, workers=1):
             qn = _qnorm(qflat, HKV, Dk)
             res = {}
             if cmp is not None:
-                sf = _shift_free(qn, km_c)
+                sf = q0 == 0 and _shift_free(qn, km_c)
                 lp = geom.lp
                 # selection scores only ever exist for groups of rows small enough for WORK_ELEMS
                 gs = max(1, WORK_ELEMS // (HKV * ((c1 - 1) // lp + 1))) if need_sel else C
@@ -714,10 +712,9 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save, workers=1):
                 if "idx" in saved:
                     saved["idx"][b, rows] = idx
                 plan = _SlcPlan(idx, a, geom.lp, L)
-                km = _plan_kmax(plan, kf, Dk) if km_s is None else km_s
-                res["slc"] = _slc_forward_chunk(qflat, kf, vf, plan, G, Dv, _shift_free(qn, km))
+                res["slc"] = _slc_forward_chunk(qflat, kf, vf, plan, G, Dv, q0 == 0 and _shift_free(qn, km_s))
             if win is not None:
-                res["win"] = _win_forward_chunk(qflat, kw_s, vw_s, a, C, wplan, G, _shift_free(qn, km_w))
+                res["win"] = _win_forward_chunk(qflat, kw_s, vw_s, a, C, wplan, G, q0 == 0 and _shift_free(qn, km_w))
             for name, (o_b, lse_b) in res.items():
                 if "o_" + name in saved:
                     saved["o_" + name][b, rows] = o_b.view(C, HQ, Dv)
