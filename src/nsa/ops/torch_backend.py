@@ -14,6 +14,8 @@ Same functions and contract as `nsa.ops.reference` (see docs/spec.md). Design:
 - win branch: banded tiles of `WIN_TILE` queries against the (w + tile) keys before them.
 - backward: custom autograd.Functions save only the inputs, indices, branch outputs and log-sum-exps, and recompute
   the score tiles chunk by chunk.
+- packed batches (cu_seqlens): equal-length sequences run together, side by side along the head axis (`_grouped`).
+- a query tail (decoding) reads the compressed K/V through head-major views and uses the max-shifted softmax.
 - threads: torch ops run single-threaded while the chunks are spread over `NUM_WORKERS` Python threads (torch's
   thread count by default; k/v gradients use per-thread buffers). Thousands of mid-sized ops each paying an
   OpenMP barrier were several times slower on a busy 2-core machine. The calling thread's count is restored after.
