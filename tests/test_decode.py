@@ -127,7 +127,7 @@ def test_prefill_then_decode_at_the_window_boundary(T):
 
 @pytest.mark.parametrize("G", [1, 4, 16])
 @pytest.mark.parametrize("config", [CFG, NO_OVERLAP], ids=["overlap", "l=d"])
-@pytest.mark.parametrize("shared_kv", [False, True], ids=["sep_kv", "shared_kv"])
+@pytest.mark.parametrize("shared_kv", [False, True, "slc_win"], ids=["sep_kv", "shared_kv", "slc_win"])
 def test_decode_groups_configs_shared_kv(G, config, shared_kv):
     layer = make_layer(G=G, config=config, shared_kv=shared_kv, seed=G)
     x = torch.randn(2, 37, 32, dtype=torch.float64)
@@ -153,7 +153,7 @@ def test_decode_reference_impl_through_layer():
 
 
 @pytest.mark.parametrize("chunks", [[5, 14, 1, 20], [1] * 3 + [37], [16, 16, 8], [40]])
-@pytest.mark.parametrize("shared_kv", [False, True], ids=["sep_kv", "shared_kv"])
+@pytest.mark.parametrize("shared_kv", [False, True, "slc_win"], ids=["sep_kv", "shared_kv", "slc_win"])
 def test_chunked_prefill_equals_one_shot(chunks, shared_kv):
     layer = make_layer(G=4, shared_kv=shared_kv)
     x = torch.randn(2, 40, 32, dtype=torch.float64)

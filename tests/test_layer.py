@@ -37,7 +37,7 @@ def test_compressors_start_as_mean_pooling(name):
 
 
 @pytest.mark.parametrize("compression", ["mlp", "linear", "mean"])
-@pytest.mark.parametrize("shared_kv", [False, True])
+@pytest.mark.parametrize("shared_kv", [False, True, "slc_win"])
 def test_layer_gradients_reach_everything(compression, shared_kv):
     layer = make_layer(compression=compression, shared_kv=shared_kv, v_head_dim=6)
     if compression == "mlp":  # leave the zero init so the MLP's first layer also receives gradient
@@ -49,6 +49,39 @@ def test_layer_gradients_reach_everything(compression, shared_kv):
     y.square().mean().backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
+
+
+def test_shared_kv_modes_route_the_projections():
+    """slc_win: cmp gets its own K/V, slc and win share one set; True: one set for all; False: three sets."""
+    x = torch.randn(1, 20, 48, dtype=torch.float64)
+    for mode, sets in ((True, 1), ("slc_win", 2), (False, 3)):
+        layer = make_layer(shared_kv=mode)
+        assert layer.num_kv_sets == sets and layer.kv_proj.out_features == sets * 2 * (8 + 8)
+        _, kc, vc, ks, vs, kw, vw, _ = layer._heads(x, torch.arange(20)[None])
+        assert (kw is ks) == (mode is not False) and (vw is vs) == (mode is not False)
+        assert torch.equal(vc, vs) == (mode is True)  # cmp has its own set unless everything is shared
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None, "win"])
+def test_shared_kv_rejects_unknown_modes(bad):
+    with pytest.raises(ValueError, match="shared_kv"):
+        make_layer(shared_kv=bad)
+
+
+def test_gate_bias_sets_the_initial_gates():
+    layer = make_layer(gate_bias=(2.0, 0.0, -1.0))
+    x = torch.randn(1, 5, 48, dtype=torch.float64)
+    torch.nn.init.zeros_(layer.g_proj.weight)  # gates = sigmoid(bias) for every token and head
+    gates = layer._heads(x, torch.arange(5)[None])[-1]
+    assert_close(gates, torch.sigmoid(torch.tensor([2.0, 0.0, -1.0], dtype=torch.float64)).expand_as(gates),
+                 atol=1e-15, rtol=0)
+    assert torch.equal(make_layer().g_proj.bias, torch.zeros(18, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bad", [(1.0, 2.0), (0.0, float("nan"), 0.0), (0.0, float("inf"), 0.0), "abc", 2.0])
+def test_gate_bias_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="gate_bias"):
+        make_layer(gate_bias=bad)
 
 
 def test_layer_causal():

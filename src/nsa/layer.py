@@ -14,11 +14,14 @@ from .rope import apply_rope
 class NativeSparseAttention(nn.Module):
     """NSA attention layer: [B, T, hidden] -> [B, T, hidden] (or packed [1, T, hidden] with `cu_seqlens`).
 
-    - q from one projection; independent K/V projections for cmp, slc and win (§3.3.3) unless `shared_kv`.
+    - q from one projection; K/V projections per `shared_kv`: False -> independent K/V for cmp, slc and win
+      (§3.3.3); True -> one K/V set for all three branches; "slc_win" -> an independent cmp set and one set shared
+      by slc and win. Whenever slc and win share, decoding reads the window from the selection cache.
     - cmp keys/values are compressed by φ (`compression`: "mlp" | "linear" | "mean") from *un-rotated* keys; each
       compressed key is then rotated at the position of its block's last token (i*d + l - 1), the first query
       position allowed to see it. q and the slc/win keys are rotated at their own positions.
-    - gates g = sigmoid(Linear(x)) per query head and branch (Eq. 5).
+    - gates g = sigmoid(Linear(x)) per query head and branch (Eq. 5); the Linear's bias starts at `gate_bias`
+      (cmp, slc, win), so at initialisation g ≈ sigmoid(gate_bias) (0.5 each by default).
     """
 
     def __init__(
@@ -30,9 +33,10 @@ class NativeSparseAttention(nn.Module):
         v_head_dim: int | None = None,
         config: NSAConfig = NSAConfig(),
         compression: str = "mlp",
-        shared_kv: bool = False,
+        shared_kv: bool | str = False,
         rope_theta: float = 10000.0,
         backend: str = "auto",
+        gate_bias: tuple[float, float, float] = (0.0, 0.0, 0.0),
     ):
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
@@ -43,17 +47,24 @@ class NativeSparseAttention(nn.Module):
             raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+        if not (isinstance(shared_kv, bool) or shared_kv == "slc_win"):
+            raise ValueError(f"shared_kv must be True, False or 'slc_win', got {shared_kv!r}")
+        if not (isinstance(gate_bias, (tuple, list)) and len(gate_bias) == 3
+                and all(isinstance(b, (int, float)) and abs(b) < float("inf") for b in gate_bias)):
+            raise ValueError(f"gate_bias must be 3 finite numbers (cmp, slc, win), got {gate_bias!r}")
         if not isinstance(config, NSAConfig):
             raise ValueError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.head_dim, self.v_head_dim, self.config = head_dim, v_head_dim, config
         self.shared_kv, self.rope_theta, self.backend = shared_kv, rope_theta, backend
-        self.num_kv_sets = 1 if shared_kv else 3
+        self.num_kv_sets = 3 if shared_kv is False else 1 if shared_kv is True else 2
+        self.window_reads_slc = self.num_kv_sets < 3  # win uses the slc K/V (and the selection cache)
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.kv_proj = nn.Linear(hidden_size, self.num_kv_sets * num_kv_heads * (head_dim + v_head_dim), bias=False)
         self.g_proj = nn.Linear(hidden_size, 3 * num_heads)
-        nn.init.zeros_(self.g_proj.bias)
+        with torch.no_grad():  # output j = head * 3 + branch
+            self.g_proj.bias.copy_(torch.tensor([float(b) for b in gate_bias]).repeat(num_heads))
         self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=False)
         l, d = config.cmp_block_size, config.cmp_stride
         self.compress_k = make_compressor(compression, head_dim, l, d, position_embedding=True)
@@ -66,11 +77,13 @@ class NativeSparseAttention(nn.Module):
         q = apply_rope(self.q_proj(x).view(B, T, HQ, Dk), position_ids, self.rope_theta)
         kv = self.kv_proj(x).view(B, T, self.num_kv_sets, HKV, Dk + Dv)
         ks, vs = kv[..., :Dk].unbind(2), kv[..., Dk:].unbind(2)
-        if self.shared_kv:
+        if self.num_kv_sets == 1:
             ks, vs = ks * 3, vs * 3
+        elif self.num_kv_sets == 2:
+            ks, vs = (ks[0], ks[1], ks[1]), (vs[0], vs[1], vs[1])
         (k_cmp_raw, k_slc, k_win), (v_cmp_raw, v_slc, v_win) = ks, vs
         k_slc = apply_rope(k_slc, position_ids, self.rope_theta)
-        k_win = k_slc if self.shared_kv else apply_rope(k_win, position_ids, self.rope_theta)
+        k_win = k_slc if self.window_reads_slc else apply_rope(k_win, position_ids, self.rope_theta)
         gates = torch.sigmoid(self.g_proj(x)).view(B, T, HQ, 3)
         return q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win, gates
 
@@ -137,8 +150,8 @@ class NativeSparseAttention(nn.Module):
         if B != cache.batch_size:
             raise ValueError(f"x batch size {B} does not match the cache's batch_size {cache.batch_size}")
         lc = cache.layer(layer_idx, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                         v_head_dim=self.v_head_dim, config=self.config, shared_kv=self.shared_kv, device=x.device,
-                         dtype=x.dtype)
+                         v_head_dim=self.v_head_dim, config=self.config, shared_kv=self.window_reads_slc,
+                         device=x.device, dtype=x.dtype)
         if new_lengths is None:
             return self._cached_step(x, lc, slice(None)) if T else self.o_proj(x.new_zeros(B, 0, self.num_heads *
                                                                                             self.v_head_dim))
@@ -172,7 +185,7 @@ class NativeSparseAttention(nn.Module):
         lc.k_slc[ridx, pos] = k_slc.detach().to(cdt)
         lc.v_slc[ridx, pos] = v_slc.detach().to(cdt)
         win_start = None
-        if not self.shared_kv:  # the ring holds positions L_old - cap .. L_old - 1; the window op needs them + new
+        if not self.window_reads_slc:  # the ring holds positions L_old - cap .. L_old - 1; the window needs them + new
             cap = lc.window_capacity
             ring = (L_old.to(dev)[:, None] - cap + torch.arange(cap, device=dev)) % cap
             k_win_all = torch.cat([lc.k_win[ridx, ring], k_win.to(cdt)], 1)
@@ -195,7 +208,7 @@ class NativeSparseAttention(nn.Module):
         else:
             r = ridx[:, 0]
             k_cmp, v_cmp, k_s, v_s = lc.k_cmp[r, :Tc], lc.v_cmp[r, :Tc], lc.k_slc[r, :Lmax], lc.v_slc[r, :Lmax]
-        if self.shared_kv:
+        if self.window_reads_slc:
             k_win_all, v_win_all = k_s, v_s
         o = decode_attention(q, k_cmp, v_cmp, k_s, v_s, k_win_all, v_win_all, gates, lengths=L_new.to(dev),
                              config=self.config, win_start=win_start, impl=self._decode_impl(dev), host_lengths=L_new)

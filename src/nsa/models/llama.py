@@ -35,7 +35,8 @@ class ModelConfig:
     attention: str = "nsa"
     nsa: dict = field(default_factory=dict)
     compression: str = "mlp"
-    shared_kv: bool = True
+    shared_kv: bool | str = True  # see NativeSparseAttention: True, False (paper §3.3.3) or "slc_win"
+    gate_bias: tuple = (0.0, 0.0, 0.0)  # initial gate logits (cmp, slc, win), see NativeSparseAttention
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -173,7 +174,8 @@ class Block(nn.Module):
         if cfg.attention == "nsa":
             self.attn = NativeSparseAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                               config=cfg.nsa_config(), compression=cfg.compression,
-                                              shared_kv=cfg.shared_kv, rope_theta=cfg.rope_theta, backend=cfg.backend)
+                                              shared_kv=cfg.shared_kv, rope_theta=cfg.rope_theta, backend=cfg.backend,
+                                              gate_bias=tuple(cfg.gate_bias))
         else:
             self.attn = FullAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta)
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
