@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import torch
 
-sys.path.insert(0, "/work/main/src")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[4] / "src"))
 from nsa.data import niah_example, stdlib_corpus  # noqa: E402
 from nsa.evaluate import _answers_correct  # noqa: E402
 from nsa.layer import NativeSparseAttention  # noqa: E402
