@@ -91,12 +91,12 @@ PRESETS: dict[str, dict] = {
         # init_std 0.08 (~ hidden^-1/2) instead of 0.02: with the small init, recall did not emerge in 600 steps
         model=dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384,
                    attention="nsa", nsa=DEMO_NSA, shared_kv=True, token_shift=True, init_std=0.08,
+                   # NSA's gates start at 0.5 (gate_bias left at 0). A high cmp-gate start (bias 2, 0, 0 or 2, 1, 0)
+                   # rescued seed 1 (NIAH@512 63 -> 91-92%), but seeds 4 and 5 then lost NIAH (12-70%, also inside
+                   # the window): NSA NIAH@512 mean over seeds 0-5 87.4% with bias 0, 74.9% / 69.6% with those.
                    # RoPE base 5e5 (as Llama 3) instead of 1e4: with 1e4 both models read a needle > 256 tokens back
                    # badly (full attention 26-56% at gaps 320-512, NSA the same even with the needle block forced
                    # into its selection), since few head-dim pairs rotate slowly enough to match content 512 apart
-                   # gates start at 0.5 (gate_bias 0). Starting the cmp gate high (bias 2, 0, 0 or 2, 1, 0) rescued
-                   # seed 1 (63 -> 91-92% NIAH@512), but seeds 4 and 5 then lost NIAH altogether (12-70%, also inside
-                   # the window): NSA NIAH@512 mean over seeds 0-5 87.4% with bias 0, 74.9% / 69.6% with those
                    rope_theta=500000.0),
         # NIAH-heavy mix with examples of 64-512 tokens: short ones (dense answers) make the one-step lookup
         # emerge early; with NIAH only at 128-512 tokens (0.4 NIAH / 0.5 MQAR) NSA stayed at chance on NIAH
