@@ -10,6 +10,7 @@ import nsa
 from nsa.ops import dispatch
 from nsa.ops import reference as ref
 from nsa.ops import torch_backend as tb
+from nsa.ops import torch_dense
 from tests.kit import assert_close, assert_same_selection, make_inputs, small_config
 
 CFG = small_config()  # l=8, d=4, l'=16, n=4, w=16
@@ -18,8 +19,10 @@ TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-
 
 @pytest.fixture(params=["tiny", "default"])
 def chunking(request, monkeypatch):
-    """Tiny chunks, score tiles and window tiles, so that every boundary is crossed; or the shipped settings."""
+    """Tiny chunks, score tiles and window tiles, so that every boundary is crossed (chunked path only); or the
+    shipped settings (the composed op of these short inputs takes the dense path, `torch_dense`)."""
     if request.param == "tiny":
+        monkeypatch.setattr(torch_dense, "DENSE_MAX_LEN", 0)
         monkeypatch.setattr(tb, "CHUNK_SIZE", 7)
         monkeypatch.setattr(tb, "WORK_ELEMS", 1000)
         monkeypatch.setattr(tb, "WIN_TILE", 3)
@@ -114,6 +117,7 @@ def test_equal_length_sequences_run_side_by_side(monkeypatch):
     lengths = [20, 20, 0, 7, 20, 7, 33, 3]
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
     T = int(cu[-1])
+    monkeypatch.setattr(torch_dense, "DENSE_MAX_LEN", 0)  # the composed op's chunked path
     calls = []
     real = tb._grouped
     monkeypatch.setattr(tb, "_grouped", lambda *a: (r := real(*a), calls.append(r is not None))[0])
@@ -209,10 +213,15 @@ def test_query_tail_equals_last_rows(Tq, chunking):
         tb.native_sparse_attention_tail(q[:, :0], k_cmp, v_cmp, ks, vs, kw, vw, gates[:, :0], config=CFG)
 
 
-@pytest.mark.parametrize("chunk", [96, 2048])
+@pytest.mark.parametrize("chunk", [96, 2048, "dense"])
 def test_paper_geometry_float32(chunk, monkeypatch):
-    """Paper geometry (l=32, d=16, l'=64, n=16, w=512) at T=700, fp32, against the float64 reference."""
-    monkeypatch.setattr(tb, "CHUNK_SIZE", chunk)
+    """Paper geometry (l=32, d=16, l'=64, n=16, w=512) at T=700, fp32, against the float64 reference: chunked
+    (two chunk sizes) and the short-sequence dense path (multi-tile window)."""
+    if chunk == "dense":
+        monkeypatch.setattr(torch_dense, "WIN_TILE", 64)
+    else:
+        monkeypatch.setattr(torch_dense, "DENSE_MAX_LEN", 0)
+        monkeypatch.setattr(tb, "CHUNK_SIZE", chunk)
     cfg = nsa.NSAConfig()
     inputs = make_inputs(1, 700, 4, 1, 16, 16, cfg, dtype=torch.float64, seed=5)
     idx = ref.select_blocks(inputs[0], inputs[1], config=cfg)
@@ -257,11 +266,13 @@ def test_concurrent_calls_restore_thread_count(monkeypatch):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("small", [True, False])
+@pytest.mark.parametrize("small", [True, False, "dense"])
 def test_autocast_region_does_not_change_results(small, monkeypatch):
     """Inside a CPU bf16 autocast region the op computes exactly as outside it (fp32 accumulation, its own
-    precisions), whether the chunks run in the calling thread (small input) or on worker threads."""
-    monkeypatch.setattr(tb, "SMALL_NUMEL", 1 << 30 if small else 0)
+    precisions), whether the chunks run in the calling thread (small input) or on worker threads, or the composed
+    op takes the dense path."""
+    monkeypatch.setattr(tb, "SMALL_NUMEL", 1 << 30 if small is True else 0)
+    monkeypatch.setattr(torch_dense, "DENSE_MAX_LEN", 1024 if small == "dense" else 0)
     cfg = small_config()
     inputs = make_inputs(1, 200, 4, 2, 8, 8, cfg, dtype=torch.float32, seed=4)
     res = []
@@ -276,3 +287,62 @@ def test_autocast_region_does_not_change_results(small, monkeypatch):
     assert torch.equal(o1, o2) and torch.equal(s1, s2)
     for a, b in zip(g1, g2):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+# ============================================================================= short-sequence dense path
+@pytest.fixture
+def dense_tiles(monkeypatch):
+    """The dense path with small buckets, window tiles, slc tiles and sub-batches, so every split is crossed."""
+    monkeypatch.setattr(torch_dense, "BUCKET", 8)
+    monkeypatch.setattr(torch_dense, "WIN_TILE", 8)
+    monkeypatch.setattr(torch_dense, "SLC_TILES", 3)
+    monkeypatch.setattr(torch_dense, "DENSE_MAX_ELEMS", 4 * 48 * 48)
+
+
+def test_dense_path_is_taken_only_for_short_sequences(monkeypatch):
+    """Taken when every sequence has at most min(DENSE_MAX_LEN, 2 (n l' + w)) tokens, packed or not."""
+    calls = []
+    real = torch_dense.native_sparse_attention
+    monkeypatch.setattr(torch_dense, "native_sparse_attention", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    limit = torch_dense.max_len(CFG)
+    assert limit == 2 * (CFG.num_selected * CFG.slc_block_size + CFG.window_size)
+    for lengths, dense in (([limit], True), ([limit + 1], False), ([limit, 3, limit], True), ([5, limit + 1], False)):
+        cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+        inputs = make_inputs(1, int(cu[-1]), 4, 2, 8, 8, CFG, cu_seqlens=cu, dtype=torch.float32, seed=1)
+        calls.clear()
+        tb.native_sparse_attention(*inputs, config=CFG, cu_seqlens=cu)
+        assert bool(calls) == dense, lengths
+    monkeypatch.setattr(torch_dense, "DENSE_MAX_LEN", 0)
+    calls.clear()
+    tb.native_sparse_attention(*make_inputs(1, 20, 4, 2, 8, 8, CFG, dtype=torch.float32), config=CFG)
+    assert not calls
+
+
+@pytest.mark.parametrize("given", [False, True])
+@pytest.mark.parametrize("lengths", [[1, 0, 37, 5], [70, 16, 1, 29, 70], [9, 0, 0], [33, 150, 64]])
+def test_dense_path_matches_reference(lengths, given, dense_tiles):
+    """Packed sequences in several buckets and sub-batches, with its own selection or given block indices
+    (including -1 and repeated entries), float64: outputs and every gradient equal the reference's."""
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    T = int(cu[-1])
+    inputs = make_inputs(1, T, 6, 2, 8, 5, CFG, cu_seqlens=cu, seed=T)
+    idx = None
+    if given:
+        idx = ref.select_blocks(inputs[0], inputs[1], config=CFG, cu_seqlens=cu).clone()
+        idx[..., -1] = -1
+        idx[..., 0] = idx[..., 1]
+    names = ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"]
+    _compare(lambda be, *x: nsa.native_sparse_attention(*x, config=CFG, cu_seqlens=cu, block_indices=idx, backend=be),
+             inputs, torch.float64, names)
+
+
+def test_dense_path_rows_that_see_nothing(dense_tiles):
+    """Every block index -1 (no selected key at all) and T < l (no compressed token): those branches give 0 and
+    no NaN reaches the output or a gradient, as in the reference."""
+    inputs = make_inputs(2, 40, 4, 2, 8, 8, CFG, seed=3)
+    idx = torch.full((2, 40, 2, CFG.num_selected), -1)
+    names = ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"]
+    _compare(lambda be, *x: nsa.native_sparse_attention(*x, config=CFG, block_indices=idx, backend=be), inputs,
+             torch.float64, names)
+    short = make_inputs(1, CFG.cmp_block_size - 1, 4, 2, 8, 8, CFG, seed=4)
+    _compare(lambda be, *x: nsa.native_sparse_attention(*x, config=CFG, backend=be), short, torch.float64, names)

@@ -27,6 +27,7 @@ import math
 import torch
 
 from ..config import num_compressed_tokens
+from . import torch_dense
 from .varlen import compressed_cu_seqlens, sequence_spans
 
 CHUNK_SIZE = 1024  # queries per chunk (tests shrink it to exercise chunk boundaries)
@@ -1055,6 +1056,9 @@ def native_sparse_attention(
     Selection runs under no_grad inside the chunk loop unless `block_indices` [B, T, HKV, n] is given.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if torch_dense.applicable(q.shape[1], cu_seqlens, config):  # short sequences: masked SDPA per bucket
+        return torch_dense.native_sparse_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config=config,
+                                                   scale=scale, cu_seqlens=cu_seqlens, block_indices=block_indices)
     if cu_seqlens is not None:
         res = _grouped(cu_seqlens, config.cmp_block_size, config.cmp_stride,
                        lambda q_, ks, vs, kw, vw, g_, bi, kc, vc: native_sparse_attention(
