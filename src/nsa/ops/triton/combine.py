@@ -9,11 +9,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import interpreting, next_pow2
+from .utils import device_jit, interpreting, next_pow2
 
 
-@triton.jit
-def _combine_fwd_kernel(A, B, C, GATE, O, R, D, s_g, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+@device_jit
+def _load_rows(A, B, C, GATE, R, D, s_g, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows: (r, mask, offsets, the three gates [BLOCK_R], the three branch outputs) in fp32."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
     m = (r < R)[:, None] & (d < D)[None, :]
@@ -24,6 +25,12 @@ def _combine_fwd_kernel(A, B, C, GATE, O, R, D, s_g, BLOCK_R: tl.constexpr, BLOC
     a = tl.load(A + off, mask=m, other=0.0).to(tl.float32)
     b = tl.load(B + off, mask=m, other=0.0).to(tl.float32)
     c = tl.load(C + off, mask=m, other=0.0).to(tl.float32)
+    return r, m, off, g0, g1, g2, a, b, c
+
+
+@triton.jit
+def _combine_fwd_kernel(A, B, C, GATE, O, R, D, s_g, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    r, m, off, g0, g1, g2, a, b, c = _load_rows(A, B, C, GATE, R, D, s_g, BLOCK_R, BLOCK_D)
     o = g0[:, None] * a + g1[:, None] * b + g2[:, None] * c
     tl.store(O + off, o.to(O.dtype.element_ty), mask=m)
 
@@ -31,17 +38,8 @@ def _combine_fwd_kernel(A, B, C, GATE, O, R, D, s_g, BLOCK_R: tl.constexpr, BLOC
 @triton.jit
 def _combine_bwd_kernel(A, B, C, GATE, DO, DA, DB, DC, DG, R, D, s_g,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    d = tl.arange(0, BLOCK_D)
-    m = (r < R)[:, None] & (d < D)[None, :]
-    off = r[:, None] * D + d[None, :]
-    g0 = tl.load(GATE + r * s_g, mask=r < R, other=0.0).to(tl.float32)
-    g1 = tl.load(GATE + r * s_g + 1, mask=r < R, other=0.0).to(tl.float32)
-    g2 = tl.load(GATE + r * s_g + 2, mask=r < R, other=0.0).to(tl.float32)
+    r, m, off, g0, g1, g2, a, b, c = _load_rows(A, B, C, GATE, R, D, s_g, BLOCK_R, BLOCK_D)
     do = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)
-    a = tl.load(A + off, mask=m, other=0.0).to(tl.float32)
-    b = tl.load(B + off, mask=m, other=0.0).to(tl.float32)
-    c = tl.load(C + off, mask=m, other=0.0).to(tl.float32)
     tl.store(DA + off, (g0[:, None] * do).to(DA.dtype.element_ty), mask=m)
     tl.store(DB + off, (g1[:, None] * do).to(DB.dtype.element_ty), mask=m)
     tl.store(DC + off, (g2[:, None] * do).to(DC.dtype.element_ty), mask=m)

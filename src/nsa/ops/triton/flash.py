@@ -40,6 +40,48 @@ def _key_hi(p_hi, Lk, CMP_L, CMP_D, MODE: tl.constexpr):
     return hi
 
 
+@device_jit
+def _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """The query tile of program (pid, .): its packed rows, which are real, their positions in the sequence, the
+    sequence's first key row, and the key range [lo, hi) (lo a multiple of BLOCK_N) its queries can see."""
+    pid = tl.program_id(0)
+    seq = tl.load(TILES + 2 * pid)
+    row0 = tl.load(TILES + 2 * pid + 1).to(tl.int64)
+    qs = tl.load(CU_Q + seq).to(tl.int64)
+    qe = tl.load(CU_Q + seq + 1).to(tl.int64)
+    ks = tl.load(CU_K + seq).to(tl.int64)
+    Lk = tl.load(CU_K + seq + 1).to(tl.int64) - ks
+    rows = row0 + tl.arange(0, BLOCK_M)
+    p_lo = row0 - qs
+    hi = _key_hi(tl.minimum(row0 + BLOCK_M, qe) - 1 - qs, Lk, CMP_L, CMP_D, MODE)
+    if MODE == 0:
+        lo = tl.maximum(p_lo - WINDOW + 1, 0)
+        lo = lo - lo % BLOCK_N
+    else:
+        lo = p_lo * 0
+    return rows, rows < qe, rows - qs, ks, lo, hi
+
+
+@device_jit
+def _key_tile(q, K, V, ks, start, hi, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale, pos_q, row_ok, WINDOW, CMP_L, CMP_D,
+              MODE: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+              BLOCK_DV: tl.constexpr):
+    """Keys start .. start + BLOCK_N - 1 (< hi) of KV head hk: k [BN, DK], v [BN, DV], the scaled log2 scores of the
+    query tile q against them, and the visibility mask."""
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < hi
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = tl.load(K + (ks + cols)[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
+                mask=col_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    v = tl.load(V + (ks + cols)[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
+                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    vis = _visible(pos_q[:, None], cols[None, :], WINDOW, CMP_L, CMP_D, MODE)
+    return k, v, s, vis & col_ok[None, :] & row_ok[:, None]
+
+
 @triton.autotune(configs=autotune_configs(), key=["MODE", "BLOCK_DK", "BLOCK_DV", "PREC"])
 @triton.jit
 def _fwd_kernel(
@@ -49,46 +91,20 @@ def _fwd_kernel(
     MODE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     hq = tl.program_id(1).to(tl.int64)
     hk = hq // G
-    seq = tl.load(TILES + 2 * pid)
-    row0 = tl.load(TILES + 2 * pid + 1).to(tl.int64)
-    qs = tl.load(CU_Q + seq).to(tl.int64)
-    qe = tl.load(CU_Q + seq + 1).to(tl.int64)
-    ks = tl.load(CU_K + seq).to(tl.int64)
-    Lk = tl.load(CU_K + seq + 1).to(tl.int64) - ks
-
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < qe
-    pos_q = rows - qs
+    rows, row_ok, pos_q, ks, lo, hi = _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE, BLOCK_M, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + rows[:, None] * s_qt + hq * s_qh + offs_dk[None, :],
                 mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
 
-    p_lo = row0 - qs
-    p_hi = tl.minimum(row0 + BLOCK_M, qe) - 1 - qs
-    hi = _key_hi(p_hi, Lk, CMP_L, CMP_D, MODE)
-    if MODE == 0:
-        lo = tl.maximum(p_lo - WINDOW + 1, 0)
-        lo = lo - lo % BLOCK_N
-    else:
-        lo = p_lo * 0
-
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < hi
-        k = tl.load(K + (ks + cols)[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
-                    mask=col_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        v = tl.load(V + (ks + cols)[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
-                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        vis = _visible(pos_q[:, None], cols[None, :], WINDOW, CMP_L, CMP_D, MODE)
-        vis = vis & col_ok[None, :] & row_ok[:, None]
+        k, v, s, vis = _key_tile(q, K, V, ks, start, hi, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale, pos_q, row_ok,
+                                 WINDOW, CMP_L, CMP_D, MODE, PREC, BLOCK_N, BLOCK_DK, BLOCK_DV)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -114,19 +130,9 @@ def _bwd_dq_kernel(
     MODE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     hq = tl.program_id(1).to(tl.int64)
     hk = hq // G
-    seq = tl.load(TILES + 2 * pid)
-    row0 = tl.load(TILES + 2 * pid + 1).to(tl.int64)
-    qs = tl.load(CU_Q + seq).to(tl.int64)
-    qe = tl.load(CU_Q + seq + 1).to(tl.int64)
-    ks = tl.load(CU_K + seq).to(tl.int64)
-    Lk = tl.load(CU_K + seq + 1).to(tl.int64) - ks
-
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < qe
-    pos_q = rows - qs
+    rows, row_ok, pos_q, ks, lo, hi = _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE, BLOCK_M, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + rows[:, None] * s_qt + hq * s_qh + offs_dk[None, :],
@@ -137,26 +143,10 @@ def _bwd_dq_kernel(
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     delta = tl.load(DELTA + rows * s_lt + hq, mask=row_ok, other=0.0)
 
-    p_lo = row0 - qs
-    p_hi = tl.minimum(row0 + BLOCK_M, qe) - 1 - qs
-    hi = _key_hi(p_hi, Lk, CMP_L, CMP_D, MODE)
-    if MODE == 0:
-        lo = tl.maximum(p_lo - WINDOW + 1, 0)
-        lo = lo - lo % BLOCK_N
-    else:
-        lo = p_lo * 0
-
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < hi
-        k = tl.load(K + (ks + cols)[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
-                    mask=col_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        v = tl.load(V + (ks + cols)[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
-                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        vis = _visible(pos_q[:, None], cols[None, :], WINDOW, CMP_L, CMP_D, MODE)
-        vis = vis & col_ok[None, :] & row_ok[:, None]
+        k, v, s, vis = _key_tile(q, K, V, ks, start, hi, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale, pos_q, row_ok,
+                                 WINDOW, CMP_L, CMP_D, MODE, PREC, BLOCK_N, BLOCK_DK, BLOCK_DV)
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])

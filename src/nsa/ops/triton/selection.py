@@ -59,6 +59,24 @@ def _member(own, blk, row_ok, BT: tl.constexpr):
     return member
 
 
+@device_jit
+def _block_tile(q, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale, member, pos_q,
+                PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Keys sub .. sub + BLOCK_N - 1 of selection block blk (KV head hk): k, v, the scaled log2 scores of the row
+    tile q against them, and the visibility mask (row selects blk, key inside the sequence and causal)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kpos = blk.to(tl.int64) * LP + sub + offs_n
+    k_ok = (sub + offs_n < LP) & (kpos < L)
+    k = tl.load(K + (qs + kpos)[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
+                mask=k_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    v = tl.load(V + (qs + kpos)[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
+                mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    return k, v, s, member[:, None] & k_ok[None, :] & (kpos[None, :] <= pos_q[:, None])
+
+
 @triton.autotune(configs=autotune_configs(), key=["G", "BLOCK_DK", "BLOCK_DV", "BT", "PREC"])
 @triton.jit
 def _slc_fwd_kernel(
@@ -74,7 +92,6 @@ def _slc_fwd_kernel(
     L = qe - qs
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_n = tl.arange(0, BLOCK_N)
     q = tl.load(Q + tok[:, None] * s_qt + hq[:, None] * s_qh + offs_dk[None, :],
                 mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
     m_i = tl.full([ROWS], -1.0e30, tl.float32)
@@ -86,14 +103,8 @@ def _slc_fwd_kernel(
         blk = tl.load(ubase + u)
         member = _member(own, blk, row_ok, BT)
         for sub in range(0, LP, BLOCK_N):
-            kpos = blk.to(tl.int64) * LP + sub + offs_n
-            k_ok = (sub + offs_n < LP) & (kpos < L)
-            k = tl.load(K + (qs + kpos)[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
-                        mask=k_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-            v = tl.load(V + (qs + kpos)[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
-                        mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            vis = member[:, None] & k_ok[None, :] & (kpos[None, :] <= pos_q[:, None])
+            k, v, s, vis = _block_tile(q, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale,
+                                       member, pos_q, PREC, BLOCK_N, BLOCK_DK, BLOCK_DV)
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
@@ -124,7 +135,6 @@ def _slc_bwd_dq_kernel(
     L = qe - qs
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_n = tl.arange(0, BLOCK_N)
     q = tl.load(Q + tok[:, None] * s_qt + hq[:, None] * s_qh + offs_dk[None, :],
                 mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
     do = tl.load(DO + tok[:, None] * s_dot + hq[:, None] * s_doh + offs_dv[None, :],
@@ -139,14 +149,8 @@ def _slc_bwd_dq_kernel(
         blk = tl.load(ubase + u)
         member = _member(own, blk, row_ok, BT)
         for sub in range(0, LP, BLOCK_N):
-            kpos = blk.to(tl.int64) * LP + sub + offs_n
-            k_ok = (sub + offs_n < LP) & (kpos < L)
-            k = tl.load(K + (qs + kpos)[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
-                        mask=k_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-            v = tl.load(V + (qs + kpos)[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
-                        mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            vis = member[:, None] & k_ok[None, :] & (kpos[None, :] <= pos_q[:, None])
+            k, v, s, vis = _block_tile(q, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale,
+                                       member, pos_q, PREC, BLOCK_N, BLOCK_DK, BLOCK_DV)
             p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])

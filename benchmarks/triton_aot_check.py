@@ -1,0 +1,83 @@
+"""Compile every Triton kernel ahead of time for sm_90 (H100/H200) without a GPU, with the block sizes the host code
+picks, and report each kernel's shared memory against the sm_90 limit. It checks that the kernels still build for
+the GPU after a change the interpreter tests cannot see (the interpreter never compiles). Needs a triton with its
+CUDA backend (the pip wheel has it); prints ALL OK or FAILURES.
+
+    PYTHONPATH=src python benchmarks/triton_aot_check.py DTYPES DKxDV,... G,... MODES
+    e.g.  PYTHONPATH=src python benchmarks/triton_aot_check.py bf16,fp32 192x128,64x64 1,4,16 0,1
+"""
+import inspect
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from nsa.ops.triton import combine, flash, selection, topk  # noqa: E402
+from nsa.ops.triton.utils import next_pow2  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+SMEM_MAX = 232448  # bytes of shared memory per block on sm_90
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def compile_one(kernel, types, consts, num_warps=4, num_stages=2):
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # unwrap @triton.autotune
+    sig = {p: ("constexpr" if p in consts else types.get(p, "i32")) for p in inspect.signature(fn.fn).parameters}
+    try:
+        k = triton.compile(ASTSource(fn, sig, constexprs=dict(consts)), target=TARGET,
+                           options=dict(num_warps=num_warps, num_stages=num_stages))
+    except Exception as e:  # report every failure, keep going
+        print(f"ERR {fn.__name__} {consts}: {str(e)[:2000]}", flush=True)
+        return False
+    smem = k.metadata.shared
+    print(("OK  " if smem <= SMEM_MAX else "SMEM") + f" {fn.__name__} {consts} stages={num_stages} smem={smem}",
+          flush=True)
+    return smem <= SMEM_MAX
+
+
+def main(dtypes, dims, groups, modes):
+    ok = True
+    for dt in dtypes:
+        tdt, P = DTYPES[dt], "*" + dt
+        prec = "ieee" if dt == "fp32" else "tf32"
+        types = dict(Q=P, K=P, V=P, O=P, DO=P, DQ=P, DK_=P, DV_=P, KC=P, LSE="*fp32", DELTA="*fp32", TILES="*i32",
+                     CU_Q="*i64", CU_K="*i64", CU="*i64", CCU="*i64", OUT="*i64", qk_scale="fp32", scale="fp32",
+                     IDX="*i32", UNION="*i32", COUNT="*i32", REV="*i32", REV_OFF="*i32", KV_BLOCKS="*i32",
+                     SEGMENTS="*i32", SPLITS="*i32", SEQ_OF="*i32", PART_K="*fp32", PART_V="*fp32")
+        for dk, dv in dims:
+            bm, bn = flash._blocks(dk, dv, tdt)
+            for mode in modes:
+                base = dict(MODE=mode, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=next_pow2(dk),
+                            BLOCK_DV=next_pow2(dv))
+                for kernel in (flash._fwd_kernel, flash._bwd_dq_kernel, flash._bwd_dkv_kernel):
+                    ok &= compile_one(kernel, types, base)
+            for G in groups:
+                rows, bt = selection.tile_shape(G)
+                base = dict(PREC=prec, ROWS=rows, BT=bt, NPAD=16, BLOCK_DK=next_pow2(dk), BLOCK_DV=next_pow2(dv),
+                            BLOCK_N=selection._block_n(64, rows, max(dk, dv), tdt))
+                for kernel in (selection._slc_fwd_kernel, selection._slc_bwd_dq_kernel):
+                    ok &= compile_one(kernel, types, base)
+                ok &= compile_one(selection._slc_bwd_dkv_kernel, types, dict(base, LP_PAD=64))
+                ok &= compile_one(selection._slc_dkv_reduce_kernel, types,
+                                  dict(BLOCK_N=base["BLOCK_N"], BLOCK_DK=base["BLOCK_DK"], BLOCK_DV=base["BLOCK_DV"],
+                                       LP_PAD=64))
+            bj, ci = topk._chunk(64, 32, 16, dk, tdt)
+            ok &= compile_one(topk._topn_kernel, types,
+                              dict(PREC=prec, GP=16, BLOCK_DK=next_pow2(dk), BLOCK_J=bj, CI=ci, NPAD=16))
+        ctypes = dict(A=P, B=P, C=P, GATE=P, O=P, DO=P, DA=P, DB=P, DC=P, DG=P, R="i64", D="i32", s_g="i32")
+        for kernel in (combine._combine_fwd_kernel, combine._combine_bwd_kernel):
+            ok &= compile_one(kernel, ctypes, dict(BLOCK_R=32, BLOCK_D=128))
+    print("ALL OK" if ok else "FAILURES", flush=True)
+    return ok
+
+
+if __name__ == "__main__":
+    dtypes = sys.argv[1].split(",")
+    dims = [tuple(map(int, x.split("x"))) for x in sys.argv[2].split(",")]
+    ok = main(dtypes, dims, [int(g) for g in sys.argv[3].split(",")], [int(m) for m in sys.argv[4].split(",")])
+    sys.exit(0 if ok else 1)
