@@ -60,10 +60,10 @@ def _member(own, blk, row_ok, BT: tl.constexpr):
 
 
 @device_jit
-def _block_tile(q, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale, member, pos_q,
-                PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Keys sub .. sub + BLOCK_N - 1 of selection block blk (KV head hk): k, v, the scaled log2 scores of the row
-    tile q against them, and the visibility mask (row selects blk, key inside the sequence and causal)."""
+def _load_block(K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, BLOCK_N: tl.constexpr,
+                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Keys sub .. sub + BLOCK_N - 1 of selection block blk (KV head hk) of the sequence at row qs (length L):
+    their positions, which exist, and k [BN, DK], v [BN, DV] (zeros where not)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -73,6 +73,16 @@ def _block_tile(q, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV
                 mask=k_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
     v = tl.load(V + (qs + kpos)[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
                 mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    return kpos, k_ok, k, v
+
+
+@device_jit
+def _block_tile(q, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale, member, pos_q,
+                PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """_load_block, plus the scaled log2 scores of the row tile q against those keys and the visibility mask (row
+    selects blk, key inside the sequence and causal)."""
+    kpos, k_ok, k, v = _load_block(K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, BLOCK_N, BLOCK_DK,
+                                   BLOCK_DV)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     return k, v, s, member[:, None] & k_ok[None, :] & (kpos[None, :] <= pos_q[:, None])
 
@@ -187,12 +197,8 @@ def _slc_bwd_dkv_kernel(
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
-    kpos = blk.to(tl.int64) * LP + sub + offs_n
-    k_ok = (sub + offs_n < LP) & (kpos < L)
-    k = tl.load(K + (qs + kpos)[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
-                mask=k_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    v = tl.load(V + (qs + kpos)[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
-                mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    kpos, k_ok, k, v = _load_block(K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, BLOCK_N, BLOCK_DK,
+                                   BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for e in range(e0, e1):
