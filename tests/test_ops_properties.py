@@ -141,3 +141,21 @@ def test_float32_reference_matches_float64():
         inputs[0], inputs[1], config=CFG, backend="reference"))
     assert o32.dtype == torch.float32
     assert_close(o32, o64, atol=1e-5, rtol=1e-5, name="fp32 vs fp64")
+
+
+# ---------------------------------------------------------------------- the torch backend's chunked path
+# At these lengths the torch backend's composed op takes its dense path; the same properties for the chunked one.
+@pytest.mark.parametrize("cut", [5, 33])
+def test_causality_chunked_torch_path(cut, monkeypatch):
+    from nsa.ops import torch_dense
+
+    monkeypatch.setattr(torch_dense, "DENSE_MAX_LEN", 0)
+    test_causality_every_branch("torch", cut)
+
+
+@pytest.mark.parametrize("lengths", [[30, 1, 17]])
+def test_varlen_chunked_torch_path(lengths, monkeypatch):
+    from nsa.ops import torch_dense
+
+    monkeypatch.setattr(torch_dense, "DENSE_MAX_LEN", 0)
+    test_varlen_equals_per_sequence("torch", lengths)
