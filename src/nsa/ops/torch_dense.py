@@ -3,8 +3,9 @@
 For short sequences (the training demo's 64-512 tokens) the chunked kernels of `torch_backend` spend most of their
 time in Python and small-op overhead, once per sequence length of a packed batch. Here every sequence of a packed
 batch is padded to a bucket length Lb (a multiple of BUCKET), sequences of one bucket run as one batch, and each
-branch is one `scaled_dot_product_attention` call with a boolean mask (ATen's fused CPU kernel, forward and
-backward, with plain autograd). The masks are exactly the reference's:
+branch is masked `scaled_dot_product_attention` with an additive 0/-inf bias (ATen's fused CPU kernel, forward and
+backward, with plain autograd): cmp in one call, slc in SLC_TILES causal query tiles, the window in one call over
+unfolded WIN_TILE-query tiles. The masks are exactly the reference's:
 - cmp (Eq. 7): query t sees compressed token i iff i*d + l - 1 <= t;
 - slc (Eq. 11-12): key s is seen iff its block s // l' is among the query's selected blocks and s <= t;
 - win: 0 <= t - s < w.
