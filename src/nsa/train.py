@@ -93,7 +93,7 @@ PRESETS: dict[str, dict] = {
                    attention="nsa", nsa=DEMO_NSA, shared_kv=True, token_shift=True, init_std=0.08,
                    # NSA's gates start at 0.5 (gate_bias left at 0). A high cmp-gate start (bias 2, 0, 0 or 2, 1, 0)
                    # rescued seed 1 (NIAH@512 63 -> 91-92%), but seeds 4 and 5 then lost NIAH (12-70%, also inside
-                   # the window): NSA NIAH@512 mean over seeds 0-5 87.4% with bias 0, 74.9% / 69.6% with those.
+                   # the window): NSA NIAH@512 mean over seeds 0-5 87.4% with bias 0, 74.9% / 69.6% with those (chunked path).
                    # RoPE base 5e5 (as Llama 3) instead of 1e4: with 1e4 both models read a needle > 256 tokens back
                    # badly (full attention 26-56% at gaps 320-512, NSA the same even with the needle block forced
                    # into its selection), since few head-dim pairs rotate slowly enough to match content 512 apart
@@ -103,7 +103,7 @@ PRESETS: dict[str, dict] = {
         seq_len=512, batch_rows=8, data_weights={"lm": 0.1, "niah": 0.5, "mqar": 0.4}, mqar_pairs=(2, 24),
         # NIAH rows: 512 tokens half the time (niah_lengths draws uniformly from the list), 64/128/256 otherwise:
         # only 512-token needles make NSA's selection matter (at <= 256 tokens all 8 blocks are selected).
-        # 1000 steps (NSA ~0.51 s/step on one core: ~8.5 min, within the demo's 10-minute budget): at 800 steps
+        # 1000 steps (NSA ~0.35 s/step on one core: ~6 min, within the demo's 10-minute budget): at 800 steps
         # the lookup was still being learned (NSA NIAH@512 74%, 90% even inside the window), at 900 it was 95-96%;
         # 1000 kept NIAH at 95.5% and raised MQAR (91 -> 96%) and val loss (-0.023) for both models
         task_lengths=(64, 128, 256, 512), niah_lengths=(64, 128, 256, 512, 512, 512), steps=1000, lr=3e-3,
