@@ -93,7 +93,8 @@ PRESETS: dict[str, dict] = {
                    attention="nsa", nsa=DEMO_NSA, shared_kv=True, token_shift=True, init_std=0.08,
                    # NSA's gates start at 0.5 (gate_bias left at 0). A high cmp-gate start (bias 2, 0, 0 or 2, 1, 0)
                    # rescued seed 1 (NIAH@512 63 -> 91-92%), but seeds 4 and 5 then lost NIAH (12-70%, also inside
-                   # the window): NSA NIAH@512 mean over seeds 0-5 87.4% with bias 0, 74.9% / 69.6% with those (chunked path).
+                   # the window): NSA NIAH@512 mean over seeds 0-5 87.4% with bias 0, 74.9% / 69.6% with those
+                   # (on the chunked torch path, before the dense one).
                    # RoPE base 5e5 (as Llama 3) instead of 1e4: with 1e4 both models read a needle > 256 tokens back
                    # badly (full attention 26-56% at gaps 320-512, NSA the same even with the needle block forced
                    # into its selection), since few head-dim pairs rotate slowly enough to match content 512 apart
