@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Everything a GPU session has to check, in one call of about 8 minutes (the device budget is 15 minutes per session,
-# start-up included): the Triton tests compiled on the GPU (GPU-only bf16 / large-shape cases included), the
-# training/decoding suite `gpu_suite.py`, and the decode benchmark `gpu_decode.py`. Each stage has its own time
-# limit, so a slow stage cannot starve the others. From the source tree (PYTHONPATH=src, no install).
-# Logs and results go to benchmarks/results/ and, when $OUT is set (the device tool's return folder), to $OUT too.
+# Everything a GPU session has to check, in one call of at most ~7.5 minutes (the device budget is 15 minutes per
+# session, start-up included). Stages, most valuable first, each with its own time limit so a slow stage cannot
+# starve the others:
+#   suite  - gpu_suite.py: bf16 correctness vs the reference, packed vs padded tiles, paper config and G sweep timings
+#   decode - gpu_decode.py: the decode step vs SDPA over the dense cache, 8k..128k, batch 1 and 16
+#   tests  - the Triton test files compiled on the GPU (GPU-only bf16 / large-shape cases included)
+#   train  - a 20-step small-gpu training run, NSA then full attention (bf16 autocast, tokens/s in metrics.jsonl)
+# From the source tree (PYTHONPATH=src, no install). Logs and results go to benchmarks/results/<card>_* and, when $OUT
+# is set (the device tool's return folder), are copied there after every stage.
 #   bash benchmarks/run_gpu_all.sh            # card name for the file names: nvidia-smi, else "gpu"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-export PYTHONPATH=src
+export PYTHONPATH=src PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 card="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -c 'A-Za-z0-9\n' '_' | tr -s '_' | tr 'A-Z' 'a-z')"
 card="${card:-gpu}"
@@ -16,16 +20,28 @@ res=benchmarks/results
 mkdir -p "$res"
 log="$res/${card}_all.log"
 : > "$log"
+export_out() { if [ -n "${OUT:-}" ]; then cp "$res/${card}"_* "$OUT"/ 2>/dev/null; fi; }
 stage() {  # stage NAME SECONDS CMD...
   local name=$1 secs=$2; shift 2
   echo "=== $name (limit ${secs}s): $*" | tee -a "$log"
   local t0=$SECONDS
   timeout "$secs" "$@" 2>&1 | tee -a "$log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$log"
+  export_out
 }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$log"
-stage tests 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_triton_nsa.py tests/test_triton_kernels.py tests/test_decode_triton.py
-stage suite 240 "$PY" benchmarks/gpu_suite.py --out "$res/${card}_suite" --budget-s 200
-stage decode 75 "$PY" benchmarks/gpu_decode.py --out "$res/${card}_decode.json"
-if [ -n "${OUT:-}" ]; then cp "$res/${card}"_* "$OUT"/ 2>/dev/null; fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1 | tee -a "$log"
+stage suite 200 "$PY" benchmarks/gpu_suite.py --out "$res/${card}_suite" --budget-s 160
+stage decode 60 "$PY" benchmarks/gpu_decode.py --out "$res/${card}_decode.json"
+xdist=""
+"$PY" -c "import xdist" 2>/dev/null && xdist="-n 8"
+stage tests 100 "$PY" -m pytest -q -p no:cacheprovider $xdist tests/test_triton_nsa.py tests/test_triton_kernels.py \
+  tests/test_decode_triton.py
+for att in nsa full; do
+  rm -rf "/tmp/gpu_train_$att"
+  stage "train_$att" 45 "$PY" -m nsa.cli train --preset small-gpu --attention "$att" --steps 20 --set log_every=5 --no-progress \
+    --out "/tmp/gpu_train_$att"
+  cp "/tmp/gpu_train_$att/metrics.jsonl" "$res/${card}_train_$att.jsonl" 2>/dev/null
+done
+export_out
 echo "done: $res/${card}_*" | tee -a "$log"
