@@ -6,7 +6,9 @@ geometry (l=32, d=16, l'=64, n=16, w=512), contexts 8k..128k, batch 1 and 16. De
 `F.scaled_dot_product_attention` with each KV group's G query heads folded into the query axis (q [B, HKV, G, Dk]
 vs k [B, HKV, S, Dk], no mask: exactly the new token's causal attention, no K/V expansion). The torch decode
 (`nsa.ops.decode.torch_decode`) is timed too. Times: `triton.testing.do_bench` (ms) in one run on one GPU, so the
-printed ratios compare like with like.
+printed ratios compare like with like. Each step is timed twice: eagerly (Python and kernel-launch overhead
+included; the Triton decode launches 6 kernels) and as the replay of a CUDA graph (kernel time, how a serving loop
+runs decode steps).
 
     python benchmarks/gpu_decode.py [--contexts ...] [--batches 1,16]
     python benchmarks/gpu_decode.py --smoke      # tiny shapes on CPU through the Triton interpreter (script check)
@@ -43,6 +45,25 @@ def bench_ms(fn, device):
     return (time.perf_counter() - t0) * 1e3
 
 
+def graph_ms(fn, device):
+    """ms per replay of fn captured in a CUDA graph (how a serving loop runs a decode step: no Python or launch
+    gaps between the kernels); None on CPU."""
+    if device != "cuda":
+        return None
+    import triton.testing
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compilation) outside the capture
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=100)
+
+
 def traffic_ratio(S, cfg, G, Dk, Dv, elt):
     """Dense bytes / the Triton decode's main HBM traffic per (sequence, KV head): compressed K/V once, the fp32
     scores of the G heads written and read back, the selected and window K/V (partials and indices excluded)."""
@@ -68,7 +89,7 @@ def run(contexts, batches, HQ, HKV, Dk, Dv, dtype, device, cfg, check=True):
             kd, vd = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # dense layout [B, HKV, S, D]
             qd = q[:, 0].reshape(B, HKV, G, Dk)
             args = (q, k_cmp, v_cmp, k, v, k, v, gates)
-            kw = dict(lengths=lengths, config=cfg)
+            kw = dict(lengths=lengths, config=cfg, max_len=S)  # host max length: no sync, graph-capturable
 
             def dense():
                 return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd)
@@ -86,13 +107,16 @@ def run(contexts, batches, HQ, HKV, Dk, Dv, dtype, device, cfg, check=True):
                     err = float("nan")
                 t_dense, t_tri, t_torch = bench_ms(dense, device), bench_ms(nsa_triton, device), bench_ms(nsa_torch,
                                                                                                         device)
+                g_dense, g_tri = graph_ms(dense, device), graph_ms(nsa_triton, device)
             bound = nsa.decode_memory_access(S, cfg)["ratio"]
             traffic = traffic_ratio(S, cfg, G, Dk, Dv, k.element_size())
             rows.append(dict(context=S, batch=B, dense_ms=t_dense, nsa_triton_ms=t_tri, nsa_torch_ms=t_torch,
-                             speedup=t_dense / t_tri, memory_bound=bound, kernel_traffic_ratio=traffic,
+                             speedup=t_dense / t_tri, dense_graph_ms=g_dense, nsa_triton_graph_ms=g_tri,
+                             speedup_graph=None if g_tri is None else g_dense / g_tri, memory_bound=bound, kernel_traffic_ratio=traffic,
                              max_abs_diff_vs_torch=err))
             print(f"{S:>8} {B:>5} {t_dense:>10.4f} {t_tri:>10.4f} {t_torch:>10.4f} {t_dense / t_tri:>8.2f}x "
-                  f"{bound:>8.2f}x {traffic:>8.2f}x {err:>9.2e}", flush=True)
+                  f"{bound:>8.2f}x {traffic:>8.2f}x {err:>9.2e}"
+                  + ("" if g_tri is None else f" {g_dense:>9.4f} {g_tri:>9.4f} {g_dense / g_tri:>8.2f}x"), flush=True)
             del k, v, kd, vd, k_cmp, v_cmp
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -126,7 +150,7 @@ def main(argv=None):
     print(f"# GPU decode step, attention only: NSA Triton decode vs SDPA (one query, dense cache)\n# {gpu}, "
           f"torch {torch.__version__}; HQ={args.heads} HKV={args.kv_heads} Dk={args.dk} Dv={args.dv} {dtype}")
     print(f"{'context':>8} {'batch':>5} {'dense ms':>10} {'triton ms':>10} {'torch ms':>10} {'speedup':>9} "
-          f"{'mem bound':>9} {'traffic':>9} {'max|diff|':>9}")
+          f"{'mem bound':>9} {'traffic':>9} {'max|diff|':>9} {'graph: dense':>9} {'triton':>9} {'speedup':>9}")
     rows = run(contexts, batches, args.heads, args.kv_heads, args.dk, args.dv, dtype, device, cfg)
     out = args.out or (None if args.smoke else str(Path(__file__).parent / "results" / "gpu_decode.json"))
     if out:

@@ -219,6 +219,9 @@ def main():
     ap.add_argument("--budget-s", type=float, default=330.0, help="stop starting new cases after this many seconds")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+    ap.add_argument("--g-lengths", default="65536,16384,4096,32768,8192",
+                    help="G sweep lengths, in the order they run (the budget may cut the last ones)")
+    ap.add_argument("--skip-packing", action="store_true", help="skip the packed vs padded tile comparison")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="exercise every code path on CPU in the Triton interpreter with tiny shapes (not a benchmark)")
     args = ap.parse_args()
@@ -227,7 +230,7 @@ def main():
         assert os.environ.get("TRITON_INTERPRET") == "1", "--cpu-smoke needs TRITON_INTERPRET=1"
         DEVICE, DTYPE, args.reps = "cpu", torch.float16, 1
         PAPER, G_HQ, G_SWEEP_HKV = dict(HQ=4, HKV=2, Dk=24, Dv=16), 2, [2, 1]
-        args.lengths = "100"
+        args.lengths = args.g_lengths = "100"
     else:
         assert torch.cuda.is_available(), "the GPU suite needs a CUDA GPU"
         assert os.environ.get("TRITON_INTERPRET") != "1", "unset TRITON_INTERPRET for the GPU suite"
@@ -265,8 +268,9 @@ def main():
     result["correctness"] = guarded("correctness", check_correctness)
     save()
     tp = 16384 if DEVICE == "cuda" else 64
-    result["packing"] = guarded(f"packing T={tp}", lambda: packing_comparison(tp, args.reps)) or []
-    save()
+    if not args.skip_packing:
+        result["packing"] = guarded(f"packing T={tp}", lambda: packing_comparison(tp, args.reps)) or []
+        save()
     cfg = nsa.NSAConfig()
     for T in lengths:
         r = guarded(f"paper T={T}", lambda: dict(T=T, **PAPER, nsa=nsa_case(T, **PAPER, cfg=cfg, reps=args.reps),
@@ -276,7 +280,7 @@ def main():
                                                                                      reps=args.reps))
             result["paper"].append(r)
         save()
-    for T in lengths:
+    for T in [int(t) for t in args.g_lengths.split(",")]:
         for HKV in G_SWEEP_HKV:
             shape = dict(HQ=G_HQ, HKV=HKV, Dk=128, Dv=128) if DEVICE == "cuda" else dict(HQ=G_HQ, HKV=HKV, Dk=16, Dv=16)
             r = guarded(f"G sweep T={T} HKV={HKV}",
@@ -323,6 +327,16 @@ def markdown(res) -> str:
     for key, title in (("paper", "Paper config (Dk=192, Dv=128)"), ("g_sweep", "G sweep (HQ=16, D=128)")):
         if res.get(key):
             lines += [f"## {title}", ""] + head + [_row(r) for r in res[key]] + [""]
+    gs = res.get("g_sweep", [])
+    base = {r["T"]: r["nsa"]["fwd_bwd"] for r in gs if r["HKV"] == r["HQ"] // 16}
+    if base:
+        lines += ["## G sweep: NSA fwd+bwd per-token throughput relative to G = 16 (target >= 0.6)", "",
+                  "| T | G | NSA fwd+bwd ms | relative throughput |", "|---|---|---|---|"]
+        for r in sorted(gs, key=lambda r: (r["T"], -r["HKV"])):
+            if r["T"] in base:
+                lines.append(f"| {r['T']} | {r['HQ'] // r['HKV']} | {r['nsa']['fwd_bwd']:.2f} | "
+                             f"{base[r['T']] / r['nsa']['fwd_bwd']:.2f} |")
+        lines.append("")
     bd = [r for r in res.get("paper", []) if r.get("breakdown_fwd")]
     if bd:
         lines += ["## Paper config: forward breakdown (ms, no_grad)", "", "| T | cmp | top-n | slc | win | combine |",

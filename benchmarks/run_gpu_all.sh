@@ -9,6 +9,8 @@
 # From the source tree (PYTHONPATH=src, no install). Logs and results go to benchmarks/results/<card>_* and, when $OUT
 # is set (the device tool's return folder), are copied there after every stage.
 #   bash benchmarks/run_gpu_all.sh            # card name for the file names: nvidia-smi, else "gpu"
+# Knobs for a shorter rerun: SUITE_ARGS (extra gpu_suite.py arguments, e.g. --skip-packing), SUITE_S / TESTS_S
+# (stage limits in seconds), SKIP_TRAIN=1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -31,13 +33,15 @@ stage() {  # stage NAME SECONDS CMD...
 }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$log"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1 | tee -a "$log"
-stage suite 200 "$PY" benchmarks/gpu_suite.py --out "$res/${card}_suite" --budget-s 160
+suite_s=${SUITE_S:-200}
+stage suite "$suite_s" "$PY" benchmarks/gpu_suite.py --out "$res/${card}_suite" --budget-s $((suite_s - 35)) ${SUITE_ARGS:-}
 stage decode 60 "$PY" benchmarks/gpu_decode.py --out "$res/${card}_decode.json"
-xdist=""
-"$PY" -c "import xdist" 2>/dev/null && xdist="-n 8"
-stage tests 100 "$PY" -m pytest -q -p no:cacheprovider $xdist tests/test_triton_nsa.py tests/test_triton_kernels.py \
-  tests/test_decode_triton.py
-for att in nsa full; do
+opts=""
+"$PY" -c "import xdist" 2>/dev/null && opts="-n 8"
+"$PY" -c "import pytest_timeout" 2>/dev/null && opts="$opts --timeout 45"  # a stuck test fails with its stack
+stage tests "${TESTS_S:-100}" "$PY" -m pytest -q -rfE -p no:cacheprovider $opts tests/test_triton_nsa.py \
+  tests/test_triton_kernels.py tests/test_decode_triton.py
+[ -n "${SKIP_TRAIN:-}" ] || for att in nsa full; do
   rm -rf "/tmp/gpu_train_$att"
   stage "train_$att" 45 "$PY" -m nsa.cli train --preset small-gpu --attention "$att" --steps 20 --set log_every=5 --no-progress \
     --out "/tmp/gpu_train_$att"

@@ -66,9 +66,10 @@ def main(dtypes, dims, groups, modes):
                 ok &= compile_one(selection._slc_dkv_reduce_kernel, types,
                                   dict(BLOCK_N=base["BLOCK_N"], BLOCK_DK=base["BLOCK_DK"], BLOCK_DV=base["BLOCK_DV"],
                                        LP_PAD=64))
-            bj, ci = topk._chunk(64, 32, 16, dk, tdt)
-            ok &= compile_one(topk._topn_kernel, types,
-                              dict(PREC=prec, GP=16, BLOCK_DK=next_pow2(dk), BLOCK_J=bj, CI=ci, NPAD=16))
+            for G in groups:
+                gp, bt, bj, ci = topk._tile(G, 16, 64, 32, 16, dk, tdt)
+                ok &= compile_one(topk._topn_kernel, types,
+                                  dict(PREC=prec, GP=gp, BT=bt, BLOCK_DK=next_pow2(dk), BJ=bj, CI=ci))
         ctypes = dict(A=P, B=P, C=P, GATE=P, O=P, DO=P, DA=P, DB=P, DC=P, DG=P, R="i64", D="i32", s_g="i32")
         for kernel in (combine._combine_fwd_kernel, combine._combine_bwd_kernel):
             ok &= compile_one(kernel, ctypes, dict(BLOCK_R=32, BLOCK_D=128))

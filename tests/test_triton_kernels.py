@@ -186,7 +186,7 @@ def test_fp16(branch):
 
 
 # ----------------------------------------------------------------------------------------------- top-n
-@pytest.mark.parametrize("heads", [(2, 2), (3, 1), (16, 1)])
+@pytest.mark.parametrize("heads", [(2, 2), (3, 1), (8, 1), (16, 1)])  # G = 1, 3 remap by dot; 8, 16 by sum
 @pytest.mark.parametrize("varlen", [False, True])
 def test_select_blocks_matches_reference(heads, varlen):
     x, cu = _case(heads, varlen, T=50)
@@ -210,6 +210,18 @@ def test_select_blocks_geometries(cfg):
     idx = nsa.select_blocks(q, kc, config=cfg, backend="triton")
     exp = ref.select_blocks(q, kc, config=cfg)
     assert_same_selection(idx, exp, ref.block_scores(q, kc, config=cfg), cfg)
+
+
+def test_select_blocks_falls_back_when_the_tile_is_too_large(monkeypatch):
+    """Tiles over the shared-memory budget (fp32, Dk = 256, G = 128 on a GPU) use the torch backend's selection."""
+    from nsa.ops.triton import topk
+
+    x, cu = _case((4, 2), True, T=50)
+    q, kc = x[0].detach(), x[1].detach()
+    monkeypatch.setattr(topk, "SMEM_BUDGET", 0)
+    idx = nsa.select_blocks(q, kc, config=CFG, cu_seqlens=cu, backend="triton")
+    assert_same_selection(idx, ref.select_blocks(q, kc, config=CFG, cu_seqlens=cu),
+                          ref.block_scores(q, kc, config=CFG, cu_seqlens=cu), CFG)
 
 
 def test_select_blocks_exact_ties_go_to_lower_index():

@@ -1,10 +1,12 @@
 """Online top-n block selection (Eq. 8-11) in Triton, without a [T, Tc] or [T, Nb] score matrix.
 
-One program per (query position, KV head) walks its valid selection blocks in chunks of BLOCK_J. For a chunk it
-recomputes the Eq. 8 probabilities of the overlapping compressed tokens from the cmp branch's lse
-(p = exp(scale q.k - lse), all G heads of the group in one tile), remaps them with the Eq. 9 overlap weights
-|cmp_i ∩ slc_j| / d, sums over the heads (Eq. 10), forces init/local blocks (+inf), and merges the chunk into a
-running top-n kept in registers by rank counting (ties go to the lower block index, Eq. 11).
+One program per (tile of BT query positions of one sequence, KV head): its BT*G query rows (all G heads of the
+group, group-centric) walk the tile's valid selection blocks in chunks of BJ. A chunk loads the compressed keys
+that overlap its blocks once for the whole tile, recomputes the Eq. 8 probabilities from the cmp branch's lse
+(p = exp(scale q.k - lse)), sums them over the G heads (Eq. 10; the sum commutes with Eq. 9), remaps them to block
+scores with the Eq. 9 overlap weights |cmp_i ∩ slc_j| / d (chunk-invariant because d divides l and l'), forces the
+init/local blocks (+inf), and merges the chunk into a running top-BJ per position with one bitonic `tl.topk` over
+packed int64 keys (score bits << 32 | ~block index), so ties go to the lower block index (Eq. 11).
 Extra memory: the [T, HKV, n] output only.
 """
 from __future__ import annotations
@@ -14,100 +16,106 @@ import triton
 import triton.language as tl
 
 from .flash import LOG2E, default_scale, dense_masked_attention
-from .utils import (autotune_configs, cmp_offsets, device_jit, dot_precision, interpreting, next_pow2, pack,
-                    seq_offsets)
+from .utils import (autotune_configs, cmp_offsets, device_jit, dot_precision, next_pow2, pack, seq_offsets,
+                    tile_table)
 
 _BIG = 2**62
+SMEM_BUDGET = 180 * 1024  # bytes for the q tile + one compressed-key tile; larger tiles use the torch backend
 
 
 @device_jit
-def _beats(xs, xj, ys, yj):
-    """[X, Y]: x ranks above y (higher score; ties go to the lower block index)."""
-    return (xs[:, None] > ys[None, :]) | ((xs[:, None] == ys[None, :]) & (xj[:, None] < yj[None, :]))
+def _block_key(score, j):
+    """int64 keys ordering (score desc, block index asc); score >= 0 or +inf. (hi + 1) << 32 - 1 - j is
+    hi * 2^32 + (2^32 - 1 - j) written without constants wider than int32."""
+    hi = (score.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
+    return ((hi + 1) << 32) - 1 - j
 
 
 @device_jit
-def _merge(best_s, best_j, cand_s, cand_j, slot_ok, N):
-    """Top-N of (kept slots ∪ candidates) by rank counting; new winners fill the freed slots in order."""
-    rank_b = tl.sum(_beats(best_s, best_j, best_s, best_j).to(tl.int32), 0) + \
-        tl.sum(_beats(cand_s, cand_j, best_s, best_j).to(tl.int32), 0)
-    rank_c = tl.sum(_beats(best_s, best_j, cand_s, cand_j).to(tl.int32), 0) + \
-        tl.sum(_beats(cand_s, cand_j, cand_s, cand_j).to(tl.int32), 0)
-    keep_b = slot_ok & (best_s > float("-inf")) & (rank_b < N)
-    keep_c = (cand_s > float("-inf")) & (rank_c < N)
-    free = slot_ok & (keep_b == 0)
-    fr = tl.cumsum(free.to(tl.int32), 0) - 1
-    cr = tl.cumsum(keep_c.to(tl.int32), 0) - 1
-    assign = keep_c[:, None] & free[None, :] & (cr[:, None] == fr[None, :])
-    got = tl.sum(assign.to(tl.int32), 0) > 0
-    new_s = tl.sum(tl.where(assign, cand_s[:, None], 0.0), 0)
-    new_j = tl.sum(tl.where(assign, cand_j[:, None], 0), 0)
-    best_s = tl.where(keep_b, best_s, tl.where(got, new_s, float("-inf")))
-    best_j = tl.where(keep_b, best_j, tl.where(got, new_j, -1))
-    return best_s, best_j
+def _block_of_key(key):
+    hi = key >> 32
+    return tl.where(key >= 0, ((hi + 1) << 32) - 1 - key, -1)
 
-@triton.autotune(configs=autotune_configs(), key=["GP", "BLOCK_DK", "BLOCK_J", "CI", "NPAD", "PREC"])
+
+@triton.autotune(configs=autotune_configs(), key=["GP", "BT", "BLOCK_DK", "BJ", "CI", "PREC"])
 @triton.jit
 def _topn_kernel(
-    Q, KC, LSE, OUT, SEQ_OF, CU, CCU,
+    Q, KC, LSE, OUT, TILES, CU, CCU,
     s_qt, s_qh, s_kt, s_kh, s_lt, s_ot, s_oh,
     G, DK, N, qk_scale, CMP_L, CMP_D, LP, N_INIT, N_LOCAL,
-    PREC: tl.constexpr, GP: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_J: tl.constexpr, CI: tl.constexpr,
-    NPAD: tl.constexpr,
+    PREC: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, BLOCK_DK: tl.constexpr, BJ: tl.constexpr,
+    CI: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
-    seq = tl.load(SEQ_OF + t)
+    seq = tl.load(TILES + 2 * pid)
+    row0 = tl.load(TILES + 2 * pid + 1).to(tl.int64)
     qs = tl.load(CU + seq).to(tl.int64)
+    qe = tl.load(CU + seq + 1).to(tl.int64)
     cs = tl.load(CCU + seq).to(tl.int64)
     tc = tl.load(CCU + seq + 1).to(tl.int64) - cs
-    pos = t - qs
-    own = pos // LP
-    # compressed tokens visible to this position (Eq. 7)
-    nvis = tl.where(pos >= CMP_L - 1, (tl.maximum(pos - CMP_L + 1, 0)) // CMP_D + 1, 0)
-    nvis = tl.minimum(nvis, tc)
 
-    g = tl.arange(0, GP)
-    g_ok = g < G
-    hq = hk * G + g
+    # query rows: BT positions x GP heads (position-major)
+    r = tl.arange(0, BT * GP)
+    t = row0 + r // GP
+    g = r % GP
+    row_ok = (t < qe) & (g < G)
+    pos = t - qs
+    nvis = tl.where(pos >= CMP_L - 1, tl.maximum(pos - CMP_L + 1, 0) // CMP_D + 1, 0)  # Eq. 7
+    nvis = tl.minimum(nvis, tc)
     offs_d = tl.arange(0, BLOCK_DK)
-    q = tl.load(Q + t * s_qt + hq[:, None] * s_qh + offs_d[None, :],
-                mask=g_ok[:, None] & (offs_d[None, :] < DK), other=0.0)
-    lse = tl.load(LSE + t * s_lt + hq, mask=g_ok, other=0.0)
+    hq = hk * G + g
+    q = tl.load(Q + t[:, None] * s_qt + hq[:, None] * s_qh + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < DK), other=0.0)
+    lse = tl.load(LSE + t * s_lt + hq, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
 
-    slot = tl.arange(0, NPAD)
-    slot_ok = slot < N
-    best_s = tl.full([NPAD], float("-inf"), tl.float32)
-    best_j = tl.full([NPAD], -1, tl.int64)
-    jj = tl.arange(0, BLOCK_J)
+    # per position
+    tb = row0 + tl.arange(0, BT)
+    b_ok = tb < qe
+    own = (tb - qs) // LP
+    own_max = (tl.minimum(row0 + BT, qe) - 1 - qs) // LP
+
+    # Eq. 9 weights of the chunk's compressed tokens i = j0*S - (l/d - 1) + ci on its blocks j = j0 + jj
+    # (S = l'/d): i*d - j*l' = ci*d - (l - d) - jj*l', the same for every chunk.
     ci = tl.arange(0, CI)
-    for j0 in range(0, own + 1, BLOCK_J):
-        # compressed tokens that overlap blocks [j0, j0 + BLOCK_J)
-        i_lo = tl.maximum(j0 * LP - CMP_L + CMP_D, 0) // CMP_D
-        i = i_lo + ci
-        i_ok = i < nvis
+    jj = tl.arange(0, BJ)
+    start = ci[:, None] * CMP_D - (CMP_L - CMP_D) - jj[None, :] * LP
+    w = tl.maximum(tl.minimum(start + CMP_L, LP) - tl.maximum(start, 0), 0).to(tl.float32) / CMP_D  # [CI, BJ]
+
+    best = tl.full([BT, BJ], -1, tl.int64)
+    for j0 in range(0, own_max + 1, BJ):
+        i = j0 * (LP // CMP_D) - (CMP_L // CMP_D - 1) + ci
         kc = tl.load(KC + (cs + i)[:, None] * s_kt + hk * s_kh + offs_d[None, :],
-                     mask=i_ok[:, None] & (offs_d[None, :] < DK), other=0.0)
+                     mask=((i >= 0) & (i < tc))[:, None] & (offs_d[None, :] < DK), other=0.0)
         s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
-        p = tl.where(g_ok[:, None] & i_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)  # Eq. 8
-        psum = tl.sum(p, 0)  # Eq. 10 (the sum over heads commutes with Eq. 9)
+        seen = row_ok[:, None] & (i[None, :] >= 0) & (i[None, :] < nvis[:, None])
+        p = tl.where(seen, tl.exp2(s - lse2[:, None]), 0.0)  # Eq. 8
+        psum = tl.sum(tl.reshape(p, [BT, GP, CI]), 1)  # Eq. 10, [BT, CI]
+        if BT >= 16:
+            score = tl.dot(psum, w, input_precision="ieee")
+        else:
+            score = tl.sum(psum[:, :, None] * w[None, :, :], 1)  # [BT, BJ]
         j = j0 + jj
-        lo = tl.maximum(i[:, None] * CMP_D, j[None, :] * LP)
-        hi = tl.minimum(i[:, None] * CMP_D + CMP_L, (j[None, :] + 1) * LP)
-        w = tl.maximum(hi - lo, 0).to(tl.float32) / CMP_D  # Eq. 9 overlap weights [CI, BLOCK_J]
-        score = tl.sum(psum[:, None] * w, 0)
-        forced = (j < N_INIT) | (j > own - N_LOCAL)
+        forced = (j[None, :] < N_INIT) | (j[None, :] > own[:, None] - N_LOCAL)
         score = tl.where(forced, float("inf"), score)
-        score = tl.where(j <= own, score, float("-inf"))
-        best_s, best_j = _merge(best_s, best_j, score, j.to(tl.int64), slot_ok, N)
-    tl.store(OUT + t * s_ot + hk * s_oh + slot, best_j, mask=slot_ok)
+        key = tl.where(b_ok[:, None] & (j[None, :] <= own[:, None]), _block_key(score, j[None, :].to(tl.int64)), -1)
+        best = tl.topk(tl.reshape(tl.join(best, key), [BT, 2 * BJ]), BJ)  # Eq. 11
+    tl.store(OUT + tb[:, None] * s_ot + hk * s_oh + jj[None, :], _block_of_key(best),
+             mask=b_ok[:, None] & (jj[None, :] < N))
 
 
-def _chunk(lp: int, l: int, d: int, dk: int = 128, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
-    """(BLOCK_J, CI): blocks per chunk and the compressed-token tile that covers them."""
-    bj = 8 if interpreting() or (dk > 128 and dtype == torch.float32) else 16
-    return bj, next_pow2(bj * lp // d + l // d)
+def _tile(G: int, n: int, lp: int, l: int, d: int, dk: int = 128, dtype: torch.dtype = torch.bfloat16
+          ) -> tuple[int, int, int, int]:
+    """(GP, BT, BJ, CI): padded heads, positions per tile (BT*GP >= 16 rows for tl.dot: 64 rows, 32 for fp32 with
+    dk > 128 to fit shared memory; BT >= 16 remaps with a dot, smaller BT with a broadcast sum), blocks per chunk
+    (>= n: the running top list has BJ slots), and the compressed-token tile that covers a chunk's blocks."""
+    rows = 32 if dk > 128 and dtype == torch.float32 else 64
+    gp = triton.next_power_of_2(G)
+    bt = rows // gp if gp <= rows // 16 else max(1, min(4, rows // gp))
+    gp = max(gp, 16 // bt)
+    bj = next_pow2(n)
+    return gp, bt, bj, next_pow2(bj * lp // d + l // d - 1)
 
 
 def topn_from_lse(q, k_cmp, lse, cu, ccu, *, config, scale):
@@ -119,17 +127,20 @@ def topn_from_lse(q, k_cmp, lse, cu, ccu, *, config, scale):
     if Tt == 0 or HKV == 0:
         return out
     q, k_cmp, lse = q.contiguous(), k_cmp.contiguous(), lse.contiguous().float()
-    lengths = cu[1:] - cu[:-1]
-    seq_of = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths, output_size=Tt)
-    bj, ci = _chunk(config.slc_block_size, config.cmp_block_size, config.cmp_stride, Dk, q.dtype)
     G = HQ // HKV
-    _topn_kernel[(Tt, HKV)](
-        q, k_cmp, lse, out, seq_of.to(torch.int32), cu, ccu,
+    gp, bt, bj, ci = _tile(G, n, config.slc_block_size, config.cmp_block_size, config.cmp_stride, Dk, q.dtype)
+    if (gp * bt + ci) * next_pow2(Dk) * q.element_size() > SMEM_BUDGET:  # e.g. fp32, Dk = 256, G = 128
+        from .. import torch_backend
+
+        idx = torch_backend.select_blocks(q[None], k_cmp[None], config=config, scale=scale, cu_seqlens=cu)
+        return idx[0]
+    tiles = tile_table(cu, bt)
+    _topn_kernel[(tiles.shape[0], HKV)](
+        q, k_cmp, lse, out, tiles, cu, ccu,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse.stride(0), out.stride(0), out.stride(1),
         G, Dk, n, scale * LOG2E, config.cmp_block_size, config.cmp_stride, config.slc_block_size,
         config.num_init_blocks, config.num_local_blocks,
-        PREC=dot_precision(q.dtype), GP=next_pow2(G), BLOCK_DK=next_pow2(Dk), BLOCK_J=bj, CI=ci,
-        NPAD=next_pow2(n, lo=2),
+        PREC=dot_precision(q.dtype), GP=gp, BT=bt, BLOCK_DK=next_pow2(Dk), BJ=bj, CI=ci,
     )
     # ascending order with -1 padding last (O(T n) work)
     out = torch.where(out < 0, _BIG, out).sort(-1).values
