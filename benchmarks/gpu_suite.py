@@ -161,6 +161,26 @@ def branch_breakdown(T, HQ, HKV, Dk, Dv, cfg, reps) -> dict:
     return out
 
 
+def branch_breakdown_fwd_bwd(T, HQ, HKV, Dk, Dv, cfg, reps) -> dict:
+    """fwd+bwd ms of each branch op alone (public ops, triton backend; selection indices precomputed)."""
+    x = inputs(T, HQ, HKV, Dk, Dv, cfg)
+    q, kc, vc, ks, vs, kw, vw, _ = x
+    idx = nsa.select_blocks(q.detach(), kc.detach(), config=cfg, backend="triton")
+    ops = dict(
+        cmp=lambda: nsa.compressed_attention(q, kc, vc, block_size=cfg.cmp_block_size, stride=cfg.cmp_stride,
+                                             backend="triton")[0],
+        slc=lambda: nsa.selected_attention(q, ks, vs, idx, block_size=cfg.slc_block_size, backend="triton"),
+        win=lambda: nsa.sliding_window_attention(q, kw, vw, window=cfg.window_size, backend="triton"))
+    out = {}
+    for name, fn in ops.items():
+        do = torch.randn_like(fn())
+        out[name] = cuda_time(lambda _: fn().backward(do), reps)
+        for t in x:
+            t.grad = None
+    del x, q, kc, vc, ks, vs, kw, vw
+    return out
+
+
 def _cos(a, b):
     return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
 
@@ -278,6 +298,9 @@ def main():
         if r:
             r["breakdown_fwd"] = guarded(f"breakdown T={T}", lambda: branch_breakdown(T, **PAPER, cfg=cfg,
                                                                                      reps=args.reps))
+            if T >= 16384 or DEVICE != "cuda":
+                r["breakdown_fwd_bwd"] = guarded(f"fwd+bwd breakdown T={T}", lambda: branch_breakdown_fwd_bwd(
+                    T, **PAPER, cfg=cfg, reps=args.reps))
             result["paper"].append(r)
         save()
     for T in [int(t) for t in args.g_lengths.split(",")]:
@@ -345,6 +368,14 @@ def markdown(res) -> str:
             b = r["breakdown_fwd"]
             lines.append(f"| {r['T']} | {b['cmp']:.2f} | {b['topn']:.2f} | {b['slc']:.2f} | {b['win']:.2f} | "
                          f"{b['combine']:.2f} |")
+        lines.append("")
+    bb = [r for r in res.get("paper", []) if r.get("breakdown_fwd_bwd")]
+    if bb:
+        lines += ["## Paper config: fwd+bwd of each branch op alone (ms, given indices)", "", "| T | cmp | slc | win |",
+                  "|---|---|---|---|"]
+        for r in bb:
+            b = r["breakdown_fwd_bwd"]
+            lines.append(f"| {r['T']} | {b['cmp']:.2f} | {b['slc']:.2f} | {b['win']:.2f} |")
         lines.append("")
     if res.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
