@@ -22,7 +22,12 @@ res=benchmarks/results
 mkdir -p "$res"
 log="$res/${card}_all.log"
 : > "$log"
-export_out() { if [ -n "${OUT:-}" ]; then cp "$res/${card}"_* "$OUT"/ 2>/dev/null; fi; }
+export_out() {  # this run's files only ($OUT takes at most 8 files)
+  if [ -n "${OUT:-}" ]; then
+    for f in "$log" "$res/${card}_suite.json" "$res/${card}_suite.md" "$res/${card}_decode.json" \
+      "$res/${card}_train_nsa.jsonl" "$res/${card}_train_full.jsonl"; do [ -f "$f" ] && cp "$f" "$OUT"/; done
+  fi
+}
 stage() {  # stage NAME SECONDS CMD...
   local name=$1 secs=$2; shift 2
   echo "=== $name (limit ${secs}s): $*" | tee -a "$log"
