@@ -79,6 +79,23 @@ def test_compressed_attention_matches_reference(heads, varlen):
              (q, kc, vc), F32, "qkv")
 
 
+@pytest.mark.parametrize("varlen", [False, True])
+def test_compressed_attention_split_query_ranges(varlen, monkeypatch):
+    """dK/dV of the compressed keys summed over query-range splits (long sequences) equals the reference, and the
+    split backward stays bitwise repeatable."""
+    from nsa.ops.triton import flash
+
+    monkeypatch.setattr(flash, "CMP_SPLIT_QUERIES", 16)
+    assert flash._query_split(torch.tensor([0, 26, 70]), 1, 16) == (16, 3)
+    assert flash._query_split(torch.tensor([0, 26, 70]), 0, 16)[1] == 1  # the window never splits
+    x, cu = _case((4, 2), varlen, T=45)
+    q, kc, vc = x[0], x[1], x[2]
+    fn = lambda b: nsa.compressed_attention(q, kc, vc, block_size=8, stride=4, cu_seqlens=cu, backend=b)  # noqa
+    _compare(fn, (q, kc, vc), F32, "qkv")
+    for a, b in zip(_grads(fn("triton"), (q, kc, vc)), _grads(fn("triton"), (q, kc, vc))):
+        assert torch.equal(a, b)
+
+
 def test_compressed_attention_sequence_shorter_than_block():
     """T < l: no compressed token at all; o = 0, lse = -inf, zero gradient for q, never NaN."""
     q = torch.randn(1, 6, 2, 16, device=DEV, requires_grad=True)

@@ -160,8 +160,8 @@ def _bwd_dq_kernel(
 @triton.jit
 def _bwd_dkv_kernel(
     Q, K, V, DO, LSE, DELTA, DK_, DV_, TILES, CU_Q, CU_K,
-    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_lt,
-    G, DK, DV, qk_scale, scale, WINDOW, CMP_L, CMP_D,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_lt, s_split_k, s_split_v,
+    G, DK, DV, qk_scale, scale, WINDOW, CMP_L, CMP_D, CHUNK,
     MODE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -192,6 +192,10 @@ def _bwd_dkv_kernel(
     else:
         q_lo = j_lo * CMP_D + CMP_L - 1
         q_hi = Lq
+    # split programs (grid axis 2) take the query positions [sp * CHUNK, (sp + 1) * CHUNK) and write partials
+    sp = tl.program_id(2).to(tl.int64)
+    q_lo = tl.maximum(q_lo, sp * CHUNK)
+    q_hi = tl.minimum(q_hi, (sp + 1) * CHUNK)
 
     dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -217,10 +221,10 @@ def _bwd_dkv_kernel(
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     dk = dk * scale
-    tl.store(DK_ + cols[:, None] * s_kt + hk * s_kh + offs_dk[None, :], dk.to(DK_.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_dk[None, :] < DK))
-    tl.store(DV_ + cols[:, None] * s_vt + hk * s_vh + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(DK_ + sp * s_split_k + cols[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
+             dk.to(DK_.dtype.element_ty), mask=col_ok[:, None] & (offs_dk[None, :] < DK))
+    tl.store(DV_ + sp * s_split_v + cols[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
+             dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
 
 
 def _blocks(dk: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -231,6 +235,20 @@ def _blocks(dk: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
     if wide and fp32:
         return 32, 32
     return (64, 32) if wide or fp32 else (64, 64)
+
+
+CMP_SPLIT_QUERIES = 4096  # query positions per dK/dV program of the compressed branch (MODE 1)
+
+
+def _query_split(cu_q: torch.Tensor, mode: int, block_m: int) -> tuple[int, int]:
+    """(CHUNK, NSPLIT) for the dK/dV kernel. Compressed keys are seen by every later query, so at long T one
+    program per key tile would loop over the whole sequence (x G heads) while the last tiles finish at once: split
+    the query positions into chunks of CMP_SPLIT_QUERIES. Window keys see at most w + BLOCK_N queries: no split."""
+    longest = int((cu_q[1:] - cu_q[:-1]).max()) if cu_q.numel() > 1 else 0
+    if mode != 1 or longest <= CMP_SPLIT_QUERIES:
+        return max(longest, 1), 1
+    chunk = triton.cdiv(CMP_SPLIT_QUERIES, block_m) * block_m
+    return chunk, triton.cdiv(longest, chunk)
 
 
 class DenseMaskedAttention(torch.autograd.Function):
@@ -285,10 +303,19 @@ class DenseMaskedAttention(torch.autograd.Function):
             dq.zero_()
         tiles_k = tile_table(cu_k, bn)
         if tiles_k.shape[0] and HKV:
-            _bwd_dkv_kernel[(tiles_k.shape[0], HKV)](
-                q, k, v, do, lse, delta, dk, dv, tiles_k, cu_q, cu_k, *strides,
-                HQ // HKV, Dk, Dv, scale * LOG2E, scale, window, cmp_l, cmp_d, **common,
+            chunk, nsplit = _query_split(cu_q, mode, bm)
+            dk_out, dv_out = dk, dv
+            if nsplit > 1:  # fp32 partials per split, summed in a fixed order below (deterministic)
+                dk_out = torch.empty(nsplit, *k.shape, dtype=torch.float32, device=k.device)
+                dv_out = torch.empty(nsplit, *v.shape, dtype=torch.float32, device=v.device)
+            _bwd_dkv_kernel[(tiles_k.shape[0], HKV, nsplit)](
+                q, k, v, do, lse, delta, dk_out, dv_out, tiles_k, cu_q, cu_k, *strides,
+                dk_out.stride(0) if nsplit > 1 else 0, dv_out.stride(0) if nsplit > 1 else 0,
+                HQ // HKV, Dk, Dv, scale * LOG2E, scale, window, cmp_l, cmp_d, chunk, **common,
             )
+            if nsplit > 1:
+                dk.copy_(dk_out.sum(0))
+                dv.copy_(dv_out.sum(0))
         else:
             dk.zero_()
             dv.zero_()
