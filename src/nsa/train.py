@@ -90,7 +90,9 @@ PRESETS: dict[str, dict] = {
     # what `nsa demo` trains on a 2-core CPU (both attention types, same everything else)
     "tiny-cpu": dict(
         # init_std 0.08 (~ hidden^-1/2) instead of 0.02: with the small init, recall did not emerge in 600 steps
-        model=dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384,
+        # 4 KV heads (G = 1: each head selects its own blocks) instead of 2: NSA NIAH@512 over seeds 0-5 went from
+        # 97.3/83.9/96.4/86.6/92.9/94.6% to 98.2/99.1/99.1/99.1/99.1/76.8% (mean 92.0 -> 95.2%)
+        model=dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=32, intermediate_size=384,
                    attention="nsa", nsa=DEMO_NSA, shared_kv=True, token_shift=True, init_std=0.08,
                    # NSA's gates start at 0.5 (gate_bias left at 0). A high cmp-gate start (bias 2, 0, 0 or 2, 1, 0)
                    # rescued seed 1 (NIAH@512 63 -> 91-92%), but seeds 4 and 5 then lost NIAH (12-70%, also inside
