@@ -241,6 +241,8 @@ def main():
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     ap.add_argument("--g-lengths", default="65536,16384,4096,32768,8192",
                     help="G sweep lengths, in the order they run (the budget may cut the last ones)")
+    ap.add_argument("--g-hkv", default=",".join(map(str, G_SWEEP_HKV)),
+                    help="G sweep KV head counts (HQ=16), in the order they run")
     ap.add_argument("--skip-packing", action="store_true", help="skip the packed vs padded tile comparison")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="exercise every code path on CPU in the Triton interpreter with tiny shapes (not a benchmark)")
@@ -255,6 +257,8 @@ def main():
         assert torch.cuda.is_available(), "the GPU suite needs a CUDA GPU"
         assert os.environ.get("TRITON_INTERPRET") != "1", "unset TRITON_INTERPRET for the GPU suite"
     lengths = [int(t) for t in args.lengths.split(",")]
+    if not args.cpu_smoke:
+        G_SWEEP_HKV = [int(h) for h in args.g_hkv.split(",")]
     t0 = time.time()
     result = dict(env=env_info(), dtype=str(DTYPE)[6:], reps=args.reps, lengths=lengths, notes=[], paper=[],
                   g_sweep=[], packing=[])
