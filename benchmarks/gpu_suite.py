@@ -234,6 +234,7 @@ def packing_comparison(T, reps) -> list:
 
 
 def main():
+    global DEVICE, DTYPE, PAPER, G_HQ, G_SWEEP_HKV
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/gpu_suite")
     ap.add_argument("--budget-s", type=float, default=330.0, help="stop starting new cases after this many seconds")
@@ -247,7 +248,6 @@ def main():
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="exercise every code path on CPU in the Triton interpreter with tiny shapes (not a benchmark)")
     args = ap.parse_args()
-    global DEVICE, DTYPE, PAPER, G_HQ, G_SWEEP_HKV
     if args.cpu_smoke:
         assert os.environ.get("TRITON_INTERPRET") == "1", "--cpu-smoke needs TRITON_INTERPRET=1"
         DEVICE, DTYPE, args.reps = "cpu", torch.float16, 1
