@@ -1,0 +1,43 @@
+"""The benchmark scripts are run rarely (GPU sessions, long CPU runs): check here that they still parse, that their
+shell wrappers are valid bash, and that the GPU suite's report renders every section."""
+import py_compile
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
+def test_benchmark_script_compiles(script):
+    py_compile.compile(str(BENCH / script), doraise=True)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.sh")))
+def test_benchmark_wrapper_is_valid_bash(script):
+    subprocess.run(["bash", "-n", str(BENCH / script)], check=True)
+
+
+def test_gpu_suite_report_renders_every_section(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_suite
+
+    t = dict(fwd=1.0, bwd=2.0, fwd_bwd=3.0)
+    row = lambda T, hkv, ms: dict(T=T, HQ=16, HKV=hkv, nsa=dict(t, fwd_bwd=ms), sdpa=t)  # noqa: E731
+    res = dict(env=dict(card="card", torch="", triton="", cuda="", commit="", date_utc=""), reps=3,
+               correctness=dict(case="c", o_cosine=1.0, o_max_abs_err=0.0, selection_rows_identical=1.0,
+                                grad_cosine=dict(q=1.0), **{"pass": True}),
+               packing=[dict(T=64, G=1, padded=t, packed=t, packed_speedup_fwd_bwd=1.0)],
+               paper=[dict(row(64, 4, 3.0), HQ=64, breakdown_fwd=dict(cmp=1, topn=1, slc=1, win=1, combine=1),
+                           breakdown_fwd_bwd=dict(cmp=1, slc=1, win=1))],
+               g_sweep=[row(64, 1, 2.0), row(64, 16, 4.0)], notes=["n"])
+    md = gpu_suite.markdown(res)
+    for title in ("Correctness", "packed vs padded", "Paper config (", "G sweep (", "relative to G = 16",
+                  "forward breakdown", "each branch op alone", "Notes"):
+        assert title in md, title
+    assert "| 64 | 1 | 4.00 | 0.50 |" in md  # G = 1 (HKV = 16) at 4 ms vs G = 16 at 2 ms
+    out = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--help"], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(BENCH.parent / "src"), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0 and "--g-hkv" in out.stdout, out.stderr
