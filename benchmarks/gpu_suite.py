@@ -364,23 +364,14 @@ def markdown(res) -> str:
                 lines.append(f"| {r['T']} | {r['HQ'] // r['HKV']} | {r['nsa']['fwd_bwd']:.2f} | "
                              f"{base[r['T']] / r['nsa']['fwd_bwd']:.2f} |")
         lines.append("")
-    bd = [r for r in res.get("paper", []) if r.get("breakdown_fwd")]
-    if bd:
-        lines += ["## Paper config: forward breakdown (ms, no_grad)", "", "| T | cmp | top-n | slc | win | combine |",
-                  "|---|---|---|---|---|---|"]
-        for r in bd:
-            b = r["breakdown_fwd"]
-            lines.append(f"| {r['T']} | {b['cmp']:.2f} | {b['topn']:.2f} | {b['slc']:.2f} | {b['win']:.2f} | "
-                         f"{b['combine']:.2f} |")
-        lines.append("")
-    bb = [r for r in res.get("paper", []) if r.get("breakdown_fwd_bwd")]
-    if bb:
-        lines += ["## Paper config: fwd+bwd of each branch op alone (ms, given indices)", "", "| T | cmp | slc | win |",
-                  "|---|---|---|---|"]
-        for r in bb:
-            b = r["breakdown_fwd_bwd"]
-            lines.append(f"| {r['T']} | {b['cmp']:.2f} | {b['slc']:.2f} | {b['win']:.2f} |")
-        lines.append("")
+    for key, title, cols in (
+            ("breakdown_fwd", "forward breakdown (ms, no_grad)", ("cmp", "topn", "slc", "win", "combine")),
+            ("breakdown_fwd_bwd", "fwd+bwd of each branch op alone (ms, given indices)", ("cmp", "slc", "win"))):
+        rows = [r for r in res.get("paper", []) if r.get(key)]
+        if rows:
+            lines += [f"## Paper config: {title}", "", "| T | " + " | ".join(cols) + " |",
+                      "|---" * (len(cols) + 1) + "|"]
+            lines += [f"| {r['T']} | " + " | ".join(f"{r[key][c]:.2f}" for c in cols) + " |" for r in rows] + [""]
     if res.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
     return "\n".join(lines)
