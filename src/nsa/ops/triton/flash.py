@@ -41,17 +41,24 @@ def _key_hi(p_hi, Lk, CMP_L, CMP_D, MODE: tl.constexpr):
 
 
 @device_jit
-def _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
-    """The query tile of program (pid, .): its packed rows, which are real, their positions in the sequence, the
-    sequence's first key row, and the key range [lo, hi) (lo a multiple of BLOCK_N) its queries can see."""
+def _tile_seq(TILES, CU_Q, CU_K):
+    """Program pid's row of a tile table over CU_Q's rows: its first packed row, its sequence's rows [qs, qe),
+    and that sequence's first row and row count in CU_K."""
     pid = tl.program_id(0)
     seq = tl.load(TILES + 2 * pid)
     row0 = tl.load(TILES + 2 * pid + 1).to(tl.int64)
     qs = tl.load(CU_Q + seq).to(tl.int64)
     qe = tl.load(CU_Q + seq + 1).to(tl.int64)
     ks = tl.load(CU_K + seq).to(tl.int64)
-    Lk = tl.load(CU_K + seq + 1).to(tl.int64) - ks
+    return row0, qs, qe, ks, tl.load(CU_K + seq + 1).to(tl.int64) - ks
+
+
+@device_jit
+def _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """The query tile of program (pid, .): its packed rows, which are real, their positions in the sequence, the
+    sequence's first key row, and the key range [lo, hi) (lo a multiple of BLOCK_N) its queries can see."""
+    row0, qs, qe, ks, Lk = _tile_seq(TILES, CU_Q, CU_K)
     rows = row0 + tl.arange(0, BLOCK_M)
     p_lo = row0 - qs
     hi = _key_hi(tl.minimum(row0 + BLOCK_M, qe) - 1 - qs, Lk, CMP_L, CMP_D, MODE)
@@ -165,14 +172,8 @@ def _bwd_dkv_kernel(
     MODE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
-    seq = tl.load(TILES + 2 * pid)
-    col0 = tl.load(TILES + 2 * pid + 1).to(tl.int64)
-    qs = tl.load(CU_Q + seq).to(tl.int64)
-    Lq = tl.load(CU_Q + seq + 1).to(tl.int64) - qs
-    ks = tl.load(CU_K + seq).to(tl.int64)
-    ke = tl.load(CU_K + seq + 1).to(tl.int64)
+    col0, ks, ke, qs, Lq = _tile_seq(TILES, CU_K, CU_Q)  # a tile table over the keys
 
     cols = col0 + tl.arange(0, BLOCK_N)
     col_ok = cols < ke

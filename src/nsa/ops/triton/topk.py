@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import LOG2E, default_scale, dense_masked_attention
+from .flash import LOG2E, _tile_seq, default_scale, dense_masked_attention
 from .utils import (autotune_configs, cmp_offsets, device_jit, dot_precision, next_pow2, pack, seq_offsets,
                     tile_table)
 
@@ -46,14 +46,8 @@ def _topn_kernel(
     PREC: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, BLOCK_DK: tl.constexpr, BJ: tl.constexpr,
     CI: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
-    seq = tl.load(TILES + 2 * pid)
-    row0 = tl.load(TILES + 2 * pid + 1).to(tl.int64)
-    qs = tl.load(CU + seq).to(tl.int64)
-    qe = tl.load(CU + seq + 1).to(tl.int64)
-    cs = tl.load(CCU + seq).to(tl.int64)
-    tc = tl.load(CCU + seq + 1).to(tl.int64) - cs
+    row0, qs, qe, cs, tc = _tile_seq(TILES, CU, CCU)
 
     # query rows: BT positions x GP heads (position-major)
     r = tl.arange(0, BT * GP)
