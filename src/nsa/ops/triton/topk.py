@@ -33,6 +33,7 @@ def _block_key(score, j):
 
 @device_jit
 def _block_of_key(key):
+    """The block index of a key from _block_key; -1 for an empty slot (negative key)."""
     hi = key >> 32
     return tl.where(key >= 0, ((hi + 1) << 32) - 1 - key, -1)
 
