@@ -23,6 +23,7 @@ Same functions and contract as `nsa.ops.reference` (see docs/spec.md). Design:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -38,6 +39,7 @@ WIN_TILE = 64  # queries per sliding-window tile
 SMALL_NUMEL = 1 << 15  # q with at most this many elements runs single-threaded (tiny ops pay more in
 # thread wake-ups than they gain, badly so on an oversubscribed machine)
 
+SLC_SEGMENT_SIZES = (8, 16, 32, 64)  # pairs per selected-branch segment (one gathered key block each)
 NUM_WORKERS = None  # worker threads per op; None: torch.get_num_threads()
 
 _NEG = float("-inf")
@@ -317,10 +319,21 @@ def _topn(blk, t0, cfg):
 
 
 # ============================================================================================ selected branch
-class _SlcPlan:
-    """The chunk's valid (query, KV head, block) pairs grouped into segments of P pairs sharing one key block.
+class _Batch(NamedTuple):
+    """Segments [s0, s1) of one size P, whose lanes are [l0, l1)."""
+    s0: int
+    s1: int
+    P: int
+    l0: int
+    l1: int
 
-    Lanes are the S*P padded pair positions; lane_slot is the pair's query-major slot ((c*HKV + h)*n + s) or the
+
+class _SlcPlan:
+    """The chunk's valid (query, KV head, block) pairs grouped into segments that share one key block.
+
+    A block's pairs fill segments of the chunk's size Pm, and the rest goes to one tail segment of the smallest size
+    in SLC_SEGMENT_SIZES that holds it; segments of one size are contiguous (`groups`), so a batch of them is one
+    bmm. Lanes are the padded pair positions; lane_slot is the pair's query-major slot ((c*HKV + h)*n + s) or the
     dummy slot C*HKV*n, lane_row its q row (c*HKV + h) or the dummy row C*HKV.
     """
 
@@ -339,41 +352,73 @@ class _SlcPlan:
         key = ((slots // n) % HKV) * NB + idx.view(-1)[slots]
         skey, order = torch.sort(key, stable=True)
         counts = torch.bincount(skey, minlength=HKV * NB)
-        # segment size: padded lanes plus ~16 lanes' worth of traffic per gathered key/value block
+        sizes = torch.tensor(SLC_SEGMENT_SIZES, device=dev)
+
+        def split(Pm):  # full Pm-segments and the tail size (0: none) of every block
+            full, rem = counts // Pm, counts % Pm
+            tail = torch.where(rem > 0, sizes[torch.searchsorted(sizes, rem.clamp(min=1))].clamp(max=Pm), 0)
+            return full + (tail == Pm), torch.where(tail == Pm, 0, tail)
+
+        # Pm: padded lanes plus ~16 lanes' worth of traffic per gathered key/value block
         best = None
-        for P in (8, 16, 32, 64):
-            nseg_p = int(((counts + P - 1) // P).sum())
-            cost = nseg_p * P + 16 * nseg_p
+        for Pm in SLC_SEGMENT_SIZES:
+            full, tail = split(Pm)
+            nseg = int(full.sum() + (tail > 0).sum())
+            cost = int(full.sum()) * Pm + int(tail.sum()) + 16 * nseg
             if best is None or cost < best[0]:
-                best = (cost, P)
-        P = best[1]
-        self.P = P
-        nseg = (counts + P - 1) // P
-        S = int(nseg.sum())
+                best = (cost, Pm)
+        Pm = best[1]
+        full, tail = split(Pm)
+        # groups, Pm first: (P, first segment, end segment, first lane)
+        self.groups, seg_keys, s_off, l_off = [], [], 0, 0
+        tail_seg = torch.zeros_like(counts)  # global index of a block's tail segment
+        tail_lane = torch.zeros_like(counts)  # first lane of a block's tail segment
+        full_seg0 = torch.cumsum(full, 0) - full
+        nfull = int(full.sum())
+        if nfull:
+            self.groups.append((Pm, 0, nfull, 0))
+            seg_keys.append(torch.repeat_interleave(torch.arange(HKV * NB, device=dev), full, output_size=nfull))
+            s_off, l_off = nfull, nfull * Pm
+        for P in SLC_SEGMENT_SIZES:
+            has = tail == P
+            k = int(has.sum())
+            if P >= Pm or not k:
+                continue
+            pos = torch.cumsum(has.long(), 0) - 1
+            tail_seg = torch.where(has, s_off + pos, tail_seg)
+            tail_lane = torch.where(has, l_off + pos * P, tail_lane)
+            self.groups.append((P, s_off, s_off + k, l_off))
+            seg_keys.append(has.nonzero().squeeze(1))
+            s_off, l_off = s_off + k, l_off + k * P
+        S, lanes = s_off, l_off
         self.S = S
-        seg_start = torch.cumsum(nseg, 0) - nseg
         key_start = torch.cumsum(counts, 0) - counts
         rank = torch.arange(N, device=dev) - key_start[skey]
-        lane = seg_start[skey] * P + rank
+        in_full = rank < full[skey] * Pm
+        lane = torch.where(in_full, full_seg0[skey] * Pm + rank, tail_lane[skey] + rank - full[skey] * Pm)
         dummy_slot = C * HKV * n
-        self.lane_slot = torch.full((S * P,), dummy_slot, dtype=torch.long, device=dev)
+        self.lane_slot = torch.full((lanes,), dummy_slot, dtype=torch.long, device=dev)
         self.lane_slot[lane] = slots[order]
         is_pad = self.lane_slot == dummy_slot
         self.lane_row = torch.where(is_pad, C * HKV, self.lane_slot // n)
-        seg_key = torch.repeat_interleave(torch.arange(HKV * NB, device=dev), nseg, output_size=S)
+        seg_key = torch.cat(seg_keys) if seg_keys else counts.new_zeros(0)
         self.seg_key = seg_key
         self.seg_h = seg_key // NB
         self.seg_j = seg_key % NB
         lane_t = torch.where(is_pad, torch.iinfo(torch.long).max, t0 + self.lane_slot // (HKV * n))
         self.lane_t = lane_t
         # segments whose block reaches past one of its queries need the token-level causal mask (Eq. 12)
-        self.seg_need = self.seg_j * lp + (lp - 1) > lane_t.view(S, P).amin(1) if S else lane_t.new_zeros(0, dtype=torch.bool)
+        first_t = [lane_t[l0:l0 + (s1 - s0) * P].view(s1 - s0, P).amin(1) for P, s0, s1, l0 in self.groups]
+        first_t = torch.cat(first_t) if first_t else lane_t.new_zeros(0)
+        self.seg_need = self.seg_j * lp + (lp - 1) > first_t
         self.ar = torch.arange(lp, device=dev)
 
     def batches(self, G):
-        step = max(1, WORK_ELEMS // (self.P * G * self.lp))
-        for s0 in range(0, self.S, step):
-            yield s0, min(self.S, s0 + step)
+        for P, g0, g1, l0 in self.groups:
+            step = max(1, WORK_ELEMS // (P * G * self.lp))
+            for s0 in range(g0, g1, step):
+                s1 = min(g1, s0 + step)
+                yield _Batch(s0, s1, P, l0 + (s0 - g0) * P, l0 + (s1 - g0) * P)
 
     def keys(self, kf, vf, s0, s1):
         """Gathered key/value blocks [SB, l', D] of segments [s0, s1) from kf/vf [L*HKV, D]."""
@@ -382,15 +427,16 @@ class _SlcPlan:
         SB = s1 - s0
         return kf.index_select(0, rows).view(SB, self.lp, -1), vf.index_select(0, rows).view(SB, self.lp, -1)
 
-    def scores(self, qflat, kb, s0, s1, G):
-        """Masked scores [SB, P, G, l'] and the gathered queries [SB, P*G, Dk]."""
-        P, SB = self.P, s1 - s0
-        qb = qflat.index_select(0, self.lane_row[s0 * P:s1 * P]).view(SB, P * G, -1)
+    def scores(self, qflat, kb, b: _Batch, G):
+        """Masked scores [SB, P, G, l'] and the gathered queries [SB, P*G, Dk] of batch b."""
+        s0, s1, P = b.s0, b.s1, b.P
+        SB = s1 - s0
+        qb = qflat.index_select(0, self.lane_row[b.l0:b.l1]).view(SB, P * G, -1)
         s = torch.bmm(qb, kb.transpose(1, 2)).view(SB, P, G, self.lp)
         need = self.seg_need[s0:s1].nonzero().squeeze(1)
         if need.numel():
             kp = self.seg_j[s0:s1][need, None] * self.lp + self.ar  # [Sn, l']
-            lt = self.lane_t[s0 * P:s1 * P].view(SB, P)[need]  # [Sn, P]
+            lt = self.lane_t[b.l0:b.l1].view(SB, P)[need]  # [Sn, P]
             s[need] = s[need].masked_fill(kp[:, None, None, :] > lt[:, :, None, None], _NEG)
         return s, qb
 
@@ -401,16 +447,16 @@ def _slc_forward_chunk(qflat, kf, vf, plan, G, Dv, sf=False):
     With sf (scores provably small, see _shift_free) the unshifted exp-sums of all of a query's blocks are
     accumulated directly per query; otherwise each (query, block) pair keeps its own max and the partial results
     are merged with the log-sum-exp rule."""
-    C, HKV, n, P = plan.C, plan.HKV, plan.n, plan.P
+    C, HKV, n = plan.C, plan.HKV, plan.n
     acc = qflat.dtype
     if sf:
         acc_o = torch.zeros(C * HKV + 1, G * Dv, dtype=acc, device=qflat.device)
         acc_l = torch.zeros(C * HKV + 1, G, dtype=acc, device=qflat.device)
-        for s0, s1 in plan.batches(G):
-            SB = s1 - s0
-            kb, vb = plan.keys(kf, vf, s0, s1)
-            s, _ = plan.scores(qflat, kb, s0, s1, G)
-            rows = plan.lane_row[s0 * P:s1 * P]
+        for b in plan.batches(G):
+            SB, P = b.s1 - b.s0, b.P
+            kb, vb = plan.keys(kf, vf, b.s0, b.s1)
+            s, _ = plan.scores(qflat, kb, b, G)
+            rows = plan.lane_row[b.l0:b.l1]
             s.exp_()
             acc_l.index_add_(0, rows, s.sum(-1).view(SB * P, G))
             acc_o.index_add_(0, rows, torch.bmm(s.view(SB, P * G, -1), vb).view(SB * P, G * Dv))
@@ -421,13 +467,13 @@ def _slc_forward_chunk(qflat, kf, vf, plan, G, Dv, sf=False):
     buf_o = torch.zeros(nslot + 1, G * Dv, dtype=acc, device=qflat.device)
     buf_m = torch.full((nslot + 1, G), _NEG, dtype=acc, device=qflat.device)
     buf_l = torch.zeros(nslot + 1, G, dtype=acc, device=qflat.device)
-    for s0, s1 in plan.batches(G):
-        SB = s1 - s0
-        kb, vb = plan.keys(kf, vf, s0, s1)
-        s, _ = plan.scores(qflat, kb, s0, s1, G)
+    for b in plan.batches(G):
+        SB, P = b.s1 - b.s0, b.P
+        kb, vb = plan.keys(kf, vf, b.s0, b.s1)
+        s, _ = plan.scores(qflat, kb, b, G)
         m, ssum = _softmax_stats_(s, False)
         ob = torch.bmm(s.view(SB, P * G, -1), vb).view(SB * P, G * Dv)
-        ls = plan.lane_slot[s0 * P:s1 * P]
+        ls = plan.lane_slot[b.l0:b.l1]
         buf_o.index_copy_(0, ls, ob)
         buf_m.index_copy_(0, ls, m.view(SB * P, G))
         buf_l.index_copy_(0, ls, ssum.view(SB * P, G))
@@ -448,18 +494,18 @@ def _slc_backward_chunk(qflat, kf, vf, plan, G, dO, delta, lse, dkb, dvb):
 
     Returns dq w.r.t. the scaled queries, [C, HKV, G, Dk].
     """
-    C, HKV, P = plan.C, plan.HKV, plan.P
+    C, HKV = plan.C, plan.HKV
     Dk, Dv = kf.shape[1], vf.shape[1]
     dev, acc = qflat.device, qflat.dtype
     lse_f = torch.cat([lse.reshape(C * HKV, G), torch.full((1, G), float("inf"), dtype=acc, device=dev)])
     delta_f = torch.cat([delta.reshape(C * HKV, G), torch.zeros(1, G, dtype=acc, device=dev)])
     dO_f = torch.cat([dO.reshape(C * HKV, G * Dv), torch.zeros(1, G * Dv, dtype=acc, device=dev)])
     dq = torch.zeros(C * HKV + 1, G * Dk, dtype=acc, device=dev)
-    for s0, s1 in plan.batches(G):
-        SB = s1 - s0
-        rows = plan.lane_row[s0 * P:s1 * P]
-        kb, vb = plan.keys(kf, vf, s0, s1)
-        s, qb = plan.scores(qflat, kb, s0, s1, G)
+    for b in plan.batches(G):
+        SB, P = b.s1 - b.s0, b.P
+        rows = plan.lane_row[b.l0:b.l1]
+        kb, vb = plan.keys(kf, vf, b.s0, b.s1)
+        s, qb = plan.scores(qflat, kb, b, G)
         p = s.sub_(lse_f.index_select(0, rows).view(SB, P, G, 1)).exp_()
         pf = p.view(SB, P * G, -1)
         dOl = dO_f.index_select(0, rows).view(SB, P * G, Dv)
@@ -467,7 +513,7 @@ def _slc_backward_chunk(qflat, kf, vf, plan, G, dO, delta, lse, dkb, dvb):
         ds.sub_(delta_f.index_select(0, rows).view(SB, P, G, 1)).mul_(p)
         dsf = ds.view(SB, P * G, -1)
         dq.index_add_(0, rows, torch.bmm(dsf, kb).view(SB * P, G * Dk))
-        keys = plan.seg_key[s0:s1]
+        keys = plan.seg_key[b.s0:b.s1]
         dkb.index_add_(0, keys, torch.bmm(dsf.transpose(1, 2), qb).view(SB, -1))
         dvb.index_add_(0, keys, torch.bmm(pf.transpose(1, 2), dOl).view(SB, -1))
     return dq[:-1].view(C, HKV, G, Dk)
