@@ -159,6 +159,22 @@ def test_selected_attention_odd_indices(dtype, chunking):
              ["q", "k", "v"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_selected_attention_mixed_segment_sizes(dtype, monkeypatch):
+    """Blocks whose pair counts leave tails of several sizes: full segments plus 2-, 4- and 8-pair tail segments,
+    each size batched on its own, against the reference."""
+    monkeypatch.setattr(tb, "SLC_SEGMENT_SIZES", (2, 4, 8, 16))
+    monkeypatch.setattr(tb, "WORK_ELEMS", 3000)  # several batches per size
+    T, HKV = 120, 2
+    q, _, _, k, v, *_ = make_inputs(1, T, 4, HKV, 8, 7, CFG, dtype=dtype, seed=4)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, math.ceil(T / 16), (1, T, HKV, 5), generator=g)
+    plan = tb._SlcPlan(idx[0], 0, 16, T)
+    assert len({P for P, *_ in plan.groups}) >= 3, plan.groups
+    _compare(lambda be, *x: nsa.selected_attention(*x, idx, block_size=16, backend=be), (q, k, v), dtype,
+             ["q", "k", "v"])
+
+
 @pytest.mark.parametrize("window", [1, 3, 16, 100])
 def test_sliding_window_matches_reference(window, chunking):
     q, _, _, _, _, k, v, _ = make_inputs(2, 41, 4, 1, 6, 9, CFG, seed=window)
