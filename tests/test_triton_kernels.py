@@ -88,6 +88,8 @@ def test_compressed_attention_split_query_ranges(varlen, monkeypatch):
     monkeypatch.setattr(flash, "CMP_SPLIT_QUERIES", 16)
     assert flash._query_split(torch.tensor([0, 26, 70]), 1, 16) == (16, 3)
     assert flash._query_split(torch.tensor([0, 26, 70]), 0, 16)[1] == 1  # the window never splits
+    assert flash._query_split(torch.tensor([0, 1000]), 1, 16) == (64, 16)  # at most CMP_SPLIT_MAX splits
+    assert flash._query_split(torch.tensor([0, 1000]), 1, 16, flash.CMP_SPLIT_BYTES // 4) == (256, 4)  # memory cap
     x, cu = _case((4, 2), varlen, T=45)
     q, kc, vc = x[0], x[1], x[2]
     fn = lambda b: nsa.compressed_attention(q, kc, vc, block_size=8, stride=4, cu_seqlens=cu, backend=b)  # noqa

@@ -239,16 +239,21 @@ def _blocks(dk: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 CMP_SPLIT_QUERIES = 4096  # query positions per dK/dV program of the compressed branch (MODE 1)
+CMP_SPLIT_MAX = 16  # at most this many splits ...
+CMP_SPLIT_BYTES = 1 << 30  # ... and at most this many bytes of fp32 partials
 
 
-def _query_split(cu_q: torch.Tensor, mode: int, block_m: int) -> tuple[int, int]:
+def _query_split(cu_q: torch.Tensor, mode: int, block_m: int, bytes_per_split: int = 0) -> tuple[int, int]:
     """(CHUNK, NSPLIT) for the dK/dV kernel. Compressed keys are seen by every later query, so at long T one
     program per key tile would loop over the whole sequence (x G heads) while the last tiles finish at once: split
-    the query positions into chunks of CMP_SPLIT_QUERIES. Window keys see at most w + BLOCK_N queries: no split."""
+    the query positions into chunks of CMP_SPLIT_QUERIES (fewer, longer chunks past the caps above). Window keys
+    see at most w + BLOCK_N queries: no split."""
     longest = int((cu_q[1:] - cu_q[:-1]).max()) if cu_q.numel() > 1 else 0
-    if mode != 1 or longest <= CMP_SPLIT_QUERIES:
+    nsplit = min(triton.cdiv(longest, CMP_SPLIT_QUERIES), CMP_SPLIT_MAX,
+                 max(1, CMP_SPLIT_BYTES // max(bytes_per_split, 1)))
+    if mode != 1 or nsplit <= 1:
         return max(longest, 1), 1
-    chunk = triton.cdiv(CMP_SPLIT_QUERIES, block_m) * block_m
+    chunk = triton.cdiv(triton.cdiv(longest, nsplit), block_m) * block_m
     return chunk, triton.cdiv(longest, chunk)
 
 
@@ -304,7 +309,7 @@ class DenseMaskedAttention(torch.autograd.Function):
             dq.zero_()
         tiles_k = tile_table(cu_k, bn)
         if tiles_k.shape[0] and HKV:
-            chunk, nsplit = _query_split(cu_q, mode, bm)
+            chunk, nsplit = _query_split(cu_q, mode, bm, 4 * (k.numel() + v.numel()))
             dk_out, dv_out = dk, dv
             if nsplit > 1:  # fp32 partials per split, summed in a fixed order below (deterministic)
                 dk_out = torch.empty(nsplit, *k.shape, dtype=torch.float32, device=k.device)
