@@ -371,7 +371,6 @@ class _SlcPlan:
         full, tail = split(Pm)
         # groups, Pm first: (P, first segment, end segment, first lane)
         self.groups, seg_keys, s_off, l_off = [], [], 0, 0
-        tail_seg = torch.zeros_like(counts)  # global index of a block's tail segment
         tail_lane = torch.zeros_like(counts)  # first lane of a block's tail segment
         full_seg0 = torch.cumsum(full, 0) - full
         nfull = int(full.sum())
@@ -385,7 +384,6 @@ class _SlcPlan:
             if P >= Pm or not k:
                 continue
             pos = torch.cumsum(has.long(), 0) - 1
-            tail_seg = torch.where(has, s_off + pos, tail_seg)
             tail_lane = torch.where(has, l_off + pos * P, tail_lane)
             self.groups.append((P, s_off, s_off + k, l_off))
             seg_keys.append(has.nonzero().squeeze(1))
