@@ -276,12 +276,12 @@ def _cmp_backward_chunk(qflat, kc, vc, t0, C, l, d, Tc, dO, delta, lse, dkc, dvc
         p = s.sub_(lse[a:b].permute(1, 2, 0).unsqueeze(-1)).exp_()  # [HKV, G, M, hi]
         dOs = dO[a:b].permute(1, 2, 0, 3).reshape(HKV, G * M, -1)
         pf = p.view(HKV, G * M, hi)
-        dvc[:, :hi] += torch.bmm(pf.transpose(1, 2), dOs)
+        dvc[:, :hi].baddbmm_(pf.transpose(1, 2), dOs)  # accumulate in place: no temporary, no extra pass
         ds = torch.bmm(dOs, vc[:, :hi].transpose(1, 2)).view(HKV, G, M, hi)
         ds.sub_(delta[a:b].permute(1, 2, 0).unsqueeze(-1)).mul_(p)
         dsf = ds.view(HKV, G * M, hi)
         dq[a:b] = torch.bmm(dsf, kc[:, :hi]).view(HKV, G, M, Dk).permute(2, 0, 1, 3)
-        dkc[:, :hi] += torch.bmm(dsf.transpose(1, 2), qs)
+        dkc[:, :hi].baddbmm_(dsf.transpose(1, 2), qs)
     return dq
 
 
