@@ -25,6 +25,7 @@ def chunking(request, monkeypatch):
         monkeypatch.setattr(torch_dense, "DENSE_MAX_LEN", 0)
         monkeypatch.setattr(tb, "CHUNK_SIZE", 7)
         monkeypatch.setattr(tb, "WORK_ELEMS", 1000)
+        monkeypatch.setattr(tb, "CMP_WORK_ELEMS", 1000)
         monkeypatch.setattr(tb, "WIN_TILE", 3)
         monkeypatch.setattr(tb, "SMALL_NUMEL", 0)  # chunks on worker threads even for these tiny inputs
         monkeypatch.setattr(tb, "NUM_WORKERS", 3)
