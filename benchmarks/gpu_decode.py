@@ -112,7 +112,8 @@ def run(contexts, batches, HQ, HKV, Dk, Dv, dtype, device, cfg, check=True):
             traffic = traffic_ratio(S, cfg, G, Dk, Dv, k.element_size())
             rows.append(dict(context=S, batch=B, dense_ms=t_dense, nsa_triton_ms=t_tri, nsa_torch_ms=t_torch,
                              speedup=t_dense / t_tri, dense_graph_ms=g_dense, nsa_triton_graph_ms=g_tri,
-                             speedup_graph=None if g_tri is None else g_dense / g_tri, memory_bound=bound, kernel_traffic_ratio=traffic,
+                             speedup_graph=None if g_tri is None else g_dense / g_tri, memory_bound=bound,
+                             kernel_traffic_ratio=traffic,
                              max_abs_diff_vs_torch=err))
             print(f"{S:>8} {B:>5} {t_dense:>10.4f} {t_tri:>10.4f} {t_torch:>10.4f} {t_dense / t_tri:>8.2f}x "
                   f"{bound:>8.2f}x {traffic:>8.2f}x {err:>9.2e}"
