@@ -74,6 +74,21 @@ def test_decode_op_matches_full_reference(impl, G):
         assert torch.equal(idx[b], sel), f"row {b}: {idx[b].tolist()} vs {sel.tolist()}"
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "cache_slice", "head_major"])
+def test_gather_rows_matches_advanced_indexing(layout):
+    """The row gather reads x[b, t, h] through a [rows, D] view where x's memory allows (a whole tensor, a slice of
+    a preallocated cache along the length) and falls back to advanced indexing otherwise (head-major memory)."""
+    from nsa.ops.decode import _gather_rows
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 50, 4, 6, generator=g)
+    x = {"contiguous": base, "cache_slice": base[:, 5:37],
+         "head_major": base.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)}[layout]
+    b = torch.tensor([2, 0, 1])[:, None, None]
+    t = torch.randint(0, x.shape[1], (3, 4, 7), generator=g)
+    h = torch.arange(4)[None, :, None]
+    assert torch.equal(_gather_rows(x, b, t, h), x[b, t, h])
+
+
 def test_decode_op_fp32_cache_in_fp16():
     """Cached K/V may be stored in another dtype than q: the math runs in fp32 either way."""
     inputs = make_inputs(2, 40, 8, 2, 8, 6, CFG, dtype=torch.float32, seed=3)

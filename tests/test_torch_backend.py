@@ -220,8 +220,9 @@ def test_exact_ties_go_to_the_lower_block(chunking):
                        nsa.select_blocks(q, k_cmp, config=cfg, backend="reference"))
 
 
-@pytest.mark.parametrize("Tq", [1, 5])
+@pytest.mark.parametrize("Tq", [1, 5, 8, 9, 13])
 def test_query_tail_equals_last_rows(Tq, chunking):
+    """Short tails take the per-query gather decode (Tq <= TAIL_DECODE_MAX), longer ones the chunked forward."""
     q, k_cmp, v_cmp, ks, vs, kw, vw, gates = make_inputs(2, 90, 6, 2, 8, 8, CFG, seed=Tq)
     full = nsa.native_sparse_attention(q, k_cmp, v_cmp, ks, vs, kw, vw, gates, config=CFG, backend="reference")
     tail = tb.native_sparse_attention_tail(q[:, -Tq:], k_cmp, v_cmp, ks, vs, kw, vw, gates[:, -Tq:], config=CFG)

@@ -99,6 +99,22 @@ def reference_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
     return (o, chosen_all) if return_indices else o
 
 
+def _gather_rows(x, b, t, h):
+    """x[b, t, h] for index tensors b, t, h (broadcast together) -> [*shape, D].
+
+    When each (b, t, h) row of x is a contiguous run of D elements on a regular grid (any contiguous x, or a
+    slice of a preallocated cache along dim 1), the rows are read with one index_select over a [rows, D] view of
+    x's memory: a row copy each, several times faster on CPU than the element-wise advanced-indexing kernel."""
+    B, S, H, D = x.shape
+    sb, st, sh, sd = x.stride()
+    if sd == 1 and sh == D and st == H * D and sb % D == 0 and x.numel() > 0:
+        nrows = (B - 1) * (sb // D) + S * H
+        flat = x.as_strided((nrows, D), (D, 1))
+        rows = (b * (sb // D) + t * H + h)
+        return flat.index_select(0, rows.reshape(-1)).view(*rows.shape, D)
+    return x[b, t, h]
+
+
 # ------------------------------------------------------------------------------------------------ fast torch
 def overlap_scatter(num_cmp: int, config: NSAConfig, device=None, dtype=torch.float32):
     """Eq. 9 as a scatter: compressed block i overlaps selection blocks j0(i) and j1(i) (j1 = j0 or j0 + 1, since
@@ -175,8 +191,8 @@ def _torch_decode_chunk(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos,
     tok = idx[..., None] * lp + torch.arange(lp, device=dev)  # [B, Tq, HKV, n, l']
     ok = (idx[..., None] >= 0) & (tok <= pos[:, :, None, None, None])
     tok = tok.clamp(0, k_slc.shape[1] - 1).flatten(-2)  # [B, Tq, HKV, n*l']
-    ks = k_slc[bidx, tok, hidx].to(acc)  # [B, Tq, HKV, N, Dk]
-    vs = v_slc[bidx, tok, hidx].to(acc)
+    ks = _gather_rows(k_slc, bidx, tok, hidx).to(acc)  # [B, Tq, HKV, N, Dk]
+    vs = _gather_rows(v_slc, bidx, tok, hidx).to(acc)
     s = torch.einsum("btkgd,btknd->btkgn", qg, ks)
     o_slc, _ = _masked_softmax_av(s, ok.flatten(-2)[:, :, :, None, :], vs, "btkgn,btknd->btkgd")
 
@@ -185,8 +201,8 @@ def _torch_decode_chunk(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos,
     slot = wpos - (0 if win_start is None else win_start.to(dev, torch.long)[:, None, None])
     okw = (wpos >= 0) & (slot >= 0) & (slot < k_win.shape[1])
     slot = slot.clamp(0, k_win.shape[1] - 1)[:, :, None, :].expand(B, Tq, HKV, w)
-    kw = k_win[bidx, slot, hidx].to(acc)  # [B, Tq, HKV, w, Dk]
-    vw = v_win[bidx, slot, hidx].to(acc)
+    kw = _gather_rows(k_win, bidx, slot, hidx).to(acc)  # [B, Tq, HKV, w, Dk]
+    vw = _gather_rows(v_win, bidx, slot, hidx).to(acc)
     s = torch.einsum("btkgd,btknd->btkgn", qg, kw)
     o_win, _ = _masked_softmax_av(s, okw[:, :, None, None, :], vw, "btkgn,btknd->btkgd")
 

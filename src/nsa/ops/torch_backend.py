@@ -45,6 +45,7 @@ SMALL_NUMEL = 1 << 15  # q with at most this many elements runs single-threaded 
 
 SLC_SEGMENT_SIZES = (8, 16, 32, 64)  # pairs per selected-branch segment (one gathered key block each)
 NUM_WORKERS = None  # worker threads per op; None: torch.get_num_threads()
+TAIL_DECODE_MAX = 8  # query tails up to this long run the per-query gather decode (`decode.torch_decode`)
 
 _NEG = float("-inf")
 
@@ -1133,6 +1134,12 @@ def native_sparse_attention_tail(q_tail, k_cmp, v_cmp, k_slc, v_slc, k_win, v_wi
     T, Tq = k_slc.shape[1], q_tail.shape[1]
     if not 0 < Tq <= T:
         raise ValueError(f"q_tail length {Tq} must be in [1, T={T}]")
+    if Tq <= TAIL_DECODE_MAX:  # a few queries: gathering each query's keys beats planning shared-block tiles
+        from .decode import torch_decode
+        lengths = torch.full((q_tail.shape[0],), T, dtype=torch.long, device=q_tail.device)
+        with torch.no_grad():
+            return torch_decode(q_tail, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates_tail, lengths=lengths,
+                                config=config, scale=scale, max_len=T)
     geom = _Geom(scale, None, l=config.cmp_block_size, d=config.cmp_stride, cfg=config,
                  window=config.window_size, slc_block=config.slc_block_size, q_offset=T - Tq)
     xs = _contig(q_tail, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates_tail)
