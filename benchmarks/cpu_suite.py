@@ -3,7 +3,8 @@
 B=1, HQ=16, HKV=4, D=64, paper geometry (l=32, d=16, l'=64, n=16, w=512), fp32. For each T: forward time,
 forward+backward time, and the peak extra memory of a forward (RSS high-water mark above the inputs, each
 measurement in a fresh subprocess). Plus a decode-shaped row: one query at position T-1 over a 64k context
-(NSA via `torch_backend.native_sparse_attention_tail`, which runs `decode.torch_decode` for such short tails) against SDPA with that one query over the dense context.
+(NSA via `torch_backend.native_sparse_attention_tail`, which runs `decode.torch_decode` for such short tails)
+against SDPA with that one query over the dense context.
 Ratios are SDPA time / NSA time (> 1: NSA faster) and NSA memory / SDPA memory. Prints a table and writes JSON
 and Markdown. Timings are wall-clock medians; nothing here asserts a speed.
 
