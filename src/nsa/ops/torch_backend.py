@@ -45,6 +45,7 @@ SMALL_NUMEL = 1 << 15  # q with at most this many elements runs single-threaded 
 
 SLC_SEGMENT_SIZES = (8, 16, 32, 64)  # pairs per selected-branch segment (one gathered key block each)
 NUM_WORKERS = None  # worker threads per op; None: torch.get_num_threads()
+USE_FUSED_CPU = True  # float32 CPU chunks use the compiled kernels of `cpu_kernels` when they build
 TAIL_DECODE_MAX = 8  # query tails up to this long run the per-query gather decode (`decode.torch_decode`)
 
 _NEG = float("-inf")
@@ -678,6 +679,14 @@ def _no_autocast(x):
     return torch.autocast(x.device.type, enabled=False)
 
 
+def _fused_kernels(q, acc):
+    """The compiled float32 CPU kernels (`cpu_kernels`) when they apply to q, else None (pure-PyTorch path)."""
+    if acc != torch.float32 or q.device.type != "cpu" or not USE_FUSED_CPU:
+        return None
+    from . import cpu_kernels
+    return cpu_kernels.load()
+
+
 def _forward(q, cmp, slc, win, gates, geom, save):
     with _threads_for(q) as workers, _no_autocast(q):
         return _forward_impl(q, cmp, slc, win, gates, geom, save, workers)
@@ -708,6 +717,7 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save, workers=1):
     if save and slc is not None:
         n = geom.cfg.num_selected if need_sel else slc[2].shape[3]
         saved["idx"] = torch.full((B, Tq, HKV, n), -1, dtype=torch.long, device=q.device)
+    fused = _fused_kernels(q, acc)
     W = r = None
     if need_sel:
         W = _overlap_weights(geom.cfg, acc, q.device)
@@ -763,10 +773,18 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save, workers=1):
                 idx = idx_c if need_sel else slc[2][b, rows]
                 if "idx" in saved:
                     saved["idx"][b, rows] = idx
-                plan = _SlcPlan(idx, a, geom.lp, L)
-                res["slc"] = _slc_forward_chunk(qflat, kf, vf, plan, G, Dv, q0 == 0 and _shift_free(qn, km_s))
+                sf = q0 == 0 and _shift_free(qn, km_s)
+                if fused is not None:
+                    res["slc"] = fused.slc_fwd(qflat, kf, vf, idx.long().contiguous(), a, geom.lp, G, sf)
+                else:
+                    res["slc"] = _slc_forward_chunk(qflat, kf, vf, _SlcPlan(idx, a, geom.lp, L), G, Dv, sf)
             if win is not None:
-                res["win"] = _win_forward_chunk(qflat, kw_s, vw_s, a, C, wplan, G, q0 == 0 and _shift_free(qn, km_w))
+                sf = q0 == 0 and _shift_free(qn, km_w)
+                if fused is not None:
+                    res["win"] = fused.win_fwd(qflat, kw_s.reshape(L * HKV, -1), vw_s.reshape(L * HKV, -1), C, HKV, a,
+                                               geom.window, G, sf)
+                else:
+                    res["win"] = _win_forward_chunk(qflat, kw_s, vw_s, a, C, wplan, G, sf)
             for name, (o_b, lse_b) in res.items():
                 if "o_" + name in saved:
                     saved["o_" + name][b, rows] = o_b.view(C, HQ, Dv)

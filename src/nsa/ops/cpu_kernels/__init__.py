@@ -1,0 +1,37 @@
+"""Fused float32 CPU kernels for the "torch" backend, compiled on first use (needs a C++ compiler).
+
+`load()` returns the compiled module, or None when the kernels are disabled (`NSA_CPU_KERNELS=0`) or cannot be
+built here: the torch backend then runs its pure-PyTorch path, which computes the same thing. The build goes to
+torch's extension cache (TORCH_EXTENSIONS_DIR) and is reused while the source is unchanged.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+
+_SOURCE = Path(__file__).with_name("nsa_cpu.cpp")
+_LOCK = threading.Lock()
+_STATE: dict = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("NSA_CPU_KERNELS", "1") != "0"
+
+
+def load():
+    """The compiled module or None (disabled, or the build failed: warns once with the reason)."""
+    if not enabled():
+        return None
+    with _LOCK:
+        if "module" not in _STATE:
+            _STATE["module"] = None
+            try:
+                from torch.utils.cpp_extension import load as build
+                _STATE["module"] = build(name="nsa_cpu_kernels", sources=[str(_SOURCE)],
+                                         extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"], verbose=False)
+            except Exception as e:  # no compiler, no headers, ...: the pure-PyTorch path takes over
+                warnings.warn(f"nsa: fused CPU kernels unavailable ({type(e).__name__}: {e}); "
+                              "using the pure-PyTorch path", RuntimeWarning, stacklevel=2)
+        return _STATE["module"]

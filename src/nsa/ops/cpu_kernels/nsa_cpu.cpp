@@ -1,0 +1,352 @@
+// Fused CPU kernels for the "torch" backend (float32): selected-block attention (Eq. 12) and sliding-window
+// attention, forward. Each call handles one query chunk on the calling thread (the Python side spreads chunks
+// over worker threads and the GIL is released here). Matrix products go to the BLAS that libtorch_cpu exports
+// (sgemm_); masking, exp and the row statistics run in cache-sized tiles in between, so no score tensor of the
+// whole chunk is ever materialised.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Row-major C[M, N] = op(A) op(B) (+ C when accumulate); op(X) = X^T when the flag is set.
+void gemm(bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
+          int ldc, bool accumulate = false) {
+  if (M <= 0 || N <= 0) return;
+  const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  if (K <= 0) {
+    if (!accumulate)
+      for (int i = 0; i < M; ++i) std::fill(C + (int64_t)i * ldc, C + (int64_t)i * ldc + N, 0.0f);
+    return;
+  }
+  // column-major view: C^T = op(B)^T op(A)^T
+  const char opb = tb ? 'T' : 'N', opa = ta ? 'T' : 'N';
+  sgemm_(&opb, &opa, &N, &M, &K, &one, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+// exp(x) with -inf -> 0 and NaN kept: Cephes-style range reduction and degree-6 polynomial (relative error
+// ~2e-7), 16 or 8 lanes at a time where AVX-512 / AVX2+FMA exist (the build uses -march=native).
+constexpr float kLog2e = 1.44269504088896341f, kC1 = 0.693359375f, kC2 = -2.12194440e-4f;
+constexpr float kP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                         4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+inline float exp_scalar(float x) {
+  if (std::isnan(x)) return x;
+  if (x < -87.0f) return 0.0f;
+  const float xc = std::min(x, 88.0f);
+  const float k = std::floor(xc * kLog2e + 0.5f);
+  const float r = xc - k * kC1 - k * kC2;
+  float p = kP[0];
+  for (int i = 1; i < 6; ++i) p = p * r + kP[i];
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  return p * scale;
+}
+
+#if defined(__AVX512F__)
+using VecF = __m512;
+constexpr int kLanes = 16;
+inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, VecF v) { _mm512_storeu_ps(p, v); }
+inline VecF vset(float x) { return _mm512_set1_ps(x); }
+inline VecF vexp(VecF x) {
+  const __mmask16 under = _mm512_cmp_ps_mask(x, vset(-87.0f), _CMP_LT_OQ);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  const VecF xc = _mm512_min_ps(_mm512_max_ps(x, vset(-87.0f)), vset(88.0f));
+  const VecF k = _mm512_roundscale_ps(_mm512_fmadd_ps(xc, vset(kLog2e), vset(0.5f)),
+                                      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const VecF r = _mm512_fnmadd_ps(k, vset(kC2), _mm512_fnmadd_ps(k, vset(kC1), xc));
+  VecF p = vset(kP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, vset(kP[i]));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), vset(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(k), _mm512_set1_epi32(127)), 23);
+  const VecF e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+  return _mm512_mask_mov_ps(_mm512_maskz_mov_ps(static_cast<__mmask16>(~under), e), nan, x);
+}
+inline VecF vsub(VecF a, VecF b) { return _mm512_sub_ps(a, b); }
+inline VecF vadd(VecF a, VecF b) { return _mm512_add_ps(a, b); }
+inline VecF vmax(VecF a, VecF b) { return _mm512_max_ps(a, b); }
+inline float hsum(VecF v) { return _mm512_reduce_add_ps(v); }
+inline float hmax(VecF v) { return _mm512_reduce_max_ps(v); }
+#define NSA_HAVE_VEC 1
+#elif defined(__AVX2__) && defined(__FMA__)
+using VecF = __m256;
+constexpr int kLanes = 8;
+inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, VecF v) { _mm256_storeu_ps(p, v); }
+inline VecF vset(float x) { return _mm256_set1_ps(x); }
+inline VecF vexp(VecF x) {
+  const VecF under = _mm256_cmp_ps(x, vset(-87.0f), _CMP_LT_OQ);
+  const VecF nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  const VecF xc = _mm256_min_ps(_mm256_max_ps(x, vset(-87.0f)), vset(88.0f));
+  const VecF k = _mm256_floor_ps(_mm256_fmadd_ps(xc, vset(kLog2e), vset(0.5f)));
+  const VecF r = _mm256_fnmadd_ps(k, vset(kC2), _mm256_fnmadd_ps(k, vset(kC1), xc));
+  VecF p = vset(kP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, vset(kP[i]));
+  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), vset(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(k), _mm256_set1_epi32(127)), 23);
+  const VecF e = _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+  return _mm256_blendv_ps(e, x, nan);
+}
+inline VecF vsub(VecF a, VecF b) { return _mm256_sub_ps(a, b); }
+inline VecF vadd(VecF a, VecF b) { return _mm256_add_ps(a, b); }
+inline VecF vmax(VecF a, VecF b) { return _mm256_max_ps(a, b); }
+inline float hsum(VecF v) {
+  alignas(32) float t[8];
+  _mm256_store_ps(t, v);
+  return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
+inline float hmax(VecF v) {
+  alignas(32) float t[8];
+  _mm256_store_ps(t, v);
+  float m = t[0];
+  for (int i = 1; i < 8; ++i) m = std::max(m, t[i]);
+  return m;
+}
+#define NSA_HAVE_VEC 1
+#endif
+
+// In place over one row s[0, n): s <- exp(s - m); returns the row sum. m = 0 for shift-free rows.
+inline float exp_row(float* s, int n, float m) {
+  int i = 0;
+  float sum = 0.0f;
+#ifdef NSA_HAVE_VEC
+  VecF acc = vset(0.0f);
+  const VecF mv = vset(m);
+  for (; i + kLanes <= n; i += kLanes) {
+    const VecF e = vexp(vsub(vload(s + i), mv));
+    vstore(s + i, e);
+    acc = vadd(acc, e);
+  }
+  sum = hsum(acc);
+#endif
+  for (; i < n; ++i) {
+    s[i] = exp_scalar(s[i] - m);
+    sum += s[i];
+  }
+  return sum;
+}
+
+// Largest finite-or-inf entry of s[0, n) (NaNs are skipped here; exp_row keeps them).
+inline float row_max(const float* s, int n) {
+  int i = 0;
+  float m = kNegInf;
+#ifdef NSA_HAVE_VEC
+  VecF acc = vset(kNegInf);
+  for (; i + kLanes <= n; i += kLanes) acc = vmax(acc, vload(s + i));
+  m = hmax(acc);
+#endif
+  for (; i < n; ++i) m = std::max(m, s[i]);
+  return m;
+}
+
+inline float exp_approx(float x) { return exp_scalar(x); }
+
+void check_f32(const at::Tensor& x, const char* name, int dim) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == dim && x.device().is_cpu(), name,
+              " must be a contiguous float32 CPU tensor of dim ", dim);
+}
+
+}  // namespace
+
+// Selected attention of one chunk (Eq. 12).
+//   q    [C*HKV(+1), G*Dk]  scaled queries, row c*HKV + h for query t0 + c (a trailing dummy row is ignored)
+//   k, v [L*HKV, Dk|Dv]     the sequence's selection keys/values, row t*HKV + h
+//   idx  [C, HKV, n] int64  selected block indices (any order; -1, blocks past the query's own, repeats: skipped)
+// Returns o [C, HKV, G, Dv] and lse [C, HKV, G] (rows without a block: o = 0, lse = -inf). With shift_free the
+// caller guarantees |score| is small enough for exp without max subtraction.
+std::vector<at::Tensor> slc_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& idx, int64_t t0, int64_t lp, int64_t G, bool shift_free) {
+  check_f32(q, "q", 2);
+  check_f32(k, "k", 2);
+  check_f32(v, "v", 2);
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.dim() == 3, "idx must be int64 [C, HKV, n]");
+  const int64_t C = idx.size(0), HKV = idx.size(1), n = idx.size(2);
+  const int64_t Dk = k.size(1), Dv = v.size(1), L = k.size(0) / HKV;
+  TORCH_CHECK(q.size(0) >= C * HKV && q.size(1) == G * Dk, "q shape does not match idx/k");
+  const int64_t NB = (L + lp - 1) / lp;
+  auto o = at::zeros({C, HKV, G, Dv}, q.options());
+  auto lse = at::empty({C, HKV, G}, q.options());
+  {
+    pybind11::gil_scoped_release no_gil;
+    const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    float *op = o.data_ptr<float>(), *lp_out = lse.data_ptr<float>();
+    // query lists per (head, block): counting sort keeps each list in ascending query order
+    std::vector<int64_t> start(HKV * NB + 1, 0);
+    std::vector<int64_t> sel(n);
+    std::vector<int32_t> pair_c;
+    pair_c.reserve(C * HKV * n);
+    std::vector<int64_t> pair_key;
+    pair_key.reserve(C * HKV * n);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t own = (t0 + c) / lp;
+      for (int64_t h = 0; h < HKV; ++h) {
+        const int64_t* row = ip + (c * HKV + h) * n;
+        std::copy(row, row + n, sel.begin());
+        std::sort(sel.begin(), sel.end());
+        for (int64_t s = 0; s < n; ++s) {
+          const int64_t j = sel[s];
+          if (j < 0 || j > own || j >= NB || (s > 0 && sel[s - 1] == j)) continue;
+          start[h * NB + j + 1]++;
+          pair_c.push_back(static_cast<int32_t>(c));
+          pair_key.push_back(h * NB + j);
+        }
+      }
+    }
+    for (int64_t i = 0; i < HKV * NB; ++i) start[i + 1] += start[i];
+    std::vector<int32_t> list(pair_c.size());
+    {
+      std::vector<int64_t> fill(start.begin(), start.end() - 1);
+      for (size_t i = 0; i < pair_c.size(); ++i) list[fill[pair_key[i]]++] = pair_c[i];
+    }
+    // running softmax state per output row (c, h, g); o accumulates unnormalised
+    std::vector<float> m_run(C * HKV * G, shift_free ? 0.0f : kNegInf), l_run(C * HKV * G, 0.0f);
+    const int64_t PM = std::max<int64_t>(1, 64 / G);  // queries per tile: ~64 score rows
+    std::vector<float> qbuf(PM * G * Dk), sbuf(PM * G * lp), obuf(PM * G * Dv);
+    const int ldk = static_cast<int>(HKV * Dk), ldv = static_cast<int>(HKV * Dv);
+    for (int64_t h = 0; h < HKV; ++h) {
+      for (int64_t j = 0; j < NB; ++j) {
+        const int64_t b0 = start[h * NB + j], b1 = start[h * NB + j + 1];
+        if (b0 == b1) continue;
+        const int64_t k0 = j * lp;
+        const int nk = static_cast<int>(std::min(lp, L - k0));
+        const float* kb = kp + (k0 * HKV + h) * Dk;
+        const float* vb = vp + (k0 * HKV + h) * Dv;
+        for (int64_t p0 = b0; p0 < b1; p0 += PM) {
+          const int64_t P = std::min(PM, b1 - p0);
+          const int M = static_cast<int>(P * G);
+          for (int64_t p = 0; p < P; ++p)
+            std::memcpy(qbuf.data() + p * G * Dk, qp + (list[p0 + p] * HKV + h) * G * Dk, sizeof(float) * G * Dk);
+          gemm(false, true, M, nk, static_cast<int>(Dk), qbuf.data(), static_cast<int>(Dk), kb, ldk, sbuf.data(),
+               nk);
+          for (int64_t p = 0; p < P; ++p) {
+            const int64_t c = list[p0 + p];
+            const int64_t nvis = std::min<int64_t>(nk, t0 + c - k0 + 1);  // keys k0 .. t visible (causal)
+            for (int64_t g = 0; g < G; ++g) {
+              float* s = sbuf.data() + (p * G + g) * nk;
+              for (int64_t i = nvis; i < nk; ++i) s[i] = kNegInf;
+              const float mrow = shift_free ? 0.0f : row_max(s, static_cast<int>(nvis));
+              const float lrow = exp_row(s, nk, mrow);
+              const int64_t r = (c * HKV + h) * G + g;
+              if (!shift_free) {  // online merge with the row's earlier blocks
+                const float mn = std::max(m_run[r], mrow);
+                const float a = exp_approx(m_run[r] - mn), b = exp_approx(mrow - mn);
+                if (a != 1.0f) {
+                  float* orow = op + r * Dv;
+                  for (int64_t d = 0; d < Dv; ++d) orow[d] *= a;
+                }
+                l_run[r] = l_run[r] * a + lrow * b;
+                m_run[r] = mn;
+                if (b != 1.0f)
+                  for (int i = 0; i < nk; ++i) s[i] *= b;
+              } else {
+                l_run[r] += lrow;
+              }
+            }
+          }
+          gemm(false, false, M, static_cast<int>(Dv), nk, sbuf.data(), nk, vb, ldv, obuf.data(),
+               static_cast<int>(Dv));
+          for (int64_t p = 0; p < P; ++p) {
+            float* orow = op + (list[p0 + p] * HKV + h) * G * Dv;
+            const float* src = obuf.data() + p * G * Dv;
+            for (int64_t e = 0; e < G * Dv; ++e) orow[e] += src[e];
+          }
+        }
+      }
+    }
+    for (int64_t r = 0; r < C * HKV * G; ++r) {
+      const float l = l_run[r];
+      float* orow = op + r * Dv;
+      if (l > 0.0f) {
+        const float inv = 1.0f / l;
+        for (int64_t d = 0; d < Dv; ++d) orow[d] *= inv;
+        lp_out[r] = m_run[r] + std::log(l);
+      } else {
+        lp_out[r] = kNegInf;
+      }
+    }
+  }
+  return {o, lse};
+}
+
+// Sliding-window attention of one chunk: query t sees keys max(0, t-w+1) .. t.
+//   q [C*HKV(+1), G*Dk] scaled queries (row c*HKV + h, position t0 + c); k, v [L*HKV, Dk|Dv] (row t*HKV + h).
+// Returns o [C, HKV, G, Dv] and lse [C, HKV, G].
+std::vector<at::Tensor> win_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t C,
+                                int64_t HKV, int64_t t0, int64_t w, int64_t G, bool shift_free) {
+  check_f32(q, "q", 2);
+  check_f32(k, "k", 2);
+  check_f32(v, "v", 2);
+  const int64_t Dk = k.size(1), Dv = v.size(1);
+  TORCH_CHECK(q.size(0) >= C * HKV && q.size(1) == G * Dk, "q shape does not match k");
+  auto o = at::empty({C, HKV, G, Dv}, q.options());
+  auto lse = at::empty({C, HKV, G}, q.options());
+  {
+    pybind11::gil_scoped_release no_gil;
+    const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+    float *op = o.data_ptr<float>(), *lp_out = lse.data_ptr<float>();
+    const int64_t Wt = std::min<int64_t>(std::max<int64_t>(8, 128 / G), 64);  // queries per tile
+    const int64_t NK = w + Wt - 1;
+    std::vector<float> qbuf(Wt * G * Dk), sbuf(Wt * G * NK), obuf(Wt * G * Dv);
+    const int ldk = static_cast<int>(HKV * Dk), ldv = static_cast<int>(HKV * Dv);
+    for (int64_t h = 0; h < HKV; ++h) {
+      for (int64_t a = 0; a < C; a += Wt) {
+        const int64_t nq = std::min(Wt, C - a);
+        const int64_t klo = std::max<int64_t>(0, t0 + a - w + 1), khi = t0 + a + nq;  // keys [klo, khi)
+        const int nk = static_cast<int>(khi - klo);
+        const int M = static_cast<int>(nq * G);
+        for (int64_t i = 0; i < nq; ++i)
+          std::memcpy(qbuf.data() + i * G * Dk, qp + ((a + i) * HKV + h) * G * Dk, sizeof(float) * G * Dk);
+        gemm(false, true, M, nk, static_cast<int>(Dk), qbuf.data(), static_cast<int>(Dk), kp + (klo * HKV + h) * Dk,
+             ldk, sbuf.data(), nk);
+        std::vector<float> inv(M);
+        for (int64_t i = 0; i < nq; ++i) {
+          const int64_t t = t0 + a + i;
+          const int64_t lo = std::max<int64_t>(0, t - w + 1) - klo, hi = t - klo + 1;  // visible columns [lo, hi)
+          for (int64_t g = 0; g < G; ++g) {
+            float* s = sbuf.data() + (i * G + g) * nk;
+            for (int64_t x = 0; x < lo; ++x) s[x] = 0.0f;
+            for (int64_t x = hi; x < nk; ++x) s[x] = 0.0f;
+            const float mrow = shift_free ? 0.0f : row_max(s + lo, static_cast<int>(hi - lo));
+            const float l = exp_row(s + lo, static_cast<int>(hi - lo), mrow);
+            inv[i * G + g] = 1.0f / l;
+            lp_out[((a + i) * HKV + h) * G + g] = mrow + std::log(l);
+          }
+        }
+        gemm(false, false, M, static_cast<int>(Dv), nk, sbuf.data(), nk, vp + (klo * HKV + h) * Dv, ldv,
+             obuf.data(), static_cast<int>(Dv));
+        for (int64_t i = 0; i < nq; ++i)
+          for (int64_t g = 0; g < G; ++g) {
+            float* dst = op + (((a + i) * HKV + h) * G + g) * Dv;
+            const float* src = obuf.data() + (i * G + g) * Dv;
+            const float s = inv[i * G + g];
+            for (int64_t d = 0; d < Dv; ++d) dst[d] = src[d] * s;
+          }
+      }
+    }
+  }
+  return {o, lse};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("slc_fwd", &slc_fwd, "selected attention forward of one chunk (float32)");
+  m.def("win_fwd", &win_fwd, "sliding-window attention forward of one chunk (float32)");
+}
