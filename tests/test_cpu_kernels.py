@@ -111,3 +111,56 @@ def test_nan_in_a_query_stays_in_its_row():
         tb.USE_FUSED_CPU = True
     assert torch.isnan(fused[0, 41]).any() and not torch.isnan(fused[0, :41]).any()
     assert_close(fused, pure, **TOL32, name="nan row")
+
+
+@pytest.mark.parametrize("G", [1, 3, 16])
+@pytest.mark.parametrize("shift_free", [True, False])
+@pytest.mark.parametrize("T,t0,C", [(200, 0, 200), (333, 100, 170), (40, 39, 1), (6, 0, 6)])
+def test_compressed_kernel_and_top_n_match_torch_path(G, shift_free, T, t0, C):
+    """o, lse and the selected blocks of the fused cmp kernel against _cmp_forward_chunk + _topn. Blocks are
+    compared tie-robustly: the sums of the chosen blocks' scores must agree, and the chosen sets wherever the
+    n-th and (n+1)-th best scores are not (near-)tied."""
+    cfg = small_config(num_selected=5)
+    HKV, Dk, Dv = 2, 8, 6
+    l, d, lp = cfg.cmp_block_size, cfg.cmp_stride, cfg.slc_block_size
+    r = lp // d
+    g = torch.Generator().manual_seed(G + T)
+    Tc = cfg.num_compressed(T)
+    kc, vc = tb._prep_cmp(torch.randn(Tc, HKV, Dk, generator=g), torch.randn(Tc, HKV, Dv, generator=g), r,
+                          torch.float32)
+    qs = torch.randn(T, HKV * G, Dk, generator=g)
+    qflat = tb._scaled_q(qs, t0, t0 + C, HKV, Dk ** -0.5, torch.float32)
+    W = tb._overlap_weights(cfg, torch.float32, "cpu")
+    nb = (t0 + C - 1) // lp + 1
+    o_ref, lse_ref, blk = tb._cmp_forward_chunk(qflat, kc, vc, t0, C, l, d, Tc, (W, r, lp, nb), shift_free)
+    idx_ref = tb._topn(blk, t0, cfg)
+    o, lse, idx = KERNELS.cmp_fwd(qflat, kc, vc, W, C, t0, l, d, Tc, cfg.num_selected, cfg.num_init_blocks,
+                                  cfg.num_local_blocks, shift_free)
+    assert_close(o, o_ref, **TOL32, name="o")
+    assert_close(lse, lse_ref, **TOL32, name="lse")
+    blk = blk.permute(1, 0, 2)  # [C, HKV, nb]
+    score = lambda ix: torch.where(ix >= 0, blk.gather(-1, ix.clamp(min=0)), 0.0).sum(-1)  # noqa: E731
+    assert_close(score(idx), score(idx_ref), atol=1e-5, rtol=1e-5, name="chosen score sums")
+    assert int((idx >= 0).sum()) == int((idx_ref >= 0).sum())
+    same = (idx == idx_ref).all(-1)
+    assert same.float().mean() > 0.95, f"only {same.float().mean():.2%} of rows chose the same blocks"
+
+
+def test_compressed_kernel_exact_ties_prefer_lower_blocks():
+    """Identical compressed keys tie the interior block scores exactly: the fused top-n must pick the lower
+    indices, exactly like _topn."""
+    cfg = small_config(num_selected=5, num_local_blocks=1)
+    HKV, G, Dk, T = 2, 2, 8, 160
+    l, d, lp = cfg.cmp_block_size, cfg.cmp_stride, cfg.slc_block_size
+    r = lp // d
+    g = torch.Generator().manual_seed(4)
+    Tc = cfg.num_compressed(T)
+    k_one = torch.randn(1, HKV, Dk, generator=g).expand(Tc, HKV, Dk).contiguous()
+    kc, vc = tb._prep_cmp(k_one, torch.randn(Tc, HKV, Dk, generator=g), r, torch.float32)
+    qflat = tb._scaled_q(torch.randn(T, HKV * G, Dk, generator=g), 0, T, HKV, Dk ** -0.5, torch.float32)
+    W = tb._overlap_weights(cfg, torch.float32, "cpu")
+    _, _, blk = tb._cmp_forward_chunk(qflat, kc, vc, 0, T, l, d, Tc, (W, r, lp, (T - 1) // lp + 1), False)
+    _, _, idx = KERNELS.cmp_fwd(qflat, kc, vc, W, T, 0, l, d, Tc, cfg.num_selected, cfg.num_init_blocks,
+                                cfg.num_local_blocks, False)
+    assert torch.equal(idx, tb._topn(blk, 0, cfg))
+    assert torch.equal(idx[-1, 0], torch.tensor([0, 1, 2, 3, 9]))  # four lowest, then the own block

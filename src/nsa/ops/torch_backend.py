@@ -750,7 +750,16 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save, workers=1):
             qflat = _scaled_q(q_s, a - q0, c1 - q0, HKV, geom.scale, acc)
             qn = _qnorm(qflat, HKV, Dk)
             res = {}
-            if cmp is not None:
+            if cmp is not None and fused is not None and vc is not None and kc.is_contiguous():
+                sf = q0 == 0 and _shift_free(qn, km_c)
+                cfg = geom.cfg
+                n_sel = cfg.num_selected if need_sel else 0
+                Wf = W if need_sel else kc.new_zeros(1, 2)
+                o_c, lse_c, idx_c = fused.cmp_fwd(qflat, kc, vc, Wf, C, a, geom.l, geom.d, Tc, n_sel,
+                                                  cfg.num_init_blocks if need_sel else 0,
+                                                  cfg.num_local_blocks if need_sel else 0, sf)
+                res["cmp"] = (o_c, lse_c)
+            elif cmp is not None:
                 sf = q0 == 0 and _shift_free(qn, km_c)
                 lp = geom.lp
                 # selection scores only ever exist for groups of rows small enough for WORK_ELEMS

@@ -346,7 +346,136 @@ std::vector<at::Tensor> win_fwd(const at::Tensor& q, const at::Tensor& k, const 
   return {o, lse};
 }
 
+// Top-n of one query's block scores blk[0, nb) (Eq. 11): forced blocks (j < n_init or j > nb - 1 - n_local) first,
+// then the highest scores, ties to the lower index (NaN ranks lowest); writes n ascending indices, -1 padded.
+// The best candidates are kept in a small sorted list: most blocks are rejected with one comparison.
+void topn_row(const float* blk, int64_t nb, int64_t n, int64_t n_init, int64_t n_local, int64_t* out,
+              std::vector<std::pair<float, int64_t>>& best) {
+  const int64_t own = nb - 1;
+  if (nb <= n) {
+    for (int64_t j = 0; j < n; ++j) out[j] = j < nb ? j : -1;
+    return;
+  }
+  int64_t f = 0;
+  for (int64_t j = 0; j < nb && f < n; ++j)
+    if (j < n_init || j > own - n_local) out[f++] = j;
+  const int64_t want = n - f;
+  best.clear();
+  if (want > 0) {
+    // candidates in ascending j: a later block enters only with a strictly higher score (ties keep the lower j)
+    for (int64_t j = std::min(n_init, nb); j <= own - n_local; ++j) {
+      const float v = std::isnan(blk[j]) ? kNegInf : blk[j];
+      if (static_cast<int64_t>(best.size()) == want && !(v > best.back().first)) continue;
+      auto pos = std::upper_bound(best.begin(), best.end(), v,
+                                  [](float x, const std::pair<float, int64_t>& e) { return x > e.first; });
+      best.insert(pos, {v, j});
+      if (static_cast<int64_t>(best.size()) > want) best.pop_back();
+    }
+  }
+  for (const auto& e : best) out[f++] = e.second;
+  std::sort(out, out + f);
+  for (int64_t j = f; j < n; ++j) out[j] = -1;
+}
+
+// Compressed attention of one chunk (Eq. 7) and, with n_sel > 0, its top-n selected blocks (Eq. 8-11).
+//   q  [C*HKV(+1), G*Dk] scaled queries (row c*HKV + h, position t0 + c)
+//   kc [HKV, Tcp, Dk], vc [HKV, Tcp, Dv] compressed tokens (head-major; only the first Tc are read)
+//   W  [r, 2] Eq. 9 weights of a compressed token by its offset inside a selection block (own, next); r = l'/d
+// Query t sees compressed tokens i with i*d + l - 1 <= t. Returns o [C, HKV, G, Dv], lse [C, HKV, G] and, with
+// n_sel > 0, idx [C, HKV, n_sel] int64 (else an empty tensor).
+std::vector<at::Tensor> cmp_fwd(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& W,
+                                int64_t C, int64_t t0, int64_t l, int64_t d, int64_t Tc, int64_t n_sel,
+                                int64_t n_init, int64_t n_local, bool shift_free) {
+  check_f32(q, "q", 2);
+  check_f32(kc, "kc", 3);
+  check_f32(vc, "vc", 3);
+  check_f32(W, "W", 2);
+  const int64_t HKV = kc.size(0), Tcp = kc.size(1), Dk = kc.size(2), Dv = vc.size(2), r = W.size(0);
+  TORCH_CHECK(q.size(1) % Dk == 0 && q.size(0) >= C * HKV && Tc <= Tcp, "cmp_fwd: shapes do not match");
+  const int64_t G = q.size(1) / Dk;
+  const int64_t lp = r * d;
+  auto o = at::empty({C, HKV, G, Dv}, q.options());
+  auto lse = at::empty({C, HKV, G}, q.options());
+  auto idx = n_sel > 0 ? at::empty({C, HKV, n_sel}, q.options().dtype(at::kLong)) : at::empty({0}, q.options());
+  {
+    pybind11::gil_scoped_release no_gil;
+    const float *qp = q.data_ptr<float>(), *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>();
+    const float* wp = W.data_ptr<float>();
+    float *op = o.data_ptr<float>(), *lsp = lse.data_ptr<float>();
+    int64_t* ip = n_sel > 0 ? idx.data_ptr<int64_t>() : nullptr;
+    auto nvis = [&](int64_t t) -> int64_t { return t < l - 1 ? 0 : std::min(Tc, (t - l + 1) / d + 1); };
+    const int64_t MQ = std::max<int64_t>(1, 64 / G);  // queries per tile
+    const int64_t hmax = nvis(t0 + C - 1);
+    std::vector<float> qbuf(MQ * G * Dk), sbuf(MQ * G * std::max<int64_t>(hmax, 1)), obuf(MQ * G * Dv);
+    std::vector<float> inv(MQ * G), ps(std::max<int64_t>(hmax, 1)), blk((t0 + C - 1) / lp + 2);
+    std::vector<std::pair<float, int64_t>> cand;
+    for (int64_t h = 0; h < HKV; ++h) {
+      const float* kh = kp + h * Tcp * Dk;
+      const float* vh = vp + h * Tcp * Dv;
+      for (int64_t a = 0; a < C; a += MQ) {
+        const int64_t nq = std::min(MQ, C - a);
+        const int hi = static_cast<int>(nvis(t0 + a + nq - 1));
+        const int M = static_cast<int>(nq * G);
+        for (int64_t i = 0; i < nq; ++i)
+          std::memcpy(qbuf.data() + i * G * Dk, qp + ((a + i) * HKV + h) * G * Dk, sizeof(float) * G * Dk);
+        gemm(false, true, M, hi, static_cast<int>(Dk), qbuf.data(), static_cast<int>(Dk), kh, static_cast<int>(Dk),
+             sbuf.data(), std::max(hi, 1));
+        for (int64_t i = 0; i < nq; ++i) {
+          const int64_t nv = nvis(t0 + a + i);
+          for (int64_t g = 0; g < G; ++g) {
+            float* srow = sbuf.data() + (i * G + g) * hi;
+            for (int64_t x = nv; x < hi; ++x) srow[x] = 0.0f;
+            const int64_t row = ((a + i) * HKV + h) * G + g;
+            if (nv == 0) {
+              inv[i * G + g] = 0.0f;
+              lsp[row] = kNegInf;
+              continue;
+            }
+            const float m = shift_free ? 0.0f : row_max(srow, static_cast<int>(nv));
+            const float sum = exp_row(srow, static_cast<int>(nv), m);
+            inv[i * G + g] = 1.0f / sum;
+            lsp[row] = m + std::log(sum);
+          }
+        }
+        gemm(false, false, M, static_cast<int>(Dv), hi, sbuf.data(), std::max(hi, 1), vh, static_cast<int>(Dv),
+             obuf.data(), static_cast<int>(Dv));
+        for (int64_t i = 0; i < nq; ++i)
+          for (int64_t g = 0; g < G; ++g) {
+            float* dst = op + (((a + i) * HKV + h) * G + g) * Dv;
+            const float* src = obuf.data() + (i * G + g) * Dv;
+            const float sc = inv[i * G + g];
+            for (int64_t e = 0; e < Dv; ++e) dst[e] = src[e] * sc;
+          }
+        if (n_sel <= 0) continue;
+        for (int64_t i = 0; i < nq; ++i) {  // Eq. 8 (normalise), Eq. 10 (group sum), Eq. 9 (overlap) -> top-n
+          const int64_t t = t0 + a + i, nv = nvis(t), nb = t / lp + 1;
+          std::fill(ps.begin(), ps.begin() + std::max<int64_t>(nv, 0), 0.0f);
+          for (int64_t g = 0; g < G; ++g) {
+            const float* srow = sbuf.data() + (i * G + g) * hi;
+            const float sc = inv[i * G + g];
+            for (int64_t x = 0; x < nv; ++x) ps[x] += srow[x] * sc;
+          }
+          std::fill(blk.begin(), blk.begin() + nb + 1, 0.0f);
+          for (int64_t j = 0, x0 = 0; x0 < nv; ++j, x0 += r) {  // token x0 + o lies in block j at offset o
+            const int64_t ne = std::min(r, nv - x0);
+            float own_part = 0.0f, next_part = 0.0f;
+            for (int64_t o_ = 0; o_ < ne; ++o_) {
+              own_part += ps[x0 + o_] * wp[o_ * 2];
+              next_part += ps[x0 + o_] * wp[o_ * 2 + 1];
+            }
+            blk[j] += own_part;
+            blk[j + 1] += next_part;
+          }
+          topn_row(blk.data(), nb, n_sel, n_init, n_local, ip + ((a + i) * HKV + h) * n_sel, cand);
+        }
+      }
+    }
+  }
+  return {o, lse, idx};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("slc_fwd", &slc_fwd, "selected attention forward of one chunk (float32)");
+  m.def("cmp_fwd", &cmp_fwd, "compressed attention forward of one chunk, with its top-n blocks (float32)");
   m.def("win_fwd", &win_fwd, "sliding-window attention forward of one chunk (float32)");
 }
