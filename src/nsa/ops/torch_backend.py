@@ -829,6 +829,7 @@ def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None, worker
     dslc = None if slc is None else tuple(torch.zeros_like(x, dtype=acc) for x in slc[:2])
     dwin = None if win is None else tuple(torch.zeros_like(x, dtype=acc) for x in win)
     dg = None if gates is None else torch.zeros(B, T, HQ, 3, dtype=acc, device=q.device)
+    fused = _fused_kernels(q, acc)
     for b, s, e, cs, ce in _spans(geom, B, T):
         L = e - s
         if L == 0:
@@ -849,10 +850,15 @@ def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None, worker
             buf = {}
             if cmp is not None:
                 buf["dkc"], buf["dvc"] = torch.zeros_like(kc), torch.zeros_like(vc)
-            if slc is not None:
+            # the fused kernels accumulate k/v gradients in the keys' own [L*HKV, D] layout
+            if slc is not None and fused is not None:
+                buf["dkb"], buf["dvb"] = kf.new_zeros(L * HKV, Dk), vf.new_zeros(L * HKV, Dv)
+            elif slc is not None:
                 buf["dkb"] = torch.zeros(HKV * NB, geom.lp * Dk, dtype=acc, device=q.device)
                 buf["dvb"] = torch.zeros(HKV * NB, geom.lp * Dv, dtype=acc, device=q.device)
-            if win is not None:
+            if win is not None and fused is not None:
+                buf["dkw"], buf["dvw"] = kw_s.new_zeros(L * HKV, Dk), vw_s.new_zeros(L * HKV, Dv)
+            elif win is not None:
                 buf["dkw"], buf["dvw"] = _win_grad_buffers(L, HKV, Dk, Dv, wplan, acc, q.device)
             for a, c1 in chunks:
                 one_chunk(a, c1, b, s, L, q_s, Tc, **buf)
@@ -878,9 +884,19 @@ def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None, worker
                 else:
                     dOb = dO
                 delta = (dOb * o_b).sum(-1)
-                if name == "cmp":
-                    if dlse is not None:
-                        delta = delta - dlse[b, rows].to(acc).view(C, HKV, G)
+                if name == "cmp" and dlse is not None:
+                    delta = delta - dlse[b, rows].to(acc).view(C, HKV, G)
+                if fused is not None:
+                    dOb, delta, lse_b = dOb.contiguous(), delta.contiguous(), lse_b.contiguous()
+                    if name == "cmp":
+                        dqc += fused.cmp_bwd(qflat, kc, vc, dOb, delta, lse_b, dkc, dvc, C, a, geom.l, geom.d, Tc)
+                    elif name == "slc":
+                        dqc += fused.slc_bwd(qflat, kf, vf, saved["idx"][b, rows].contiguous(), dOb, delta, lse_b,
+                                             dkb, dvb, a, geom.lp, G)
+                    else:
+                        dqc += fused.win_bwd(qflat, kw_s.reshape(L * HKV, Dk), vw_s.reshape(L * HKV, Dv), dOb, delta,
+                                             lse_b, dkw, dvw, C, HKV, a, geom.window, G)
+                elif name == "cmp":
                     dqc += _cmp_backward_chunk(qflat, kc, vc, a, C, geom.l, geom.d, Tc, dOb, delta, lse_b, dkc, dvc)
                 elif name == "slc":
                     plan = _SlcPlan(saved["idx"][b, rows], a, geom.lp, L)
@@ -895,10 +911,14 @@ def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None, worker
         if cmp is not None:
             dcmp[0][b, cs:ce] = dkc[:, :Tc].permute(1, 0, 2)
             dcmp[1][b, cs:ce] = dvc[:, :Tc].permute(1, 0, 2)
-        if slc is not None:
+        if slc is not None and fused is not None:
+            dslc[0][b, s:e], dslc[1][b, s:e] = dkb.view(L, HKV, Dk), dvb.view(L, HKV, Dv)
+        elif slc is not None:
             dslc[0][b, s:e] = dkb.view(HKV, NB * geom.lp, Dk)[:, :L].permute(1, 0, 2)
             dslc[1][b, s:e] = dvb.view(HKV, NB * geom.lp, Dv)[:, :L].permute(1, 0, 2)
-        if win is not None:
+        if win is not None and fused is not None:
+            dwin[0][b, s:e], dwin[1][b, s:e] = dkw.view(L, HKV, Dk), dvw.view(L, HKV, Dv)
+        elif win is not None:
             dwin[0][b, s:e] = _win_grad_out(dkw, wplan, L)
             dwin[1][b, s:e] = _win_grad_out(dvw, wplan, L)
     return dq, dcmp, dslc, dwin, dg

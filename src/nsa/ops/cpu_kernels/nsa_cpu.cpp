@@ -474,8 +474,253 @@ std::vector<at::Tensor> cmp_fwd(const at::Tensor& q, const at::Tensor& kc, const
   return {o, lse, idx};
 }
 
+// ------------------------------------------------------------------------------------------------ backward
+namespace {
+
+// One tile of a branch's backward. Q [M, Dk], dO [M, Dv] (contiguous), keys K / values V (row stride ldk / ldv,
+// nk rows); row i sees columns [lo[i], hi[i]) (hi <= lo: no key), has log-sum-exp lse[i] and
+// delta[i] = rowsum(dO * o) (- dlse). With P = exp(Q K^T - lse) on the visible columns and dS = P (dO V^T - delta):
+// dV += P^T dO and dK += dS^T Q (accumulated in place, row strides ldv / ldk), dQ = dS K (written, [M, Dk]).
+struct BwdScratch {
+  std::vector<float> s, dp;
+};
+
+void attn_bwd_tile(int M, int nk, int Dk, int Dv, const float* Q, const float* dO, const float* K, int ldk,
+                   const float* V, int ldv, const int64_t* lo, const int64_t* hi, const float* lse,
+                   const float* delta, float* dK, int lddk, float* dV, int lddv, float* dQ, BwdScratch& ws) {
+  if (M <= 0 || nk <= 0) {
+    for (int64_t e = 0; e < static_cast<int64_t>(M) * Dk; ++e) dQ[e] = 0.0f;
+    return;
+  }
+  ws.s.resize(static_cast<size_t>(M) * nk);
+  ws.dp.resize(static_cast<size_t>(M) * nk);
+  float *S = ws.s.data(), *dP = ws.dp.data();
+  gemm(false, true, M, nk, Dk, Q, Dk, K, ldk, S, nk);
+  for (int i = 0; i < M; ++i) {
+    float* row = S + static_cast<int64_t>(i) * nk;
+    const int64_t a = std::max<int64_t>(lo[i], 0), b = std::min<int64_t>(hi[i], nk);
+    if (b <= a) {
+      std::fill(row, row + nk, 0.0f);
+      continue;
+    }
+    std::fill(row, row + a, 0.0f);
+    std::fill(row + b, row + nk, 0.0f);
+    exp_row(row + a, static_cast<int>(b - a), lse[i]);
+  }
+  gemm(true, false, nk, Dv, M, S, nk, dO, Dv, dV, lddv, true);     // dV += P^T dO
+  gemm(false, true, M, nk, Dv, dO, Dv, V, ldv, dP, nk);            // dP = dO V^T
+  for (int i = 0; i < M; ++i) {
+    float* ds = dP + static_cast<int64_t>(i) * nk;
+    const float* p = S + static_cast<int64_t>(i) * nk;
+    const float dl = delta[i];
+    for (int x = 0; x < nk; ++x) ds[x] = p[x] * (ds[x] - dl);
+  }
+  gemm(false, false, M, Dk, nk, dP, nk, K, ldk, dQ, Dk);           // dQ = dS K
+  gemm(true, false, nk, Dk, M, dP, nk, Q, Dk, dK, lddk, true);     // dK += dS^T Q
+}
+
+// Gathers the G rows of query (c, h): q / dO rows and their lse / delta.
+struct RowGather {
+  int64_t HKV, G, Dk, Dv;
+  const float *q, *dO, *lse, *delta;
+  void operator()(int64_t c, int64_t h, int64_t slot, float* qb, float* db, float* lb, float* eb) const {
+    const int64_t r = c * HKV + h;
+    std::memcpy(qb + slot * G * Dk, q + r * G * Dk, sizeof(float) * G * Dk);
+    std::memcpy(db + slot * G * Dv, dO + r * G * Dv, sizeof(float) * G * Dv);
+    std::memcpy(lb + slot * G, lse + r * G, sizeof(float) * G);
+    std::memcpy(eb + slot * G, delta + r * G, sizeof(float) * G);
+  }
+};
+
+void check_bwd(const at::Tensor& dO, const at::Tensor& delta, const at::Tensor& lse, int64_t C, int64_t HKV,
+               int64_t G, int64_t Dv) {
+  check_f32(dO, "dO", 4);
+  check_f32(delta, "delta", 3);
+  check_f32(lse, "lse", 3);
+  TORCH_CHECK(dO.size(0) == C && dO.size(1) == HKV && dO.size(2) == G && dO.size(3) == Dv, "dO shape");
+  TORCH_CHECK(delta.numel() == C * HKV * G && lse.numel() == C * HKV * G, "delta / lse shape");
+}
+
+}  // namespace
+
+// Selected attention backward of one chunk. Arguments as slc_fwd, plus dO [C, HKV, G, Dv], delta and lse
+// [C, HKV, G]; dk / dv [L*HKV, Dk|Dv] accumulate the key / value gradients. Returns dq [C, HKV, G, Dk] with
+// respect to the scaled queries.
+at::Tensor slc_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
+                   const at::Tensor& dO, const at::Tensor& delta, const at::Tensor& lse, at::Tensor dk, at::Tensor dv,
+                   int64_t t0, int64_t lp, int64_t G) {
+  check_f32(q, "q", 2);
+  check_f32(k, "k", 2);
+  check_f32(v, "v", 2);
+  check_f32(dk, "dk", 2);
+  check_f32(dv, "dv", 2);
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.dim() == 3, "idx must be int64 [C, HKV, n]");
+  const int64_t C = idx.size(0), HKV = idx.size(1), n = idx.size(2);
+  const int64_t Dk = k.size(1), Dv = v.size(1), L = k.size(0) / HKV;
+  check_bwd(dO, delta, lse, C, HKV, G, Dv);
+  TORCH_CHECK(dk.sizes() == k.sizes() && dv.sizes() == v.sizes(), "dk / dv must match k / v");
+  const int64_t NB = (L + lp - 1) / lp;
+  auto dq = at::zeros({C, HKV, G, Dk}, q.options());
+  {
+    pybind11::gil_scoped_release no_gil;
+    const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+    float *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>(), *dqp = dq.data_ptr<float>();
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    const RowGather gather{HKV, G, Dk, Dv, q.data_ptr<float>(), dO.data_ptr<float>(), lse.data_ptr<float>(),
+                           delta.data_ptr<float>()};
+    std::vector<int64_t> start(HKV * NB + 1, 0), sel(n);
+    std::vector<int32_t> pair_c;
+    std::vector<int64_t> pair_key;
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t own = (t0 + c) / lp;
+      for (int64_t h = 0; h < HKV; ++h) {
+        std::copy(ip + (c * HKV + h) * n, ip + (c * HKV + h + 1) * n, sel.begin());
+        std::sort(sel.begin(), sel.end());
+        for (int64_t s = 0; s < n; ++s) {
+          const int64_t j = sel[s];
+          if (j < 0 || j > own || j >= NB || (s > 0 && sel[s - 1] == j)) continue;
+          start[h * NB + j + 1]++;
+          pair_c.push_back(static_cast<int32_t>(c));
+          pair_key.push_back(h * NB + j);
+        }
+      }
+    }
+    for (int64_t i = 0; i < HKV * NB; ++i) start[i + 1] += start[i];
+    std::vector<int32_t> list(pair_c.size());
+    {
+      std::vector<int64_t> fill(start.begin(), start.end() - 1);
+      for (size_t i = 0; i < pair_c.size(); ++i) list[fill[pair_key[i]]++] = pair_c[i];
+    }
+    const int64_t PM = std::max<int64_t>(1, 64 / G);
+    std::vector<float> qb(PM * G * Dk), db(PM * G * Dv), lb(PM * G), eb(PM * G), dqb(PM * G * Dk);
+    std::vector<int64_t> lo(PM * G, 0), hi(PM * G);
+    BwdScratch ws;
+    for (int64_t h = 0; h < HKV; ++h)
+      for (int64_t j = 0; j < NB; ++j) {
+        const int64_t b0 = start[h * NB + j], b1 = start[h * NB + j + 1];
+        if (b0 == b1) continue;
+        const int64_t k0 = j * lp;
+        const int nk = static_cast<int>(std::min(lp, L - k0));
+        const int64_t off_k = (k0 * HKV + h) * Dk, off_v = (k0 * HKV + h) * Dv;
+        for (int64_t p0 = b0; p0 < b1; p0 += PM) {
+          const int64_t P = std::min(PM, b1 - p0);
+          for (int64_t p = 0; p < P; ++p) {
+            const int64_t c = list[p0 + p];
+            gather(c, h, p, qb.data(), db.data(), lb.data(), eb.data());
+            for (int64_t g = 0; g < G; ++g) hi[p * G + g] = std::min<int64_t>(nk, t0 + c - k0 + 1);
+          }
+          attn_bwd_tile(static_cast<int>(P * G), nk, static_cast<int>(Dk), static_cast<int>(Dv), qb.data(),
+                        db.data(), kp + off_k, static_cast<int>(HKV * Dk), vp + off_v, static_cast<int>(HKV * Dv),
+                        lo.data(), hi.data(), lb.data(), eb.data(), dkp + off_k, static_cast<int>(HKV * Dk),
+                        dvp + off_v, static_cast<int>(HKV * Dv), dqb.data(), ws);
+          for (int64_t p = 0; p < P; ++p) {
+            float* dst = dqp + (list[p0 + p] * HKV + h) * G * Dk;
+            const float* src = dqb.data() + p * G * Dk;
+            for (int64_t e = 0; e < G * Dk; ++e) dst[e] += src[e];
+          }
+        }
+      }
+  }
+  return dq;
+}
+
+// Sliding-window backward of one chunk (arguments as win_fwd plus dO, delta, lse, dk, dv as slc_bwd).
+at::Tensor win_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dO,
+                   const at::Tensor& delta, const at::Tensor& lse, at::Tensor dk, at::Tensor dv, int64_t C,
+                   int64_t HKV, int64_t t0, int64_t w, int64_t G) {
+  check_f32(q, "q", 2);
+  check_f32(k, "k", 2);
+  check_f32(v, "v", 2);
+  check_f32(dk, "dk", 2);
+  check_f32(dv, "dv", 2);
+  const int64_t Dk = k.size(1), Dv = v.size(1);
+  check_bwd(dO, delta, lse, C, HKV, G, Dv);
+  TORCH_CHECK(dk.sizes() == k.sizes() && dv.sizes() == v.sizes(), "dk / dv must match k / v");
+  auto dq = at::empty({C, HKV, G, Dk}, q.options());
+  {
+    pybind11::gil_scoped_release no_gil;
+    const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+    float *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>(), *dqp = dq.data_ptr<float>();
+    const RowGather gather{HKV, G, Dk, Dv, q.data_ptr<float>(), dO.data_ptr<float>(), lse.data_ptr<float>(),
+                           delta.data_ptr<float>()};
+    const int64_t Wt = std::min<int64_t>(std::max<int64_t>(8, 128 / G), 64);
+    std::vector<float> qb(Wt * G * Dk), db(Wt * G * Dv), lb(Wt * G), eb(Wt * G), dqb(Wt * G * Dk);
+    std::vector<int64_t> lo(Wt * G), hi(Wt * G);
+    BwdScratch ws;
+    for (int64_t h = 0; h < HKV; ++h)
+      for (int64_t a = 0; a < C; a += Wt) {
+        const int64_t nq = std::min(Wt, C - a);
+        const int64_t klo = std::max<int64_t>(0, t0 + a - w + 1), khi = t0 + a + nq;
+        for (int64_t i = 0; i < nq; ++i) {
+          gather(a + i, h, i, qb.data(), db.data(), lb.data(), eb.data());
+          const int64_t t = t0 + a + i;
+          for (int64_t g = 0; g < G; ++g) {
+            lo[i * G + g] = std::max<int64_t>(0, t - w + 1) - klo;
+            hi[i * G + g] = t - klo + 1;
+          }
+        }
+        const int64_t off_k = klo * HKV * Dk + h * Dk, off_v = klo * HKV * Dv + h * Dv;
+        attn_bwd_tile(static_cast<int>(nq * G), static_cast<int>(khi - klo), static_cast<int>(Dk),
+                      static_cast<int>(Dv), qb.data(), db.data(), kp + off_k, static_cast<int>(HKV * Dk), vp + off_v,
+                      static_cast<int>(HKV * Dv), lo.data(), hi.data(), lb.data(), eb.data(), dkp + off_k,
+                      static_cast<int>(HKV * Dk), dvp + off_v, static_cast<int>(HKV * Dv), dqb.data(), ws);
+        for (int64_t i = 0; i < nq; ++i)
+          std::memcpy(dqp + ((a + i) * HKV + h) * G * Dk, dqb.data() + i * G * Dk, sizeof(float) * G * Dk);
+      }
+  }
+  return dq;
+}
+
+// Compressed-attention backward of one chunk (arguments as cmp_fwd plus dO, delta, lse; dkc / dvc [HKV, Tcp, D]
+// accumulate). Rows with no visible compressed token get no gradient.
+at::Tensor cmp_bwd(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& dO,
+                   const at::Tensor& delta, const at::Tensor& lse, at::Tensor dkc, at::Tensor dvc, int64_t C,
+                   int64_t t0, int64_t l, int64_t d, int64_t Tc) {
+  check_f32(q, "q", 2);
+  check_f32(kc, "kc", 3);
+  check_f32(vc, "vc", 3);
+  check_f32(dkc, "dkc", 3);
+  check_f32(dvc, "dvc", 3);
+  const int64_t HKV = kc.size(0), Tcp = kc.size(1), Dk = kc.size(2), Dv = vc.size(2);
+  const int64_t G = q.size(1) / Dk;
+  check_bwd(dO, delta, lse, C, HKV, G, Dv);
+  TORCH_CHECK(dkc.sizes() == kc.sizes() && dvc.sizes() == vc.sizes() && Tc <= Tcp, "dkc / dvc must match kc / vc");
+  auto dq = at::empty({C, HKV, G, Dk}, q.options());
+  {
+    pybind11::gil_scoped_release no_gil;
+    const float *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>();
+    float *dkp = dkc.data_ptr<float>(), *dvp = dvc.data_ptr<float>(), *dqp = dq.data_ptr<float>();
+    const RowGather gather{HKV, G, Dk, Dv, q.data_ptr<float>(), dO.data_ptr<float>(), lse.data_ptr<float>(),
+                           delta.data_ptr<float>()};
+    auto nvis = [&](int64_t t) -> int64_t { return t < l - 1 ? 0 : std::min(Tc, (t - l + 1) / d + 1); };
+    const int64_t MQ = std::max<int64_t>(1, 64 / G);
+    std::vector<float> qb(MQ * G * Dk), db(MQ * G * Dv), lb(MQ * G), eb(MQ * G), dqb(MQ * G * Dk);
+    std::vector<int64_t> lo(MQ * G, 0), hi(MQ * G);
+    BwdScratch ws;
+    for (int64_t h = 0; h < HKV; ++h)
+      for (int64_t a = 0; a < C; a += MQ) {
+        const int64_t nq = std::min(MQ, C - a);
+        for (int64_t i = 0; i < nq; ++i) {
+          gather(a + i, h, i, qb.data(), db.data(), lb.data(), eb.data());
+          for (int64_t g = 0; g < G; ++g) hi[i * G + g] = nvis(t0 + a + i);
+        }
+        attn_bwd_tile(static_cast<int>(nq * G), static_cast<int>(nvis(t0 + a + nq - 1)), static_cast<int>(Dk),
+                      static_cast<int>(Dv), qb.data(), db.data(), kp + h * Tcp * Dk, static_cast<int>(Dk),
+                      vp + h * Tcp * Dv, static_cast<int>(Dv), lo.data(), hi.data(), lb.data(), eb.data(),
+                      dkp + h * Tcp * Dk, static_cast<int>(Dk), dvp + h * Tcp * Dv, static_cast<int>(Dv), dqb.data(),
+                      ws);
+        for (int64_t i = 0; i < nq; ++i)
+          std::memcpy(dqp + ((a + i) * HKV + h) * G * Dk, dqb.data() + i * G * Dk, sizeof(float) * G * Dk);
+      }
+  }
+  return dq;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("slc_fwd", &slc_fwd, "selected attention forward of one chunk (float32)");
   m.def("cmp_fwd", &cmp_fwd, "compressed attention forward of one chunk, with its top-n blocks (float32)");
+  m.def("slc_bwd", &slc_bwd, "selected attention backward of one chunk (float32)");
+  m.def("win_bwd", &win_bwd, "sliding-window attention backward of one chunk (float32)");
+  m.def("cmp_bwd", &cmp_bwd, "compressed attention backward of one chunk (float32)");
   m.def("win_fwd", &win_fwd, "sliding-window attention forward of one chunk (float32)");
 }
