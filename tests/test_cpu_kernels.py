@@ -208,3 +208,19 @@ def test_fused_backward_is_bitwise_repeatable():
         out = nsa.native_sparse_attention(*x, config=cfg, backend="torch")
         runs.append(torch.autograd.grad(out.square().sum(), x))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_loader_disabled_and_failed_builds_fall_back(monkeypatch, tmp_path):
+    """NSA_CPU_KERNELS=0 gives None; a build that fails warns once and gives None (the pure-PyTorch path)."""
+    monkeypatch.setattr(cpu_kernels, "_STATE", {})
+    monkeypatch.setenv("NSA_CPU_KERNELS", "0")
+    assert cpu_kernels.load() is None
+    monkeypatch.setenv("NSA_CPU_KERNELS", "1")
+    bad = tmp_path / "broken.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_kernels, "_SOURCE", bad)
+    monkeypatch.setattr(cpu_kernels, "_cpu_tag", lambda: "broken_build_test")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    with pytest.warns(RuntimeWarning, match="fused CPU kernels unavailable"):
+        assert cpu_kernels.load() is None
+    assert cpu_kernels.load() is None  # decided once

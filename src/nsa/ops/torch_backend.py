@@ -878,12 +878,14 @@ def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None, worker
                     continue
                 o_b = saved["o_" + name][b, rows].view(C, HKV, G, Dv)
                 lse_b = saved["lse_" + name][b, rows].view(C, HKV, G)
-                if gates is not None:
-                    dg[b, rows, :, k_] = (dO * o_b).sum(-1).view(C, HQ)
+                if gates is not None:  # Eq. 5: dL/dg = <dO, o_b>, and delta = <g dO, o_b> = g dL/dg
+                    dgk = (dO * o_b).sum(-1)
+                    dg[b, rows, :, k_] = dgk.view(C, HQ)
                     dOb = dO * g[..., k_:k_ + 1]
+                    delta = dgk * g[..., k_]
                 else:
                     dOb = dO
-                delta = (dOb * o_b).sum(-1)
+                    delta = (dOb * o_b).sum(-1)
                 if name == "cmp" and dlse is not None:
                     delta = delta - dlse[b, rows].to(acc).view(C, HKV, G)
                 if fused is not None:

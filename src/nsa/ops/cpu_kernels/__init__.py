@@ -2,11 +2,14 @@
 
 `load()` returns the compiled module, or None when the kernels are disabled (`NSA_CPU_KERNELS=0`) or cannot be
 built here: the torch backend then runs its pure-PyTorch path, which computes the same thing. The build goes to
-torch's extension cache (TORCH_EXTENSIONS_DIR) and is reused while the source is unchanged.
+torch's extension cache (TORCH_EXTENSIONS_DIR) and is reused while the source is unchanged; extra compiler flags
+can be given in NSA_CPU_KERNELS_CFLAGS (e.g. "-DNSA_TILE_ROWS=128" to try other tile sizes).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import threading
 import warnings
 from pathlib import Path
@@ -14,6 +17,19 @@ from pathlib import Path
 _SOURCE = Path(__file__).with_name("nsa_cpu.cpp")
 _LOCK = threading.Lock()
 _STATE: dict = {}
+_EXTRA = os.environ.get("NSA_CPU_KERNELS_CFLAGS", "").split()
+
+
+def _cpu_tag() -> str:
+    """Short hash of this CPU's model and flags: the build uses -march=native, so a cache shared between machines
+    (a network home directory) keeps one build per kind of CPU."""
+    info = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info += "".join(sorted({ln for ln in f if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        info += platform.processor()
+    return hashlib.sha1(info.encode()).hexdigest()[:10]
 
 
 def enabled() -> bool:
@@ -29,8 +45,9 @@ def load():
             _STATE["module"] = None
             try:
                 from torch.utils.cpp_extension import load as build
-                _STATE["module"] = build(name="nsa_cpu_kernels", sources=[str(_SOURCE)],
-                                         extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"], verbose=False)
+                flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"] + _EXTRA
+                _STATE["module"] = build(name=f"nsa_cpu_kernels_{_cpu_tag()}", sources=[str(_SOURCE)],
+                                         extra_cflags=flags, verbose=False)
             except Exception as e:  # no compiler, no headers, ...: the pure-PyTorch path takes over
                 warnings.warn(f"nsa: fused CPU kernels unavailable ({type(e).__name__}: {e}); "
                               "using the pure-PyTorch path", RuntimeWarning, stacklevel=2)

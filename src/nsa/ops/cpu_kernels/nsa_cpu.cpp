@@ -23,6 +23,11 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+#ifndef NSA_TILE_ROWS
+#define NSA_TILE_ROWS 64
+#endif
+constexpr int64_t kSlcRows = NSA_TILE_ROWS;  // score rows (queries x G) per selected-branch tile
+constexpr int64_t kCmpRows = NSA_TILE_ROWS;  // per compressed-branch tile
 
 // Row-major C[M, N] = op(A) op(B) (+ C when accumulate); op(X) = X^T when the flag is set.
 void gemm(bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
@@ -219,7 +224,7 @@ std::vector<at::Tensor> slc_fwd(const at::Tensor& q, const at::Tensor& k, const 
     }
     // running softmax state per output row (c, h, g); o accumulates unnormalised
     std::vector<float> m_run(C * HKV * G, shift_free ? 0.0f : kNegInf), l_run(C * HKV * G, 0.0f);
-    const int64_t PM = std::max<int64_t>(1, 64 / G);  // queries per tile: ~64 score rows
+    const int64_t PM = std::max<int64_t>(1, kSlcRows / G);  // queries per tile
     std::vector<float> qbuf(PM * G * Dk), sbuf(PM * G * lp), obuf(PM * G * Dv);
     const int ldk = static_cast<int>(HKV * Dk), ldv = static_cast<int>(HKV * Dv);
     for (int64_t h = 0; h < HKV; ++h) {
@@ -404,7 +409,7 @@ std::vector<at::Tensor> cmp_fwd(const at::Tensor& q, const at::Tensor& kc, const
     float *op = o.data_ptr<float>(), *lsp = lse.data_ptr<float>();
     int64_t* ip = n_sel > 0 ? idx.data_ptr<int64_t>() : nullptr;
     auto nvis = [&](int64_t t) -> int64_t { return t < l - 1 ? 0 : std::min(Tc, (t - l + 1) / d + 1); };
-    const int64_t MQ = std::max<int64_t>(1, 64 / G);  // queries per tile
+    const int64_t MQ = std::max<int64_t>(1, kCmpRows / G);  // queries per tile
     const int64_t hmax = nvis(t0 + C - 1);
     std::vector<float> qbuf(MQ * G * Dk), sbuf(MQ * G * std::max<int64_t>(hmax, 1)), obuf(MQ * G * Dv);
     std::vector<float> inv(MQ * G), ps(std::max<int64_t>(hmax, 1)), blk((t0 + C - 1) / lp + 2);
@@ -591,7 +596,7 @@ at::Tensor slc_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       std::vector<int64_t> fill(start.begin(), start.end() - 1);
       for (size_t i = 0; i < pair_c.size(); ++i) list[fill[pair_key[i]]++] = pair_c[i];
     }
-    const int64_t PM = std::max<int64_t>(1, 64 / G);
+    const int64_t PM = std::max<int64_t>(1, kSlcRows / G);
     std::vector<float> qb(PM * G * Dk), db(PM * G * Dv), lb(PM * G), eb(PM * G), dqb(PM * G * Dk);
     std::vector<int64_t> lo(PM * G, 0), hi(PM * G);
     BwdScratch ws;
@@ -693,7 +698,7 @@ at::Tensor cmp_bwd(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& 
     const RowGather gather{HKV, G, Dk, Dv, q.data_ptr<float>(), dO.data_ptr<float>(), lse.data_ptr<float>(),
                            delta.data_ptr<float>()};
     auto nvis = [&](int64_t t) -> int64_t { return t < l - 1 ? 0 : std::min(Tc, (t - l + 1) / d + 1); };
-    const int64_t MQ = std::max<int64_t>(1, 64 / G);
+    const int64_t MQ = std::max<int64_t>(1, kCmpRows / G);
     std::vector<float> qb(MQ * G * Dk), db(MQ * G * Dv), lb(MQ * G), eb(MQ * G), dqb(MQ * G * Dk);
     std::vector<int64_t> lo(MQ * G, 0), hi(MQ * G);
     BwdScratch ws;
