@@ -871,6 +871,8 @@ def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None, worker
             dO = dout[b, rows].to(acc).view(C, HKV, G, Dv)
             if gates is not None:
                 g = gates[b, rows].to(acc).view(C, HKV, G, 3)
+            gk = g.contiguous() if gates is not None else dO.new_zeros(0)  # the fused kernels' gates argument
+            dO = dO.contiguous()
             dqc = torch.zeros(C, HKV, G, Dk, dtype=acc, device=q.device)
             for k_, name in enumerate(("cmp", "slc", "win")):
                 br = (cmp, slc, win)[k_]
@@ -881,24 +883,24 @@ def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None, worker
                 if gates is not None:  # Eq. 5: dL/dg = <dO, o_b>, and delta = <g dO, o_b> = g dL/dg
                     dgk = (dO * o_b).sum(-1)
                     dg[b, rows, :, k_] = dgk.view(C, HQ)
-                    dOb = dO * g[..., k_:k_ + 1]
                     delta = dgk * g[..., k_]
                 else:
-                    dOb = dO
-                    delta = (dOb * o_b).sum(-1)
+                    delta = (dO * o_b).sum(-1)
                 if name == "cmp" and dlse is not None:
                     delta = delta - dlse[b, rows].to(acc).view(C, HKV, G)
-                if fused is not None:
-                    dOb, delta, lse_b = dOb.contiguous(), delta.contiguous(), lse_b.contiguous()
+                if fused is not None:  # the kernels scale dO by the gate and accumulate into dqc themselves
+                    args = (dO, gk, delta.contiguous(), lse_b.contiguous())
                     if name == "cmp":
-                        dqc += fused.cmp_bwd(qflat, kc, vc, dOb, delta, lse_b, dkc, dvc, C, a, geom.l, geom.d, Tc)
+                        fused.cmp_bwd(qflat, kc, vc, *args, dkc, dvc, dqc, C, a, geom.l, geom.d, Tc)
                     elif name == "slc":
-                        dqc += fused.slc_bwd(qflat, kf, vf, saved["idx"][b, rows].contiguous(), dOb, delta, lse_b,
-                                             dkb, dvb, a, geom.lp, G)
+                        fused.slc_bwd(qflat, kf, vf, saved["idx"][b, rows].contiguous(), *args, dkb, dvb, dqc, a,
+                                      geom.lp, G)
                     else:
-                        dqc += fused.win_bwd(qflat, kw_s.reshape(L * HKV, Dk), vw_s.reshape(L * HKV, Dv), dOb, delta,
-                                             lse_b, dkw, dvw, C, HKV, a, geom.window, G)
-                elif name == "cmp":
+                        fused.win_bwd(qflat, kw_s.reshape(L * HKV, Dk), vw_s.reshape(L * HKV, Dv), *args, dkw, dvw,
+                                      dqc, C, HKV, a, geom.window, G)
+                    continue
+                dOb = dO if gates is None else dO * g[..., k_:k_ + 1]
+                if name == "cmp":
                     dqc += _cmp_backward_chunk(qflat, kc, vc, a, C, geom.l, geom.d, Tc, dOb, delta, lse_b, dkc, dvc)
                 elif name == "slc":
                     plan = _SlcPlan(saved["idx"][b, rows], a, geom.lp, L)

@@ -524,36 +524,54 @@ void attn_bwd_tile(int M, int nk, int Dk, int Dv, const float* Q, const float* d
   gemm(true, false, nk, Dk, M, dP, nk, Q, Dk, dK, lddk, true);     // dK += dS^T Q
 }
 
-// Gathers the G rows of query (c, h): q / dO rows and their lse / delta.
+// Gathers the G rows of query (c, h): q rows, dO rows times the branch's gate (Eq. 5; no gate: 1), lse, delta.
 struct RowGather {
   int64_t HKV, G, Dk, Dv;
-  const float *q, *dO, *lse, *delta;
+  const float *q, *dO, *lse, *delta, *gate;
+  int64_t branch;  // gate[row * 3 + branch]
   void operator()(int64_t c, int64_t h, int64_t slot, float* qb, float* db, float* lb, float* eb) const {
     const int64_t r = c * HKV + h;
     std::memcpy(qb + slot * G * Dk, q + r * G * Dk, sizeof(float) * G * Dk);
-    std::memcpy(db + slot * G * Dv, dO + r * G * Dv, sizeof(float) * G * Dv);
+    if (gate == nullptr) {
+      std::memcpy(db + slot * G * Dv, dO + r * G * Dv, sizeof(float) * G * Dv);
+    } else {
+      for (int64_t g = 0; g < G; ++g) {
+        const float gs = gate[(r * G + g) * 3 + branch];
+        const float* src = dO + (r * G + g) * Dv;
+        float* dst = db + (slot * G + g) * Dv;
+        for (int64_t e = 0; e < Dv; ++e) dst[e] = src[e] * gs;
+      }
+    }
     std::memcpy(lb + slot * G, lse + r * G, sizeof(float) * G);
     std::memcpy(eb + slot * G, delta + r * G, sizeof(float) * G);
   }
 };
 
-void check_bwd(const at::Tensor& dO, const at::Tensor& delta, const at::Tensor& lse, int64_t C, int64_t HKV,
-               int64_t G, int64_t Dv) {
+// Checks the backward's per-row inputs and returns the gate pointer (nullptr for an empty gates tensor).
+const float* check_bwd(const at::Tensor& dO, const at::Tensor& gates, const at::Tensor& delta, const at::Tensor& lse,
+                       const at::Tensor& dq, int64_t C, int64_t HKV, int64_t G, int64_t Dk, int64_t Dv) {
   check_f32(dO, "dO", 4);
   check_f32(delta, "delta", 3);
   check_f32(lse, "lse", 3);
+  check_f32(dq, "dq", 4);
   TORCH_CHECK(dO.size(0) == C && dO.size(1) == HKV && dO.size(2) == G && dO.size(3) == Dv, "dO shape");
   TORCH_CHECK(delta.numel() == C * HKV * G && lse.numel() == C * HKV * G, "delta / lse shape");
+  TORCH_CHECK(dq.size(0) == C && dq.size(1) == HKV && dq.size(2) == G && dq.size(3) == Dk, "dq shape");
+  if (gates.numel() == 0) return nullptr;
+  check_f32(gates, "gates", 4);
+  TORCH_CHECK(gates.numel() == C * HKV * G * 3, "gates must be [C, HKV, G, 3]");
+  return gates.data_ptr<float>();
 }
 
 }  // namespace
 
-// Selected attention backward of one chunk. Arguments as slc_fwd, plus dO [C, HKV, G, Dv], delta and lse
-// [C, HKV, G]; dk / dv [L*HKV, Dk|Dv] accumulate the key / value gradients. Returns dq [C, HKV, G, Dk] with
-// respect to the scaled queries.
-at::Tensor slc_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
-                   const at::Tensor& dO, const at::Tensor& delta, const at::Tensor& lse, at::Tensor dk, at::Tensor dv,
-                   int64_t t0, int64_t lp, int64_t G) {
+// Selected attention backward of one chunk. Arguments as slc_fwd, plus dO [C, HKV, G, Dv] (the gradient of the
+// gated sum; the branch's own output gradient is dO times its gate, gates [C, HKV, G, 3] or empty: no gates),
+// delta and lse [C, HKV, G]. dk / dv [L*HKV, Dk|Dv] accumulate the key / value gradients and dq [C, HKV, G, Dk]
+// the gradient with respect to the scaled queries.
+void slc_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
+             const at::Tensor& dO, const at::Tensor& gates, const at::Tensor& delta, const at::Tensor& lse,
+             at::Tensor dk, at::Tensor dv, at::Tensor dq, int64_t t0, int64_t lp, int64_t G) {
   check_f32(q, "q", 2);
   check_f32(k, "k", 2);
   check_f32(v, "v", 2);
@@ -562,17 +580,17 @@ at::Tensor slc_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.dim() == 3, "idx must be int64 [C, HKV, n]");
   const int64_t C = idx.size(0), HKV = idx.size(1), n = idx.size(2);
   const int64_t Dk = k.size(1), Dv = v.size(1), L = k.size(0) / HKV;
-  check_bwd(dO, delta, lse, C, HKV, G, Dv);
+  const float* gp = check_bwd(dO, gates, delta, lse, dq, C, HKV, G, Dk, Dv);
+  const int64_t branch = 1;
   TORCH_CHECK(dk.sizes() == k.sizes() && dv.sizes() == v.sizes(), "dk / dv must match k / v");
   const int64_t NB = (L + lp - 1) / lp;
-  auto dq = at::zeros({C, HKV, G, Dk}, q.options());
   {
     pybind11::gil_scoped_release no_gil;
     const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
     float *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>(), *dqp = dq.data_ptr<float>();
     const int64_t* ip = idx.data_ptr<int64_t>();
     const RowGather gather{HKV, G, Dk, Dv, q.data_ptr<float>(), dO.data_ptr<float>(), lse.data_ptr<float>(),
-                           delta.data_ptr<float>()};
+                           delta.data_ptr<float>(), gp, branch};
     std::vector<int64_t> start(HKV * NB + 1, 0), sel(n);
     std::vector<int32_t> pair_c;
     std::vector<int64_t> pair_key;
@@ -626,28 +644,27 @@ at::Tensor slc_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         }
       }
   }
-  return dq;
 }
 
 // Sliding-window backward of one chunk (arguments as win_fwd plus dO, delta, lse, dk, dv as slc_bwd).
-at::Tensor win_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dO,
-                   const at::Tensor& delta, const at::Tensor& lse, at::Tensor dk, at::Tensor dv, int64_t C,
-                   int64_t HKV, int64_t t0, int64_t w, int64_t G) {
+void win_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dO,
+             const at::Tensor& gates, const at::Tensor& delta, const at::Tensor& lse, at::Tensor dk, at::Tensor dv,
+             at::Tensor dq, int64_t C, int64_t HKV, int64_t t0, int64_t w, int64_t G) {
   check_f32(q, "q", 2);
   check_f32(k, "k", 2);
   check_f32(v, "v", 2);
   check_f32(dk, "dk", 2);
   check_f32(dv, "dv", 2);
   const int64_t Dk = k.size(1), Dv = v.size(1);
-  check_bwd(dO, delta, lse, C, HKV, G, Dv);
+  const float* gp = check_bwd(dO, gates, delta, lse, dq, C, HKV, G, Dk, Dv);
+  const int64_t branch = 2;
   TORCH_CHECK(dk.sizes() == k.sizes() && dv.sizes() == v.sizes(), "dk / dv must match k / v");
-  auto dq = at::empty({C, HKV, G, Dk}, q.options());
   {
     pybind11::gil_scoped_release no_gil;
     const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
     float *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>(), *dqp = dq.data_ptr<float>();
     const RowGather gather{HKV, G, Dk, Dv, q.data_ptr<float>(), dO.data_ptr<float>(), lse.data_ptr<float>(),
-                           delta.data_ptr<float>()};
+                           delta.data_ptr<float>(), gp, branch};
     const int64_t Wt = std::min<int64_t>(std::max<int64_t>(8, 128 / G), 64);
     std::vector<float> qb(Wt * G * Dk), db(Wt * G * Dv), lb(Wt * G), eb(Wt * G), dqb(Wt * G * Dk);
     std::vector<int64_t> lo(Wt * G), hi(Wt * G);
@@ -669,18 +686,20 @@ at::Tensor win_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                       static_cast<int>(Dv), qb.data(), db.data(), kp + off_k, static_cast<int>(HKV * Dk), vp + off_v,
                       static_cast<int>(HKV * Dv), lo.data(), hi.data(), lb.data(), eb.data(), dkp + off_k,
                       static_cast<int>(HKV * Dk), dvp + off_v, static_cast<int>(HKV * Dv), dqb.data(), ws);
-        for (int64_t i = 0; i < nq; ++i)
-          std::memcpy(dqp + ((a + i) * HKV + h) * G * Dk, dqb.data() + i * G * Dk, sizeof(float) * G * Dk);
+        for (int64_t i = 0; i < nq; ++i) {
+          float* dst = dqp + ((a + i) * HKV + h) * G * Dk;
+          const float* src = dqb.data() + i * G * Dk;
+          for (int64_t e = 0; e < G * Dk; ++e) dst[e] += src[e];
+        }
       }
   }
-  return dq;
 }
 
 // Compressed-attention backward of one chunk (arguments as cmp_fwd plus dO, delta, lse; dkc / dvc [HKV, Tcp, D]
 // accumulate). Rows with no visible compressed token get no gradient.
-at::Tensor cmp_bwd(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& dO,
-                   const at::Tensor& delta, const at::Tensor& lse, at::Tensor dkc, at::Tensor dvc, int64_t C,
-                   int64_t t0, int64_t l, int64_t d, int64_t Tc) {
+void cmp_bwd(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& dO,
+             const at::Tensor& gates, const at::Tensor& delta, const at::Tensor& lse, at::Tensor dkc,
+             at::Tensor dvc, at::Tensor dq, int64_t C, int64_t t0, int64_t l, int64_t d, int64_t Tc) {
   check_f32(q, "q", 2);
   check_f32(kc, "kc", 3);
   check_f32(vc, "vc", 3);
@@ -688,15 +707,15 @@ at::Tensor cmp_bwd(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& 
   check_f32(dvc, "dvc", 3);
   const int64_t HKV = kc.size(0), Tcp = kc.size(1), Dk = kc.size(2), Dv = vc.size(2);
   const int64_t G = q.size(1) / Dk;
-  check_bwd(dO, delta, lse, C, HKV, G, Dv);
+  const float* gp = check_bwd(dO, gates, delta, lse, dq, C, HKV, G, Dk, Dv);
+  const int64_t branch = 0;
   TORCH_CHECK(dkc.sizes() == kc.sizes() && dvc.sizes() == vc.sizes() && Tc <= Tcp, "dkc / dvc must match kc / vc");
-  auto dq = at::empty({C, HKV, G, Dk}, q.options());
   {
     pybind11::gil_scoped_release no_gil;
     const float *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>();
     float *dkp = dkc.data_ptr<float>(), *dvp = dvc.data_ptr<float>(), *dqp = dq.data_ptr<float>();
     const RowGather gather{HKV, G, Dk, Dv, q.data_ptr<float>(), dO.data_ptr<float>(), lse.data_ptr<float>(),
-                           delta.data_ptr<float>()};
+                           delta.data_ptr<float>(), gp, branch};
     auto nvis = [&](int64_t t) -> int64_t { return t < l - 1 ? 0 : std::min(Tc, (t - l + 1) / d + 1); };
     const int64_t MQ = std::max<int64_t>(1, kCmpRows / G);
     std::vector<float> qb(MQ * G * Dk), db(MQ * G * Dv), lb(MQ * G), eb(MQ * G), dqb(MQ * G * Dk);
@@ -714,11 +733,13 @@ at::Tensor cmp_bwd(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& 
                       vp + h * Tcp * Dv, static_cast<int>(Dv), lo.data(), hi.data(), lb.data(), eb.data(),
                       dkp + h * Tcp * Dk, static_cast<int>(Dk), dvp + h * Tcp * Dv, static_cast<int>(Dv), dqb.data(),
                       ws);
-        for (int64_t i = 0; i < nq; ++i)
-          std::memcpy(dqp + ((a + i) * HKV + h) * G * Dk, dqb.data() + i * G * Dk, sizeof(float) * G * Dk);
+        for (int64_t i = 0; i < nq; ++i) {
+          float* dst = dqp + ((a + i) * HKV + h) * G * Dk;
+          const float* src = dqb.data() + i * G * Dk;
+          for (int64_t e = 0; e < G * Dk; ++e) dst[e] += src[e];
+        }
       }
   }
-  return dq;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
