@@ -1,10 +1,10 @@
-"""CPU benchmark at the training demo's shapes: short packed sequences, where the torch backend's composed op takes
-its dense path (`nsa.ops.torch_dense`).
+"""CPU benchmark at the training demo's shapes: short packed sequences, on each path of the torch backend's
+composed op (chunked with the compiled float32 kernels, the dense path `nsa.ops.torch_dense`, chunked pure PyTorch).
 
 The demo's real batches (tiny-cpu preset: 8 rows x 512 tokens packed with cu_seqlens, sequences of 64-512 tokens;
 HQ=4, HKV=2, D=32, demo geometry l=8, d=8, l'=32, n=8, w=64), fp32, one thread (as each demo model trains):
-- the attention op, forward+backward, per layer: NSA dense path, NSA chunked path (dense disabled), and full
-  attention (one SDPA causal call per packed sequence, as `nsa.models.llama` does);
+- the attention op, forward+backward, per layer: the three NSA paths, and full attention (one SDPA causal call per
+  packed sequence, as `nsa.models.llama` does);
 - a whole training step (forward, backward, AdamW) of the tiny-cpu NSA model on each path and of its
   full-attention twin.
 Times are the median over the batches of the minimum over `--repeat` runs (op) or the median step time (model).
@@ -36,12 +36,26 @@ HQ, HKV, D = 4, 2, 32
 NCFG = nsa.NSAConfig(**DEMO_NSA)
 
 
-class dense_disabled:
+class nsa_path:
+    """Forces one path of the composed op: "fused" (chunked, compiled float32 kernels: the default where they
+    build), "dense" (masked SDPA per length bucket: the default without them) or "chunked_pure" (chunked,
+    pure PyTorch)."""
+
+    def __init__(self, path):
+        self.fused = path == "fused"
+        self.dense_len = None if path == "dense" else 0
+
     def __enter__(self):
-        self.old, torch_dense.DENSE_MAX_LEN = torch_dense.DENSE_MAX_LEN, 0
+        self.old = torch_dense.DENSE_MAX_LEN, tb.USE_FUSED_CPU
+        tb.USE_FUSED_CPU = self.fused
+        if self.dense_len is not None:
+            torch_dense.DENSE_MAX_LEN = self.dense_len
 
     def __exit__(self, *exc):
-        torch_dense.DENSE_MAX_LEN = self.old
+        torch_dense.DENSE_MAX_LEN, tb.USE_FUSED_CPU = self.old
+
+
+PATHS = ("fused", "dense", "chunked_pure")
 
 
 def op_inputs(cu, seed):
@@ -112,21 +126,22 @@ def main():
     mix = DataMix(stdlib_corpus("train", cfg.val_fraction), cfg.seq_len, cfg.batch_rows, cfg.data_weights, cfg.seed,
                   cfg.mqar_pairs, cfg.task_lengths, cfg.niah_lengths)
     batches = [mix.batch(s) for s in range(max(args.batches, args.steps + 1))]
-    op = {"nsa_dense": [], "nsa_chunked": [], "full": []}
+    op = {k: [] for k in ["nsa_" + p for p in PATHS] + ["full"]}
     for i, b in enumerate(batches[:args.batches]):
         x = op_inputs(b.cu_seqlens, i)
         op["full"].append(best_ms(lambda: full_op(x, b.cu_seqlens), args.repeat))
-        op["nsa_dense"].append(best_ms(lambda: nsa_op(x, b.cu_seqlens), args.repeat))
-        with dense_disabled():
-            op["nsa_chunked"].append(best_ms(lambda: nsa_op(x, b.cu_seqlens), args.repeat))
+        for p in PATHS:
+            with nsa_path(p):
+                op["nsa_" + p].append(best_ms(lambda: nsa_op(x, b.cu_seqlens), args.repeat))
     op = {k: statistics.median(v) for k, v in op.items()}
-    step = {"full": step_s("full", batches, args.steps), "nsa_dense": step_s("nsa", batches, args.steps)}
-    with dense_disabled():
-        step["nsa_chunked"] = step_s("nsa", batches, args.steps)
+    step = {"full": step_s("full", batches, args.steps)}
+    for p in PATHS:
+        with nsa_path(p):
+            step["nsa_" + p] = step_s("nsa", batches, args.steps)
     res = {"machine": machine(), "torch": torch.__version__, "threads": 1,
            "op_fwd_bwd_ms_per_layer": op, "train_step_s": step, "args": vars(args)}
     lines = ["| path | attention op fwd+bwd per layer (ms) | tiny-cpu training step (s) |", "|---|---|---|"]
-    for k in ("nsa_chunked", "nsa_dense", "full"):
+    for k in ["nsa_" + p for p in PATHS] + ["full"]:
         lines.append(f"| {k} | {op[k]:.1f} | {step[k]:.3f} |")
     print("\n".join(lines))
     if args.out:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nsa
-from nsa.ops import dispatch
+from nsa.ops import cpu_kernels, dispatch
 from nsa.ops import reference as ref
 from nsa.ops import torch_backend as tb
 from nsa.ops import torch_dense
@@ -318,7 +318,9 @@ def dense_tiles(monkeypatch):
 
 
 def test_dense_path_is_taken_only_for_short_sequences(monkeypatch):
-    """Taken when every sequence has at most min(DENSE_MAX_LEN, 2 (n l' + w)) tokens, packed or not."""
+    """Taken when every sequence has at most min(DENSE_MAX_LEN, 2 (n l' + w)) tokens, packed or not, and the
+    compiled float32 CPU kernels do not apply (here: switched off; float64; or no compiler)."""
+    monkeypatch.setattr(tb, "USE_FUSED_CPU", False)
     calls = []
     real = torch_dense.native_sparse_attention
     monkeypatch.setattr(torch_dense, "native_sparse_attention", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
@@ -334,6 +336,13 @@ def test_dense_path_is_taken_only_for_short_sequences(monkeypatch):
     calls.clear()
     tb.native_sparse_attention(*make_inputs(1, 20, 4, 2, 8, 8, CFG, dtype=torch.float32), config=CFG)
     assert not calls
+    monkeypatch.undo()
+    if cpu_kernels.load() is not None:  # float32 with the compiled kernels: the chunked path, even when short
+        monkeypatch.setattr(torch_dense, "native_sparse_attention", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+        tb.native_sparse_attention(*make_inputs(1, 20, 4, 2, 8, 8, CFG, dtype=torch.float32), config=CFG)
+        assert not calls
+        tb.native_sparse_attention(*make_inputs(1, 20, 4, 2, 8, 8, CFG), config=CFG)  # float64: dense
+        assert calls
 
 
 @pytest.mark.parametrize("given", [False, True])

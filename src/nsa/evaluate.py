@@ -229,6 +229,8 @@ def run_demo(out_dir: str | Path = "runs/demo", preset: str = "tiny-cpu", overri
     out.mkdir(parents=True, exist_ok=True)
     overrides = dict(overrides or {})
     names = ("nsa", "full")
+    from .ops import cpu_kernels
+    cpu_kernels.load()  # build the compiled CPU kernels once, before the timed runs (cached after the first time)
     start = time.perf_counter()
     if jobs > 1:
         import multiprocessing as mp

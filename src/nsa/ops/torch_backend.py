@@ -1156,7 +1156,8 @@ def native_sparse_attention(
     Selection runs under no_grad inside the chunk loop unless `block_indices` [B, T, HKV, n] is given.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if torch_dense.applicable(q.shape[1], cu_seqlens, config):  # short sequences: masked SDPA per bucket
+    # short sequences without the compiled kernels (float64, or no compiler): masked SDPA per length bucket
+    if torch_dense.applicable(q.shape[1], cu_seqlens, config) and _fused_kernels(q, _acc_dtype(q.dtype)) is None:
         return torch_dense.native_sparse_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config=config,
                                                    scale=scale, cu_seqlens=cu_seqlens, block_indices=block_indices)
     if cu_seqlens is not None:
