@@ -169,6 +169,39 @@ void check_f32(const at::Tensor& x, const char* name, int dim) {
               " must be a contiguous float32 CPU tensor of dim ", dim);
 }
 
+// The chunk's valid (query, KV head, block) pairs bucketed by (head, block): the queries c of bucket h*NB + j are
+// list[start[h*NB + j] .. start[h*NB + j + 1]), ascending. Skipped: -1, blocks past the query's own or the sequence,
+// repeats.
+struct BlockQueries {
+  std::vector<int64_t> start;
+  std::vector<int32_t> list;
+  BlockQueries(const int64_t* idx, int64_t C, int64_t HKV, int64_t n, int64_t t0, int64_t lp, int64_t NB)
+      : start(HKV * NB + 1, 0) {
+    std::vector<int64_t> sel(n), key;
+    std::vector<int32_t> qry;
+    key.reserve(C * HKV * n);
+    qry.reserve(C * HKV * n);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t own = (t0 + c) / lp;
+      for (int64_t h = 0; h < HKV; ++h) {
+        std::copy(idx + (c * HKV + h) * n, idx + (c * HKV + h + 1) * n, sel.begin());
+        std::sort(sel.begin(), sel.end());
+        for (int64_t s = 0; s < n; ++s) {
+          const int64_t j = sel[s];
+          if (j < 0 || j > own || j >= NB || (s > 0 && sel[s - 1] == j)) continue;
+          start[h * NB + j + 1]++;
+          key.push_back(h * NB + j);
+          qry.push_back(static_cast<int32_t>(c));
+        }
+      }
+    }
+    for (int64_t i = 0; i < HKV * NB; ++i) start[i + 1] += start[i];
+    list.resize(qry.size());
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);  // counting sort: stable, so queries stay ascending
+    for (size_t i = 0; i < qry.size(); ++i) list[fill[key[i]]++] = qry[i];
+  }
+};
+
 }  // namespace
 
 // Selected attention of one chunk (Eq. 12).
@@ -194,34 +227,9 @@ std::vector<at::Tensor> slc_fwd(const at::Tensor& q, const at::Tensor& k, const 
     const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
     const int64_t* ip = idx.data_ptr<int64_t>();
     float *op = o.data_ptr<float>(), *lp_out = lse.data_ptr<float>();
-    // query lists per (head, block): counting sort keeps each list in ascending query order
-    std::vector<int64_t> start(HKV * NB + 1, 0);
-    std::vector<int64_t> sel(n);
-    std::vector<int32_t> pair_c;
-    pair_c.reserve(C * HKV * n);
-    std::vector<int64_t> pair_key;
-    pair_key.reserve(C * HKV * n);
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t own = (t0 + c) / lp;
-      for (int64_t h = 0; h < HKV; ++h) {
-        const int64_t* row = ip + (c * HKV + h) * n;
-        std::copy(row, row + n, sel.begin());
-        std::sort(sel.begin(), sel.end());
-        for (int64_t s = 0; s < n; ++s) {
-          const int64_t j = sel[s];
-          if (j < 0 || j > own || j >= NB || (s > 0 && sel[s - 1] == j)) continue;
-          start[h * NB + j + 1]++;
-          pair_c.push_back(static_cast<int32_t>(c));
-          pair_key.push_back(h * NB + j);
-        }
-      }
-    }
-    for (int64_t i = 0; i < HKV * NB; ++i) start[i + 1] += start[i];
-    std::vector<int32_t> list(pair_c.size());
-    {
-      std::vector<int64_t> fill(start.begin(), start.end() - 1);
-      for (size_t i = 0; i < pair_c.size(); ++i) list[fill[pair_key[i]]++] = pair_c[i];
-    }
+    const BlockQueries bq(ip, C, HKV, n, t0, lp, NB);
+    const std::vector<int64_t>& start = bq.start;
+    const std::vector<int32_t>& list = bq.list;
     // running softmax state per output row (c, h, g); o accumulates unnormalised
     std::vector<float> m_run(C * HKV * G, shift_free ? 0.0f : kNegInf), l_run(C * HKV * G, 0.0f);
     const int64_t PM = std::max<int64_t>(1, kSlcRows / G);  // queries per tile
@@ -591,29 +599,9 @@ void slc_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
     const int64_t* ip = idx.data_ptr<int64_t>();
     const RowGather gather{HKV, G, Dk, Dv, q.data_ptr<float>(), dO.data_ptr<float>(), lse.data_ptr<float>(),
                            delta.data_ptr<float>(), gp, branch};
-    std::vector<int64_t> start(HKV * NB + 1, 0), sel(n);
-    std::vector<int32_t> pair_c;
-    std::vector<int64_t> pair_key;
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t own = (t0 + c) / lp;
-      for (int64_t h = 0; h < HKV; ++h) {
-        std::copy(ip + (c * HKV + h) * n, ip + (c * HKV + h + 1) * n, sel.begin());
-        std::sort(sel.begin(), sel.end());
-        for (int64_t s = 0; s < n; ++s) {
-          const int64_t j = sel[s];
-          if (j < 0 || j > own || j >= NB || (s > 0 && sel[s - 1] == j)) continue;
-          start[h * NB + j + 1]++;
-          pair_c.push_back(static_cast<int32_t>(c));
-          pair_key.push_back(h * NB + j);
-        }
-      }
-    }
-    for (int64_t i = 0; i < HKV * NB; ++i) start[i + 1] += start[i];
-    std::vector<int32_t> list(pair_c.size());
-    {
-      std::vector<int64_t> fill(start.begin(), start.end() - 1);
-      for (size_t i = 0; i < pair_c.size(); ++i) list[fill[pair_key[i]]++] = pair_c[i];
-    }
+    const BlockQueries bq(ip, C, HKV, n, t0, lp, NB);
+    const std::vector<int64_t>& start = bq.start;
+    const std::vector<int32_t>& list = bq.list;
     const int64_t PM = std::max<int64_t>(1, kSlcRows / G);
     std::vector<float> qb(PM * G * Dk), db(PM * G * Dv), lb(PM * G), eb(PM * G), dqb(PM * G * Dk);
     std::vector<int64_t> lo(PM * G, 0), hi(PM * G);
