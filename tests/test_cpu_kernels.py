@@ -224,3 +224,24 @@ def test_loader_disabled_and_failed_builds_fall_back(monkeypatch, tmp_path):
     with pytest.warns(RuntimeWarning, match="fused CPU kernels unavailable"):
         assert cpu_kernels.load() is None
     assert cpu_kernels.load() is None  # decided once
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_run_the_kernels_in_float32(dtype, monkeypatch):
+    """bf16/fp16 CPU inputs: the op computes in float32 (the kernels' path), returns the input dtype, and matches
+    the float64 reference on the same (rounded) inputs to the output dtype's precision; gradients too."""
+    cfg = small_config()
+    x64 = make_inputs(1, 180, 8, 2, 16, 16, cfg, seed=11)
+    xs = [t.to(dtype).requires_grad_(True) for t in x64]
+    out = nsa.native_sparse_attention(*xs, config=cfg, backend="torch")
+    assert out.dtype == dtype
+    ref_in = [t.detach().double().requires_grad_(True) for t in xs]
+    ref = nsa.native_sparse_attention(*ref_in, config=cfg, backend="reference")
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=3e-3, rtol=3e-3)
+    assert_close(out, ref, **tol, name="out")
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(out, xs, do.to(dtype))
+    grads_ref = torch.autograd.grad(ref, ref_in, do)
+    for a, b in zip(grads, grads_ref):
+        assert a.dtype == dtype
+        assert_close(a, b, **tol, name="grad")
