@@ -1,6 +1,11 @@
 """The compiled float32 CPU kernels (nsa.ops.cpu_kernels) against the pure-PyTorch path of the torch backend and
 the reference: random inputs, odd shapes, every G, Dk != Dv, invalid / repeated / future block indices, partial last
 blocks, shift-free and max-shifted softmax, NaN propagation. Skipped where the kernels cannot be built."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -245,3 +250,19 @@ def test_half_precision_inputs_run_the_kernels_in_float32(dtype, monkeypatch):
     for a, b in zip(grads, grads_ref):
         assert a.dtype == dtype
         assert_close(a, b, **tol, name="grad")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("NSA_CPU_KERNELS_CFLAGS") is not None, reason="already a variant build")
+@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx512f -mno-avx2"])
+def test_other_instruction_sets(flags, tmp_path):
+    """The AVX2 and scalar code paths (this machine builds the AVX-512 one): a separate build, checked by the
+    kernel-level tests of this file in a subprocess."""
+    if "avx512f" not in open("/proc/cpuinfo").read() and flags == "-mno-avx512f":
+        pytest.skip("this machine builds the AVX2 path already")
+    env = dict(os.environ, NSA_CPU_KERNELS_CFLAGS=flags, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+           "match or rows_without or large_scores or exact_ties or gradients_fused"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert " passed" in res.stdout and "skipped" not in res.stdout.strip().splitlines()[-1], res.stdout[-500:]

@@ -65,29 +65,30 @@ inline float exp_scalar(float x) {
   return p * scale;
 }
 
+// Per-ISA primitives; vexp below is written once in terms of them.
 #if defined(__AVX512F__)
 using VecF = __m512;
 constexpr int kLanes = 16;
 inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
 inline void vstore(float* p, VecF v) { _mm512_storeu_ps(p, v); }
 inline VecF vset(float x) { return _mm512_set1_ps(x); }
-inline VecF vexp(VecF x) {
-  const __mmask16 under = _mm512_cmp_ps_mask(x, vset(-87.0f), _CMP_LT_OQ);
+inline VecF vadd(VecF a, VecF b) { return _mm512_add_ps(a, b); }
+inline VecF vsub(VecF a, VecF b) { return _mm512_sub_ps(a, b); }
+inline VecF vmul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }    // a*b + c
+inline VecF vfnma(VecF a, VecF b, VecF c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a*b
+inline VecF vmax(VecF a, VecF b) { return _mm512_max_ps(a, b); }
+inline VecF vmin(VecF a, VecF b) { return _mm512_min_ps(a, b); }
+inline VecF vfloor(VecF a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+inline VecF vpow2i(VecF k) {  // 2^k for integral k in [-126, 127]
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(k), _mm512_set1_epi32(127)), 23));
+}
+// e where x >= lo, 0 where x < lo, x where x is NaN
+inline VecF vfix(VecF x, VecF e, float lo) {
+  const __mmask16 under = _mm512_cmp_ps_mask(x, vset(lo), _CMP_LT_OQ);
   const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  const VecF xc = _mm512_min_ps(_mm512_max_ps(x, vset(-87.0f)), vset(88.0f));
-  const VecF k = _mm512_roundscale_ps(_mm512_fmadd_ps(xc, vset(kLog2e), vset(0.5f)),
-                                      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const VecF r = _mm512_fnmadd_ps(k, vset(kC2), _mm512_fnmadd_ps(k, vset(kC1), xc));
-  VecF p = vset(kP[0]);
-  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, vset(kP[i]));
-  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), vset(1.0f));
-  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(k), _mm512_set1_epi32(127)), 23);
-  const VecF e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
   return _mm512_mask_mov_ps(_mm512_maskz_mov_ps(static_cast<__mmask16>(~under), e), nan, x);
 }
-inline VecF vsub(VecF a, VecF b) { return _mm512_sub_ps(a, b); }
-inline VecF vadd(VecF a, VecF b) { return _mm512_add_ps(a, b); }
-inline VecF vmax(VecF a, VecF b) { return _mm512_max_ps(a, b); }
 inline float hsum(VecF v) { return _mm512_reduce_add_ps(v); }
 inline float hmax(VecF v) { return _mm512_reduce_max_ps(v); }
 #define NSA_HAVE_VEC 1
@@ -97,22 +98,21 @@ constexpr int kLanes = 8;
 inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstore(float* p, VecF v) { _mm256_storeu_ps(p, v); }
 inline VecF vset(float x) { return _mm256_set1_ps(x); }
-inline VecF vexp(VecF x) {
-  const VecF under = _mm256_cmp_ps(x, vset(-87.0f), _CMP_LT_OQ);
-  const VecF nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-  const VecF xc = _mm256_min_ps(_mm256_max_ps(x, vset(-87.0f)), vset(88.0f));
-  const VecF k = _mm256_floor_ps(_mm256_fmadd_ps(xc, vset(kLog2e), vset(0.5f)));
-  const VecF r = _mm256_fnmadd_ps(k, vset(kC2), _mm256_fnmadd_ps(k, vset(kC1), xc));
-  VecF p = vset(kP[0]);
-  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, vset(kP[i]));
-  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), vset(1.0f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(k), _mm256_set1_epi32(127)), 23);
-  const VecF e = _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
-  return _mm256_blendv_ps(e, x, nan);
-}
-inline VecF vsub(VecF a, VecF b) { return _mm256_sub_ps(a, b); }
 inline VecF vadd(VecF a, VecF b) { return _mm256_add_ps(a, b); }
+inline VecF vsub(VecF a, VecF b) { return _mm256_sub_ps(a, b); }
+inline VecF vmul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VecF vfnma(VecF a, VecF b, VecF c) { return _mm256_fnmadd_ps(a, b, c); }
 inline VecF vmax(VecF a, VecF b) { return _mm256_max_ps(a, b); }
+inline VecF vmin(VecF a, VecF b) { return _mm256_min_ps(a, b); }
+inline VecF vfloor(VecF a) { return _mm256_floor_ps(a); }
+inline VecF vpow2i(VecF k) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(k), _mm256_set1_epi32(127)), 23));
+}
+inline VecF vfix(VecF x, VecF e, float lo) {
+  const VecF under = _mm256_cmp_ps(x, vset(lo), _CMP_LT_OQ);
+  return _mm256_blendv_ps(_mm256_andnot_ps(under, e), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
 inline float hsum(VecF v) {
   alignas(32) float t[8];
   _mm256_store_ps(t, v);
@@ -126,6 +126,19 @@ inline float hmax(VecF v) {
   return m;
 }
 #define NSA_HAVE_VEC 1
+#endif
+
+#ifdef NSA_HAVE_VEC
+// exp_scalar, lane by lane
+inline VecF vexp(VecF x) {
+  const VecF xc = vmin(vmax(x, vset(-87.0f)), vset(88.0f));
+  const VecF k = vfloor(vfma(xc, vset(kLog2e), vset(0.5f)));
+  const VecF r = vfnma(k, vset(kC2), vfnma(k, vset(kC1), xc));
+  VecF p = vset(kP[0]);
+  for (int i = 1; i < 6; ++i) p = vfma(p, r, vset(kP[i]));
+  p = vadd(vfma(vmul(p, r), r, r), vset(1.0f));
+  return vfix(x, vmul(p, vpow2i(k)), -87.0f);
+}
 #endif
 
 // In place over one row s[0, n): s <- exp(s - m); returns the row sum. m = 0 for shift-free rows.
