@@ -220,9 +220,15 @@ def test_select_blocks_matches_reference(heads, varlen):
     small_config(cmp_block_size=16, cmp_stride=16, slc_block_size=16),  # l = l' = d: Eq. 9 is the identity
     small_config(num_selected=6, num_init_blocks=0, num_local_blocks=1),  # n > valid blocks: -1 padding
     small_config(cmp_block_size=8, cmp_stride=8, slc_block_size=8, num_selected=3),  # many chunks
+    # several chunks of BJ blocks with free choices: the running top-n merge and the token carried between chunks
+    small_config(num_init_blocks=0, num_local_blocks=1),  # l'/d = 4, 1 token carried
+    small_config(cmp_block_size=12, cmp_stride=4, slc_block_size=12, num_selected=3, num_init_blocks=0,
+                 num_local_blocks=1),  # l'/d = 3, 2 tokens carried
+    small_config(cmp_block_size=16, cmp_stride=4, slc_block_size=16, num_selected=3, num_init_blocks=0,
+                 num_local_blocks=1),  # l = l', 3 tokens carried
 ])
 def test_select_blocks_geometries(cfg):
-    T = 61
+    T = 290  # more than 16 blocks (BJ >= 16 blocks per chunk): several chunks in every geometry
     g = torch.Generator().manual_seed(5)
     q = torch.randn(1, T, 4, 16, generator=g).to(DEV)
     kc = torch.randn(1, cfg.num_compressed(T), 2, 16, generator=g).to(DEV)

@@ -2,7 +2,8 @@
 
 One program per (tile of BT query positions of one sequence, KV head): its BT*G query rows (all G heads of the
 group, group-centric) walk the tile's valid selection blocks in chunks of BJ. A chunk loads the compressed keys
-that overlap its blocks once for the whole tile, recomputes the Eq. 8 probabilities from the cmp branch's lse
+that start inside its blocks once for the whole tile (the tokens reaching into the next chunk's first block
+carry that part over), recomputes the Eq. 8 probabilities from the cmp branch's lse
 (p = exp(scale q.k - lse)), sums them over the G heads (Eq. 10; the sum commutes with Eq. 9), remaps them to block
 scores with the Eq. 9 overlap weights |cmp_i ∩ slc_j| / d (chunk-invariant because d divides l and l'), forces the
 init/local blocks (+inf), and merges the chunk into a running top-BJ per position with one bitonic `tl.topk` over
@@ -71,26 +72,35 @@ def _topn_kernel(
     own = (tb - qs) // LP
     own_max = (tl.minimum(row0 + BT, qe) - 1 - qs) // LP
 
-    # Eq. 9 weights of the chunk's compressed tokens i = j0*S - (l/d - 1) + ci on its blocks j = j0 + jj
-    # (S = l'/d): i*d - j*l' = ci*d - (l - d) - jj*l', the same for every chunk.
+    # Eq. 9 weights of the chunk's compressed tokens i = j0*S + ci (S = l'/d, ci < BJ*S) on its blocks j = j0 + jj:
+    # i*d - j*l' = ci*d - jj*l', the same for every chunk. The chunk's last l/d - 1 tokens also reach block
+    # j0 + BJ (weights w_next): that part is carried into the next chunk, so no token is loaded or scored twice.
     ci = tl.arange(0, CI)
     jj = tl.arange(0, BJ)
-    start = ci[:, None] * CMP_D - (CMP_L - CMP_D) - jj[None, :] * LP
+    ci_ok = ci < BJ * (LP // CMP_D)
+    start = ci[:, None] * CMP_D - jj[None, :] * LP
     w = tl.maximum(tl.minimum(start + CMP_L, LP) - tl.maximum(start, 0), 0).to(tl.float32) / CMP_D  # [CI, BJ]
+    w = tl.where(ci_ok[:, None], w, 0.0)
+    start_next = ci * CMP_D - BJ * LP
+    w_next = tl.maximum(tl.minimum(start_next + CMP_L, LP) - tl.maximum(start_next, 0), 0).to(tl.float32) / CMP_D
+    w_next = tl.where(ci_ok, w_next, 0.0)
 
     best = tl.full([BT, BJ], -1, tl.int64)
+    carry = tl.zeros([BT], tl.float32)  # the previous chunk's tail on block j0
     for j0 in range(0, own_max + 1, BJ):
-        i = j0 * (LP // CMP_D) - (CMP_L // CMP_D - 1) + ci
+        i = j0 * (LP // CMP_D) + ci
         kc = tl.load(KC + (cs + i)[:, None] * s_kt + hk * s_kh + offs_d[None, :],
-                     mask=((i >= 0) & (i < tc))[:, None] & (offs_d[None, :] < DK), other=0.0)
+                     mask=(ci_ok & (i < tc))[:, None] & (offs_d[None, :] < DK), other=0.0)
         s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
-        seen = row_ok[:, None] & (i[None, :] >= 0) & (i[None, :] < nvis[:, None])
+        seen = row_ok[:, None] & ci_ok[None, :] & (i[None, :] < nvis[:, None])
         p = tl.where(seen, tl.exp2(s - lse2[:, None]), 0.0)  # Eq. 8
         psum = tl.sum(tl.reshape(p, [BT, GP, CI]), 1)  # Eq. 10, [BT, CI]
         if BT >= 16:
             score = tl.dot(psum, w, input_precision="ieee")
         else:
             score = tl.sum(psum[:, :, None] * w[None, :, :], 1)  # [BT, BJ]
+        score += tl.where(jj[None, :] == 0, carry[:, None], 0.0)
+        carry = tl.sum(psum * w_next[None, :], 1)
         j = j0 + jj
         forced = (j[None, :] < N_INIT) | (j[None, :] > own[:, None] - N_LOCAL)
         score = tl.where(forced, float("inf"), score)
@@ -104,13 +114,14 @@ def _tile(G: int, n: int, lp: int, l: int, d: int, dk: int = 128, dtype: torch.d
           ) -> tuple[int, int, int, int]:
     """(GP, BT, BJ, CI): padded heads, positions per tile (BT*GP >= 16 rows for tl.dot: 64 rows, 32 for fp32 with
     dk > 128 to fit shared memory; BT >= 16 remaps with a dot, smaller BT with a broadcast sum), blocks per chunk
-    (>= n: the running top list has BJ slots), and the compressed-token tile that covers a chunk's blocks."""
+    (>= n: the running top list has BJ slots), and the compressed-token tile of a chunk (its blocks' tokens; the
+    l/d - 1 tokens a chunk shares with the previous one are carried over, not reloaded)."""
     rows = 32 if dk > 128 and dtype == torch.float32 else 64
     gp = triton.next_power_of_2(G)
     bt = rows // gp if gp <= rows // 16 else max(1, min(4, rows // gp))
     gp = max(gp, 16 // bt)
     bj = next_pow2(n)
-    return gp, bt, bj, next_pow2(bj * lp // d + l // d - 1)
+    return gp, bt, bj, next_pow2(bj * lp // d)
 
 
 def topn_from_lse(q, k_cmp, lse, cu, ccu, *, config, scale):
