@@ -266,3 +266,19 @@ def test_other_instruction_sets(flags, tmp_path):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert " passed" in res.stdout and "skipped" not in res.stdout.strip().splitlines()[-1], res.stdout[-500:]
+
+
+@pytest.mark.parametrize("Tq", [9, 40])
+def test_query_tail_float32_uses_the_kernels(Tq, monkeypatch):
+    """A float32 query tail longer than TAIL_DECODE_MAX runs the chunked forward with the kernels (positions offset
+    by T - Tq): equal to the last rows of the full forward and to the pure-PyTorch tail."""
+    cfg = small_config()
+    x = [t.float() for t in make_inputs(2, 150, 8, 2, 8, 6, cfg, seed=Tq)]
+    q, k_cmp, v_cmp, ks, vs, kw, vw, gates = x
+    monkeypatch.setattr(tb, "CHUNK_SIZE", 16)
+    full = nsa.native_sparse_attention(*x, config=cfg, backend="torch")
+    tail = tb.native_sparse_attention_tail(q[:, -Tq:], k_cmp, v_cmp, ks, vs, kw, vw, gates[:, -Tq:], config=cfg)
+    assert_close(tail, full[:, -Tq:], **TOL32, name="tail vs full")
+    monkeypatch.setattr(tb, "USE_FUSED_CPU", False)
+    pure = tb.native_sparse_attention_tail(q[:, -Tq:], k_cmp, v_cmp, ks, vs, kw, vw, gates[:, -Tq:], config=cfg)
+    assert_close(tail, pure, **TOL32, name="tail vs pure tail")
