@@ -12,7 +12,7 @@ import torch
 import nsa
 from nsa.ops import cpu_kernels, torch_dense
 from nsa.ops import torch_backend as tb
-from tests.kit import assert_close, make_inputs, small_config
+from tests.kit import assert_close, assert_same_selection, make_inputs, small_config
 
 KERNELS = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(KERNELS is None, reason="fused CPU kernels not built here (no C++ compiler?)")
@@ -282,3 +282,23 @@ def test_query_tail_float32_uses_the_kernels(Tq, monkeypatch):
     monkeypatch.setattr(tb, "USE_FUSED_CPU", False)
     pure = tb.native_sparse_attention_tail(q[:, -Tq:], k_cmp, v_cmp, ks, vs, kw, vw, gates[:, -Tq:], config=cfg)
     assert_close(tail, pure, **TOL32, name="tail vs pure tail")
+
+
+@pytest.mark.parametrize("G", [1, 4])
+def test_select_blocks_op_uses_the_kernel(G, monkeypatch):
+    """The single-branch select_blocks op takes the cmp kernel (no values) in float32: tie-robust agreement with
+    the float64 reference, varlen included, and exact ties to the lower blocks."""
+    calls = []
+    real = tb._fused_kernels
+    monkeypatch.setattr(tb, "_fused_kernels", lambda q, acc: (calls.append(1), real(q, acc))[1])
+    cfg = small_config(num_selected=5, num_init_blocks=0, num_local_blocks=1)
+    cu = torch.tensor([0, 130, 131, 300])
+    q, k_cmp, *_ = make_inputs(1, 300, 2 * G, 2, 8, 8, cfg, cu_seqlens=cu, seed=G)
+    idx = nsa.select_blocks(q.float(), k_cmp.float(), config=cfg, cu_seqlens=cu, backend="torch")
+    assert calls
+    assert_same_selection(idx, nsa.select_blocks(q, k_cmp, config=cfg, cu_seqlens=cu, backend="reference"),
+                          nsa.ops.reference.block_scores(q, k_cmp, config=cfg, cu_seqlens=cu), cfg)
+    q, k_cmp, *_ = make_inputs(1, 300, 2 * G, 2, 8, 8, cfg, seed=G)
+    k_tie = k_cmp[:, :1].expand_as(k_cmp).contiguous()
+    assert torch.equal(nsa.select_blocks(q.float(), k_tie.float(), config=cfg, backend="torch"),
+                       nsa.select_blocks(q, k_tie, config=cfg, backend="reference"))

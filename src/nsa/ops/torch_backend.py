@@ -1103,6 +1103,7 @@ def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None):
     out = torch.full((B, T, HKV, cfg.num_selected), -1, dtype=torch.long, device=q.device)
     W = _overlap_weights(cfg, acc, q.device)
     r = lp // d
+    fused = _fused_kernels(q, acc)
     with torch.no_grad(), _threads_for(q) as workers, _no_autocast(q):
         for b, s, e, cs, ce in _cmp_spans(B, T, cu_seqlens, l, d):
             L = e - s
@@ -1114,6 +1115,11 @@ def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None):
             def one_chunk(a, c1, b=b, s=s, e=e, Tc=ce - cs, kc=kc, km_c=km_c):
                 qflat = _scaled_q(q[b, s:e], a, c1, HKV, scale, acc)
                 sf = _shift_free(_qnorm(qflat, HKV, Dk), km_c)
+                if fused is not None:  # the cmp kernel with no values (Dv = 0): scores and top-n only
+                    out[b, s + a:s + c1] = fused.cmp_fwd(qflat, kc, kc.new_empty(HKV, kc.shape[1], 0), W, c1 - a, a, l,
+                                                         d, Tc, cfg.num_selected, cfg.num_init_blocks,
+                                                         cfg.num_local_blocks, sf)[2]
+                    return
                 _, _, blk = _cmp_forward_chunk(qflat, kc, None, a, c1 - a, l, d, Tc, (W, r, lp, (c1 - 1) // lp + 1),
                                                sf)
                 out[b, s + a:s + c1] = _topn(blk, a, cfg)
