@@ -302,3 +302,23 @@ def test_select_blocks_op_uses_the_kernel(G, monkeypatch):
     k_tie = k_cmp[:, :1].expand_as(k_cmp).contiguous()
     assert torch.equal(nsa.select_blocks(q.float(), k_tie.float(), config=cfg, backend="torch"),
                        nsa.select_blocks(q, k_tie, config=cfg, backend="reference"))
+
+
+def test_packed_batches_group_only_many_short_sequences():
+    """With the kernels, packed sequences run one by one unless they average < GROUP_MAX_MEAN_LEN tokens; without
+    them (float64 here) equal lengths are always grouped. Both layouts give the pure path's result."""
+    cfg = small_config()
+    cu_short = torch.arange(7) * 20  # 6 x 20 tokens: grouped
+    cu_long = torch.tensor([0, 150, 300])  # 2 x 150: one by one
+    q = torch.zeros(1, 300, 4, 8)
+    assert tb._use_groups(q[:, :120], cu_short) and not tb._use_groups(q, cu_long)
+    assert tb._use_groups(q.double(), cu_long)
+    for cu in (cu_short, cu_long):
+        x = [t.float() for t in make_inputs(1, int(cu[-1]), 4, 2, 8, 6, cfg, cu_seqlens=cu, seed=3)]
+        fused = nsa.native_sparse_attention(*x, config=cfg, cu_seqlens=cu, backend="torch")
+        tb.USE_FUSED_CPU = False
+        try:
+            pure = nsa.native_sparse_attention(*x, config=cfg, cu_seqlens=cu, backend="torch")
+        finally:
+            tb.USE_FUSED_CPU = True
+        assert_close(fused, pure, **TOL32, name=f"{len(cu) - 1} sequences")
