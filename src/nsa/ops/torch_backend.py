@@ -18,7 +18,8 @@ single-branch ops. Design:
 - win branch: banded tiles of `WIN_TILE` queries against the (w + tile) keys before them.
 - backward: custom autograd.Functions save only the inputs, indices, branch outputs and log-sum-exps, and recompute
   the score tiles chunk by chunk.
-- packed batches (cu_seqlens): equal-length sequences run together, side by side along the head axis (`_grouped`).
+- packed batches (cu_seqlens): equal-length sequences run together, side by side along the head axis (`_grouped`;
+  with the compiled kernels only for many short sequences, see `_use_groups`).
 - a query tail (decoding) reads the compressed K/V through head-major views and uses the max-shifted softmax.
 - threads: torch ops run single-threaded while the chunks are spread over `NUM_WORKERS` Python threads (torch's
   thread count by default; k/v gradients use per-thread buffers). Thousands of mid-sized ops each paying an
