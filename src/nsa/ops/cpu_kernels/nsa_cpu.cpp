@@ -1,8 +1,10 @@
-// Fused CPU kernels for the "torch" backend (float32): selected-block attention (Eq. 12) and sliding-window
-// attention, forward. Each call handles one query chunk on the calling thread (the Python side spreads chunks
-// over worker threads and the GIL is released here). Matrix products go to the BLAS that libtorch_cpu exports
-// (sgemm_); masking, exp and the row statistics run in cache-sized tiles in between, so no score tensor of the
-// whole chunk is ever materialised.
+// Fused CPU kernels for the "torch" backend (float32), forward and backward of each NSA branch: compressed
+// attention (Eq. 7) with its top-n block selection in the same pass (Eq. 8-11), selected-block attention (Eq. 12)
+// and sliding-window attention. Each call handles one query chunk on the calling thread (the Python side spreads
+// chunks over worker threads and the GIL is released here). Matrix products go to the BLAS that libtorch_cpu
+// exports (sgemm_); masking, exp and the row statistics run in cache-sized tiles in between, so no score tensor of
+// the whole chunk is ever materialised. Every call has a pure-PyTorch twin in torch_backend.py (the _*_chunk
+// functions), against which tests/test_cpu_kernels.py checks it.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -175,7 +177,6 @@ inline float row_max(const float* s, int n) {
   return m;
 }
 
-inline float exp_approx(float x) { return exp_scalar(x); }
 
 void check_f32(const at::Tensor& x, const char* name, int dim) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == dim && x.device().is_cpu(), name,
@@ -274,7 +275,7 @@ std::vector<at::Tensor> slc_fwd(const at::Tensor& q, const at::Tensor& k, const 
               const int64_t r = (c * HKV + h) * G + g;
               if (!shift_free) {  // online merge with the row's earlier blocks
                 const float mn = std::max(m_run[r], mrow);
-                const float a = exp_approx(m_run[r] - mn), b = exp_approx(mrow - mn);
+                const float a = exp_scalar(m_run[r] - mn), b = exp_scalar(mrow - mn);
                 if (a != 1.0f) {
                   float* orow = op + r * Dv;
                   for (int64_t d = 0; d < Dv; ++d) orow[d] *= a;
