@@ -359,3 +359,13 @@ def test_single_branch_ops_use_the_kernels(monkeypatch):
             assert_close(out32[1], out64[1], **TOL32, name=f"{name} lse")
         for a, b in zip(torch.autograd.grad(o32, x32, do.float()), torch.autograd.grad(o64, x64, do)):
             assert_close(a, b, atol=1e-5, rtol=1e-4, name=f"{name} grad")
+
+
+def test_ninja_from_the_wheel_when_path_has_none(monkeypatch, tmp_path):
+    """An un-activated venv without a system ninja: the loader puts the PyPI wheel's ninja on PATH."""
+    ninja = pytest.importorskip("ninja")
+    import shutil
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert shutil.which("ninja") is None
+    cpu_kernels._ensure_ninja()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR and shutil.which("ninja")

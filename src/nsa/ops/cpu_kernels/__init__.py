@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -32,6 +33,18 @@ def _cpu_tag() -> str:
     return hashlib.sha1(info.encode()).hexdigest()[:10]
 
 
+def _ensure_ninja():
+    """torch.utils.cpp_extension runs `ninja` from PATH. Without a system ninja, put the PyPI wheel's (a dependency
+    of this package) on PATH; an un-activated virtualenv does not have it there."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def enabled() -> bool:
     return os.environ.get("NSA_CPU_KERNELS", "1") != "0"
 
@@ -45,6 +58,7 @@ def load():
             _STATE["module"] = None
             try:
                 from torch.utils.cpp_extension import load as build
+                _ensure_ninja()
                 flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"] + _EXTRA
                 _STATE["module"] = build(name=f"nsa_cpu_kernels_{_cpu_tag()}", sources=[str(_SOURCE)],
                                          extra_cflags=flags, verbose=False)
