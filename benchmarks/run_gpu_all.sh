@@ -4,12 +4,14 @@
 # starve the others:
 #   suite  - gpu_suite.py: bf16 correctness vs the reference, packed vs padded tiles, paper config and G sweep timings
 #   decode - gpu_decode.py: the decode step vs SDPA over the dense cache, 8k..128k, batch 1 and 16
+#   profile - gpu_profile.py: kernel-by-kernel GPU time and host idle share of a forward, a fwd+bwd (4k, 64k) and a
+#            decode step (64k, batch 1 and 16)
 #   tests  - the Triton test files compiled on the GPU (GPU-only bf16 / large-shape cases included)
 #   train  - a 20-step small-gpu training run, NSA then full attention (bf16 autocast, tokens/s in metrics.jsonl)
 # From the source tree (PYTHONPATH=src, no install). Logs and results go to benchmarks/results/<card>_* and, when $OUT
 # is set (the device tool's return folder), are copied there after every stage.
 #   bash benchmarks/run_gpu_all.sh            # card name for the file names: nvidia-smi, else "gpu"
-# Knobs for a shorter rerun: SUITE_ARGS (extra gpu_suite.py arguments, e.g. --skip-packing), SUITE_S / TESTS_S
+# Knobs for a shorter rerun: SUITE_ARGS (extra gpu_suite.py arguments, e.g. --skip-packing), SUITE_S / PROFILE_S / TESTS_S
 # (stage limits in seconds), SKIP_TRAIN=1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +27,8 @@ log="$res/${card}_all.log"
 export_out() {  # this run's files only ($OUT takes at most 8 files)
   if [ -n "${OUT:-}" ]; then
     for f in "$log" "$res/${card}_suite.json" "$res/${card}_suite.md" "$res/${card}_decode.json" \
-      "$res/${card}_train_nsa.jsonl" "$res/${card}_train_full.jsonl"; do [ -f "$f" ] && cp "$f" "$OUT"/; done
+      "$res/${card}_train_nsa.jsonl" "$res/${card}_train_full.jsonl" "$res/${card}_profile.json" \
+      "$res/${card}_profile.md"; do [ -f "$f" ] && cp "$f" "$OUT"/; done
   fi
 }
 stage() {  # stage NAME SECONDS CMD...
@@ -41,6 +44,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,
 suite_s=${SUITE_S:-200}
 stage suite "$suite_s" "$PY" benchmarks/gpu_suite.py --out "$res/${card}_suite" --budget-s $((suite_s - 35)) ${SUITE_ARGS:-}
 stage decode 60 "$PY" benchmarks/gpu_decode.py --out "$res/${card}_decode.json"
+stage profile "${PROFILE_S:-70}" "$PY" benchmarks/gpu_profile.py --out "$res/${card}_profile"
 opts=""
 "$PY" -c "import xdist" 2>/dev/null && opts="-n 8"
 "$PY" -c "import pytest_timeout" 2>/dev/null && opts="$opts --timeout 45"  # a stuck test fails with its stack

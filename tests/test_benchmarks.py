@@ -41,3 +41,24 @@ def test_gpu_suite_report_renders_every_section(monkeypatch):
     out = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--help"], capture_output=True, text=True,
                          env={"PYTHONPATH": str(BENCH.parent / "src"), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0 and "--g-hkv" in out.stdout, out.stderr
+
+
+def test_gpu_profile_report_and_kernel_table(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_profile
+
+    case = dict(case="forward T=64", wall_ms=2.0, gpu_busy_ms=1.5, idle_share=0.25, launches=7.0,
+                kernels=[dict(kernel="_slc_fwd_kernel", ms=1.0, launches=1.0)])
+    md = gpu_profile.markdown(dict(device="card", setup="setup", cases=[case]))
+    assert "## forward T=64" in md and "idle 25%" in md and "| `_slc_fwd_kernel` | 1.000 | 1.0 |" in md
+
+    class Evt:  # the fields kernel_table reads from a profiler event
+        def __init__(self, name, us):
+            self.name, self.self_cpu_time_total = name, us
+
+    class Prof:
+        def events(self):
+            return [Evt("a", 1000.0), Evt("b", 3000.0), Evt("a", 1000.0)]
+
+    rows = gpu_profile.kernel_table(Prof(), iters=2, device="cpu")
+    assert [(r["kernel"], r["ms"], r["launches"]) for r in rows] == [("b", 1.5, 0.5), ("a", 1.0, 1.0)]
