@@ -7,7 +7,7 @@ geometry (l=32, d=16, l'=64, n=16, w=512), contexts 8k..128k, batch 1 and 16. De
 vs k [B, HKV, S, Dk], no mask: exactly the new token's causal attention, no K/V expansion). The torch decode
 (`nsa.ops.decode.torch_decode`) is timed too. Times: `triton.testing.do_bench` (ms) in one run on one GPU, so the
 printed ratios compare like with like. Each step is timed twice: eagerly (Python and kernel-launch overhead
-included; the Triton decode launches 6 kernels) and as the replay of a CUDA graph (kernel time, how a serving loop
+included; the Triton decode launches 4 kernels) and as the replay of a CUDA graph (kernel time, how a serving loop
 runs decode steps).
 
     python benchmarks/gpu_decode.py [--contexts ...] [--batches 1,16]

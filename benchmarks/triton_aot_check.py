@@ -17,6 +17,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from nsa import NSAConfig  # noqa: E402
+from nsa.ops import triton_decode as dec  # noqa: E402
 from nsa.ops.triton import combine, flash, selection, topk  # noqa: E402
 from nsa.ops.triton.utils import next_pow2  # noqa: E402
 
@@ -38,6 +40,27 @@ def compile_one(kernel, types, consts, num_warps=4, num_stages=2):
     print(("OK  " if smem <= SMEM_MAX else "SMEM") + f" {fn.__name__} {consts} stages={num_stages} smem={smem}",
           flush=True)
     return smem <= SMEM_MAX
+
+
+def check_decode(P, prec, dims, groups):
+    """The decode kernels with the paper geometry and the block sizes `triton_decode` picks."""
+    ok = True
+    cfg = NSAConfig()
+    f32 = "*fp32"
+    types = dict(Q=P, K=P, V=P, K2=P, V2=P, LENS="*i64", WSTART="*i64", IDX="*i64", PO=f32, PM=f32, PL=f32, SC=f32,
+                 PC=f32, GATES=P, O=P, PO_C=f32, PM_C=f32, PL_C=f32, PO_SW=f32, PM_SW=f32, PL_SW=f32, scale="fp32")
+    geo = dict(CMP_L=cfg.cmp_block_size, CMP_D=cfg.cmp_stride, SLC=cfg.slc_block_size, NSEL=cfg.num_selected)
+    for dk, dv in dims:
+        for G in groups:
+            bg, bd, bdv = dec._pow2(G), dec._pow2(dk), dec._pow2(dv)
+            for mode, has_wst in ((0, False), (1, False), (1, True)):
+                bk = (64 if bd <= 128 else 32) if mode == 0 else min(64, dec._pow2(cfg.slc_block_size))
+                ok &= compile_one(dec._attn_partial, types, dict(
+                    geo, WIN=cfg.window_size, MODE=mode, HAS_WST=has_wst, PREC=prec, BG=bg, BD=bd, BDV=bdv, BK=bk))
+            ok &= compile_one(dec._select, types, dict(geo, INIT=cfg.num_init_blocks, LOCAL=cfg.num_local_blocks,
+                                                       BG=bg, BK=128, BNB=2048, BN=16), num_stages=1)
+            ok &= compile_one(dec._merge_gate, types, dict(BG=bg, BDV=bdv), num_stages=1)
+    return ok
 
 
 def main(dtypes, dims, groups, modes):
@@ -70,6 +93,7 @@ def main(dtypes, dims, groups, modes):
                 gp, bt, bj, ci = topk._tile(G, 16, 64, 32, 16, dk, tdt)
                 ok &= compile_one(topk._topn_kernel, types,
                                   dict(PREC=prec, GP=gp, BT=bt, BLOCK_DK=next_pow2(dk), BJ=bj, CI=ci))
+        ok &= check_decode(P, prec, dims, groups)
         ctypes = dict(A=P, B=P, C=P, GATE=P, O=P, DO=P, DA=P, DB=P, DC=P, DG=P, R="i64", D="i32", s_g="i32")
         for kernel in (combine._combine_fwd_kernel, combine._combine_bwd_kernel):
             ok &= compile_one(kernel, ctypes, dict(BLOCK_R=32, BLOCK_D=128))

@@ -19,17 +19,19 @@ def last_queries(inputs, lengths):
     return qd, gd
 
 
-@pytest.mark.parametrize("G", [1, 4, 16])
-def test_triton_decode_matches_reference(G):
+@pytest.mark.parametrize("G,window", [(1, 16), (4, 16), (16, 16), (4, 40)])
+def test_triton_decode_matches_reference(G, window):
     """Rows of different lengths (shorter than l, inside the first selection block, past the window), the window
-    read through an offset tensor; outputs and chosen blocks."""
+    read through an offset tensor (a window of 40 spans three l'-chunks, some partly empty); outputs and chosen
+    blocks."""
     HQ, HKV = GROUPS[G]
-    cfg = small_config(num_selected=5) if G == 4 else CFG
+    cfg = small_config(num_selected=5, window_size=window) if G == 4 else CFG
     lengths = torch.tensor([45, 30, 5, 1, 17])
-    inputs = make_inputs(5, 45, HQ, HKV, 8, 6, cfg, dtype=torch.float32, seed=G, device=DEVICE)
+    inputs = make_inputs(5, 45, HQ, HKV, 8, 6, cfg, dtype=torch.float32, seed=G + window, device=DEVICE)
     _, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, _ = inputs
     qd, gd = last_queries(inputs, lengths)
-    W, ws = 24, lengths - 24
+    W = max(24, window)
+    ws = lengths - W
     slot = (ws[:, None] + torch.arange(W)).clamp(min=0).to(DEVICE)
     kw = torch.stack([k_win[b, slot[b]] for b in range(5)])
     vw = torch.stack([v_win[b, slot[b]] for b in range(5)])
