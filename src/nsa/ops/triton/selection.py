@@ -290,8 +290,9 @@ class SelectionPlan:
     """Index preprocessing shared by forward and backward (all torch ops, on the indices' device).
 
     idx    int32 [Tt, HKV, n]: -1 where the entry is ignored (negative, or after the query's own block).
-    union  int32 [NT, HKV, U]: ascending distinct blocks of each tile's positions, -1 padded; count [NT, HKV].
-    rev/rev_off: CSR reverse index, (KV head, global block) -> query tiles ascending; kv_blocks [NB, 2].
+    union  int32 [NT, HKV, BT*n]: ascending distinct blocks of each tile's positions, -1 padded; count [NT, HKV].
+    `build_reverse()` (backward only, so an inference forward skips it) adds
+    rev/rev_off: CSR reverse index, (KV head, global block) -> query tiles ascending; kv_blocks [NB, 2];
     segments [NS, 4] (key, start, end, partial slot or -1): the dK/dV programs; splits [NM, 3] (key, first
     slot, count): blocks whose list was split, reduced in slot order.
     """
@@ -299,6 +300,7 @@ class SelectionPlan:
     def __init__(self, indices, cu, block_size, G, packed=None):
         Tt, HKV, n = indices.shape
         dev = indices.device
+        self.cu, self.block_size = cu, block_size
         self.rows, self.bt = tile_shape(G, packed)
         lengths = cu[1:] - cu[:-1]
         seq_of = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lengths, output_size=Tt)
@@ -308,22 +310,34 @@ class SelectionPlan:
         self.idx = torch.where(ok, idx, -1).to(torch.int32).contiguous()
         self.tiles = tile_table(cu, self.bt)
         NT = self.tiles.shape[0]
-        tok = self.tiles[:, 1:2].long() + torch.arange(self.bt, device=dev)
-        tok_ok = tok < cu[self.tiles[:, 0].long() + 1][:, None]
-        gathered = self.idx[tok.clamp(max=max(Tt - 1, 0))].long()  # [NT, BT, HKV, n]
-        gathered = gathered.masked_fill(~tok_ok[:, :, None, None], -1)
-        u = gathered.permute(0, 2, 1, 3).reshape(NT, HKV, self.bt * n)
-        u = torch.where(u < 0, _BIG, u).sort(-1).values
+        if self.bt == 1:  # the union is the position's own list
+            u = torch.where(self.idx < 0, _BIG, self.idx.long())
+        else:
+            tok = self.tiles[:, 1:2].long() + torch.arange(self.bt, device=dev)
+            tok_ok = tok < cu[self.tiles[:, 0].long() + 1][:, None]
+            gathered = self.idx[tok.clamp(max=max(Tt - 1, 0))].long()  # [NT, BT, HKV, n]
+            gathered = gathered.masked_fill(~tok_ok[:, :, None, None], -1)
+            u = gathered.permute(0, 2, 1, 3).reshape(NT, HKV, self.bt * n)
+            u = torch.where(u < 0, _BIG, u)
+        u = u.sort(-1).values
         dup = torch.zeros_like(u, dtype=torch.bool)
         dup[..., 1:] = u[..., 1:] == u[..., :-1]
         u = torch.where(dup, _BIG, u).sort(-1).values
-        count = (u < _BIG).sum(-1)
-        width = max(1, int(count.max())) if count.numel() else 1
-        u = u[..., :width]
-        self.count = count.to(torch.int32).contiguous()
+        # full width BT*n (an upper bound): no device sync for the widest union; programs stop at their count
+        self.count = (u < _BIG).sum(-1).to(torch.int32).contiguous()
         self.union = torch.where(u == _BIG, -1, u).to(torch.int32).contiguous()
-        # reverse index for dK/dV
-        nb = (lengths + block_size - 1) // block_size
+        self.n = n
+        self.npad = next_pow2(n, lo=2)
+        self.rev = None
+
+    def build_reverse(self):
+        """The reverse index and dK/dV segments (see the class docstring); idempotent."""
+        if self.rev is not None:
+            return self
+        cu, dev = self.cu, self.union.device
+        NT, HKV = self.union.shape[:2]
+        lengths = cu[1:] - cu[:-1]
+        nb = (lengths + self.block_size - 1) // self.block_size
         blk_off = torch.zeros(len(nb) + 1, dtype=torch.long, device=dev)
         blk_off[1:] = nb.cumsum(0)
         self.nb_total = int(blk_off[-1])
@@ -354,8 +368,7 @@ class SelectionPlan:
         self.num_slots = int(split.sum())
         multi = (nseg > 1).nonzero().flatten()
         self.splits = torch.stack([multi, slot[first_seg[multi]], nseg[multi]], 1).to(torch.int32).contiguous()
-        self.n = n
-        self.npad = next_pow2(n, lo=2)
+        return self
 
 
 class SelectedAttention(torch.autograd.Function):
@@ -389,7 +402,7 @@ class SelectedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, cu = ctx.saved_tensors
-        plan, meta, (block_size, scale) = ctx.plan, ctx.meta, ctx.cfg
+        plan, meta, (block_size, scale) = ctx.plan.build_reverse(), ctx.meta, ctx.cfg
         Tt, HQ, Dk = q.shape
         HKV, Dv = k.shape[1], v.shape[2]
         G = HQ // HKV
