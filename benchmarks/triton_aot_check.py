@@ -58,7 +58,8 @@ def check_decode(P, prec, dims, groups):
                 ok &= compile_one(dec._attn_partial, types, dict(
                     geo, WIN=cfg.window_size, MODE=mode, HAS_WST=has_wst, PREC=prec, BG=bg, BD=bd, BDV=bdv, BK=bk))
             ok &= compile_one(dec._select, types, dict(geo, INIT=cfg.num_init_blocks, LOCAL=cfg.num_local_blocks,
-                                                       BG=bg, BK=128, BNB=2048, BN=16), num_stages=1)
+                                                       BG=bg, BK=dec.SELECT_TILE, BNB=2048, BN=16),
+                              num_warps=8, num_stages=1)
             ok &= compile_one(dec._merge_gate, types, dict(BG=bg, BDV=bdv), num_stages=1)
     return ok
 

@@ -24,6 +24,10 @@ from ..config import NSAConfig, num_compressed_tokens
 from .triton.utils import device_jit
 
 
+SELECT_TILE = 512  # compressed tokens per step of `_select`'s probability pass: few, wide steps (one program per
+# (b, kv head) walks all Tc, so its latency is the number of steps)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -287,8 +291,8 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
     pc = torch.empty(BH, s_pc, **f32)
     idx = torch.empty(BH, n, dtype=torch.int64, device=dev)
     _select[(BH,)](scores, lens, cmp_parts[1], cmp_parts[2], pc, idx, HKV, G, s_pc, nsplit, CMP_L=l, CMP_D=d,
-                   SLC=lp, NSEL=n, INIT=config.num_init_blocks, LOCAL=config.num_local_blocks, BG=BG, BK=128,
-                   BNB=_pow2(math.ceil(L_max / lp), 2), BN=_pow2(n, 2), num_warps=4)
+                   SLC=lp, NSEL=n, INIT=config.num_init_blocks, LOCAL=config.num_local_blocks, BG=BG, BK=SELECT_TILE,
+                   BNB=_pow2(math.ceil(L_max / lp), 2), BN=_pow2(n, 2), num_warps=8)
 
     # 3. selected blocks (one per program) and the window (in chunks of l' tokens) in one launch
     nw = triton.cdiv(min(w, L_max), lp)
