@@ -62,3 +62,25 @@ def test_gpu_profile_report_and_kernel_table(monkeypatch):
 
     rows = gpu_profile.kernel_table(Prof(), iters=2, device="cpu")
     assert [(r["kernel"], r["ms"], r["launches"]) for r in rows] == [("b", 1.5, 0.5), ("a", 1.0, 1.0)]
+
+
+def test_gpu_bounds_counts_match_brute_force(monkeypatch):
+    """The per-branch key counts behind the bounds, against masks built position by position."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_bounds
+    import nsa
+
+    cfg = nsa.NSAConfig(cmp_block_size=8, cmp_stride=4, slc_block_size=16, num_selected=3, window_size=20)
+    T = 150
+    tc = cfg.num_compressed(T)
+    cmp = sum(int(i * 4 + 8 - 1 <= t) for t in range(T) for i in range(tc))
+    # the own block (forced local) up to t, plus n - 1 earlier blocks (all full, so which ones does not matter)
+    slc = 0
+    for t in range(T):
+        blocks = {t // 16} | set(range(t // 16)[:2])
+        slc += sum(1 for s in range(t + 1) if s // 16 in blocks)
+    win = sum(1 for t in range(T) for s in range(T) if t - 20 < s <= t)
+    c = gpu_bounds.counts(T, cfg)
+    assert (c["cmp"], c["slc"], c["win"], c["dense"]) == (cmp, slc, win, T * (T + 1) // 2)
+    b = gpu_bounds.bounds(T, 16, 4, 32, 16, cfg, tflops=1.0, tbps=1.0)
+    assert b["bwd"]["cmp"] == 2.5 * b["fwd"]["cmp"] and b["fwd_total"] == sum(b["fwd"].values())
