@@ -30,9 +30,9 @@ import torch  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+import gpu_suite  # noqa: E402  (this folder: the same random inputs as the suite)
 import nsa  # noqa: E402
 from nsa.ops.triton_decode import triton_decode  # noqa: E402
-from nsa.ops.varlen import num_compressed_total  # noqa: E402
 
 TOP = 14  # kernels listed per case
 
@@ -82,19 +82,6 @@ def profile_case(name: str, fn, iters: int, device: str) -> dict:
     for r in rows[:TOP]:
         print(f"  {r['ms']:9.3f} ms  x{r['launches']:<6.1f} {r['kernel']}", flush=True)
     return res
-
-
-def nsa_inputs(T, HQ, HKV, Dk, Dv, cfg, device, dtype):
-    g = torch.Generator(device=device).manual_seed(0)
-    Tc = num_compressed_total(T, None, cfg.cmp_block_size, cfg.cmp_stride)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype).requires_grad_()
-
-    x = [rnd(1, T, HQ, Dk), rnd(1, Tc, HKV, Dk), rnd(1, Tc, HKV, Dv), rnd(1, T, HKV, Dk), rnd(1, T, HKV, Dv),
-         rnd(1, T, HKV, Dk), rnd(1, T, HKV, Dv)]
-    gates = torch.sigmoid(torch.randn(1, T, HQ, 3, generator=g, device=device)).to(dtype).requires_grad_()
-    return x + [gates]
 
 
 def decode_inputs(S, B, HQ, HKV, Dk, Dv, cfg, device, dtype):
@@ -150,7 +137,8 @@ def main(argv=None):
     print(f"# {card}\n# {setup}", flush=True)
     cases = []
     for T in lengths:
-        x = nsa_inputs(T, **heads, cfg=cfg, device=device, dtype=dtype)
+        gpu_suite.DEVICE = device
+        x = gpu_suite.inputs(T, **heads, cfg=cfg, dtype=dtype)
 
         def fwd():
             return nsa.native_sparse_attention(*x, config=cfg, backend="triton")
