@@ -1,5 +1,6 @@
 """Compile every Triton kernel ahead of time for sm_90 (H100/H200) without a GPU, with the block sizes the host code
-picks, and report each kernel's shared memory against the sm_90 limit. It checks that the kernels still build for
+picks (autotuned kernels once per config), and report each build's shared memory against the sm_90 limit and, from
+cuobjdump, its registers per thread and stack bytes (register spills). It checks that the kernels still build for
 the GPU after a change the interpreter tests cannot see (the interpreter never compiles). Needs a triton with its
 CUDA backend (the pip wheel has it); prints ALL OK or FAILURES.
 
@@ -8,7 +9,10 @@ CUDA backend (the pip wheel has it); prints ALL OK or FAILURES.
 """
 import inspect
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -28,7 +32,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def compile_one(kernel, types, consts, num_warps=4, num_stages=2):
-    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # unwrap @triton.autotune
+    """Build for sm_90; an autotuned kernel once per config of its list (what the GPU would build and time)."""
+    if hasattr(kernel, "configs"):  # unwrap @triton.autotune
+        return all([compile_one(kernel.fn, types, consts, c.num_warps, c.num_stages) for c in kernel.configs])
+    fn = kernel
     sig = {p: ("constexpr" if p in consts else types.get(p, "i32")) for p in inspect.signature(fn.fn).parameters}
     try:
         k = triton.compile(ASTSource(fn, sig, constexprs=dict(consts)), target=TARGET,
@@ -37,9 +44,22 @@ def compile_one(kernel, types, consts, num_warps=4, num_stages=2):
         print(f"ERR {fn.__name__} {consts}: {str(e)[:2000]}", flush=True)
         return False
     smem = k.metadata.shared
-    print(("OK  " if smem <= SMEM_MAX else "SMEM") + f" {fn.__name__} {consts} stages={num_stages} smem={smem}",
-          flush=True)
+    print(("OK  " if smem <= SMEM_MAX else "SMEM") + f" {fn.__name__} {consts} warps={num_warps} stages={num_stages} "
+          f"smem={smem} {resource_usage(k)}", flush=True)
     return smem <= SMEM_MAX
+
+
+def resource_usage(k) -> str:
+    """Registers per thread and stack bytes (spills show as stack) from cuobjdump -res-usage on the cubin."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if "cubin" not in k.asm or not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return f"regs={m.group(1)} stack={m.group(2)}" if m else ""
 
 
 def check_decode(P, prec, dims, groups):
@@ -58,9 +78,10 @@ def check_decode(P, prec, dims, groups):
                 ok &= compile_one(dec._attn_partial, types, dict(
                     geo, WIN=cfg.window_size, MODE=mode, HAS_WST=has_wst, PREC=prec, BG=bg, BD=bd, BDV=bdv, BK=bk))
             ok &= compile_one(dec._select, types, dict(geo, INIT=cfg.num_init_blocks, LOCAL=cfg.num_local_blocks,
-                                                       BG=bg, BK=dec.SELECT_TILE, BNB=2048, BN=16),
+                                                       UB=16, BG=bg, BK=dec.SELECT_TILE, BNB=2048, BN=16),
                               num_warps=8, num_stages=1)
-            ok &= compile_one(dec._merge_gate, types, dict(BG=bg, BDV=bdv), num_stages=1)
+            ok &= compile_one(dec._merge_gate, types, dict(UB=dec.MERGE_STEP, BG=bg, BDV=bdv), num_warps=8,
+                              num_stages=1)
     return ok
 
 
@@ -74,12 +95,14 @@ def main(dtypes, dims, groups, modes):
                      IDX="*i32", UNION="*i32", COUNT="*i32", REV="*i32", REV_OFF="*i32", KV_BLOCKS="*i32",
                      SEGMENTS="*i32", SPLITS="*i32", SEQ_OF="*i32", PART_K="*fp32", PART_V="*fp32")
         for dk, dv in dims:
-            bm, bn = flash._blocks(dk, dv, tdt)
             for mode in modes:
-                base = dict(MODE=mode, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=next_pow2(dk),
-                            BLOCK_DV=next_pow2(dv))
-                for kernel in (flash._fwd_kernel, flash._bwd_dq_kernel, flash._bwd_dkv_kernel):
-                    ok &= compile_one(kernel, types, base)
+                for blocks, kernels in ((flash._blocks, (flash._fwd_kernel,)),
+                                        (flash._bwd_blocks, (flash._bwd_dq_kernel, flash._bwd_dkv_kernel))):
+                    bm, bn = blocks(dk, dv, tdt)
+                    base = dict(MODE=mode, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=next_pow2(dk),
+                                BLOCK_DV=next_pow2(dv))
+                    for kernel in kernels:
+                        ok &= compile_one(kernel, types, base)
             for G in groups:
                 rows, bt = selection.tile_shape(G)
                 base = dict(PREC=prec, ROWS=rows, BT=bt, NPAD=16, BLOCK_DK=next_pow2(dk), BLOCK_DV=next_pow2(dv),

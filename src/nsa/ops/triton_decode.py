@@ -24,6 +24,7 @@ from ..config import NSAConfig, num_compressed_tokens
 from .triton.utils import device_jit
 
 
+MERGE_STEP = 8  # partials merged per step by `_merge_gate` ([8, G, Dv] fp32 tiles)
 SELECT_TILE = 512  # compressed tokens per step of `_select`'s probability pass: few, wide steps (one program per
 # (b, kv head) walks all Tc, so its latency is the number of steps)
 
@@ -133,7 +134,8 @@ def _attn_partial(
 def _select(
     SC, LENS, PM, PL, PC, IDX, HKV, G, S_SC, NSPLIT,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, SLC: tl.constexpr, NSEL: tl.constexpr, INIT: tl.constexpr,
-    LOCAL: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr, BNB: tl.constexpr, BN: tl.constexpr,
+    LOCAL: tl.constexpr, UB: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr, BNB: tl.constexpr,
+    BN: tl.constexpr,
 ):
     """Selection for one (b, kv head). First PC[i] = sum over the G heads of p_i = exp(s_i - lse) (Eq. 8, 10)
     from the scores SC kept by the compressed-attention pass, lse from its NSPLIT partials (running max PM, sum
@@ -146,15 +148,7 @@ def _select(
     tc = tl.where(L >= CMP_L, (L - CMP_L) // CMP_D + 1, 0)
     g = tl.arange(0, BG)
     gm = g < G
-    M = tl.full([BG], float("-inf"), tl.float32)
-    lsum = tl.zeros([BG], tl.float32)
-    for u in range(NSPLIT):
-        m_u = tl.load(PM + (bh * NSPLIT + u) * BG + g)
-        l_u = tl.load(PL + (bh * NSPLIT + u) * BG + g)
-        M_new = tl.maximum(M, m_u)
-        M_safe = tl.where(M_new == float("-inf"), 0.0, M_new)
-        lsum = lsum * tl.exp(M - M_safe) + l_u * tl.exp(m_u - M_safe)
-        M = M_new
+    M, lsum, _ = _merge_partials(PM, PM, PL, bh * NSPLIT, NSPLIT, g, g, False, UB, BG, 16)
     lse = M + tl.log(tl.where(lsum > 0, lsum, 1.0))  # unused where no compressed token is visible (p masked)
     for i0 in range(0, tc, BK):
         i = i0 + tl.arange(0, BK)
@@ -193,31 +187,44 @@ def _select(
 
 
 @device_jit
-def _merge_branch(PO, PM, PL, bh, NU_ROW, U0, NU, g, dv, BG: tl.constexpr, BDV: tl.constexpr):
-    """Normalised output [BG, BDV] of one branch from its NU partials, rows bh*NU_ROW + U0 + u (zero when the branch
-    saw no key)."""
+def _merge_partials(PO, PM, PL, row0, NU, g, dv, WITH_ACC: tl.constexpr, UB: tl.constexpr, BG: tl.constexpr,
+                    BDV: tl.constexpr):
+    """Merge the NU online-softmax partials at rows row0 .. row0 + NU - 1 (running max PM [., BG], sum PL [., BG]
+    and, WITH_ACC, accumulator PO [., BG, BDV]): the overall max M, sum l and accumulator [BG, BDV]. UB partials per
+    step, so the number of dependent load steps is NU / UB, not NU."""
     M = tl.full([BG], float("-inf"), tl.float32)
     lsum = tl.zeros([BG], tl.float32)
     acc = tl.zeros([BG, BDV], tl.float32)
-    for u in range(NU):
-        row = bh * NU_ROW + U0 + u
-        m_u = tl.load(PM + row * BG + g)
-        l_u = tl.load(PL + row * BG + g)
-        a_u = tl.load(PO + (row * BG + g)[:, None] * BDV + dv[None, :])
-        M_new = tl.maximum(M, m_u)
+    for u0 in range(0, NU, UB):
+        uu = u0 + tl.arange(0, UB)
+        um = uu < NU
+        rows = row0 + uu
+        m_u = tl.load(PM + rows[:, None] * BG + g[None, :], mask=um[:, None], other=float("-inf"))  # [UB, BG]
+        l_u = tl.load(PL + rows[:, None] * BG + g[None, :], mask=um[:, None], other=0.0)
+        M_new = tl.maximum(M, tl.max(m_u, 0))
         M_safe = tl.where(M_new == float("-inf"), 0.0, M_new)
         alpha = tl.exp(M - M_safe)
-        beta = tl.exp(m_u - M_safe)
-        lsum = lsum * alpha + l_u * beta
-        acc = acc * alpha[:, None] + a_u * beta[:, None]
+        beta = tl.exp(m_u - M_safe[None, :])  # 0 for empty partials (m = -inf)
+        lsum = lsum * alpha + tl.sum(l_u * beta, 0)
+        if WITH_ACC:
+            a_u = tl.load(PO + (rows[:, None, None] * BG + g[None, :, None]) * BDV + dv[None, None, :],
+                          mask=um[:, None, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.sum(a_u * beta[:, :, None], 0)
         M = M_new
+    return M, lsum, acc
+
+
+@device_jit
+def _merge_branch(PO, PM, PL, row0, NU, g, dv, UB: tl.constexpr, BG: tl.constexpr, BDV: tl.constexpr):
+    """Normalised output [BG, BDV] of one branch from its NU partials (zero when the branch saw no key)."""
+    _, lsum, acc = _merge_partials(PO, PM, PL, row0, NU, g, dv, True, UB, BG, BDV)
     return acc / tl.where(lsum > 0, lsum, 1.0)[:, None]
 
 
 @triton.jit
 def _merge_gate(
     PO_C, PM_C, PL_C, NU_C, PO_SW, PM_SW, PL_SW, NU_S, NU_W, GATES, O,
-    sgb, sgh, sob, soh, HKV, G, Dv, BG: tl.constexpr, BDV: tl.constexpr,
+    sgb, sgh, sob, soh, HKV, G, Dv, UB: tl.constexpr, BG: tl.constexpr, BDV: tl.constexpr,
 ):
     """o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win (Eq. 5) for the G heads of one (b, kv head); the selected
     and window partials share one buffer (NU_S selected rows, then NU_W window rows per (b, kv head))."""
@@ -231,9 +238,9 @@ def _merge_gate(
     g_c = tl.load(gate, mask=gm, other=0.0).to(tl.float32)
     g_s = tl.load(gate + 1, mask=gm, other=0.0).to(tl.float32)
     g_w = tl.load(gate + 2, mask=gm, other=0.0).to(tl.float32)
-    o = g_c[:, None] * _merge_branch(PO_C, PM_C, PL_C, bh, NU_C, 0, NU_C, g, dv, BG, BDV)
-    o += g_s[:, None] * _merge_branch(PO_SW, PM_SW, PL_SW, bh, NU_S + NU_W, 0, NU_S, g, dv, BG, BDV)
-    o += g_w[:, None] * _merge_branch(PO_SW, PM_SW, PL_SW, bh, NU_S + NU_W, NU_S, NU_W, g, dv, BG, BDV)
+    o = g_c[:, None] * _merge_branch(PO_C, PM_C, PL_C, bh * NU_C, NU_C, g, dv, UB, BG, BDV)
+    o += g_s[:, None] * _merge_branch(PO_SW, PM_SW, PL_SW, bh * (NU_S + NU_W), NU_S, g, dv, UB, BG, BDV)
+    o += g_w[:, None] * _merge_branch(PO_SW, PM_SW, PL_SW, bh * (NU_S + NU_W) + NU_S, NU_W, g, dv, UB, BG, BDV)
     tl.store(O + b * sob + (h * G + g)[:, None] * soh + dv[None, :], o.to(O.dtype.element_ty),
              mask=gm[:, None] & (dv < Dv)[None, :])
 
@@ -291,8 +298,8 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
     pc = torch.empty(BH, s_pc, **f32)
     idx = torch.empty(BH, n, dtype=torch.int64, device=dev)
     _select[(BH,)](scores, lens, cmp_parts[1], cmp_parts[2], pc, idx, HKV, G, s_pc, nsplit, CMP_L=l, CMP_D=d,
-                   SLC=lp, NSEL=n, INIT=config.num_init_blocks, LOCAL=config.num_local_blocks, BG=BG, BK=SELECT_TILE,
-                   BNB=_pow2(math.ceil(L_max / lp), 2), BN=_pow2(n, 2), num_warps=8)
+                   SLC=lp, NSEL=n, INIT=config.num_init_blocks, LOCAL=config.num_local_blocks, UB=16, BG=BG,
+                   BK=SELECT_TILE, BNB=_pow2(math.ceil(L_max / lp), 2), BN=_pow2(n, 2), num_warps=8)
 
     # 3. selected blocks (one per program) and the window (in chunks of l' tokens) in one launch
     nw = triton.cdiv(min(w, L_max), lp)
@@ -301,7 +308,7 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
     # 4. merge + gates
     o = torch.empty(B, 1, HQ, Dv, device=dev, dtype=q.dtype)
     _merge_gate[(BH,)](*cmp_parts, nsplit, *sw_parts, n, nw, gates, o, gates.stride(0), gates.stride(2),
-                       o.stride(0), o.stride(2), HKV, G, Dv, BG=BG, BDV=BDV, num_warps=4)
+                       o.stride(0), o.stride(2), HKV, G, Dv, UB=MERGE_STEP, BG=BG, BDV=BDV, num_warps=8)
     if return_indices:
         return o, idx.view(B, 1, HKV, n)
     return o

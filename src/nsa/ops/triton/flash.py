@@ -56,8 +56,9 @@ def _tile_seq(TILES, CU_Q, CU_K):
 @device_jit
 def _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
-    """The query tile of program (pid, .): its packed rows, which are real, their positions in the sequence, the
-    sequence's first key row, and the key range [lo, hi) (lo a multiple of BLOCK_N) its queries can see."""
+    """The query tile of program (pid, .): its first packed row, which of its rows are real, their positions in the
+    sequence, the sequence's first key row, and the key range [lo, hi) (lo a multiple of BLOCK_N) its queries can
+    see."""
     row0, qs, qe, ks, Lk = _tile_seq(TILES, CU_Q, CU_K)
     rows = row0 + tl.arange(0, BLOCK_M)
     p_lo = row0 - qs
@@ -67,7 +68,7 @@ def _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE: tl.constexpr, BLO
         lo = lo - lo % BLOCK_N
     else:
         lo = p_lo * 0
-    return rows, rows < qe, rows - qs, ks, lo, hi
+    return row0, rows < qe, rows - qs, ks, lo, hi
 
 
 @device_jit
@@ -76,13 +77,15 @@ def _key_tile(q, K, V, ks, start, hi, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_sca
               BLOCK_DV: tl.constexpr):
     """Keys start .. start + BLOCK_N - 1 (< hi) of KV head hk: k [BN, DK], v [BN, DV], the scaled log2 scores of the
     query tile q against them, and the visibility mask."""
-    cols = start + tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
+    cols = start + offs_n
     col_ok = cols < hi
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + (ks + cols)[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
+    # an int64 scalar base plus int32 offsets inside the tile (fewer registers than an int64 pointer tile)
+    k = tl.load(K + (ks + start) * s_kt + hk * s_kh + (offs_n[:, None] * s_kt + offs_dk[None, :]),
                 mask=col_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    v = tl.load(V + (ks + cols)[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
+    v = tl.load(V + (ks + start) * s_vt + hk * s_vh + (offs_n[:, None] * s_vt + offs_dv[None, :]),
                 mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     vis = _visible(pos_q[:, None], cols[None, :], WINDOW, CMP_L, CMP_D, MODE)
@@ -100,10 +103,11 @@ def _fwd_kernel(
 ):
     hq = tl.program_id(1).to(tl.int64)
     hk = hq // G
-    rows, row_ok, pos_q, ks, lo, hi = _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE, BLOCK_M, BLOCK_N)
+    row0, row_ok, pos_q, ks, lo, hi = _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE, BLOCK_M, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + rows[:, None] * s_qt + hq * s_qh + offs_dk[None, :],
+    q = tl.load(Q + row0 * s_qt + hq * s_qh + (offs_m[:, None] * s_qt + offs_dk[None, :]),
                 mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
@@ -123,9 +127,9 @@ def _fwd_kernel(
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(O + rows[:, None] * s_ot + hq * s_oh + offs_dv[None, :], o.to(O.dtype.element_ty),
+    tl.store(O + row0 * s_ot + hq * s_oh + (offs_m[:, None] * s_ot + offs_dv[None, :]), o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSE + rows * s_lt + hq, lse, mask=row_ok)
+    tl.store(LSE + row0 * s_lt + hq + offs_m * s_lt, lse, mask=row_ok)
 
 
 @triton.autotune(configs=autotune_configs(), key=["MODE", "BLOCK_DK", "BLOCK_DV", "PREC"])
@@ -139,16 +143,17 @@ def _bwd_dq_kernel(
 ):
     hq = tl.program_id(1).to(tl.int64)
     hk = hq // G
-    rows, row_ok, pos_q, ks, lo, hi = _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE, BLOCK_M, BLOCK_N)
+    row0, row_ok, pos_q, ks, lo, hi = _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE, BLOCK_M, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + rows[:, None] * s_qt + hq * s_qh + offs_dk[None, :],
-                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    do = tl.load(DO + rows[:, None] * s_dot + hq * s_doh + offs_dv[None, :],
+    q_off = offs_m[:, None] * s_qt + offs_dk[None, :]
+    q = tl.load(Q + row0 * s_qt + hq * s_qh + q_off, mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    do = tl.load(DO + row0 * s_dot + hq * s_doh + (offs_m[:, None] * s_dot + offs_dv[None, :]),
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(LSE + rows * s_lt + hq, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + row0 * s_lt + hq + offs_m * s_lt, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    delta = tl.load(DELTA + rows * s_lt + hq, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + row0 * s_lt + hq + offs_m * s_lt, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
     for start in range(lo, hi, BLOCK_N):
@@ -159,7 +164,7 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     dq = dq * scale
-    tl.store(DQ + rows[:, None] * s_qt + hq * s_qh + offs_dk[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + row0 * s_qt + hq * s_qh + q_off, dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dk[None, :] < DK))
 
 
@@ -174,16 +179,18 @@ def _bwd_dkv_kernel(
 ):
     hk = tl.program_id(1).to(tl.int64)
     col0, ks, ke, qs, Lq = _tile_seq(TILES, CU_K, CU_Q)  # a tile table over the keys
-
-    cols = col0 + tl.arange(0, BLOCK_N)
-    col_ok = cols < ke
-    pos_k = cols - ks
+    # pointers: an int64 scalar base per tile plus int32 offsets inside it (fewer registers than int64 tiles)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + cols[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
-                mask=col_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    v = tl.load(V + cols[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
-                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    cols = col0 + offs_n
+    col_ok = cols < ke
+    pos_k = cols - ks
+    k_off = offs_n[:, None] * s_kt + offs_dk[None, :]
+    v_off = offs_n[:, None] * s_vt + offs_dv[None, :]
+    k = tl.load(K + col0 * s_kt + hk * s_kh + k_off, mask=col_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    v = tl.load(V + col0 * s_vt + hk * s_vh + v_off, mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
 
     j_lo = col0 - ks
     j_hi = tl.minimum(col0 + BLOCK_N, ke) - 1 - ks
@@ -198,34 +205,37 @@ def _bwd_dkv_kernel(
     q_lo = tl.maximum(q_lo, sp * CHUNK)
     q_hi = tl.minimum(q_hi, (sp + 1) * CHUNK)
 
+    q_off = offs_m[:, None] * s_qt + offs_dk[None, :]
+    do_off = offs_m[:, None] * s_dot + offs_dv[None, :]
     dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for g in range(G):
         hq = hk * G + g
         for m0 in range(q_lo, q_hi, BLOCK_M):
-            pos_q = m0 + tl.arange(0, BLOCK_M)
+            pos_q = m0 + offs_m
             row_ok = pos_q < q_hi
-            rows = qs + pos_q
-            q = tl.load(Q + rows[:, None] * s_qt + hq * s_qh + offs_dk[None, :],
-                        mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-            do = tl.load(DO + rows[:, None] * s_dot + hq * s_doh + offs_dv[None, :],
-                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            lse = tl.load(LSE + rows * s_lt + hq, mask=row_ok, other=0.0)
+            row0 = qs + m0
+            q = tl.load(Q + row0 * s_qt + hq * s_qh + q_off, mask=row_ok[:, None] & (offs_dk[None, :] < DK),
+                        other=0.0)
+            do = tl.load(DO + row0 * s_dot + hq * s_doh + do_off, mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+                         other=0.0)
+            lse = tl.load(LSE + row0 * s_lt + hq + offs_m * s_lt, mask=row_ok, other=0.0)
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-            delta = tl.load(DELTA + rows * s_lt + hq, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            vis = _visible(pos_q[:, None], pos_k[None, :], WINDOW, CMP_L, CMP_D, MODE)
-            vis = vis & col_ok[None, :] & row_ok[:, None]
-            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+            delta = tl.load(DELTA + row0 * s_lt + hq + offs_m * s_lt, mask=row_ok, other=0.0)
+            # transposed tiles [BN, BM] (keys x queries), so no register tile is transposed for the dots
+            st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+            vis = _visible(pos_q[None, :], pos_k[:, None], WINDOW, CMP_L, CMP_D, MODE)
+            vis = vis & col_ok[:, None] & row_ok[None, :]
+            pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
     dk = dk * scale
-    tl.store(DK_ + sp * s_split_k + cols[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
-             dk.to(DK_.dtype.element_ty), mask=col_ok[:, None] & (offs_dk[None, :] < DK))
-    tl.store(DV_ + sp * s_split_v + cols[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
-             dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(DK_ + sp * s_split_k + col0 * s_kt + hk * s_kh + k_off, dk.to(DK_.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_dk[None, :] < DK))
+    tl.store(DV_ + sp * s_split_v + col0 * s_vt + hk * s_vh + v_off, dv.to(DV_.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_dv[None, :] < DV))
 
 
 def _blocks(dk: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -236,6 +246,15 @@ def _blocks(dk: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
     if wide and fp32:
         return 32, 32
     return (64, 32) if wide or fp32 else (64, 64)
+
+
+def _bwd_blocks(dk: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the backward kernels: the query tile of dQ (and the query step of dK/dV) and the key
+    tile of dK/dV. Chosen so that the sm_90 builds do not spill registers at 8 warps (cuobjdump -res-usage through
+    benchmarks/triton_aot_check.py, Triton 3.6): 64x32 spills at Dk = 192 and in fp32, 32x32 does not."""
+    if interpreting():
+        return 16, 16
+    return (32, 32) if max(dk, dv) > 128 or dtype == torch.float32 else (64, 32)
 
 
 CMP_SPLIT_QUERIES = 4096  # query positions per dK/dV program of the compressed branch (MODE 1)
@@ -285,7 +304,7 @@ class DenseMaskedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, cu_q, cu_k, tiles_q = ctx.saved_tensors
-        mode, scale, window, cmp_l, cmp_d, bm, bn = ctx.cfg
+        mode, scale, window, cmp_l, cmp_d, bm_fwd, _ = ctx.cfg
         Tq, HQ, Dk = q.shape
         HKV, Dv = k.shape[1], v.shape[2]
         do = torch.zeros_like(o) if do is None else do.contiguous()
@@ -297,6 +316,8 @@ class DenseMaskedAttention(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         bdk, bdv = next_pow2(Dk), next_pow2(Dv)
         prec = dot_precision(q.dtype)
+        bm, bn = _bwd_blocks(Dk, Dv, q.dtype)
+        tiles_q = tiles_q if bm == bm_fwd else tile_table(cu_q, bm)
         common = dict(MODE=mode, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DV=bdv)
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                    do.stride(0), do.stride(1), lse.stride(0))
