@@ -74,7 +74,10 @@ def check_decode(P, prec, dims, groups):
         for G in groups:
             bg, bd, bdv = dec._pow2(G), dec._pow2(dk), dec._pow2(dv)
             for mode, has_wst in ((0, False), (1, False), (1, True)):
-                bk = (64 if bd <= 128 else 32) if mode == 0 else min(64, dec._pow2(cfg.slc_block_size))
+                if mode == 0:
+                    bk = 64 if bd <= 128 else 32
+                else:
+                    bk = min(64 if bd < 128 else 32, dec._pow2(cfg.slc_block_size))
                 ok &= compile_one(dec._attn_partial, types, dict(
                     geo, WIN=cfg.window_size, MODE=mode, HAS_WST=has_wst, PREC=prec, BG=bg, BD=bd, BDV=bdv, BK=bk))
             ok &= compile_one(dec._select, types, dict(geo, INIT=cfg.num_init_blocks, LOCAL=cfg.num_local_blocks,
@@ -106,7 +109,7 @@ def main(dtypes, dims, groups, modes):
             for G in groups:
                 rows, bt = selection.tile_shape(G)
                 base = dict(PREC=prec, ROWS=rows, BT=bt, NPAD=16, BLOCK_DK=next_pow2(dk), BLOCK_DV=next_pow2(dv),
-                            BLOCK_N=selection._block_n(64, rows, max(dk, dv), tdt))
+                            BLOCK_N=selection._block_n(64, max(dk, dv), tdt))
                 for kernel in (selection._slc_fwd_kernel, selection._slc_bwd_dq_kernel):
                     ok &= compile_one(kernel, types, base)
                 ok &= compile_one(selection._slc_bwd_dkv_kernel, types, dict(base, LP_PAD=64))

@@ -24,7 +24,7 @@ from ..config import NSAConfig, num_compressed_tokens
 from .triton.utils import device_jit
 
 
-MERGE_STEP = 8  # partials merged per step by `_merge_gate` ([8, G, Dv] fp32 tiles)
+MERGE_STEP = 4  # partials merged per step by `_merge_gate` ([4, G, Dv] fp32 tiles; 8 spills registers on sm_90)
 SELECT_TILE = 512  # compressed tokens per step of `_select`'s probability pass: few, wide steps (one program per
 # (b, kv head) walks all Tc, so its latency is the number of steps)
 
@@ -288,7 +288,7 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
         return parts
 
     # 1. compressed attention, split over the compressed tokens
-    bk_c = 64 if BD <= 128 else 32
+    bk_c = 64 if BD <= 128 else 32  # keys per step
     nsplit = max(1, min(triton.cdiv(max(tc_max, 1), bk_c), triton.cdiv(target_programs, BH)))
     chunk = triton.cdiv(triton.cdiv(max(tc_max, 1), nsplit), bk_c) * bk_c
     scores = torch.empty(BH, BG, s_pc, **f32)  # scaled q.k_cmp of every head, kept for the selection
@@ -303,7 +303,8 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
 
     # 3. selected blocks (one per program) and the window (in chunks of l' tokens) in one launch
     nw = triton.cdiv(min(w, L_max), lp)
-    sw_parts = partial(1, (k_slc, v_slc), (k_win, v_win), n + nw, lp, min(64, _pow2(lp)), idx)
+    bk_s = min(64 if BD < 128 else 32, _pow2(lp))  # 64 at Dk >= 128 spills registers on sm_90 (AOT check)
+    sw_parts = partial(1, (k_slc, v_slc), (k_win, v_win), n + nw, lp, bk_s, idx)
 
     # 4. merge + gates
     o = torch.empty(B, 1, HQ, Dv, device=dev, dtype=q.dtype)
