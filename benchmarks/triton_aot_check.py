@@ -123,7 +123,7 @@ def main(dtypes, dims, groups, modes):
         ok &= check_decode(P, prec, dims, groups)
         ctypes = dict(A=P, B=P, C=P, GATE=P, O=P, DO=P, DA=P, DB=P, DC=P, DG=P, R="i64", D="i32", s_g="i32")
         for kernel in (combine._combine_fwd_kernel, combine._combine_bwd_kernel):
-            ok &= compile_one(kernel, ctypes, dict(BLOCK_R=32, BLOCK_D=128))
+            ok &= compile_one(kernel, ctypes, dict(BLOCK_R=32, BLOCK_D=128), num_warps=combine.COMBINE_WARPS)
     print("ALL OK" if ok else "FAILURES", flush=True)
     return ok
 

@@ -48,6 +48,9 @@ def _combine_bwd_kernel(A, B, C, GATE, DO, DA, DB, DC, DG, R, D, s_g,
     tl.store(DG + r * 3 + 2, tl.sum(do * c, 1).to(DG.dtype.element_ty), mask=r < R)
 
 
+COMBINE_WARPS = 8  # 4096-element row blocks: the backward spills registers on sm_90 with 4 warps (AOT check)
+
+
 def _block_r(D: int) -> int:
     return 16 if interpreting() else max(1, 4096 // next_pow2(D))
 
@@ -64,7 +67,7 @@ class CombineGates(torch.autograd.Function):
         br = _block_r(D)
         if R:
             _combine_fwd_kernel[(triton.cdiv(R, br),)](a, b, c, g, o, R, D, g.stride(0), BLOCK_R=br,
-                                                       BLOCK_D=next_pow2(D, lo=1))
+                                                       BLOCK_D=next_pow2(D, lo=1), num_warps=COMBINE_WARPS)
         ctx.save_for_backward(a, b, c, g)
         ctx.shape, ctx.gshape = shape, gates.shape
         return o.reshape(shape)
@@ -80,7 +83,8 @@ class CombineGates(torch.autograd.Function):
         br = _block_r(D)
         if R:
             _combine_bwd_kernel[(triton.cdiv(R, br),)](a, b, c, g, do, da, db, dc, dg, R, D, g.stride(0),
-                                                       BLOCK_R=br, BLOCK_D=next_pow2(D, lo=1))
+                                                       BLOCK_R=br, BLOCK_D=next_pow2(D, lo=1),
+                                                       num_warps=COMBINE_WARPS)
         s = ctx.shape
         return da.reshape(s), db.reshape(s), dc.reshape(s), dg.reshape(ctx.gshape)
 
