@@ -24,7 +24,7 @@ from ..config import NSAConfig, num_compressed_tokens
 from .triton.utils import device_jit
 
 
-MERGE_STEP = 4  # partials merged per step by `_merge_gate` ([4, G, Dv] fp32 tiles; 8 spills registers on sm_90)
+MERGE_STEP = 2  # partials merged per step by `_merge_gate` ([2, G, Dv] fp32 tiles; 4 spills registers on sm_90)
 SELECT_TILE = 512  # compressed tokens per step of `_select`'s probability pass: few, wide steps (one program per
 # (b, kv head) walks all Tc, so its latency is the number of steps)
 
@@ -35,6 +35,16 @@ def _interpreting() -> bool:
 
 def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(1, int(x))))
+
+
+def partial_tiles(BD: int, lp: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(warps, keys per step over compressed tokens, keys per step over a selected block / window chunk) of
+    `_attn_partial`: fp32 takes 8 warps and 32 keys, the largest that build without register spills on sm_90
+    (benchmarks/triton_aot_check.py); fp16/bf16 build without at 4 warps and 64 keys (32 over compressed tokens for
+    Dk > 128)."""
+    if dtype == torch.float32:
+        return 8, 32, min(32, _pow2(lp))
+    return 4, (32 if BD > 128 else 64), min(64, _pow2(lp))
 
 
 def triton_decode_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> bool:
@@ -283,12 +293,12 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
             q, *kv, *kv2, lens, wst, lens if idx is None else idx, *parts, parts[1] if sc is None else sc,
             q.stride(0), q.stride(2), *strides, HKV, G, Dk, Dv, nu, scale, chunk, s_pc,
             CMP_L=l, CMP_D=d, SLC=lp, WIN=w, NSEL=n, MODE=mode, HAS_WST=win_start is not None, PREC=prec, BG=BG,
-            BD=BD, BDV=BDV, BK=bk, num_warps=4, num_stages=stages,
+            BD=BD, BDV=BDV, BK=bk, num_warps=warps, num_stages=stages,
         )
         return parts
 
     # 1. compressed attention, split over the compressed tokens
-    bk_c = 64 if BD <= 128 else 32  # keys per step
+    warps, bk_c, bk_s = partial_tiles(BD, lp, k_slc.dtype)
     nsplit = max(1, min(triton.cdiv(max(tc_max, 1), bk_c), triton.cdiv(target_programs, BH)))
     chunk = triton.cdiv(triton.cdiv(max(tc_max, 1), nsplit), bk_c) * bk_c
     scores = torch.empty(BH, BG, s_pc, **f32)  # scaled q.k_cmp of every head, kept for the selection
@@ -303,7 +313,6 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
 
     # 3. selected blocks (one per program) and the window (in chunks of l' tokens) in one launch
     nw = triton.cdiv(min(w, L_max), lp)
-    bk_s = min(64 if BD < 128 else 32, _pow2(lp))  # 64 at Dk >= 128 spills registers on sm_90 (AOT check)
     sw_parts = partial(1, (k_slc, v_slc), (k_win, v_win), n + nw, lp, bk_s, idx)
 
     # 4. merge + gates

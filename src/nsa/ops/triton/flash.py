@@ -249,9 +249,9 @@ def _blocks(dk: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 def _bwd_blocks(dk: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the backward kernels: the query tile of dQ (and the query step of dK/dV) and the key
-    tile of dK/dV. Chosen so that the sm_90 builds do not spill registers at 8 warps (cuobjdump -res-usage through
-    benchmarks/triton_aot_check.py, Triton 3.6): 64x32 spills at Dk = 192 and in fp32, 32x32 does not."""
+    """(BLOCK_M, BLOCK_N) of the dK/dV kernel: its query step and key tile (dQ uses the forward's tiles). 64x32
+    spills registers on sm_90 at 8 warps for Dk > 128 and in fp32, 32x32 does not (cuobjdump through
+    benchmarks/triton_aot_check.py, Triton 3.6, with the JIT's divisibility specialisation)."""
     if interpreting():
         return 16, 16
     return (32, 32) if max(dk, dv) > 128 or dtype == torch.float32 else (64, 32)
@@ -304,7 +304,7 @@ class DenseMaskedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, cu_q, cu_k, tiles_q = ctx.saved_tensors
-        mode, scale, window, cmp_l, cmp_d, bm_fwd, _ = ctx.cfg
+        mode, scale, window, cmp_l, cmp_d, bm, bn = ctx.cfg
         Tq, HQ, Dk = q.shape
         HKV, Dv = k.shape[1], v.shape[2]
         do = torch.zeros_like(o) if do is None else do.contiguous()
@@ -316,18 +316,17 @@ class DenseMaskedAttention(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         bdk, bdv = next_pow2(Dk), next_pow2(Dv)
         prec = dot_precision(q.dtype)
-        bm, bn = _bwd_blocks(Dk, Dv, q.dtype)
-        tiles_q = tiles_q if bm == bm_fwd else tile_table(cu_q, bm)
-        common = dict(MODE=mode, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DV=bdv)
+        common = dict(MODE=mode, PREC=prec, BLOCK_DK=bdk, BLOCK_DV=bdv)
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                    do.stride(0), do.stride(1), lse.stride(0))
         if tiles_q.shape[0] and HQ:
             _bwd_dq_kernel[(tiles_q.shape[0], HQ)](
                 q, k, v, do, lse, delta, dq, tiles_q, cu_q, cu_k, *strides,
-                HQ // HKV, Dk, Dv, scale * LOG2E, scale, window, cmp_l, cmp_d, **common,
+                HQ // HKV, Dk, Dv, scale * LOG2E, scale, window, cmp_l, cmp_d, BLOCK_M=bm, BLOCK_N=bn, **common,
             )
         else:
             dq.zero_()
+        bm, bn = _bwd_blocks(Dk, Dv, q.dtype)
         tiles_k = tile_table(cu_k, bn)
         if tiles_k.shape[0] and HKV:
             chunk, nsplit = _query_split(cu_q, mode, bm, 4 * (k.numel() + v.numel()))
@@ -338,7 +337,8 @@ class DenseMaskedAttention(torch.autograd.Function):
             _bwd_dkv_kernel[(tiles_k.shape[0], HKV, nsplit)](
                 q, k, v, do, lse, delta, dk_out, dv_out, tiles_k, cu_q, cu_k, *strides,
                 dk_out.stride(0) if nsplit > 1 else 0, dv_out.stride(0) if nsplit > 1 else 0,
-                HQ // HKV, Dk, Dv, scale * LOG2E, scale, window, cmp_l, cmp_d, chunk, **common,
+                HQ // HKV, Dk, Dv, scale * LOG2E, scale, window, cmp_l, cmp_d, chunk, BLOCK_M=bm, BLOCK_N=bn,
+                **common,
             )
             if nsplit > 1:
                 dk.copy_(dk_out.sum(0))

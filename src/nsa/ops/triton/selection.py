@@ -31,36 +31,22 @@ _BIG = 2**30
 @device_jit
 def _rows(TILES, CU, IDX, pid, hk, G, N, s_it, s_ih,
           ROWS: tl.constexpr, BT: tl.constexpr, NPAD: tl.constexpr):
-    """A tile's rows r = (position t0 + r // G, query head hk*G + r % G): its first packed token t0, its sequence's
-    rows [qs, qe), the rows' positions in the sequence, which are real, their own indices (BT > 1), and the int32
-    offsets rt = r // G and rg = r % G (pointers are an int64 scalar base plus int32 offsets: fewer registers)."""
+    """Per-row (packed token, query head, position, valid) of a tile, its sequence and the rows' own indices."""
     seq = tl.load(TILES + 2 * pid)
     t0 = tl.load(TILES + 2 * pid + 1).to(tl.int64)
     qs = tl.load(CU + seq).to(tl.int64)
     qe = tl.load(CU + seq + 1).to(tl.int64)
     r = tl.arange(0, ROWS)
-    rt = r // G
-    rg = r % G
-    row_ok = (r < BT * G) & (t0 + rt < qe)
+    tok = t0 + r // G
+    row_ok = (r < BT * G) & (tok < qe)
+    hq = hk * G + r % G
     if BT > 1:
         offs_n = tl.arange(0, NPAD)
-        own = tl.load(IDX + t0 * s_it + hk * s_ih + (rt[:, None] * s_it + offs_n[None, :]),
+        own = tl.load(IDX + tok[:, None] * s_it + hk * s_ih + offs_n[None, :],
                       mask=row_ok[:, None] & (offs_n[None, :] < N), other=-1)
     else:
         own = tl.zeros([ROWS, NPAD], tl.int32)
-    return t0, qs, qe, t0 + rt - qs, row_ok, own, rt, rg
-
-
-@device_jit
-def _row_tile(P, t0, hk, G, rt, rg, s_t, s_h, offs_d):
-    """Pointers [ROWS, D] to the rows (t0 + rt, head hk*G + rg) of a [T, H, D] tensor."""
-    return P + (t0 * s_t + hk * G * s_h) + ((rt * s_t + rg * s_h)[:, None] + offs_d[None, :])
-
-
-@device_jit
-def _row_vec(P, t0, hk, G, rt, rg, s_t):
-    """Pointers [ROWS] to the rows of a [T, H] tensor (lse, delta)."""
-    return P + (t0 * s_t + hk * G) + (rt * s_t + rg)
+    return qs, qe, tok, hq, tok - qs, row_ok, own
 
 
 @device_jit
@@ -74,12 +60,6 @@ def _member(own, blk, row_ok, BT: tl.constexpr):
 
 
 @device_jit
-def _key_rows(P, qs, blk, sub, LP, hk, s_t, s_h, offs_n, offs_d):
-    """Pointers [BN, D] to keys sub + offs_n of selection block blk (KV head hk) of the sequence at row qs."""
-    return P + ((qs + blk.to(tl.int64) * LP + sub) * s_t + hk * s_h) + (offs_n[:, None] * s_t + offs_d[None, :])
-
-
-@device_jit
 def _load_block(K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, BLOCK_N: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Keys sub .. sub + BLOCK_N - 1 of selection block blk (KV head hk) of the sequence at row qs (length L):
@@ -89,9 +69,9 @@ def _load_block(K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, B
     offs_dv = tl.arange(0, BLOCK_DV)
     kpos = blk.to(tl.int64) * LP + sub + offs_n
     k_ok = (sub + offs_n < LP) & (kpos < L)
-    k = tl.load(_key_rows(K, qs, blk, sub, LP, hk, s_kt, s_kh, offs_n, offs_dk),
+    k = tl.load(K + (qs + kpos)[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
                 mask=k_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    v = tl.load(_key_rows(V, qs, blk, sub, LP, hk, s_vt, s_vh, offs_n, offs_dv),
+    v = tl.load(V + (qs + kpos)[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
                 mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     return kpos, k_ok, k, v
 
@@ -118,12 +98,12 @@ def _slc_fwd_kernel(
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
-    t0, qs, qe, pos_q, row_ok, own, rt, rg = _rows(TILES, CU, IDX, pid, hk, G, N, s_it, s_ih, ROWS, BT, NPAD)
+    qs, qe, tok, hq, pos_q, row_ok, own = _rows(TILES, CU, IDX, pid, hk, G, N, s_it, s_ih, ROWS, BT, NPAD)
     L = qe - qs
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(_row_tile(Q, t0, hk, G, rt, rg, s_qt, s_qh, offs_dk), mask=row_ok[:, None] & (offs_dk[None, :] < DK),
-                other=0.0)
+    q = tl.load(Q + tok[:, None] * s_qt + hq[:, None] * s_qh + offs_dk[None, :],
+                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
     m_i = tl.full([ROWS], -1.0e30, tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
@@ -145,9 +125,9 @@ def _slc_fwd_kernel(
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(_row_tile(O, t0, hk, G, rt, rg, s_ot, s_oh, offs_dv), o.to(O.dtype.element_ty),
+    tl.store(O + tok[:, None] * s_ot + hq[:, None] * s_oh + offs_dv[None, :], o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    tl.store(_row_vec(LSE, t0, hk, G, rt, rg, s_lt), lse, mask=row_ok)
+    tl.store(LSE + tok * s_lt + hq, lse, mask=row_ok)
 
 
 @triton.autotune(configs=autotune_configs(), key=["G", "BLOCK_DK", "BLOCK_DV", "BT", "PREC"])
@@ -161,17 +141,17 @@ def _slc_bwd_dq_kernel(
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
-    t0, qs, qe, pos_q, row_ok, own, rt, rg = _rows(TILES, CU, IDX, pid, hk, G, N, s_it, s_ih, ROWS, BT, NPAD)
+    qs, qe, tok, hq, pos_q, row_ok, own = _rows(TILES, CU, IDX, pid, hk, G, N, s_it, s_ih, ROWS, BT, NPAD)
     L = qe - qs
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(_row_tile(Q, t0, hk, G, rt, rg, s_qt, s_qh, offs_dk), mask=row_ok[:, None] & (offs_dk[None, :] < DK),
-                other=0.0)
-    do = tl.load(_row_tile(DO, t0, hk, G, rt, rg, s_dot, s_doh, offs_dv),
+    q = tl.load(Q + tok[:, None] * s_qt + hq[:, None] * s_qh + offs_dk[None, :],
+                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    do = tl.load(DO + tok[:, None] * s_dot + hq[:, None] * s_doh + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(_row_vec(LSE, t0, hk, G, rt, rg, s_lt), mask=row_ok, other=0.0)
+    lse = tl.load(LSE + tok * s_lt + hq, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    delta = tl.load(_row_vec(DELTA, t0, hk, G, rt, rg, s_lt), mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + tok * s_lt + hq, mask=row_ok, other=0.0)
     dq = tl.zeros([ROWS, BLOCK_DK], tl.float32)
     cnt = tl.load(COUNT + pid.to(tl.int64) * tl.num_programs(1) + hk)
     ubase = UNION + pid.to(tl.int64) * s_ut + hk * s_uh
@@ -186,7 +166,7 @@ def _slc_bwd_dq_kernel(
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     dq = dq * scale
-    tl.store(_row_tile(DQ, t0, hk, G, rt, rg, s_qt, s_qh, offs_dk), dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + tok[:, None] * s_qt + hq[:, None] * s_qh + offs_dk[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dk[None, :] < DK))
 
 
@@ -223,36 +203,33 @@ def _slc_bwd_dkv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for e in range(e0, e1):
         tile = tl.load(REV + e)
-        t0, _, _, pos_q, row_ok, own, rt, rg = _rows(TILES, CU, IDX, tile, hk, G, N, s_it, s_ih, ROWS, BT, NPAD)
+        _, _, tok, hq, pos_q, row_ok, own = _rows(TILES, CU, IDX, tile, hk, G, N, s_it, s_ih, ROWS, BT, NPAD)
         member = _member(own, blk, row_ok, BT)
-        q = tl.load(_row_tile(Q, t0, hk, G, rt, rg, s_qt, s_qh, offs_dk),
+        q = tl.load(Q + tok[:, None] * s_qt + hq[:, None] * s_qh + offs_dk[None, :],
                     mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        do = tl.load(_row_tile(DO, t0, hk, G, rt, rg, s_dot, s_doh, offs_dv),
+        do = tl.load(DO + tok[:, None] * s_dot + hq[:, None] * s_doh + offs_dv[None, :],
                      mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        lse = tl.load(_row_vec(LSE, t0, hk, G, rt, rg, s_lt), mask=row_ok, other=0.0)
+        lse = tl.load(LSE + tok * s_lt + hq, mask=row_ok, other=0.0)
         lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-        delta = tl.load(_row_vec(DELTA, t0, hk, G, rt, rg, s_lt), mask=row_ok, other=0.0)
-        # transposed tiles [BN, ROWS] (keys x query rows), so no register tile is transposed for the dots
-        st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-        vis = member[None, :] & k_ok[:, None] & (kpos[:, None] <= pos_q[None, :])
-        pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+        delta = tl.load(DELTA + tok * s_lt + hq, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        vis = member[:, None] & k_ok[None, :] & (kpos[None, :] <= pos_q[:, None])
+        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     dk = dk * scale
     direct = (offs_n * 0 + slot) < 0  # [BLOCK_N]: this segment owns the whole list
     mk = k_ok[:, None] & (offs_dk[None, :] < DK)
     mv = k_ok[:, None] & (offs_dv[None, :] < DV)
-    tl.store(_key_rows(DK_, qs, blk, sub, LP, hk, s_kt, s_kh, offs_n, offs_dk), dk.to(DK_.dtype.element_ty),
+    tl.store(DK_ + (qs + kpos)[:, None] * s_kt + hk * s_kh + offs_dk[None, :], dk.to(DK_.dtype.element_ty),
              mask=mk & direct[:, None])
-    tl.store(_key_rows(DV_, qs, blk, sub, LP, hk, s_vt, s_vh, offs_n, offs_dv), dv.to(DV_.dtype.element_ty),
+    tl.store(DV_ + (qs + kpos)[:, None] * s_vt + hk * s_vh + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
              mask=mv & direct[:, None])
-    prow = tl.maximum(slot, 0) * LP_PAD + sub  # first partial row (int64 scalar)
-    tl.store(PART_K + prow * BLOCK_DK + (offs_n[:, None] * BLOCK_DK + offs_dk[None, :]), dk,
-             mask=mk & (direct[:, None] == 0))
-    tl.store(PART_V + prow * BLOCK_DV + (offs_n[:, None] * BLOCK_DV + offs_dv[None, :]), dv,
-             mask=mv & (direct[:, None] == 0))
+    prow = tl.maximum(slot, 0) * LP_PAD + sub + offs_n
+    tl.store(PART_K + prow[:, None] * BLOCK_DK + offs_dk[None, :], dk, mask=mk & (direct[:, None] == 0))
+    tl.store(PART_V + prow[:, None] * BLOCK_DV + offs_dv[None, :], dv, mask=mv & (direct[:, None] == 0))
 
 
 @triton.jit
@@ -281,15 +258,15 @@ def _slc_dkv_reduce_kernel(
     k_ok = (sub + offs_n < LP) & (kpos < L)
     dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    pk = offs_n[:, None] * BLOCK_DK + offs_dk[None, :]
-    pv = offs_n[:, None] * BLOCK_DV + offs_dv[None, :]
     for j in range(nseg):
-        prow = (first + j) * LP_PAD + sub
-        dk += tl.load(PART_K + prow * BLOCK_DK + pk, mask=k_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        dv += tl.load(PART_V + prow * BLOCK_DV + pv, mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    tl.store(_key_rows(DK_, qs, blk, sub, LP, hk, s_kt, s_kh, offs_n, offs_dk), dk.to(DK_.dtype.element_ty),
+        prow = (first + j) * LP_PAD + sub + offs_n
+        dk += tl.load(PART_K + prow[:, None] * BLOCK_DK + offs_dk[None, :],
+                      mask=k_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+        dv += tl.load(PART_V + prow[:, None] * BLOCK_DV + offs_dv[None, :],
+                      mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    tl.store(DK_ + (qs + kpos)[:, None] * s_kt + hk * s_kh + offs_dk[None, :], dk.to(DK_.dtype.element_ty),
              mask=k_ok[:, None] & (offs_dk[None, :] < DK))
-    tl.store(_key_rows(DV_, qs, blk, sub, LP, hk, s_vt, s_vh, offs_n, offs_dv), dv.to(DV_.dtype.element_ty),
+    tl.store(DV_ + (qs + kpos)[:, None] * s_vt + hk * s_vh + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
              mask=k_ok[:, None] & (offs_dv[None, :] < DV))
 
 
@@ -301,13 +278,15 @@ def tile_shape(G: int, packed: bool | None = None) -> tuple[int, int]:
     return rows, (max(1, rows // G) if packed else 1)
 
 
-def _block_n(lp: int, d: int, dtype: torch.dtype) -> int:
-    """Key sub-tile inside a selection block: 16 when interpreting; on GPU 32 for head dims >= 128 or fp32, where
-    64 makes the sm_90 builds spill registers even at 8 warps (dK/dV: 792 stack bytes at Dk = 192, bf16; 0 with
-    32; cuobjdump through benchmarks/triton_aot_check.py, Triton 3.6), else 64."""
+def _block_n(lp: int, rows: int, d: int, dtype: torch.dtype) -> int:
+    """Key sub-tile inside a selection block: 16 when interpreting; on GPU bounded by shared memory."""
     if interpreting():
         return min(next_pow2(lp), 16)
-    return min(next_pow2(lp), 32 if d >= 128 or dtype == torch.float32 else 64)
+    big = d > 128 and (rows > 16 or dtype == torch.float32)
+    return min(next_pow2(lp), 32 if big else 64)
+
+
+REDUCE_WARPS = 8  # dK/dV partial sums: [64, Dk] + [64, Dv] fp32 accumulators spill with 4 warps on sm_90
 
 
 class SelectionPlan:
@@ -408,7 +387,7 @@ class SelectedAttention(torch.autograd.Function):
         o = torch.empty(Tt, HQ, Dv, dtype=q.dtype, device=q.device)
         lse = torch.empty(Tt, HQ, dtype=torch.float32, device=q.device)
         meta = dict(PREC=dot_precision(q.dtype), ROWS=plan.rows, BT=plan.bt, NPAD=plan.npad,
-                    BLOCK_N=_block_n(block_size, max(Dk, Dv), q.dtype),
+                    BLOCK_N=_block_n(block_size, plan.rows, max(Dk, Dv), q.dtype),
                     BLOCK_DK=next_pow2(Dk), BLOCK_DV=next_pow2(Dv))
         NT = plan.tiles.shape[0]
         if NT and HKV:
@@ -458,7 +437,7 @@ class SelectedAttention(torch.autograd.Function):
                 _slc_dkv_reduce_kernel[(plan.splits.shape[0] * nsub,)](
                     dk, dv, part_k, part_v, plan.splits, plan.kv_blocks, cu, k.stride(0), k.stride(1), v.stride(0),
                     v.stride(1), block_size, nsub, plan.nb_total, Dk, Dv, BLOCK_N=meta["BLOCK_N"],
-                    BLOCK_DK=meta["BLOCK_DK"], BLOCK_DV=meta["BLOCK_DV"], LP_PAD=lp_pad,
+                    BLOCK_DK=meta["BLOCK_DK"], BLOCK_DV=meta["BLOCK_DV"], LP_PAD=lp_pad, num_warps=REDUCE_WARPS,
                 )
         else:
             dk.zero_()
