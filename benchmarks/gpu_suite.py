@@ -1,6 +1,7 @@
 """GPU benchmark of the Triton NSA backend against dense causal attention (SDPA, flash backend), ~6 min on one GPU.
 
 1. Correctness: bf16 Triton vs the reference on a small varlen case (outputs, every gradient, the selection).
+   Then the compressed branch's fwd+bwd at 64k with the dK/dV kernel's own tiles vs the forward's (A/B).
 2. Small-group tiles: selected attention with packed (several positions per tile) vs padded (one position, G
    rows padded to 16) query tiles, G in {1, 2, 4, 8, 16}: which wins.
 3. Paper config (B=1, HQ=64, HKV=4, Dk=192, Dv=128, l=32 d=16 l'=64 n=16 w=512): fwd, bwd, fwd+bwd at
@@ -233,6 +234,29 @@ def packing_comparison(T, reps) -> list:
     return rows
 
 
+def dkv_tiles_comparison(T, reps) -> list:
+    """Compressed attention fwd+bwd (paper heads) with the dK/dV kernel's tiles as chosen (no register spills on
+    sm_90) against the forward's larger tiles (which spill at Dk = 192): which is faster."""
+    from nsa.ops.triton import flash
+
+    cfg = nsa.NSAConfig()
+    x = inputs(T, **PAPER, cfg=cfg)
+    q, kc, vc = x[0], x[1], x[2]
+    chosen = flash._bwd_blocks
+    rows = []
+    for name, blocks in (("chosen", chosen), ("forward tiles", flash._blocks)):
+        flash._bwd_blocks = blocks
+        try:
+            r = time_fwd_bwd(lambda: nsa.compressed_attention(q, kc, vc, block_size=cfg.cmp_block_size,
+                                                              stride=cfg.cmp_stride, backend="triton")[0],
+                             (q, kc, vc), reps)
+        finally:
+            flash._bwd_blocks = chosen
+        rows.append(dict(T=T, tiles=name, blocks=list(blocks(PAPER["Dk"], PAPER["Dv"], DTYPE)), **r))
+    del x, q, kc, vc
+    return rows
+
+
 def main():
     global DEVICE, DTYPE, PAPER, G_HQ, G_SWEEP_HKV
     ap = argparse.ArgumentParser()
@@ -261,7 +285,7 @@ def main():
         G_SWEEP_HKV = [int(h) for h in args.g_hkv.split(",")]
     t0 = time.time()
     result = dict(env=env_info(), dtype=str(DTYPE)[6:], reps=args.reps, lengths=lengths, notes=[], paper=[],
-                  g_sweep=[], packing=[])
+                  g_sweep=[], packing=[], dkv_tiles=[])
 
     def left():
         return args.budget_s - (time.time() - t0)
@@ -290,6 +314,9 @@ def main():
 
     print(json.dumps(result["env"]), flush=True)
     result["correctness"] = guarded("correctness", check_correctness)
+    save()
+    td = 65536 if DEVICE == "cuda" else 64
+    result["dkv_tiles"] = guarded(f"dK/dV tiles T={td}", lambda: dkv_tiles_comparison(td, args.reps)) or []
     save()
     tp = 16384 if DEVICE == "cuda" else 64
     if not args.skip_packing:
@@ -349,6 +376,11 @@ def markdown(res) -> str:
             lines.append(f"| {r['T']} | {r['G']} | {r['padded']['fwd_bwd']:.2f} | {r['packed']['fwd_bwd']:.2f} | "
                          f"{r['packed_speedup_fwd_bwd']:.2f}x |")
         lines.append("")
+    if res.get("dkv_tiles"):
+        lines += ["## Compressed attention (paper heads): dK/dV tiles (ms)", "",
+                  "| T | dK/dV tiles | (BLOCK_M, BLOCK_N) | fwd | bwd | fwd+bwd |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['T']} | {r['tiles']} | {tuple(r['blocks'])} | {r['fwd']:.2f} | {r['bwd']:.2f} | "
+                  f"{r['fwd_bwd']:.2f} |" for r in res["dkv_tiles"]] + [""]
     head = ["| T | HQ | HKV | NSA fwd | SDPA fwd | speedup | NSA bwd | SDPA bwd | speedup | NSA fwd+bwd | "
             "SDPA fwd+bwd | speedup |", "|" + "---|" * 12]
     for key, title in (("paper", "Paper config (Dk=192, Dv=128)"), ("g_sweep", "G sweep (HQ=16, D=128)")):
