@@ -114,8 +114,9 @@ def _tile(G: int, n: int, lp: int, l: int, d: int, dk: int = 128, dtype: torch.d
           ) -> tuple[int, int, int, int]:
     """(GP, BT, BJ, CI): padded heads, positions per tile (BT*GP >= 16 rows for tl.dot: 64 rows, 32 for fp32,
     whose larger tiles spill registers on sm_90 or overflow shared memory; BT >= 16 remaps with a dot, smaller BT
-    with a broadcast sum), blocks per chunk (>= n: the running top list has BJ slots), and the compressed-token tile of a chunk (its blocks' tokens; the
-    l/d - 1 tokens a chunk shares with the previous one are carried over, not reloaded)."""
+    with a broadcast sum), blocks per chunk (>= n: the running top list has BJ slots), and the compressed-token
+    tile of a chunk (its blocks' tokens; the l/d - 1 tokens a chunk shares with the previous one are carried over,
+    not reloaded)."""
     rows = 32 if dtype == torch.float32 else 64
     gp = triton.next_power_of_2(G)
     bt = rows // gp if gp <= rows // 16 else max(1, min(4, rows // gp))
