@@ -105,7 +105,10 @@ def _topn_kernel(
         forced = (j[None, :] < N_INIT) | (j[None, :] > own[:, None] - N_LOCAL)
         score = tl.where(forced, float("inf"), score)
         key = tl.where(b_ok[:, None] & (j[None, :] <= own[:, None]), _block_key(score, j[None, :].to(tl.int64)), -1)
-        best = tl.topk(tl.reshape(tl.join(best, key), [BT, 2 * BJ]), BJ)  # Eq. 11
+        # Eq. 11: merge only when some position has a key above its current BJ-th best (keys are unique, so a
+        # key that is not above it cannot enter); the test is one scalar per program, so no divergence
+        if tl.max((tl.max(key, 1) > tl.min(best, 1)).to(tl.int32), 0) > 0:
+            best = tl.topk(tl.reshape(tl.join(best, key), [BT, 2 * BJ]), BJ)
     tl.store(OUT + tb[:, None] * s_ot + hk * s_oh + jj[None, :], _block_of_key(best),
              mask=b_ok[:, None] & (jj[None, :] < N))
 
