@@ -6,8 +6,9 @@ that start inside its blocks once for the whole tile (the tokens reaching into t
 carry that part over), recomputes the Eq. 8 probabilities from the cmp branch's lse
 (p = exp(scale q.k - lse)), sums them over the G heads (Eq. 10; the sum commutes with Eq. 9), remaps them to block
 scores with the Eq. 9 overlap weights |cmp_i ∩ slc_j| / d (chunk-invariant because d divides l and l'), forces the
-init/local blocks (+inf), and merges the chunk into a running top-BJ per position with one bitonic `tl.topk` over
-packed int64 keys (score bits << 32 | ~block index), so ties go to the lower block index (Eq. 11).
+init/local blocks (+inf), and merges the chunk into a running top-BJ per position (sort the chunk, one bitonic
+half-cleaner step against the sorted running list, one bitonic merge) over packed int64 keys (score bits << 32 |
+~block index), so ties go to the lower block index (Eq. 11).
 Extra memory: the [T, HKV, n] output only.
 """
 from __future__ import annotations
@@ -106,9 +107,11 @@ def _topn_kernel(
         score = tl.where(forced, float("inf"), score)
         key = tl.where(b_ok[:, None] & (j[None, :] <= own[:, None]), _block_key(score, j[None, :].to(tl.int64)), -1)
         # Eq. 11: merge only when some position has a key above its current BJ-th best (keys are unique, so a
-        # key that is not above it cannot enter); the test is one scalar per program, so no divergence
+        # key that is not above it cannot enter); the test is one scalar per program, so no divergence. The merge:
+        # best is sorted descending, the chunk's keys sorted ascending; their elementwise max holds the BJ largest
+        # of both as a bitonic sequence (a half-cleaner step), which one bitonic merge sorts descending again.
         if tl.max((tl.max(key, 1) > tl.min(best, 1)).to(tl.int32), 0) > 0:
-            best = tl.topk(tl.reshape(tl.join(best, key), [BT, 2 * BJ]), BJ)
+            best = tl.bitonic_merge(tl.maximum(best, tl.sort(key, 1)), 1, descending=True)
     tl.store(OUT + tb[:, None] * s_ot + hk * s_oh + jj[None, :], _block_of_key(best),
              mask=b_ok[:, None] & (jj[None, :] < N))
 
