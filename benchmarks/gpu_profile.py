@@ -10,7 +10,8 @@ Cases: the paper config (B=1, HQ=64, HKV=4, Dk=192, Dv=128, bf16, paper geometry
 and the Triton decode step (`triton_decode`, eager) at batch 1 and 16. Each case: one untimed warm-up (compilation,
 autotuning), `--iters` host-timed iterations (synchronised wall clock), then `--iters` iterations under
 `torch.profiler`. Per iteration: wall ms, GPU-busy ms (sum of the kernel times; one stream, so they do not
-overlap), idle share 1 - busy / wall, and the kernels by GPU time with their launches per iteration.
+overlap), idle share 1 - busy / wall, and the kernels by GPU time with their launches per iteration. Then one more
+iteration as a timeline: every kernel in launch order with its duration and the idle gap before it.
 Writes <out>.json and <out>.md.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ import nsa  # noqa: E402
 from nsa.ops.triton_decode import triton_decode  # noqa: E402
 
 TOP = 14  # kernels listed per case
+TIMELINE_ROWS = 120  # launches listed per case in the markdown (all of them in the JSON)
 
 
 def sync(device):
@@ -59,6 +61,21 @@ def kernel_table(prof, iters: int, device: str) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ms"])
 
 
+def timeline(prof) -> list[dict]:
+    """The kernels of one profiled iteration in launch order: name, start (ms from the first kernel), duration and
+    the idle gap before it (ms). Names alone merge e.g. the compressed and window kernels (same Triton function);
+    the order tells them apart, and the gaps show where the host stalls the GPU."""
+    evts = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    rows, end = [], None
+    t0 = evts[0].time_range.start if evts else 0
+    for e in evts:
+        start, stop = e.time_range.start, e.time_range.end
+        rows.append(dict(kernel=e.name[:80], start_ms=(start - t0) / 1e3, ms=(stop - start) / 1e3,
+                         gap_ms=0.0 if end is None else max(0.0, (start - end) / 1e3)))
+        end = stop if end is None else max(end, stop)
+    return rows
+
+
 def profile_case(name: str, fn, iters: int, device: str) -> dict:
     fn()  # warm-up: compilation and autotuning stay out of the numbers
     sync(device)
@@ -73,10 +90,14 @@ def profile_case(name: str, fn, iters: int, device: str) -> dict:
             fn()
         sync(device)
     rows = kernel_table(prof, iters, device)
+    with profile(activities=acts) as one:
+        fn()
+        sync(device)
+    order = timeline(one) if device == "cuda" else []
     busy = sum(r["ms"] for r in rows) if device == "cuda" else float("nan")
     launches = sum(r["launches"] for r in rows) if device == "cuda" else float("nan")
     res = dict(case=name, wall_ms=wall, gpu_busy_ms=busy, idle_share=1 - busy / wall if wall else float("nan"),
-               launches=launches, kernels=rows[:TOP])
+               launches=launches, kernels=rows[:TOP], timeline=order)
     print(f"\n## {name}: wall {wall:.3f} ms, GPU busy {busy:.3f} ms, idle {res['idle_share']:.0%}, "
           f"{launches:.0f} launches", flush=True)
     for r in rows[:TOP]:
@@ -105,6 +126,14 @@ def markdown(res: dict) -> str:
                   "| kernel | ms/iter | launches/iter |", "|---|---|---|"]
         lines += [f"| `{r['kernel']}` | {r['ms']:.3f} | {r['launches']:.1f} |" for r in c["kernels"]]
         lines.append("")
+        if c.get("timeline"):
+            lines += ["One iteration in launch order (ms):", "", "| # | kernel | start | duration | idle before |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {i} | `{r['kernel']}` | {r['start_ms']:.3f} | {r['ms']:.3f} | {r['gap_ms']:.3f} |"
+                      for i, r in enumerate(c["timeline"][:TIMELINE_ROWS])]
+            if len(c["timeline"]) > TIMELINE_ROWS:
+                lines.append(f"| ... | {len(c['timeline']) - TIMELINE_ROWS} more | | | |")
+            lines.append("")
     return "\n".join(lines)
 
 

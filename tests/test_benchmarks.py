@@ -49,9 +49,12 @@ def test_gpu_profile_report_and_kernel_table(monkeypatch):
     import gpu_profile
 
     case = dict(case="forward T=64", wall_ms=2.0, gpu_busy_ms=1.5, idle_share=0.25, launches=7.0,
-                kernels=[dict(kernel="_slc_fwd_kernel", ms=1.0, launches=1.0)])
+                kernels=[dict(kernel="_slc_fwd_kernel", ms=1.0, launches=1.0)],
+                timeline=[dict(kernel="_fwd_kernel", start_ms=0.0, ms=0.5, gap_ms=0.0),
+                          dict(kernel="_slc_fwd_kernel", start_ms=0.7, ms=1.0, gap_ms=0.2)])
     md = gpu_profile.markdown(dict(device="card", setup="setup", cases=[case]))
     assert "## forward T=64" in md and "idle 25%" in md and "| `_slc_fwd_kernel` | 1.000 | 1.0 |" in md
+    assert "| 1 | `_slc_fwd_kernel` | 0.700 | 1.000 | 0.200 |" in md
 
     class Evt:  # the fields kernel_table reads from a profiler event
         def __init__(self, name, us):
@@ -85,3 +88,25 @@ def test_gpu_bounds_counts_match_brute_force(monkeypatch):
     assert (c["cmp"], c["slc"], c["win"], c["dense"]) == (cmp, slc, win, T * (T + 1) // 2)
     b = gpu_bounds.bounds(T, 16, 4, 32, 16, cfg, tflops=1.0, tbps=1.0)
     assert b["bwd"]["cmp"] == 2.5 * b["fwd"]["cmp"] and b["fwd_total"] == sum(b["fwd"].values())
+
+
+def test_gpu_profile_timeline_orders_kernels_and_measures_gaps(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_profile
+    from torch.autograd import DeviceType
+
+    class Span:
+        def __init__(self, start, end):
+            self.start, self.end = start, end
+
+    class Evt:
+        def __init__(self, name, start, end, device=DeviceType.CUDA):
+            self.name, self.time_range, self.device_type = name, Span(start, end), device
+
+    class Prof:  # out of order, plus a CPU op that must be ignored
+        def events(self):
+            return [Evt("b", 700.0, 1700.0), Evt("cpu op", 0.0, 5000.0, DeviceType.CPU), Evt("a", 100.0, 600.0)]
+
+    rows = gpu_profile.timeline(Prof())
+    assert [(r["kernel"], r["start_ms"], r["ms"], round(r["gap_ms"], 6)) for r in rows] == [
+        ("a", 0.0, 0.5, 0.0), ("b", 0.6, 1.0, 0.1)]
