@@ -6,7 +6,8 @@ overhead), all statistics in fp32:
   1. `_attn_partial` (MODE 0) over compressed tokens, split over Tc: online-softmax partials         (Eq. 7)
      (it also keeps the scaled scores, G x Tc fp32, so the compressed keys are read once)
   2. `_select`       one program per (b, kv head): lse from those partials, p = exp(s - lse) summed over the G
-                     heads (Eq. 8, 10), the Eq. 9 overlap remap, forced blocks, top-n (ties -> lower block)
+                     heads (Eq. 8, 10), the Eq. 9 overlap remap, forced blocks, a bitonic top-n (ties -> lower
+                     block)
   3. `_attn_partial` (MODE 1) over the n selected blocks, one block per program (Eq. 12), and the window in
                      chunks of l' tokens (§3.3.3), in the same grid
   4. `_merge_gate`   merges every branch's partials and applies the gates                          (Eq. 5)
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..config import NSAConfig, num_compressed_tokens
+from .triton.topk import _block_key, _block_of_key
 from .triton.utils import device_jit
 
 
@@ -181,19 +183,14 @@ def _select(
         pc = tl.load(PC + bh * S_SC + i, mask=valid & (i >= 0) & (i < tc), other=0.0)
         score += pc * w
     forced = (j < INIT) | (j > own - LOCAL)
-    ranked = tl.where(valid, tl.where(forced, float("inf"), score), float("-inf"))
-    chosen = j < 0
-    for _ in tl.static_range(NSEL):
-        mx = tl.max(ranked, 0)
-        jm = tl.min(tl.where(ranked == mx, j, BNB), 0)
-        hit = (j == jm) & (ranked > float("-inf"))  # ranked[jm] == mx
-        chosen = chosen | hit
-        ranked = tl.where(j == jm, float("-inf"), ranked)
-    rank = tl.cumsum(chosen.to(tl.int32), 0) - 1
-    tl.store(IDX + bh * NSEL + rank, j, mask=chosen)
-    pad = tl.arange(0, BN)
-    count = tl.sum(chosen.to(tl.int32), 0)
-    tl.store(IDX + bh * NSEL + pad, tl.full([BN], -1, tl.int64), mask=(pad >= count) & (pad < NSEL))
+    # Eq. 11 with one bitonic top-BN over int64 keys (score desc, then block index asc: ties -> lower block), in
+    # place of NSEL serial arg-max rounds (two cross-warp reductions each)
+    key = tl.where(valid, _block_key(tl.where(forced, float("inf"), score), j), -1)
+    top = _block_of_key(tl.topk(key, BN))  # [BN] chosen blocks by rank, -1 where fewer are valid
+    r = tl.arange(0, BN)
+    top = tl.where((r < NSEL) & (top >= 0), top, BNB)  # BNB sorts after every block
+    top = tl.sort(top, 0)
+    tl.store(IDX + bh * NSEL + r, tl.where(top < BNB, top, -1), mask=r < NSEL)
 
 
 @device_jit
@@ -309,7 +306,7 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
     idx = torch.empty(BH, n, dtype=torch.int64, device=dev)
     _select[(BH,)](scores, lens, cmp_parts[1], cmp_parts[2], pc, idx, HKV, G, s_pc, nsplit, CMP_L=l, CMP_D=d,
                    SLC=lp, NSEL=n, INIT=config.num_init_blocks, LOCAL=config.num_local_blocks, UB=16, BG=BG,
-                   BK=SELECT_TILE, BNB=_pow2(math.ceil(L_max / lp), 2), BN=_pow2(n, 2), num_warps=8)
+                   BK=SELECT_TILE, BNB=max(_pow2(math.ceil(L_max / lp), 2), _pow2(n, 2)), BN=_pow2(n, 2), num_warps=8)
 
     # 3. selected blocks (one per program) and the window (in chunks of l' tokens) in one launch
     nw = triton.cdiv(min(w, L_max), lp)
