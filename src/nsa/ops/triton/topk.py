@@ -86,6 +86,10 @@ def _topn_kernel(
     w_next = tl.maximum(tl.minimum(start_next + CMP_L, LP) - tl.maximum(start_next, 0), 0).to(tl.float32) / CMP_D
     w_next = tl.where(ci_ok, w_next, 0.0)
 
+    # a chunk that every row sees whole (all rows real, every token visible to the tile's first position) needs no
+    # Eq. 7 mask: the common case, so it gets its own path
+    all_rows = tl.min(row_ok.to(tl.int32), 0) == 1
+    nvis_min = tl.min(nvis, 0)
     best = tl.full([BT, BJ], -1, tl.int64)
     carry = tl.zeros([BT], tl.float32)  # the previous chunk's tail on block j0
     for j0 in range(0, own_max + 1, BJ):
@@ -93,8 +97,11 @@ def _topn_kernel(
         kc = tl.load(KC + (cs + i)[:, None] * s_kt + hk * s_kh + offs_d[None, :],
                      mask=(ci_ok & (i < tc))[:, None] & (offs_d[None, :] < DK), other=0.0)
         s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
-        seen = row_ok[:, None] & ci_ok[None, :] & (i[None, :] < nvis[:, None])
-        p = tl.where(seen, tl.exp2(s - lse2[:, None]), 0.0)  # Eq. 8
+        if all_rows & (CI == BJ * (LP // CMP_D)) & (j0 * (LP // CMP_D) + CI <= nvis_min):
+            p = tl.exp2(s - lse2[:, None])  # Eq. 8
+        else:
+            seen = row_ok[:, None] & ci_ok[None, :] & (i[None, :] < nvis[:, None])
+            p = tl.where(seen, tl.exp2(s - lse2[:, None]), 0.0)
         psum = tl.sum(tl.reshape(p, [BT, GP, CI]), 1)  # Eq. 10, [BT, CI]
         if BT >= 16:
             score = tl.dot(psum, w, input_precision="ieee")
