@@ -109,7 +109,8 @@ def main(dtypes, dims, groups, modes):
                 for blocks, kernels in ((flash._blocks, (flash._fwd_kernel, flash._bwd_dq_kernel)),
                                         (flash._bwd_blocks, (flash._bwd_dkv_kernel,))):
                     bm, bn = blocks(dk, dv, tdt)
-                    base = dict(MODE=mode, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=next_pow2(dk),
+                    bdk, bdk2 = flash.split_head_dim(dk)
+                    base = dict(MODE=mode, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DK2=bdk2,
                                 BLOCK_DV=next_pow2(dv))
                     for kernel in kernels:
                         ok &= compile_one(kernel, types, base)

@@ -72,50 +72,60 @@ def _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE: tl.constexpr, BLO
 
 
 @device_jit
-def _key_tile(q, K, V, ks, start, hi, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale, pos_q, row_ok, WINDOW, CMP_L, CMP_D,
-              MODE: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-              BLOCK_DV: tl.constexpr):
-    """Keys start .. start + BLOCK_N - 1 (< hi) of KV head hk: k [BN, DK], v [BN, DV], the scaled log2 scores of the
-    query tile q against them, and the visibility mask."""
+def _cols(P, base, row_off, ok, DK, LO: tl.constexpr, WIDTH: tl.constexpr):
+    """Tile [rows, WIDTH] of head-dim columns LO .. LO + WIDTH - 1 (< DK) at P + base + row_off (zeros past DK)."""
+    offs = LO + tl.arange(0, WIDTH)
+    return tl.load(P + base + (row_off[:, None] + offs[None, :]), mask=ok[:, None] & (offs[None, :] < DK), other=0.0)
+
+
+@device_jit
+def _key_tile(q, q2, K, V, ks, start, hi, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale, pos_q, row_ok, WINDOW, CMP_L,
+              CMP_D, MODE: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+              BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Keys start .. start + BLOCK_N - 1 (< hi) of KV head hk: k [BN, BLOCK_DK] and k2 [BN, BLOCK_DK2] (the head
+    dim in two power-of-two pieces; k2 is k when BLOCK_DK2 == 0), v [BN, DV], the scaled log2 scores of the query
+    tile (q, q2) against them, and the visibility mask."""
     offs_n = tl.arange(0, BLOCK_N)
     cols = start + offs_n
     col_ok = cols < hi
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     # an int64 scalar base plus int32 offsets inside the tile (fewer registers than an int64 pointer tile)
-    k = tl.load(K + (ks + start) * s_kt + hk * s_kh + (offs_n[:, None] * s_kt + offs_dk[None, :]),
-                mask=col_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    v = tl.load(V + (ks + start) * s_vt + hk * s_vh + (offs_n[:, None] * s_vt + offs_dv[None, :]),
-                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    k = _cols(K, (ks + start) * s_kt + hk * s_kh, offs_n * s_kt, col_ok, DK, 0, BLOCK_DK)
+    v = _cols(V, (ks + start) * s_vt + hk * s_vh, offs_n * s_vt, col_ok, DV, 0, BLOCK_DV)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    if BLOCK_DK2 > 0:
+        k2 = _cols(K, (ks + start) * s_kt + hk * s_kh, offs_n * s_kt, col_ok, DK, BLOCK_DK, BLOCK_DK2)
+        s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
+    else:
+        k2 = k
     vis = _visible(pos_q[:, None], cols[None, :], WINDOW, CMP_L, CMP_D, MODE)
-    return k, v, s, vis & col_ok[None, :] & row_ok[:, None]
+    return k, k2, v, s * qk_scale, vis & col_ok[None, :] & row_ok[:, None]
 
 
-@triton.autotune(configs=autotune_configs(), key=["MODE", "BLOCK_DK", "BLOCK_DV", "PREC"])
+@triton.autotune(configs=autotune_configs(), key=["MODE", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "PREC"])
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, TILES, CU_Q, CU_K,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_lt,
     G, DK, DV, qk_scale, WINDOW, CMP_L, CMP_D,
     MODE: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     hq = tl.program_id(1).to(tl.int64)
     hk = hq // G
     row0, row_ok, pos_q, ks, lo, hi = _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE, BLOCK_M, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + row0 * s_qt + hq * s_qh + (offs_m[:, None] * s_qt + offs_dk[None, :]),
-                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    q = _cols(Q, row0 * s_qt + hq * s_qh, offs_m * s_qt, row_ok, DK, 0, BLOCK_DK)
+    q2 = _cols(Q, row0 * s_qt + hq * s_qh, offs_m * s_qt, row_ok, DK, BLOCK_DK, BLOCK_DK2) if BLOCK_DK2 > 0 else q
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        k, v, s, vis = _key_tile(q, K, V, ks, start, hi, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale, pos_q, row_ok,
-                                 WINDOW, CMP_L, CMP_D, MODE, PREC, BLOCK_N, BLOCK_DK, BLOCK_DV)
+        k, k2, v, s, vis = _key_tile(q, q2, K, V, ks, start, hi, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale, pos_q,
+                                     row_ok, WINDOW, CMP_L, CMP_D, MODE, PREC, BLOCK_N, BLOCK_DK, BLOCK_DK2,
+                                     BLOCK_DV)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -132,65 +142,73 @@ def _fwd_kernel(
     tl.store(LSE + row0 * s_lt + hq + offs_m * s_lt, lse, mask=row_ok)
 
 
-@triton.autotune(configs=autotune_configs(), key=["MODE", "BLOCK_DK", "BLOCK_DV", "PREC"])
+@triton.autotune(configs=autotune_configs(), key=["MODE", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "PREC"])
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, TILES, CU_Q, CU_K,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_lt,
     G, DK, DV, qk_scale, scale, WINDOW, CMP_L, CMP_D,
     MODE: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     hq = tl.program_id(1).to(tl.int64)
     hk = hq // G
     row0, row_ok, pos_q, ks, lo, hi = _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE, BLOCK_M, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q_off = offs_m[:, None] * s_qt + offs_dk[None, :]
-    q = tl.load(Q + row0 * s_qt + hq * s_qh + q_off, mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    do = tl.load(DO + row0 * s_dot + hq * s_doh + (offs_m[:, None] * s_dot + offs_dv[None, :]),
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    q_base = row0 * s_qt + hq * s_qh
+    q = _cols(Q, q_base, offs_m * s_qt, row_ok, DK, 0, BLOCK_DK)
+    q2 = _cols(Q, q_base, offs_m * s_qt, row_ok, DK, BLOCK_DK, BLOCK_DK2) if BLOCK_DK2 > 0 else q
+    do = _cols(DO, row0 * s_dot + hq * s_doh, offs_m * s_dot, row_ok, DV, 0, BLOCK_DV)
     lse = tl.load(LSE + row0 * s_lt + hq + offs_m * s_lt, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     delta = tl.load(DELTA + row0 * s_lt + hq + offs_m * s_lt, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
+    if BLOCK_DK2 > 0:
+        dq2 = tl.zeros([BLOCK_M, BLOCK_DK2], tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        k, v, s, vis = _key_tile(q, K, V, ks, start, hi, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale, pos_q, row_ok,
-                                 WINDOW, CMP_L, CMP_D, MODE, PREC, BLOCK_N, BLOCK_DK, BLOCK_DV)
+        k, k2, v, s, vis = _key_tile(q, q2, K, V, ks, start, hi, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale, pos_q,
+                                     row_ok, WINDOW, CMP_L, CMP_D, MODE, PREC, BLOCK_N, BLOCK_DK, BLOCK_DK2,
+                                     BLOCK_DV)
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    dq = dq * scale
-    tl.store(DQ + row0 * s_qt + hq * s_qh + q_off, dq.to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_dk[None, :] < DK))
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq += tl.dot(ds, k, input_precision=PREC)
+        if BLOCK_DK2 > 0:
+            dq2 += tl.dot(ds, k2, input_precision=PREC)
+    q_off = offs_m[:, None] * s_qt + offs_dk[None, :]
+    tl.store(DQ + q_base + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_dk[None, :] < DK))
+    if BLOCK_DK2 > 0:
+        offs_dk2 = BLOCK_DK + tl.arange(0, BLOCK_DK2)
+        tl.store(DQ + q_base + (offs_m[:, None] * s_qt + offs_dk2[None, :]), (dq2 * scale).to(DQ.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_dk2[None, :] < DK))
 
 
-@triton.autotune(configs=autotune_configs(), key=["MODE", "BLOCK_DK", "BLOCK_DV", "PREC"])
+@triton.autotune(configs=autotune_configs(), key=["MODE", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "PREC"])
 @triton.jit
 def _bwd_dkv_kernel(
     Q, K, V, DO, LSE, DELTA, DK_, DV_, TILES, CU_Q, CU_K,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_lt, s_split_k, s_split_v,
     G, DK, DV, qk_scale, scale, WINDOW, CMP_L, CMP_D, CHUNK,
     MODE: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     hk = tl.program_id(1).to(tl.int64)
     col0, ks, ke, qs, Lq = _tile_seq(TILES, CU_K, CU_Q)  # a tile table over the keys
     # pointers: an int64 scalar base per tile plus int32 offsets inside it (fewer registers than int64 tiles)
     offs_n = tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     cols = col0 + offs_n
     col_ok = cols < ke
     pos_k = cols - ks
-    k_off = offs_n[:, None] * s_kt + offs_dk[None, :]
-    v_off = offs_n[:, None] * s_vt + offs_dv[None, :]
-    k = tl.load(K + col0 * s_kt + hk * s_kh + k_off, mask=col_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    v = tl.load(V + col0 * s_vt + hk * s_vh + v_off, mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k_base = col0 * s_kt + hk * s_kh
+    v_base = col0 * s_vt + hk * s_vh
+    k = _cols(K, k_base, offs_n * s_kt, col_ok, DK, 0, BLOCK_DK)
+    k2 = _cols(K, k_base, offs_n * s_kt, col_ok, DK, BLOCK_DK, BLOCK_DK2) if BLOCK_DK2 > 0 else k
+    v = _cols(V, v_base, offs_n * s_vt, col_ok, DV, 0, BLOCK_DV)
 
     j_lo = col0 - ks
     j_hi = tl.minimum(col0 + BLOCK_N, ke) - 1 - ks
@@ -205,9 +223,9 @@ def _bwd_dkv_kernel(
     q_lo = tl.maximum(q_lo, sp * CHUNK)
     q_hi = tl.minimum(q_hi, (sp + 1) * CHUNK)
 
-    q_off = offs_m[:, None] * s_qt + offs_dk[None, :]
-    do_off = offs_m[:, None] * s_dot + offs_dv[None, :]
     dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    if BLOCK_DK2 > 0:
+        dk2 = tl.zeros([BLOCK_N, BLOCK_DK2], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for g in range(G):
         hq = hk * G + g
@@ -215,27 +233,43 @@ def _bwd_dkv_kernel(
             pos_q = m0 + offs_m
             row_ok = pos_q < q_hi
             row0 = qs + m0
-            q = tl.load(Q + row0 * s_qt + hq * s_qh + q_off, mask=row_ok[:, None] & (offs_dk[None, :] < DK),
-                        other=0.0)
-            do = tl.load(DO + row0 * s_dot + hq * s_doh + do_off, mask=row_ok[:, None] & (offs_dv[None, :] < DV),
-                         other=0.0)
+            q = _cols(Q, row0 * s_qt + hq * s_qh, offs_m * s_qt, row_ok, DK, 0, BLOCK_DK)
+            do = _cols(DO, row0 * s_dot + hq * s_doh, offs_m * s_dot, row_ok, DV, 0, BLOCK_DV)
             lse = tl.load(LSE + row0 * s_lt + hq + offs_m * s_lt, mask=row_ok, other=0.0)
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
             delta = tl.load(DELTA + row0 * s_lt + hq + offs_m * s_lt, mask=row_ok, other=0.0)
             # transposed tiles [BN, BM] (keys x queries), so no register tile is transposed for the dots
-            st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+            st = tl.dot(k, tl.trans(q), input_precision=PREC)
+            if BLOCK_DK2 > 0:
+                q2 = _cols(Q, row0 * s_qt + hq * s_qh, offs_m * s_qt, row_ok, DK, BLOCK_DK, BLOCK_DK2)
+                st += tl.dot(k2, tl.trans(q2), input_precision=PREC)
             vis = _visible(pos_q[None, :], pos_k[:, None], WINDOW, CMP_L, CMP_D, MODE)
             vis = vis & col_ok[:, None] & row_ok[None, :]
-            pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
+            pt = tl.where(vis, tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
             dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
-    dk = dk * scale
-    tl.store(DK_ + sp * s_split_k + col0 * s_kt + hk * s_kh + k_off, dk.to(DK_.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_dk[None, :] < DK))
-    tl.store(DV_ + sp * s_split_v + col0 * s_vt + hk * s_vh + v_off, dv.to(DV_.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+            dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+            dk += tl.dot(dst, q, input_precision=PREC)
+            if BLOCK_DK2 > 0:
+                dk2 += tl.dot(dst, q2, input_precision=PREC)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    tl.store(DK_ + sp * s_split_k + k_base + (offs_n[:, None] * s_kt + offs_dk[None, :]),
+             (dk * scale).to(DK_.dtype.element_ty), mask=col_ok[:, None] & (offs_dk[None, :] < DK))
+    if BLOCK_DK2 > 0:
+        offs_dk2 = BLOCK_DK + tl.arange(0, BLOCK_DK2)
+        tl.store(DK_ + sp * s_split_k + k_base + (offs_n[:, None] * s_kt + offs_dk2[None, :]),
+                 (dk2 * scale).to(DK_.dtype.element_ty), mask=col_ok[:, None] & (offs_dk2[None, :] < DK))
+    tl.store(DV_ + sp * s_split_v + v_base + (offs_n[:, None] * s_vt + offs_dv[None, :]),
+             dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+def split_head_dim(d: int) -> tuple[int, int]:
+    """The head dim as two power-of-two tile widths (>= 16, as tl.dot needs), the second 0 when one suffices:
+    192 -> (128, 64), 128 -> (128, 0), 20 -> (16, 16). Padding 192 to one 256-wide tile would spend a quarter of
+    every q/K load and q.k product on zeros."""
+    first = max(16, 1 << (max(1, int(d)).bit_length() - 1))
+    return (next_pow2(d), 0) if first >= d else (first, next_pow2(d - first))
 
 
 def _blocks(dk: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -288,14 +322,15 @@ class DenseMaskedAttention(torch.autograd.Function):
         lse = torch.empty(Tq, HQ, dtype=torch.float32, device=q.device)
         bm, bn = _blocks(Dk, Dv, q.dtype)
         tiles_q = tile_table(cu_q, bm)
-        bdk, bdv = next_pow2(Dk), next_pow2(Dv)
+        (bdk, bdk2), bdv = split_head_dim(Dk), next_pow2(Dv)
         if tiles_q.shape[0] and HQ:
             _fwd_kernel[(tiles_q.shape[0], HQ)](
                 q, k, v, o, lse, tiles_q, cu_q, cu_k,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 o.stride(0), o.stride(1), lse.stride(0),
                 HQ // HKV, Dk, Dv, scale * LOG2E, window, cmp_l, cmp_d,
-                MODE=mode, PREC=dot_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DV=bdv,
+                MODE=mode, PREC=dot_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DK2=bdk2,
+                BLOCK_DV=bdv,
             )
         ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k, tiles_q)
         ctx.cfg = (mode, scale, window, cmp_l, cmp_d, bm, bn)
@@ -314,9 +349,9 @@ class DenseMaskedAttention(torch.autograd.Function):
             delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(dlse), dlse.float())
         delta = delta.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        bdk, bdv = next_pow2(Dk), next_pow2(Dv)
+        (bdk, bdk2), bdv = split_head_dim(Dk), next_pow2(Dv)
         prec = dot_precision(q.dtype)
-        common = dict(MODE=mode, PREC=prec, BLOCK_DK=bdk, BLOCK_DV=bdv)
+        common = dict(MODE=mode, PREC=prec, BLOCK_DK=bdk, BLOCK_DK2=bdk2, BLOCK_DV=bdv)
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                    do.stride(0), do.stride(1), lse.stride(0))
         if tiles_q.shape[0] and HQ:
