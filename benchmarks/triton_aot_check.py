@@ -116,13 +116,14 @@ def main(dtypes, dims, groups, modes):
                         ok &= compile_one(kernel, types, base)
             for G in groups:
                 rows, bt = selection.tile_shape(G)
-                base = dict(PREC=prec, ROWS=rows, BT=bt, NPAD=16, BLOCK_DK=next_pow2(dk), BLOCK_DV=next_pow2(dv),
+                bdk, bdk2 = flash.split_head_dim(dk)
+                base = dict(PREC=prec, ROWS=rows, BT=bt, NPAD=16, BLOCK_DK=bdk, BLOCK_DK2=bdk2, BLOCK_DV=next_pow2(dv),
                             BLOCK_N=selection._block_n(64, rows, max(dk, dv), tdt))
                 for kernel in (selection._slc_fwd_kernel, selection._slc_bwd_dq_kernel):
                     ok &= compile_one(kernel, types, base)
-                ok &= compile_one(selection._slc_bwd_dkv_kernel, types, dict(base, LP_PAD=64))
+                ok &= compile_one(selection._slc_bwd_dkv_kernel, types, dict(base, LP_PAD=64, PART_DK=next_pow2(dk)))
                 ok &= compile_one(selection._slc_dkv_reduce_kernel, types,
-                                  dict(BLOCK_N=base["BLOCK_N"], BLOCK_DK=base["BLOCK_DK"], BLOCK_DV=base["BLOCK_DV"],
+                                  dict(BLOCK_N=base["BLOCK_N"], BLOCK_DK=next_pow2(dk), BLOCK_DV=base["BLOCK_DV"],
                                        LP_PAD=64), num_warps=selection.REDUCE_WARPS)
             for G in groups:
                 gp, bt, bj, ci = topk._tile(G, 16, 64, 32, 16, dk, tdt)

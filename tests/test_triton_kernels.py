@@ -116,21 +116,26 @@ def test_dkv_tiles_differ_from_forward(mode, monkeypatch):
 
 
 @pytest.mark.parametrize("dk", [16, 20, 40])
-@pytest.mark.parametrize("mode", ["window", "compressed"])
-def test_head_dim_whole_or_in_two_tiles(dk, mode):
+@pytest.mark.parametrize("mode", ["window", "compressed", "selected"])
+def test_head_dim_whole_or_in_two_tiles(dk, mode, monkeypatch):
     """Dk as one tile (16) or as two power-of-two tiles (20 -> 16 + 16, 40 -> 32 + 16, like 192 -> 128 + 64 on a
-    GPU): outputs and every gradient match the reference."""
-    from nsa.ops.triton import flash
+    GPU): outputs and every gradient match the reference (selected: with dK/dV lists split into partials too)."""
+    from nsa.ops.triton import flash, selection
 
     assert flash.split_head_dim(dk) == {16: (16, 0), 20: (16, 16), 40: (32, 16)}[dk]
+    monkeypatch.setattr(selection, "MAX_SEGMENT", 2)
     x = make_inputs(2, 29, 4, 2, dk, 12, CFG, dtype=torch.float32, seed=dk, device=DEV, requires_grad=True)
     q = x[0]
     if mode == "window":
         k, v = x[5], x[6]
         fn = lambda b: nsa.sliding_window_attention(q, k, v, window=7, backend=b)  # noqa: E731
-    else:
+    elif mode == "compressed":
         k, v = x[1], x[2]
         fn = lambda b: nsa.compressed_attention(q, k, v, block_size=8, stride=4, backend=b)  # noqa: E731
+    else:
+        k, v = x[3], x[4]
+        idx = _messy_indices(q, x[1], None, seed=dk)
+        fn = lambda b: nsa.selected_attention(q, k, v, idx, block_size=16, backend=b)  # noqa: E731
     _compare(fn, (q, k, v), F32, "qkv")
 
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import LOG2E, default_scale
+from .flash import LOG2E, default_scale, split_head_dim
 from .utils import (autotune_configs, device_jit, dot_precision, interpreting, next_pow2, pack, seq_offsets,
                     tile_table)
 
@@ -60,50 +60,59 @@ def _member(own, blk, row_ok, BT: tl.constexpr):
 
 
 @device_jit
-def _load_block(K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, BLOCK_N: tl.constexpr,
-                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Keys sub .. sub + BLOCK_N - 1 of selection block blk (KV head hk) of the sequence at row qs (length L):
-    their positions, which exist, and k [BN, DK], v [BN, DV] (zeros where not)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    kpos = blk.to(tl.int64) * LP + sub + offs_n
-    k_ok = (sub + offs_n < LP) & (kpos < L)
-    k = tl.load(K + (qs + kpos)[:, None] * s_kt + hk * s_kh + offs_dk[None, :],
-                mask=k_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    v = tl.load(V + (qs + kpos)[:, None] * s_vt + hk * s_vh + offs_dv[None, :],
-                mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    return kpos, k_ok, k, v
+def _dcols(ptrs, ok, D, LO: tl.constexpr, WIDTH: tl.constexpr):
+    """Tile [rows, WIDTH] of head-dim columns LO .. LO + WIDTH - 1 (< D) of the rows at ptrs (zeros past D)."""
+    offs = LO + tl.arange(0, WIDTH)
+    return tl.load(ptrs[:, None] + offs[None, :], mask=ok[:, None] & (offs[None, :] < D), other=0.0)
 
 
 @device_jit
-def _block_tile(q, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale, member, pos_q,
-                PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """_load_block, plus the scaled log2 scores of the row tile q against those keys and the visibility mask (row
-    selects blk, key inside the sequence and causal)."""
-    kpos, k_ok, k, v = _load_block(K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, BLOCK_N, BLOCK_DK,
-                                   BLOCK_DV)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    return k, v, s, member[:, None] & k_ok[None, :] & (kpos[None, :] <= pos_q[:, None])
+def _load_block(K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, BLOCK_N: tl.constexpr,
+                BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Keys sub .. sub + BLOCK_N - 1 of selection block blk (KV head hk) of the sequence at row qs (length L):
+    their positions, which exist, k [BN, BLOCK_DK] and k2 [BN, BLOCK_DK2] (the head dim in two power-of-two
+    pieces; k2 is k when BLOCK_DK2 == 0), v [BN, DV] (zeros where not)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    kpos = blk.to(tl.int64) * LP + sub + offs_n
+    k_ok = (sub + offs_n < LP) & (kpos < L)
+    k_rows = K + (qs + kpos) * s_kt + hk * s_kh
+    k = _dcols(k_rows, k_ok, DK, 0, BLOCK_DK)
+    k2 = _dcols(k_rows, k_ok, DK, BLOCK_DK, BLOCK_DK2) if BLOCK_DK2 > 0 else k
+    v = _dcols(V + (qs + kpos) * s_vt + hk * s_vh, k_ok, DV, 0, BLOCK_DV)
+    return kpos, k_ok, k, k2, v
 
 
-@triton.autotune(configs=autotune_configs(), key=["G", "BLOCK_DK", "BLOCK_DV", "BT", "PREC"])
+@device_jit
+def _block_tile(q, q2, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale, member, pos_q,
+                PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr,
+                BLOCK_DV: tl.constexpr):
+    """_load_block, plus the scaled log2 scores of the row tile (q, q2) against those keys and the visibility mask
+    (row selects blk, key inside the sequence and causal)."""
+    kpos, k_ok, k, k2, v = _load_block(K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, BLOCK_N,
+                                       BLOCK_DK, BLOCK_DK2, BLOCK_DV)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    if BLOCK_DK2 > 0:
+        s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
+    return k, k2, v, s * qk_scale, member[:, None] & k_ok[None, :] & (kpos[None, :] <= pos_q[:, None])
+
+
+@triton.autotune(configs=autotune_configs(), key=["G", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "BT", "PREC"])
 @triton.jit
 def _slc_fwd_kernel(
     Q, K, V, O, LSE, IDX, UNION, COUNT, TILES, CU,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_lt, s_it, s_ih, s_ut, s_uh,
     G, N, LP, DK, DV, qk_scale,
     PREC: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, NPAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     qs, qe, tok, hq, pos_q, row_ok, own = _rows(TILES, CU, IDX, pid, hk, G, N, s_it, s_ih, ROWS, BT, NPAD)
     L = qe - qs
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + tok[:, None] * s_qt + hq[:, None] * s_qh + offs_dk[None, :],
-                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    q_rows = Q + tok * s_qt + hq * s_qh
+    q = _dcols(q_rows, row_ok, DK, 0, BLOCK_DK)
+    q2 = _dcols(q_rows, row_ok, DK, BLOCK_DK, BLOCK_DK2) if BLOCK_DK2 > 0 else q
     m_i = tl.full([ROWS], -1.0e30, tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
@@ -113,8 +122,8 @@ def _slc_fwd_kernel(
         blk = tl.load(ubase + u)
         member = _member(own, blk, row_ok, BT)
         for sub in range(0, LP, BLOCK_N):
-            k, v, s, vis = _block_tile(q, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale,
-                                       member, pos_q, PREC, BLOCK_N, BLOCK_DK, BLOCK_DV)
+            k, k2, v, s, vis = _block_tile(q, q2, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV,
+                                           qk_scale, member, pos_q, PREC, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV)
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
@@ -130,54 +139,62 @@ def _slc_fwd_kernel(
     tl.store(LSE + tok * s_lt + hq, lse, mask=row_ok)
 
 
-@triton.autotune(configs=autotune_configs(), key=["G", "BLOCK_DK", "BLOCK_DV", "BT", "PREC"])
+@triton.autotune(configs=autotune_configs(), key=["G", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "BT", "PREC"])
 @triton.jit
 def _slc_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, IDX, UNION, COUNT, TILES, CU,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_lt, s_it, s_ih, s_ut, s_uh,
     G, N, LP, DK, DV, qk_scale, scale,
     PREC: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, NPAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     qs, qe, tok, hq, pos_q, row_ok, own = _rows(TILES, CU, IDX, pid, hk, G, N, s_it, s_ih, ROWS, BT, NPAD)
     L = qe - qs
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + tok[:, None] * s_qt + hq[:, None] * s_qh + offs_dk[None, :],
-                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    do = tl.load(DO + tok[:, None] * s_dot + hq[:, None] * s_doh + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    q_rows = Q + tok * s_qt + hq * s_qh
+    q = _dcols(q_rows, row_ok, DK, 0, BLOCK_DK)
+    q2 = _dcols(q_rows, row_ok, DK, BLOCK_DK, BLOCK_DK2) if BLOCK_DK2 > 0 else q
+    do = _dcols(DO + tok * s_dot + hq * s_doh, row_ok, DV, 0, BLOCK_DV)
     lse = tl.load(LSE + tok * s_lt + hq, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     delta = tl.load(DELTA + tok * s_lt + hq, mask=row_ok, other=0.0)
     dq = tl.zeros([ROWS, BLOCK_DK], tl.float32)
+    if BLOCK_DK2 > 0:
+        dq2 = tl.zeros([ROWS, BLOCK_DK2], tl.float32)
     cnt = tl.load(COUNT + pid.to(tl.int64) * tl.num_programs(1) + hk)
     ubase = UNION + pid.to(tl.int64) * s_ut + hk * s_uh
     for u in range(cnt):
         blk = tl.load(ubase + u)
         member = _member(own, blk, row_ok, BT)
         for sub in range(0, LP, BLOCK_N):
-            k, v, s, vis = _block_tile(q, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale,
-                                       member, pos_q, PREC, BLOCK_N, BLOCK_DK, BLOCK_DV)
+            k, k2, v, s, vis = _block_tile(q, q2, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV,
+                                           qk_scale, member, pos_q, PREC, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV)
             p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    dq = dq * scale
-    tl.store(DQ + tok[:, None] * s_qt + hq[:, None] * s_qh + offs_dk[None, :], dq.to(DQ.dtype.element_ty),
+            ds = (p * (dp - delta[:, None])).to(k.dtype)
+            dq += tl.dot(ds, k, input_precision=PREC)
+            if BLOCK_DK2 > 0:
+                dq2 += tl.dot(ds, k2, input_precision=PREC)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    dq_rows = DQ + tok * s_qt + hq * s_qh
+    tl.store(dq_rows[:, None] + offs_dk[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dk[None, :] < DK))
+    if BLOCK_DK2 > 0:
+        offs_dk2 = BLOCK_DK + tl.arange(0, BLOCK_DK2)
+        tl.store(dq_rows[:, None] + offs_dk2[None, :], (dq2 * scale).to(DQ.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_dk2[None, :] < DK))
 
 
-@triton.autotune(configs=autotune_configs(), key=["G", "BLOCK_DK", "BLOCK_DV", "BT", "PREC"])
+@triton.autotune(configs=autotune_configs(), key=["G", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "BT", "PREC"])
 @triton.jit
 def _slc_bwd_dkv_kernel(
     Q, K, V, DO, LSE, DELTA, DK_, DV_, PART_K, PART_V, IDX, REV, SEGMENTS, KV_BLOCKS, TILES, CU,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_lt, s_it, s_ih,
     G, N, LP, NSUB, NB_TOTAL, DK, DV, qk_scale, scale,
     PREC: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, NPAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, LP_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr,
+    LP_PAD: tl.constexpr, PART_DK: tl.constexpr,
 ):
     """One program per (reverse-index segment, key sub-tile). A block whose list is split over several
     segments writes fp32 partials to PART_*[slot]; `_slc_dkv_reduce_kernel` sums them in segment order."""
@@ -197,38 +214,50 @@ def _slc_bwd_dkv_kernel(
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
-    kpos, k_ok, k, v = _load_block(K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, BLOCK_N, BLOCK_DK,
-                                   BLOCK_DV)
+    kpos, k_ok, k, k2, v = _load_block(K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, BLOCK_N,
+                                       BLOCK_DK, BLOCK_DK2, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    if BLOCK_DK2 > 0:
+        dk2 = tl.zeros([BLOCK_N, BLOCK_DK2], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for e in range(e0, e1):
         tile = tl.load(REV + e)
         _, _, tok, hq, pos_q, row_ok, own = _rows(TILES, CU, IDX, tile, hk, G, N, s_it, s_ih, ROWS, BT, NPAD)
         member = _member(own, blk, row_ok, BT)
-        q = tl.load(Q + tok[:, None] * s_qt + hq[:, None] * s_qh + offs_dk[None, :],
-                    mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        do = tl.load(DO + tok[:, None] * s_dot + hq[:, None] * s_doh + offs_dv[None, :],
-                     mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        q_rows = Q + tok * s_qt + hq * s_qh
+        q = _dcols(q_rows, row_ok, DK, 0, BLOCK_DK)
+        do = _dcols(DO + tok * s_dot + hq * s_doh, row_ok, DV, 0, BLOCK_DV)
         lse = tl.load(LSE + tok * s_lt + hq, mask=row_ok, other=0.0)
         lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
         delta = tl.load(DELTA + tok * s_lt + hq, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if BLOCK_DK2 > 0:
+            q2 = _dcols(q_rows, row_ok, DK, BLOCK_DK, BLOCK_DK2)
+            s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
         vis = member[:, None] & k_ok[None, :] & (kpos[None, :] <= pos_q[:, None])
-        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-    dk = dk * scale
+        ds = tl.trans((p * (dp - delta[:, None])).to(q.dtype))
+        dk += tl.dot(ds, q, input_precision=PREC)
+        if BLOCK_DK2 > 0:
+            dk2 += tl.dot(ds, q2, input_precision=PREC)
     direct = (offs_n * 0 + slot) < 0  # [BLOCK_N]: this segment owns the whole list
-    mk = k_ok[:, None] & (offs_dk[None, :] < DK)
     mv = k_ok[:, None] & (offs_dv[None, :] < DV)
-    tl.store(DK_ + (qs + kpos)[:, None] * s_kt + hk * s_kh + offs_dk[None, :], dk.to(DK_.dtype.element_ty),
-             mask=mk & direct[:, None])
+    k_rows = (qs + kpos) * s_kt + hk * s_kh
+    prow = tl.maximum(slot, 0) * LP_PAD + sub + offs_n  # partial rows are PART_DK wide (the padded head dim)
+    for piece in tl.static_range(2 if BLOCK_DK2 > 0 else 1):
+        if piece == 0:
+            cols = offs_dk
+            val = dk * scale
+        else:
+            cols = BLOCK_DK + tl.arange(0, BLOCK_DK2)
+            val = dk2 * scale
+        mk = k_ok[:, None] & (cols[None, :] < DK)
+        tl.store(DK_ + k_rows[:, None] + cols[None, :], val.to(DK_.dtype.element_ty), mask=mk & direct[:, None])
+        tl.store(PART_K + prow[:, None] * PART_DK + cols[None, :], val, mask=mk & (direct[:, None] == 0))
     tl.store(DV_ + (qs + kpos)[:, None] * s_vt + hk * s_vh + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
              mask=mv & direct[:, None])
-    prow = tl.maximum(slot, 0) * LP_PAD + sub + offs_n
-    tl.store(PART_K + prow[:, None] * BLOCK_DK + offs_dk[None, :], dk, mask=mk & (direct[:, None] == 0))
     tl.store(PART_V + prow[:, None] * BLOCK_DV + offs_dv[None, :], dv, mask=mv & (direct[:, None] == 0))
 
 
@@ -390,7 +419,7 @@ class SelectedAttention(torch.autograd.Function):
         lse = torch.empty(Tt, HQ, dtype=torch.float32, device=q.device)
         meta = dict(PREC=dot_precision(q.dtype), ROWS=plan.rows, BT=plan.bt, NPAD=plan.npad,
                     BLOCK_N=_block_n(block_size, plan.rows, max(Dk, Dv), q.dtype),
-                    BLOCK_DK=next_pow2(Dk), BLOCK_DV=next_pow2(Dv))
+                    BLOCK_DK=split_head_dim(Dk)[0], BLOCK_DK2=split_head_dim(Dk)[1], BLOCK_DV=next_pow2(Dv))
         NT = plan.tiles.shape[0]
         if NT and HKV:
             _slc_fwd_kernel[(NT, HKV)](
@@ -428,18 +457,19 @@ class SelectedAttention(torch.autograd.Function):
         nsub = triton.cdiv(block_size, meta["BLOCK_N"])
         if plan.nb_total and HKV:
             lp_pad = nsub * meta["BLOCK_N"]
-            part_k = torch.empty(plan.num_slots * lp_pad, meta["BLOCK_DK"], dtype=torch.float32, device=q.device)
+            part_dk = next_pow2(Dk)  # partial rows hold the whole (padded) head dim; the reduce reads one tile
+            part_k = torch.empty(plan.num_slots * lp_pad, part_dk, dtype=torch.float32, device=q.device)
             part_v = torch.empty(plan.num_slots * lp_pad, meta["BLOCK_DV"], dtype=torch.float32, device=q.device)
             _slc_bwd_dkv_kernel[(plan.segments.shape[0] * nsub,)](
                 q, k, v, do, lse, delta, dk, dv, part_k, part_v, plan.idx, plan.rev, plan.segments, plan.kv_blocks,
                 plan.tiles, cu, *strides, G, plan.n, block_size, nsub, plan.nb_total, Dk, Dv, scale * LOG2E, scale,
-                LP_PAD=lp_pad, **meta,
+                LP_PAD=lp_pad, PART_DK=part_dk, **meta,
             )
             if plan.splits.shape[0]:
                 _slc_dkv_reduce_kernel[(plan.splits.shape[0] * nsub,)](
                     dk, dv, part_k, part_v, plan.splits, plan.kv_blocks, cu, k.stride(0), k.stride(1), v.stride(0),
                     v.stride(1), block_size, nsub, plan.nb_total, Dk, Dv, BLOCK_N=meta["BLOCK_N"],
-                    BLOCK_DK=meta["BLOCK_DK"], BLOCK_DV=meta["BLOCK_DV"], LP_PAD=lp_pad, num_warps=REDUCE_WARPS,
+                    BLOCK_DK=part_dk, BLOCK_DV=meta["BLOCK_DV"], LP_PAD=lp_pad, num_warps=REDUCE_WARPS,
                 )
         else:
             dk.zero_()
