@@ -116,6 +116,15 @@ def test_dkv_tiles_differ_from_forward(mode, monkeypatch):
 
 
 @pytest.mark.parametrize("dk", [16, 20, 40])
+def test_select_blocks_head_dim_whole_or_in_two_tiles(dk):
+    """Top-n with head dims that are (16) and are not (20, 40) a power of two: same selection as the reference."""
+    x = make_inputs(2, 200, 4, 2, dk, 12, CFG, dtype=torch.float32, seed=dk, device=DEV)  # 13 blocks, n = 4
+    q, kc = x[0], x[1]
+    idx = nsa.select_blocks(q, kc, config=CFG, backend="triton")
+    assert_same_selection(idx, ref.select_blocks(q, kc, config=CFG), ref.block_scores(q, kc, config=CFG), CFG)
+
+
+@pytest.mark.parametrize("dk", [16, 20, 40])
 @pytest.mark.parametrize("mode", ["window", "compressed", "selected"])
 def test_head_dim_whole_or_in_two_tiles(dk, mode, monkeypatch):
     """Dk as one tile (16) or as two power-of-two tiles (20 -> 16 + 16, 40 -> 32 + 16, like 192 -> 128 + 64 on a

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .flash import LOG2E, default_scale, split_head_dim
-from .utils import (autotune_configs, device_jit, dot_precision, interpreting, next_pow2, pack, seq_offsets,
-                    tile_table)
+from .utils import (autotune_configs, device_jit, dot_precision, interpreting, load_cols, next_pow2, pack,
+                    seq_offsets, tile_table)
 
 PACK_SMALL_GROUPS = True
 MAX_SEGMENT = 256  # query tiles per dK/dV program; longer reverse lists are split and reduced in order
@@ -60,13 +60,6 @@ def _member(own, blk, row_ok, BT: tl.constexpr):
 
 
 @device_jit
-def _dcols(ptrs, ok, D, LO: tl.constexpr, WIDTH: tl.constexpr):
-    """Tile [rows, WIDTH] of head-dim columns LO .. LO + WIDTH - 1 (< D) of the rows at ptrs (zeros past D)."""
-    offs = LO + tl.arange(0, WIDTH)
-    return tl.load(ptrs[:, None] + offs[None, :], mask=ok[:, None] & (offs[None, :] < D), other=0.0)
-
-
-@device_jit
 def _load_block(K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, BLOCK_N: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Keys sub .. sub + BLOCK_N - 1 of selection block blk (KV head hk) of the sequence at row qs (length L):
@@ -76,9 +69,9 @@ def _load_block(K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, B
     kpos = blk.to(tl.int64) * LP + sub + offs_n
     k_ok = (sub + offs_n < LP) & (kpos < L)
     k_rows = K + (qs + kpos) * s_kt + hk * s_kh
-    k = _dcols(k_rows, k_ok, DK, 0, BLOCK_DK)
-    k2 = _dcols(k_rows, k_ok, DK, BLOCK_DK, BLOCK_DK2) if BLOCK_DK2 > 0 else k
-    v = _dcols(V + (qs + kpos) * s_vt + hk * s_vh, k_ok, DV, 0, BLOCK_DV)
+    k = load_cols(k_rows, k_ok, DK, 0, BLOCK_DK)
+    k2 = load_cols(k_rows, k_ok, DK, BLOCK_DK, BLOCK_DK2) if BLOCK_DK2 > 0 else k
+    v = load_cols(V + (qs + kpos) * s_vt + hk * s_vh, k_ok, DV, 0, BLOCK_DV)
     return kpos, k_ok, k, k2, v
 
 
@@ -111,8 +104,8 @@ def _slc_fwd_kernel(
     L = qe - qs
     offs_dv = tl.arange(0, BLOCK_DV)
     q_rows = Q + tok * s_qt + hq * s_qh
-    q = _dcols(q_rows, row_ok, DK, 0, BLOCK_DK)
-    q2 = _dcols(q_rows, row_ok, DK, BLOCK_DK, BLOCK_DK2) if BLOCK_DK2 > 0 else q
+    q = load_cols(q_rows, row_ok, DK, 0, BLOCK_DK)
+    q2 = load_cols(q_rows, row_ok, DK, BLOCK_DK, BLOCK_DK2) if BLOCK_DK2 > 0 else q
     m_i = tl.full([ROWS], -1.0e30, tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
@@ -153,9 +146,9 @@ def _slc_bwd_dq_kernel(
     qs, qe, tok, hq, pos_q, row_ok, own = _rows(TILES, CU, IDX, pid, hk, G, N, s_it, s_ih, ROWS, BT, NPAD)
     L = qe - qs
     q_rows = Q + tok * s_qt + hq * s_qh
-    q = _dcols(q_rows, row_ok, DK, 0, BLOCK_DK)
-    q2 = _dcols(q_rows, row_ok, DK, BLOCK_DK, BLOCK_DK2) if BLOCK_DK2 > 0 else q
-    do = _dcols(DO + tok * s_dot + hq * s_doh, row_ok, DV, 0, BLOCK_DV)
+    q = load_cols(q_rows, row_ok, DK, 0, BLOCK_DK)
+    q2 = load_cols(q_rows, row_ok, DK, BLOCK_DK, BLOCK_DK2) if BLOCK_DK2 > 0 else q
+    do = load_cols(DO + tok * s_dot + hq * s_doh, row_ok, DV, 0, BLOCK_DV)
     lse = tl.load(LSE + tok * s_lt + hq, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     delta = tl.load(DELTA + tok * s_lt + hq, mask=row_ok, other=0.0)
@@ -225,14 +218,14 @@ def _slc_bwd_dkv_kernel(
         _, _, tok, hq, pos_q, row_ok, own = _rows(TILES, CU, IDX, tile, hk, G, N, s_it, s_ih, ROWS, BT, NPAD)
         member = _member(own, blk, row_ok, BT)
         q_rows = Q + tok * s_qt + hq * s_qh
-        q = _dcols(q_rows, row_ok, DK, 0, BLOCK_DK)
-        do = _dcols(DO + tok * s_dot + hq * s_doh, row_ok, DV, 0, BLOCK_DV)
+        q = load_cols(q_rows, row_ok, DK, 0, BLOCK_DK)
+        do = load_cols(DO + tok * s_dot + hq * s_doh, row_ok, DV, 0, BLOCK_DV)
         lse = tl.load(LSE + tok * s_lt + hq, mask=row_ok, other=0.0)
         lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
         delta = tl.load(DELTA + tok * s_lt + hq, mask=row_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         if BLOCK_DK2 > 0:
-            q2 = _dcols(q_rows, row_ok, DK, BLOCK_DK, BLOCK_DK2)
+            q2 = load_cols(q_rows, row_ok, DK, BLOCK_DK, BLOCK_DK2)
             s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
         vis = member[:, None] & k_ok[None, :] & (kpos[None, :] <= pos_q[:, None])
         p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)

@@ -9,6 +9,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 from ..varlen import compressed_cu_seqlens
 
@@ -82,3 +83,11 @@ def device_jit(fn):
     """@triton.jit for device helpers; a plain function under the interpreter, which otherwise re-patches
     triton.language on every helper call (most of the interpreted run time)."""
     return fn if interpreting() else triton.jit(fn)
+
+
+@device_jit
+def load_cols(ptrs, ok, D, LO: tl.constexpr, WIDTH: tl.constexpr):
+    """Tile [rows, WIDTH] of head-dim columns LO .. LO + WIDTH - 1 (< D) of the rows at ptrs [rows] (zeros past D
+    and in rows that are not ok): one of the two power-of-two pieces a head dim is loaded in."""
+    offs = LO + tl.arange(0, WIDTH)
+    return tl.load(ptrs[:, None] + offs[None, :], mask=ok[:, None] & (offs[None, :] < D), other=0.0)
