@@ -45,7 +45,7 @@ def compile_one(kernel, types, consts, num_warps=4, num_stages=2):
         return False
     smem = k.metadata.shared
     print(("OK  " if smem <= SMEM_MAX else "SMEM") + f" {fn.__name__} {consts} warps={num_warps} stages={num_stages} "
-          f"smem={smem} {resource_usage(k)}", flush=True)
+          f"smem={smem} {resource_usage(k)} {pipelining(k)}", flush=True)
     return smem <= SMEM_MAX
 
 
@@ -71,6 +71,13 @@ def resource_usage(k) -> str:
     return f"regs={m.group(1)} stack={m.group(2)}" if m else ""
 
 
+def pipelining(k) -> str:
+    """Copy groups a loop keeps in flight while it computes: the largest `num` of the TTGIR's async_wait ops (0: each
+    iteration waits for its own loads, i.e. the loop is not software-pipelined)."""
+    waits = [int(n) for n in re.findall(r"ttg\.async_wait[^\n]*\{num = (\d+)", k.asm.get("ttgir", ""))]
+    return f"inflight={max(waits)}" if waits else "inflight=-"
+
+
 def check_decode(P, prec, dims, groups):
     """The decode kernels with the paper geometry and the block sizes `triton_decode` picks."""
     ok = True
@@ -86,7 +93,7 @@ def check_decode(P, prec, dims, groups):
             for mode, has_wst in ((0, False), (1, False), (1, True)):
                 ok &= compile_one(dec._attn_partial, types, dict(
                     geo, WIN=cfg.window_size, MODE=mode, HAS_WST=has_wst, PREC=prec, BG=bg, BD=bd, BDV=bdv,
-                    BK=bk_c if mode == 0 else bk_s), num_warps=warps)
+                    BK=bk_c if mode == 0 else bk_s), num_warps=warps, num_stages=dec.PARTIAL_STAGES[mode])
             ok &= compile_one(dec._select, types, dict(geo, INIT=cfg.num_init_blocks, LOCAL=cfg.num_local_blocks,
                                                        UB=16, BG=bg, BK=dec.SELECT_TILE, BNB=2048, BN=16),
                               num_warps=8, num_stages=1)
@@ -119,8 +126,9 @@ def main(dtypes, dims, groups, modes):
                 bdk, bdk2 = flash.split_head_dim(dk)
                 base = dict(PREC=prec, ROWS=rows, BT=bt, NPAD=16, BLOCK_DK=bdk, BLOCK_DK2=bdk2, BLOCK_DV=next_pow2(dv),
                             BLOCK_N=selection._block_n(64, rows, max(dk, dv), tdt))
+                base_fwd = dict(base, NSUB=64 // base["BLOCK_N"])
                 for kernel in (selection._slc_fwd_kernel, selection._slc_bwd_dq_kernel):
-                    ok &= compile_one(kernel, types, base)
+                    ok &= compile_one(kernel, types, base_fwd)
                 ok &= compile_one(selection._slc_bwd_dkv_kernel, types, dict(base, LP_PAD=64, PART_DK=next_pow2(dk)))
                 ok &= compile_one(selection._slc_dkv_reduce_kernel, types,
                                   dict(BLOCK_N=base["BLOCK_N"], BLOCK_DK=next_pow2(dk), BLOCK_DV=base["BLOCK_DV"],

@@ -222,6 +222,21 @@ def test_selected_attention_block_not_multiple_of_tile():
     _compare(lambda b: nsa.selected_attention(q, k, v, idx, block_size=12, backend=b), (q, k, v), F32, "qkv")
 
 
+
+@pytest.mark.parametrize("heads", [(4, 2), (16, 1)])
+def test_selected_attention_block_over_several_key_tiles(heads):
+    """l' = 40 spans three 16-key sub-tiles (the last one part-masked): the flat (block, sub-tile) loop of the
+    forward and dQ kernels and the per-sub-tile dK/dV programs, padded (G = 16) and packed (G = 2) tiles."""
+    from nsa.ops.triton import selection
+
+    assert selection._block_n(40, 16, 20, torch.float32) < 40 or DEV != "cpu"
+    x, _ = _case(heads, False, T=93)
+    q, k, v = x[0], x[3], x[4]
+    cfg = small_config(cmp_block_size=8, cmp_stride=8, slc_block_size=40, num_selected=2, num_local_blocks=1)
+    kc = torch.randn(2, cfg.num_compressed(93), heads[1], 20, device=DEV)
+    idx = ref.select_blocks(q.detach(), kc, config=cfg)
+    _compare(lambda b: nsa.selected_attention(q, k, v, idx, block_size=40, backend=b), (q, k, v), F32, "qkv")
+
 # ----------------------------------------------------------------------------------------------- determinism, fp16
 def test_backward_is_bitwise_repeatable():
     x, cu = _case((6, 2), True)
@@ -334,3 +349,19 @@ def test_import_contract():
     """No triton: ImportError. Triton but CPU tensors without the interpreter: a ValueError that says what to do."""
     out = subprocess.run([sys.executable, "-c", _IMPORT_CHECK], capture_output=True, text=True, timeout=300)
     assert out.stdout.split() == ["IE", "VE", "True"], out.stderr[-2000:]
+
+
+def test_autotune_lists(monkeypatch):
+    """GPU autotune lists: the selected-attention kernels only get software-pipelined configs (>= 3 stages; with 2
+    the loop waits for its own loads), NSA_TRITON_AUTOTUNE=0 keeps the first, the interpreter a single config."""
+    from nsa.ops.triton import utils
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert len(utils.autotune_configs(utils.PIPELINED_CONFIGS)) == 1
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("NSA_TRITON_AUTOTUNE", raising=False)
+    cfgs = utils.autotune_configs(utils.PIPELINED_CONFIGS)
+    assert [(c.num_warps, c.num_stages) for c in cfgs] == list(utils.PIPELINED_CONFIGS)
+    assert all(c.num_stages >= 3 for c in cfgs)
+    monkeypatch.setenv("NSA_TRITON_AUTOTUNE", "0")
+    assert [(c.num_warps, c.num_stages) for c in utils.autotune_configs()] == [utils.DEFAULT_CONFIGS[0]]

@@ -27,6 +27,9 @@ from .triton.utils import device_jit
 
 
 MERGE_STEP = 2  # partials merged per step by `_merge_gate` ([2, G, Dv] fp32 tiles; 4 spills registers on sm_90)
+PARTIAL_STAGES = (3, 2)  # num_stages of `_attn_partial` by MODE: the compressed pass loops over many key tiles per
+# program at batch 16 (26 at 64k), and only >= 3 stages keep the next tile's load in flight during the math with
+# Triton 3.6 (`inflight` in benchmarks/triton_aot_check.py); a selected block / window chunk is one tile.
 SELECT_TILE = 512  # compressed tokens per step of `_select`'s probability pass: few, wide steps (one program per
 # (b, kv head) walks all Tc, so its latency is the number of steps)
 
@@ -280,7 +283,6 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
     L_max = int(lens.max()) if max_len is None else int(max_len)
     tc_max = num_compressed_tokens(L_max, l, d)
     f32 = dict(device=dev, dtype=torch.float32)
-    stages = 1 if _interpreting() else 2
     s_pc = max(tc_max, 1)
 
     def partial(mode, kv, kv2, nu, chunk, bk, idx=None, sc=None):
@@ -290,7 +292,7 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
             q, *kv, *kv2, lens, wst, lens if idx is None else idx, *parts, parts[1] if sc is None else sc,
             q.stride(0), q.stride(2), *strides, HKV, G, Dk, Dv, nu, scale, chunk, s_pc,
             CMP_L=l, CMP_D=d, SLC=lp, WIN=w, NSEL=n, MODE=mode, HAS_WST=win_start is not None, PREC=prec, BG=BG,
-            BD=BD, BDV=BDV, BK=bk, num_warps=warps, num_stages=stages,
+            BD=BD, BDV=BDV, BK=bk, num_warps=warps, num_stages=1 if _interpreting() else PARTIAL_STAGES[mode],
         )
         return parts
 

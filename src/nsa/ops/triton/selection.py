@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .flash import LOG2E, default_scale, split_head_dim
-from .utils import (autotune_configs, device_jit, dot_precision, interpreting, load_cols, next_pow2, pack,
-                    seq_offsets, tile_table)
+from .utils import (PIPELINED_CONFIGS, autotune_configs, device_jit, dot_precision, interpreting, load_cols,
+                    next_pow2, pack, seq_offsets, tile_table)
 
 PACK_SMALL_GROUPS = True
 MAX_SEGMENT = 256  # query tiles per dK/dV program; longer reverse lists are split and reduced in order
@@ -47,6 +47,14 @@ def _rows(TILES, CU, IDX, pid, hk, G, N, s_it, s_ih,
     else:
         own = tl.zeros([ROWS, NPAD], tl.int32)
     return qs, qe, tok, hq, tok - qs, row_ok, own
+
+
+@device_jit
+def _union_step(ubase, it, NSUB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Step `it` of a tile's flat loop: (union block, first key of its sub-tile)."""
+    if NSUB == 1:
+        return tl.load(ubase + it), 0
+    return tl.load(ubase + it // NSUB), (it % NSUB) * BLOCK_N
 
 
 @device_jit
@@ -89,14 +97,16 @@ def _block_tile(q, q2, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK
     return k, k2, v, s * qk_scale, member[:, None] & k_ok[None, :] & (kpos[None, :] <= pos_q[:, None])
 
 
-@triton.autotune(configs=autotune_configs(), key=["G", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "BT", "PREC"])
+@triton.autotune(configs=autotune_configs(PIPELINED_CONFIGS),
+                 key=["G", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "BT", "PREC", "NSUB"])
 @triton.jit
 def _slc_fwd_kernel(
     Q, K, V, O, LSE, IDX, UNION, COUNT, TILES, CU,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_lt, s_it, s_ih, s_ut, s_uh,
     G, N, LP, DK, DV, qk_scale,
     PREC: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, NPAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, NSUB: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
@@ -111,19 +121,18 @@ def _slc_fwd_kernel(
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
     cnt = tl.load(COUNT + pid.to(tl.int64) * tl.num_programs(1) + hk)
     ubase = UNION + pid.to(tl.int64) * s_ut + hk * s_uh
-    for u in range(cnt):
-        blk = tl.load(ubase + u)
+    for it in range(cnt * NSUB):  # one flat loop over (block, key sub-tile), so the loads are software-pipelined
+        blk, sub = _union_step(ubase, it, NSUB, BLOCK_N)
         member = _member(own, blk, row_ok, BT)
-        for sub in range(0, LP, BLOCK_N):
-            k, k2, v, s, vis = _block_tile(q, q2, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV,
-                                           qk_scale, member, pos_q, PREC, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV)
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+        k, k2, v, s, vis = _block_tile(q, q2, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV,
+                                       qk_scale, member, pos_q, PREC, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
@@ -132,14 +141,16 @@ def _slc_fwd_kernel(
     tl.store(LSE + tok * s_lt + hq, lse, mask=row_ok)
 
 
-@triton.autotune(configs=autotune_configs(), key=["G", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "BT", "PREC"])
+@triton.autotune(configs=autotune_configs(PIPELINED_CONFIGS),
+                 key=["G", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "BT", "PREC", "NSUB"])
 @triton.jit
 def _slc_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, IDX, UNION, COUNT, TILES, CU,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_lt, s_it, s_ih, s_ut, s_uh,
     G, N, LP, DK, DV, qk_scale, scale,
     PREC: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, NPAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, NSUB: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
@@ -157,18 +168,17 @@ def _slc_bwd_dq_kernel(
         dq2 = tl.zeros([ROWS, BLOCK_DK2], tl.float32)
     cnt = tl.load(COUNT + pid.to(tl.int64) * tl.num_programs(1) + hk)
     ubase = UNION + pid.to(tl.int64) * s_ut + hk * s_uh
-    for u in range(cnt):
-        blk = tl.load(ubase + u)
+    for it in range(cnt * NSUB):  # one flat loop over (block, key sub-tile), so the loads are software-pipelined
+        blk, sub = _union_step(ubase, it, NSUB, BLOCK_N)
         member = _member(own, blk, row_ok, BT)
-        for sub in range(0, LP, BLOCK_N):
-            k, k2, v, s, vis = _block_tile(q, q2, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV,
-                                           qk_scale, member, pos_q, PREC, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV)
-            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = (p * (dp - delta[:, None])).to(k.dtype)
-            dq += tl.dot(ds, k, input_precision=PREC)
-            if BLOCK_DK2 > 0:
-                dq2 += tl.dot(ds, k2, input_precision=PREC)
+        k, k2, v, s, vis = _block_tile(q, q2, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV,
+                                       qk_scale, member, pos_q, PREC, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV)
+        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq += tl.dot(ds, k, input_precision=PREC)
+        if BLOCK_DK2 > 0:
+            dq2 += tl.dot(ds, k2, input_precision=PREC)
     offs_dk = tl.arange(0, BLOCK_DK)
     dq_rows = DQ + tok * s_qt + hq * s_qh
     tl.store(dq_rows[:, None] + offs_dk[None, :], (dq * scale).to(DQ.dtype.element_ty),
@@ -420,7 +430,8 @@ class SelectedAttention(torch.autograd.Function):
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 o.stride(0), o.stride(1), lse.stride(0), plan.idx.stride(0), plan.idx.stride(1),
                 plan.union.stride(0), plan.union.stride(1),
-                G, plan.n, block_size, Dk, Dv, scale * LOG2E, **meta,
+                G, plan.n, block_size, Dk, Dv, scale * LOG2E, NSUB=triton.cdiv(block_size, meta["BLOCK_N"]),
+                **meta,
             )
         ctx.save_for_backward(q, k, v, o, lse, cu)
         ctx.plan, ctx.meta, ctx.cfg = plan, meta, (block_size, scale)
@@ -439,15 +450,15 @@ class SelectedAttention(torch.autograd.Function):
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                    do.stride(0), do.stride(1), lse.stride(0), plan.idx.stride(0), plan.idx.stride(1))
         NT = plan.tiles.shape[0]
+        nsub = triton.cdiv(block_size, meta["BLOCK_N"])
         if NT and HKV:
             _slc_bwd_dq_kernel[(NT, HKV)](
                 q, k, v, do, lse, delta, dq, plan.idx, plan.union, plan.count, plan.tiles, cu,
                 *strides, plan.union.stride(0), plan.union.stride(1),
-                G, plan.n, block_size, Dk, Dv, scale * LOG2E, scale, **meta,
+                G, plan.n, block_size, Dk, Dv, scale * LOG2E, scale, NSUB=nsub, **meta,
             )
         else:
             dq.zero_()
-        nsub = triton.cdiv(block_size, meta["BLOCK_N"])
         if plan.nb_total and HKV:
             lp_pad = nsub * meta["BLOCK_N"]
             part_dk = next_pow2(Dk)  # partial rows hold the whole (padded) head dim; the reduce reads one tile

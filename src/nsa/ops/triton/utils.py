@@ -24,14 +24,22 @@ def next_pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(1, int(x))))
 
 
-def autotune_configs(*keys_unused):
-    """A small autotune list on GPU; a single config under the interpreter, and with NSA_TRITON_AUTOTUNE=0 (read at
-    import; the GPU test stage sets it so each test compiles one variant per kernel instead of three)."""
+DEFAULT_CONFIGS = ((4, 2), (8, 2), (4, 3))  # (num_warps, num_stages)
+# Flat loops whose loads depend on an index (the selected blocks): with Triton 3.6 a 2-stage loop waits for its own
+# copies at the top of each iteration (async_wait num=0 in the sm_90 TTGIR), so only >= 3 stages keep the next
+# block's K/V in flight during the current block's math (`inflight` in benchmarks/triton_aot_check.py).
+PIPELINED_CONFIGS = ((4, 3), (8, 3), (4, 4))
+
+
+def autotune_configs(pairs=DEFAULT_CONFIGS):
+    """`pairs` (num_warps, num_stages) as the autotune list on GPU; a single config under the interpreter, and with
+    NSA_TRITON_AUTOTUNE=0 (read at import; the GPU test stage sets it so each test compiles one variant per kernel
+    instead of three) the first pair."""
     if interpreting():
         return [triton.Config({}, num_warps=4, num_stages=1)]
     if os.environ.get("NSA_TRITON_AUTOTUNE") == "0":
-        return [triton.Config({}, num_warps=4, num_stages=2)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (4, 3))]
+        pairs = pairs[:1]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in pairs]
 
 
 def dot_precision(dtype: torch.dtype) -> str:
