@@ -257,6 +257,29 @@ def dkv_tiles_comparison(T, reps) -> list:
     return rows
 
 
+def autotune_choices() -> dict:
+    """The config each autotuned kernel picked per autotune key in this run (and the last timings it compared),
+    so a report says which warps/stages its numbers come from."""
+    from nsa.ops.triton import flash, selection, topk
+
+    out = {}
+    for mod, names in ((flash, ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkv_kernel")),
+                       (selection, ("_slc_fwd_kernel", "_slc_bwd_dq_kernel", "_slc_bwd_dkv_kernel")),
+                       (topk, ("_topn_kernel",))):
+        for name in names:
+            tuner = getattr(mod, name)
+
+            def cfg(c):
+                return f"w{c.num_warps}s{c.num_stages}"
+
+            picks = [dict(key=[str(x) for x in k], config=cfg(c)) for k, c in getattr(tuner, "cache", {}).items()]
+            last = {cfg(c): [round(float(x), 4) for x in (t if isinstance(t, (list, tuple)) else [t])]
+                    for c, t in (getattr(tuner, "configs_timings", None) or {}).items()}
+            if picks:
+                out[name] = dict(picks=picks, last_timings_ms=last)
+    return out
+
+
 def main():
     global DEVICE, DTYPE, PAPER, G_HQ, G_SWEEP_HKV
     ap = argparse.ArgumentParser()
@@ -343,6 +366,7 @@ def main():
             if r:
                 result["g_sweep"].append(r)
             save()
+    result["autotune"] = autotune_choices()
     result["wall_s"] = round(time.time() - t0, 1)
     save()
     print(markdown(result))
@@ -404,6 +428,10 @@ def markdown(res) -> str:
             lines += [f"## Paper config: {title}", "", "| T | " + " | ".join(cols) + " |",
                       "|---" * (len(cols) + 1) + "|"]
             lines += [f"| {r['T']} | " + " | ".join(f"{r[key][c]:.2f}" for c in cols) + " |" for r in rows] + [""]
+    if res.get("autotune"):
+        lines += ["## Autotune picks (num_warps w, num_stages s) per kernel, over its autotune keys", ""]
+        lines += [f"- {name}: " + ", ".join(sorted({p['config'] for p in a["picks"]})) + f" ({len(a['picks'])} keys)"
+                  for name, a in res["autotune"].items()] + [""]
     if res.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
     return "\n".join(lines)

@@ -33,8 +33,10 @@ def test_gpu_suite_report_renders_every_section(monkeypatch):
                dkv_tiles=[dict(T=64, tiles="chosen", blocks=[32, 32], **t)],
                paper=[dict(row(64, 4, 3.0), HQ=64, breakdown_fwd=dict(cmp=1, topn=1, slc=1, win=1, combine=1),
                            breakdown_fwd_bwd=dict(cmp=1, slc=1, win=1))],
-               g_sweep=[row(64, 1, 2.0), row(64, 16, 4.0)], notes=["n"])
+               g_sweep=[row(64, 1, 2.0), row(64, 16, 4.0)], notes=["n"],
+               autotune=dict(_fwd_kernel=dict(picks=[dict(key=["0"], config="w4s3")], last_timings_ms={})))
     md = gpu_suite.markdown(res)
+    assert "- _fwd_kernel: w4s3 (1 keys)" in md
     for title in ("Correctness", "packed vs padded", "Paper config (", "G sweep (", "relative to G = 16",
                   "forward breakdown", "each branch op alone", "Notes", "dK/dV tiles"):
         assert title in md, title
@@ -42,6 +44,24 @@ def test_gpu_suite_report_renders_every_section(monkeypatch):
     out = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--help"], capture_output=True, text=True,
                          env={"PYTHONPATH": str(BENCH.parent / "src"), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0 and "--g-hkv" in out.stdout, out.stderr
+
+
+def test_gpu_suite_records_autotune_picks(monkeypatch):
+    """autotune_choices reads each autotuned kernel's cache (key -> config) and its last timings."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    pytest.importorskip("triton")
+    import triton
+    from types import SimpleNamespace
+
+    import gpu_suite
+    from nsa.ops.triton import flash
+
+    c = triton.Config({}, num_warps=8, num_stages=3)
+    monkeypatch.setattr(flash, "_fwd_kernel", SimpleNamespace(cache={(0, "torch.bfloat16"): c},
+                                                              configs_timings={c: [0.5, 0.4, 0.6]}))
+    got = gpu_suite.autotune_choices()["_fwd_kernel"]
+    assert got == dict(picks=[dict(key=["0", "torch.bfloat16"], config="w8s3")],
+                       last_timings_ms={"w8s3": [0.5, 0.4, 0.6]})
 
 
 def test_gpu_profile_report_and_kernel_table(monkeypatch):
