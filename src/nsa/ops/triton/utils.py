@@ -24,10 +24,12 @@ def next_pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(1, int(x))))
 
 
-DEFAULT_CONFIGS = ((4, 2), (8, 2), (4, 3))  # (num_warps, num_stages)
-# Flat loops whose loads depend on an index (the selected blocks): with Triton 3.6 a 2-stage loop waits for its own
-# copies at the top of each iteration (async_wait num=0 in the sm_90 TTGIR), so only >= 3 stages keep the next
-# block's K/V in flight during the current block's math (`inflight` in benchmarks/triton_aot_check.py).
+# (num_warps, num_stages). With Triton 3.6 a loop built with 2 stages waits for its own loads at the top of each
+# iteration (async_wait num=0 in the sm_90 TTGIR; `inflight` in benchmarks/triton_aot_check.py): only >= 3 stages
+# keep the next tiles' loads in flight during the math. Every kernel builds without register spills at 8 warps
+# (2 or 3 stages); the dK/dV kernels spill at 4. The selected-attention loops (K/V behind a block index, latency
+# bound) get pipelined configs only.
+DEFAULT_CONFIGS = ((8, 2), (4, 3), (8, 3))
 PIPELINED_CONFIGS = ((4, 3), (8, 3), (4, 4))
 
 
