@@ -234,36 +234,26 @@ def packing_comparison(T, reps) -> list:
     return rows
 
 
-def flash_variants_comparison(T, reps) -> list:
-    """Compressed and window attention fwd+bwd (paper heads) as chosen against the previous layouts: one query head
-    per tile (PACK_GROUP_ROWS off: each head reloads the K/V tiles), and for the compressed branch the dK/dV kernel
-    with the forward's larger tiles (which spill registers at Dk = 192)."""
+def dkv_tiles_comparison(T, reps) -> list:
+    """Compressed attention fwd+bwd (paper heads) with the dK/dV kernel's tiles as chosen (no register spills on
+    sm_90) against the forward's larger tiles (which spill at Dk = 192): which is faster."""
     from nsa.ops.triton import flash
 
     cfg = nsa.NSAConfig()
     x = inputs(T, **PAPER, cfg=cfg)
-    q, kc, vc, kw, vw = x[0], x[1], x[2], x[5], x[6]
-    branches = dict(
-        cmp=(lambda: nsa.compressed_attention(q, kc, vc, block_size=cfg.cmp_block_size, stride=cfg.cmp_stride,
-                                              backend="triton")[0], (q, kc, vc)),
-        win=(lambda: nsa.sliding_window_attention(q, kw, vw, window=cfg.window_size, backend="triton"), (q, kw, vw)))
-    variants = (("chosen", {}), ("one head per tile", dict(PACK_GROUP_ROWS=False)),
-                ("dK/dV forward tiles", dict(_bwd_blocks=flash._blocks)))
+    q, kc, vc = x[0], x[1], x[2]
+    chosen = flash._bwd_blocks
     rows = []
-    for branch, (fn, args) in branches.items():
-        for name, patch in variants:
-            if branch == "win" and "_bwd_blocks" in patch:
-                continue
-            saved = {k: getattr(flash, k) for k in patch}
-            try:
-                for k, v in patch.items():
-                    setattr(flash, k, v)
-                r = time_fwd_bwd(fn, args, reps)
-            finally:
-                for k, v in saved.items():
-                    setattr(flash, k, v)
-            rows.append(dict(T=T, branch=branch, variant=name, **r))
-    del x, q, kc, vc, kw, vw
+    for name, blocks in (("chosen", chosen), ("forward tiles", flash._blocks)):
+        flash._bwd_blocks = blocks
+        try:
+            r = time_fwd_bwd(lambda: nsa.compressed_attention(q, kc, vc, block_size=cfg.cmp_block_size,
+                                                              stride=cfg.cmp_stride, backend="triton")[0],
+                             (q, kc, vc), reps)
+        finally:
+            flash._bwd_blocks = chosen
+        rows.append(dict(T=T, tiles=name, blocks=list(blocks(PAPER["Dk"], PAPER["Dv"], DTYPE)), **r))
+    del x, q, kc, vc
     return rows
 
 
@@ -318,7 +308,7 @@ def main():
         G_SWEEP_HKV = [int(h) for h in args.g_hkv.split(",")]
     t0 = time.time()
     result = dict(env=env_info(), dtype=str(DTYPE)[6:], reps=args.reps, lengths=lengths, notes=[], paper=[],
-                  g_sweep=[], packing=[], flash_variants=[])
+                  g_sweep=[], packing=[], dkv_tiles=[])
 
     def left():
         return args.budget_s - (time.time() - t0)
@@ -349,8 +339,7 @@ def main():
     result["correctness"] = guarded("correctness", check_correctness)
     save()
     td = 65536 if DEVICE == "cuda" else 64
-    result["flash_variants"] = guarded(f"flash variants T={td}",
-                                       lambda: flash_variants_comparison(td, args.reps)) or []
+    result["dkv_tiles"] = guarded(f"dK/dV tiles T={td}", lambda: dkv_tiles_comparison(td, args.reps)) or []
     save()
     tp = 16384 if DEVICE == "cuda" else 64
     if not args.skip_packing:
@@ -411,11 +400,11 @@ def markdown(res) -> str:
             lines.append(f"| {r['T']} | {r['G']} | {r['padded']['fwd_bwd']:.2f} | {r['packed']['fwd_bwd']:.2f} | "
                          f"{r['packed_speedup_fwd_bwd']:.2f}x |")
         lines.append("")
-    if res.get("flash_variants"):
-        lines += ["## Compressed / window attention (paper heads): tile layouts (ms)", "",
-                  "| T | branch | variant | fwd | bwd | fwd+bwd |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['T']} | {r['branch']} | {r['variant']} | {r['fwd']:.2f} | {r['bwd']:.2f} | "
-                  f"{r['fwd_bwd']:.2f} |" for r in res["flash_variants"]] + [""]
+    if res.get("dkv_tiles"):
+        lines += ["## Compressed attention (paper heads): dK/dV tiles (ms)", "",
+                  "| T | dK/dV tiles | (BLOCK_M, BLOCK_N) | fwd | bwd | fwd+bwd |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['T']} | {r['tiles']} | {tuple(r['blocks'])} | {r['fwd']:.2f} | {r['bwd']:.2f} | "
+                  f"{r['fwd_bwd']:.2f} |" for r in res["dkv_tiles"]] + [""]
     head = ["| T | HQ | HKV | NSA fwd | SDPA fwd | speedup | NSA bwd | SDPA bwd | speedup | NSA fwd+bwd | "
             "SDPA fwd+bwd | speedup |", "|" + "---|" * 12]
     for key, title in (("paper", "Paper config (Dk=192, Dv=128)"), ("g_sweep", "G sweep (HQ=16, D=128)")):

@@ -117,11 +117,10 @@ def main(dtypes, dims, groups, modes):
                                         (flash._bwd_blocks, (flash._bwd_dkv_kernel,))):
                     bm, bn = blocks(dk, dv, tdt)
                     bdk, bdk2 = flash.split_head_dim(dk)
-                    for gr in sorted({flash.group_rows(G, bm) for G in groups}):
-                        base = dict(MODE=mode, PREC=prec, GR=gr, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DK2=bdk2,
-                                    BLOCK_DV=next_pow2(dv))
-                        for kernel in kernels:
-                            ok &= compile_one(kernel, types, base)
+                    base = dict(MODE=mode, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DK2=bdk2,
+                                BLOCK_DV=next_pow2(dv))
+                    for kernel in kernels:
+                        ok &= compile_one(kernel, types, base)
             for G in groups:
                 rows, bt = selection.tile_shape(G)
                 bdk, bdk2 = flash.split_head_dim(dk)

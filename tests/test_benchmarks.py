@@ -30,7 +30,7 @@ def test_gpu_suite_report_renders_every_section(monkeypatch):
                correctness=dict(case="c", o_cosine=1.0, o_max_abs_err=0.0, selection_rows_identical=1.0,
                                 grad_cosine=dict(q=1.0), **{"pass": True}),
                packing=[dict(T=64, G=1, padded=t, packed=t, packed_speedup_fwd_bwd=1.0)],
-               flash_variants=[dict(T=64, branch="cmp", variant="one head per tile", **t)],
+               dkv_tiles=[dict(T=64, tiles="chosen", blocks=[32, 32], **t)],
                paper=[dict(row(64, 4, 3.0), HQ=64, breakdown_fwd=dict(cmp=1, topn=1, slc=1, win=1, combine=1),
                            breakdown_fwd_bwd=dict(cmp=1, slc=1, win=1))],
                g_sweep=[row(64, 1, 2.0), row(64, 16, 4.0)], notes=["n"],
@@ -38,7 +38,7 @@ def test_gpu_suite_report_renders_every_section(monkeypatch):
     md = gpu_suite.markdown(res)
     assert "- _fwd_kernel: w4s3 (1 keys)" in md
     for title in ("Correctness", "packed vs padded", "Paper config (", "G sweep (", "relative to G = 16",
-                  "forward breakdown", "each branch op alone", "Notes", "tile layouts"):
+                  "forward breakdown", "each branch op alone", "Notes", "dK/dV tiles"):
         assert title in md, title
     assert "| 64 | 1 | 4.00 | 0.50 |" in md  # G = 1 (HKV = 16) at 4 ms vs G = 16 at 2 ms
     out = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--help"], capture_output=True, text=True,

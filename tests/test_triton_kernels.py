@@ -115,28 +115,6 @@ def test_dkv_tiles_differ_from_forward(mode, monkeypatch):
     _compare(fn, (q, k, v), F32, "qkv")
 
 
-@pytest.mark.parametrize("pack", [True, False])
-@pytest.mark.parametrize("heads", [(32, 1), (6, 2)])
-@pytest.mark.parametrize("mode", ["window", "compressed"])
-def test_dense_kernels_group_rows(mode, heads, pack, monkeypatch):
-    """Query tiles of BT positions x GR heads: G = 32 > the 16 tile rows (GR = 16, two head steps per dK/dV tile),
-    G = 3 (5 positions x 3 heads, one row unused), and one head per tile (PACK_GROUP_ROWS off)."""
-    from nsa.ops.triton import flash
-
-    monkeypatch.setattr(flash, "PACK_GROUP_ROWS", pack)
-    G = heads[0] // heads[1]
-    assert flash.group_rows(G, 16) == ({32: 16, 3: 3}[G] if pack else 1)
-    x, cu = _case(heads, True)
-    q = x[0]
-    if mode == "window":
-        k, v = x[5], x[6]
-        fn = lambda b: nsa.sliding_window_attention(q, k, v, window=7, cu_seqlens=cu, backend=b)  # noqa: E731
-    else:
-        k, v = x[1], x[2]
-        fn = lambda b: nsa.compressed_attention(q, k, v, block_size=8, stride=4, cu_seqlens=cu, backend=b)  # noqa
-    _compare(fn, (q, k, v), F32, "qkv")
-
-
 @pytest.mark.parametrize("dk", [16, 20, 40])
 def test_select_blocks_head_dim_whole_or_in_two_tiles(dk):
     """Top-n with head dims that are (16) and are not (20, 40) a power of two: same selection as the reference."""

@@ -5,10 +5,8 @@ MODE 1, compression (Eq. 7): query t reads compressed key i iff i*d + l - 1 <= t
 compressed tokens of the query's sequence.
 
 Layout: q [Tq, HQ, Dk], k [Tk, HKV, Dk], v [Tk, HKV, Dv] packed and contiguous; `cu_q`/`cu_k` int64 [N+1] offsets.
-Query tiles are group-centric (paper §3.4): BLOCK_M rows = BT positions x GR query heads of one KV group
-(`group_rows`; GR = G for every usual group size), so the group's heads share each K/V tile load instead of
-reloading it per head. Online softmax in base 2 with fp32 accumulators. Backward: dQ per query tile and dK/dV per
-key tile (looping over the query positions, GR heads per step), so no atomics and bitwise-repeatable gradients.
+Online softmax in base 2 with fp32 accumulators. Backward: dQ per query tile and dK/dV per key tile (each loops
+over the G query heads of its KV head), so no atomics and bitwise-repeatable gradients.
 """
 from __future__ import annotations
 
@@ -56,25 +54,21 @@ def _tile_seq(TILES, CU_Q, CU_K):
 
 
 @device_jit
-def _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE: tl.constexpr, GR: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The query tile of program (pid, .): BLOCK_M rows, row r -> (packed row row0 + r // GR, head r % GR of the
-    program's GR heads), BT = BLOCK_M // GR positions. Returns row0, which rows are real, each row's position in
-    the sequence and its offset from (row0, first head) in units of s_qt / s_qh, the sequence's first key row, and
-    the key range [lo, hi) (lo a multiple of BLOCK_N) the tile's queries can see."""
-    BT: tl.constexpr = BLOCK_M // GR
+def _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """The query tile of program (pid, .): its first packed row, which of its rows are real, their positions in the
+    sequence, the sequence's first key row, and the key range [lo, hi) (lo a multiple of BLOCK_N) its queries can
+    see."""
     row0, qs, qe, ks, Lk = _tile_seq(TILES, CU_Q, CU_K)
-    r = tl.arange(0, BLOCK_M)
-    dt = r // GR
-    row_ok = (r < BT * GR) & (row0 + dt < qe)
+    rows = row0 + tl.arange(0, BLOCK_M)
     p_lo = row0 - qs
-    hi = _key_hi(tl.minimum(row0 + BT, qe) - 1 - qs, Lk, CMP_L, CMP_D, MODE)
+    hi = _key_hi(tl.minimum(row0 + BLOCK_M, qe) - 1 - qs, Lk, CMP_L, CMP_D, MODE)
     if MODE == 0:
         lo = tl.maximum(p_lo - WINDOW + 1, 0)
         lo = lo - lo % BLOCK_N
     else:
         lo = p_lo * 0
-    return row0, row_ok, p_lo + dt, dt, r % GR, ks, lo, hi
+    return row0, rows < qe, rows - qs, ks, lo, hi
 
 
 @device_jit
@@ -107,24 +101,23 @@ def _key_tile(q, q2, K, V, ks, start, hi, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk
     return k, k2, v, s * qk_scale, vis & col_ok[None, :] & row_ok[:, None]
 
 
-@triton.autotune(configs=autotune_configs(), key=["MODE", "GR", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "PREC"])
+@triton.autotune(configs=autotune_configs(), key=["MODE", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "PREC"])
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, TILES, CU_Q, CU_K,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_lt,
     G, DK, DV, qk_scale, WINDOW, CMP_L, CMP_D,
-    MODE: tl.constexpr, PREC: tl.constexpr, GR: tl.constexpr,
+    MODE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    h0 = tl.program_id(1).to(tl.int64) * GR  # the tile's first query head
-    hk = h0 // G
-    row0, row_ok, pos_q, dt, dh, ks, lo, hi = _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE, GR, BLOCK_M,
-                                                          BLOCK_N)
+    hq = tl.program_id(1).to(tl.int64)
+    hk = hq // G
+    row0, row_ok, pos_q, ks, lo, hi = _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE, BLOCK_M, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_base, q_off = row0 * s_qt + h0 * s_qh, dt * s_qt + dh * s_qh
-    q = _cols(Q, q_base, q_off, row_ok, DK, 0, BLOCK_DK)
-    q2 = _cols(Q, q_base, q_off, row_ok, DK, BLOCK_DK, BLOCK_DK2) if BLOCK_DK2 > 0 else q
+    q = _cols(Q, row0 * s_qt + hq * s_qh, offs_m * s_qt, row_ok, DK, 0, BLOCK_DK)
+    q2 = _cols(Q, row0 * s_qt + hq * s_qh, offs_m * s_qt, row_ok, DK, BLOCK_DK, BLOCK_DK2) if BLOCK_DK2 > 0 else q
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -144,34 +137,33 @@ def _fwd_kernel(
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(O + row0 * s_ot + h0 * s_oh + ((dt * s_ot + dh * s_oh)[:, None] + offs_dv[None, :]),
-             o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSE + row0 * s_lt + h0 + (dt * s_lt + dh), lse, mask=row_ok)
+    tl.store(O + row0 * s_ot + hq * s_oh + (offs_m[:, None] * s_ot + offs_dv[None, :]), o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + row0 * s_lt + hq + offs_m * s_lt, lse, mask=row_ok)
 
 
-@triton.autotune(configs=autotune_configs(), key=["MODE", "GR", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "PREC"])
+@triton.autotune(configs=autotune_configs(), key=["MODE", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "PREC"])
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, TILES, CU_Q, CU_K,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_lt,
     G, DK, DV, qk_scale, scale, WINDOW, CMP_L, CMP_D,
-    MODE: tl.constexpr, PREC: tl.constexpr, GR: tl.constexpr,
+    MODE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    h0 = tl.program_id(1).to(tl.int64) * GR
-    hk = h0 // G
-    row0, row_ok, pos_q, dt, dh, ks, lo, hi = _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE, GR, BLOCK_M,
-                                                          BLOCK_N)
+    hq = tl.program_id(1).to(tl.int64)
+    hk = hq // G
+    row0, row_ok, pos_q, ks, lo, hi = _query_tile(TILES, CU_Q, CU_K, WINDOW, CMP_L, CMP_D, MODE, BLOCK_M, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
-    q_base, q_off = row0 * s_qt + h0 * s_qh, dt * s_qt + dh * s_qh
-    q = _cols(Q, q_base, q_off, row_ok, DK, 0, BLOCK_DK)
-    q2 = _cols(Q, q_base, q_off, row_ok, DK, BLOCK_DK, BLOCK_DK2) if BLOCK_DK2 > 0 else q
-    do = _cols(DO, row0 * s_dot + h0 * s_doh, dt * s_dot + dh * s_doh, row_ok, DV, 0, BLOCK_DV)
-    l_off = row0 * s_lt + h0 + (dt * s_lt + dh)
-    lse = tl.load(LSE + l_off, mask=row_ok, other=0.0)
+    q_base = row0 * s_qt + hq * s_qh
+    q = _cols(Q, q_base, offs_m * s_qt, row_ok, DK, 0, BLOCK_DK)
+    q2 = _cols(Q, q_base, offs_m * s_qt, row_ok, DK, BLOCK_DK, BLOCK_DK2) if BLOCK_DK2 > 0 else q
+    do = _cols(DO, row0 * s_dot + hq * s_doh, offs_m * s_dot, row_ok, DV, 0, BLOCK_DV)
+    lse = tl.load(LSE + row0 * s_lt + hq + offs_m * s_lt, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + row0 * s_lt + hq + offs_m * s_lt, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
     if BLOCK_DK2 > 0:
@@ -186,21 +178,21 @@ def _bwd_dq_kernel(
         dq += tl.dot(ds, k, input_precision=PREC)
         if BLOCK_DK2 > 0:
             dq2 += tl.dot(ds, k2, input_precision=PREC)
-    tl.store(DQ + q_base + (q_off[:, None] + offs_dk[None, :]), (dq * scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_dk[None, :] < DK))
+    q_off = offs_m[:, None] * s_qt + offs_dk[None, :]
+    tl.store(DQ + q_base + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_dk[None, :] < DK))
     if BLOCK_DK2 > 0:
         offs_dk2 = BLOCK_DK + tl.arange(0, BLOCK_DK2)
-        tl.store(DQ + q_base + (q_off[:, None] + offs_dk2[None, :]), (dq2 * scale).to(DQ.dtype.element_ty),
+        tl.store(DQ + q_base + (offs_m[:, None] * s_qt + offs_dk2[None, :]), (dq2 * scale).to(DQ.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_dk2[None, :] < DK))
 
 
-@triton.autotune(configs=autotune_configs(), key=["MODE", "GR", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "PREC"])
+@triton.autotune(configs=autotune_configs(), key=["MODE", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "PREC"])
 @triton.jit
 def _bwd_dkv_kernel(
     Q, K, V, DO, LSE, DELTA, DK_, DV_, TILES, CU_Q, CU_K,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_lt, s_split_k, s_split_v,
     G, DK, DV, qk_scale, scale, WINDOW, CMP_L, CMP_D, CHUNK,
-    MODE: tl.constexpr, PREC: tl.constexpr, GR: tl.constexpr,
+    MODE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
@@ -235,26 +227,21 @@ def _bwd_dkv_kernel(
     if BLOCK_DK2 > 0:
         dk2 = tl.zeros([BLOCK_N, BLOCK_DK2], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    BT: tl.constexpr = BLOCK_M // GR  # query positions per step: rows r -> (position + r // GR, head r % GR)
-    dt = offs_m // GR
-    q_off = dt * s_qt + (offs_m % GR) * s_qh
-    do_off = dt * s_dot + (offs_m % GR) * s_doh
-    l_off = dt * s_lt + offs_m % GR
-    for gi in range(G // GR):  # one step when the tile holds the whole group
-        h0 = hk * G + gi * GR
-        for m0 in range(q_lo, q_hi, BT):
-            pos_q = m0 + dt
-            row_ok = (offs_m < BT * GR) & (pos_q < q_hi)
+    for g in range(G):
+        hq = hk * G + g
+        for m0 in range(q_lo, q_hi, BLOCK_M):
+            pos_q = m0 + offs_m
+            row_ok = pos_q < q_hi
             row0 = qs + m0
-            q = _cols(Q, row0 * s_qt + h0 * s_qh, q_off, row_ok, DK, 0, BLOCK_DK)
-            do = _cols(DO, row0 * s_dot + h0 * s_doh, do_off, row_ok, DV, 0, BLOCK_DV)
-            lse = tl.load(LSE + row0 * s_lt + h0 + l_off, mask=row_ok, other=0.0)
+            q = _cols(Q, row0 * s_qt + hq * s_qh, offs_m * s_qt, row_ok, DK, 0, BLOCK_DK)
+            do = _cols(DO, row0 * s_dot + hq * s_doh, offs_m * s_dot, row_ok, DV, 0, BLOCK_DV)
+            lse = tl.load(LSE + row0 * s_lt + hq + offs_m * s_lt, mask=row_ok, other=0.0)
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-            delta = tl.load(DELTA + row0 * s_lt + h0 + l_off, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + row0 * s_lt + hq + offs_m * s_lt, mask=row_ok, other=0.0)
             # transposed tiles [BN, BM] (keys x queries), so no register tile is transposed for the dots
             st = tl.dot(k, tl.trans(q), input_precision=PREC)
             if BLOCK_DK2 > 0:
-                q2 = _cols(Q, row0 * s_qt + h0 * s_qh, q_off, row_ok, DK, BLOCK_DK, BLOCK_DK2)
+                q2 = _cols(Q, row0 * s_qt + hq * s_qh, offs_m * s_qt, row_ok, DK, BLOCK_DK, BLOCK_DK2)
                 st += tl.dot(k2, tl.trans(q2), input_precision=PREC)
             vis = _visible(pos_q[None, :], pos_k[:, None], WINDOW, CMP_L, CMP_D, MODE)
             vis = vis & col_ok[:, None] & row_ok[None, :]
@@ -304,18 +291,6 @@ def _bwd_blocks(dk: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
     return (32, 32) if max(dk, dv) > 128 or dtype == torch.float32 else (64, 32)
 
 
-PACK_GROUP_ROWS = True  # False: one query head per tile (the previous layout, for the benchmark's A/B)
-
-
-def group_rows(G: int, block_m: int) -> int:
-    """GR, the query heads of one KV group a tile of block_m rows holds (rows = BT positions x GR heads, the paper's
-    group-centric loading: the group's heads share every K/V tile load): the whole group when it fits, else the
-    largest divisor of G that does; 1 with PACK_GROUP_ROWS off."""
-    if not PACK_GROUP_ROWS:
-        return 1
-    return max(d for d in range(1, min(G, block_m) + 1) if G % d == 0)
-
-
 CMP_SPLIT_QUERIES = 4096  # query positions per dK/dV program of the compressed branch (MODE 1)
 CMP_SPLIT_MAX = 16  # at most this many splits ...
 CMP_SPLIT_BYTES = 1 << 30  # ... and at most this many bytes of fp32 partials
@@ -346,26 +321,25 @@ class DenseMaskedAttention(torch.autograd.Function):
         o = torch.empty(Tq, HQ, Dv, dtype=q.dtype, device=q.device)
         lse = torch.empty(Tq, HQ, dtype=torch.float32, device=q.device)
         bm, bn = _blocks(Dk, Dv, q.dtype)
-        gr = group_rows(HQ // HKV, bm) if HKV else 1
-        tiles_q = tile_table(cu_q, bm // gr)
+        tiles_q = tile_table(cu_q, bm)
         (bdk, bdk2), bdv = split_head_dim(Dk), next_pow2(Dv)
         if tiles_q.shape[0] and HQ:
-            _fwd_kernel[(tiles_q.shape[0], HQ // gr)](
+            _fwd_kernel[(tiles_q.shape[0], HQ)](
                 q, k, v, o, lse, tiles_q, cu_q, cu_k,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 o.stride(0), o.stride(1), lse.stride(0),
                 HQ // HKV, Dk, Dv, scale * LOG2E, window, cmp_l, cmp_d,
-                MODE=mode, PREC=dot_precision(q.dtype), GR=gr, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DK2=bdk2,
+                MODE=mode, PREC=dot_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DK2=bdk2,
                 BLOCK_DV=bdv,
             )
         ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k, tiles_q)
-        ctx.cfg = (mode, scale, window, cmp_l, cmp_d, bm, bn, gr)
+        ctx.cfg = (mode, scale, window, cmp_l, cmp_d, bm, bn)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, cu_q, cu_k, tiles_q = ctx.saved_tensors
-        mode, scale, window, cmp_l, cmp_d, bm, bn, gr = ctx.cfg
+        mode, scale, window, cmp_l, cmp_d, bm, bn = ctx.cfg
         Tq, HQ, Dk = q.shape
         HKV, Dv = k.shape[1], v.shape[2]
         do = torch.zeros_like(o) if do is None else do.contiguous()
@@ -381,18 +355,16 @@ class DenseMaskedAttention(torch.autograd.Function):
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                    do.stride(0), do.stride(1), lse.stride(0))
         if tiles_q.shape[0] and HQ:
-            _bwd_dq_kernel[(tiles_q.shape[0], HQ // gr)](
+            _bwd_dq_kernel[(tiles_q.shape[0], HQ)](
                 q, k, v, do, lse, delta, dq, tiles_q, cu_q, cu_k, *strides,
-                HQ // HKV, Dk, Dv, scale * LOG2E, scale, window, cmp_l, cmp_d, GR=gr, BLOCK_M=bm, BLOCK_N=bn,
-                **common,
+                HQ // HKV, Dk, Dv, scale * LOG2E, scale, window, cmp_l, cmp_d, BLOCK_M=bm, BLOCK_N=bn, **common,
             )
         else:
             dq.zero_()
         bm, bn = _bwd_blocks(Dk, Dv, q.dtype)
-        gr = group_rows(HQ // HKV, bm) if HKV else 1
         tiles_k = tile_table(cu_k, bn)
         if tiles_k.shape[0] and HKV:
-            chunk, nsplit = _query_split(cu_q, mode, bm // gr, 4 * (k.numel() + v.numel()))
+            chunk, nsplit = _query_split(cu_q, mode, bm, 4 * (k.numel() + v.numel()))
             dk_out, dv_out = dk, dv
             if nsplit > 1:  # fp32 partials per split, summed in a fixed order below (deterministic)
                 dk_out = torch.empty(nsplit, *k.shape, dtype=torch.float32, device=k.device)
@@ -400,7 +372,7 @@ class DenseMaskedAttention(torch.autograd.Function):
             _bwd_dkv_kernel[(tiles_k.shape[0], HKV, nsplit)](
                 q, k, v, do, lse, delta, dk_out, dv_out, tiles_k, cu_q, cu_k, *strides,
                 dk_out.stride(0) if nsplit > 1 else 0, dv_out.stride(0) if nsplit > 1 else 0,
-                HQ // HKV, Dk, Dv, scale * LOG2E, scale, window, cmp_l, cmp_d, chunk, GR=gr, BLOCK_M=bm, BLOCK_N=bn,
+                HQ // HKV, Dk, Dv, scale * LOG2E, scale, window, cmp_l, cmp_d, chunk, BLOCK_M=bm, BLOCK_N=bn,
                 **common,
             )
             if nsplit > 1:
