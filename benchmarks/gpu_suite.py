@@ -235,8 +235,9 @@ def packing_comparison(T, reps) -> list:
 
 
 def dkv_tiles_comparison(T, reps) -> list:
-    """Compressed attention fwd+bwd (paper heads) with the dK/dV kernel's tiles as chosen (no register spills on
-    sm_90) against the forward's larger tiles (which spill at Dk = 192): which is faster."""
+    """Compressed attention fwd+bwd (paper heads) with the dK/dV kernel's tiles as chosen (32x32: no register
+    spills on sm_90, but mma.sync) against the forward's (64x32, spills at Dk = 192) and against 16 queries x 64
+    keys (the smallest wgmma-sized key tile; spills 16-24 bytes at 8 warps): which is faster."""
     from nsa.ops.triton import flash
 
     cfg = nsa.NSAConfig()
@@ -244,7 +245,8 @@ def dkv_tiles_comparison(T, reps) -> list:
     q, kc, vc = x[0], x[1], x[2]
     chosen = flash._bwd_blocks
     rows = []
-    for name, blocks in (("chosen", chosen), ("forward tiles", flash._blocks)):
+    for name, blocks in (("chosen", chosen), ("forward tiles", flash._blocks),
+                         ("16x64", lambda dk, dv, dtype: (16, 64))):
         flash._bwd_blocks = blocks
         try:
             r = time_fwd_bwd(lambda: nsa.compressed_attention(q, kc, vc, block_size=cfg.cmp_block_size,
