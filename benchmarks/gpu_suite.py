@@ -272,7 +272,7 @@ def autotune_choices() -> dict:
             tuner = getattr(mod, name)
 
             def cfg(c):
-                return f"w{c.num_warps}s{c.num_stages}"
+                return f"w{c.num_warps}s{c.num_stages}" + "".join(f" {k}={v}" for k, v in sorted(c.kwargs.items()))
 
             picks = [dict(key=[str(x) for x in k], config=cfg(c)) for k, c in getattr(tuner, "cache", {}).items()]
             last = {cfg(c): [round(float(x), 4) for x in (t if isinstance(t, (list, tuple)) else [t])]

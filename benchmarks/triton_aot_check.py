@@ -33,8 +33,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def compile_one(kernel, types, consts, num_warps=4, num_stages=2):
     """Build for sm_90; an autotuned kernel once per config of its list (what the GPU would build and time)."""
-    if hasattr(kernel, "configs"):  # unwrap @triton.autotune
-        return all([compile_one(kernel.fn, types, consts, c.num_warps, c.num_stages) for c in kernel.configs])
+    if hasattr(kernel, "configs"):  # unwrap @triton.autotune (configs that set a constexpr: those matching consts)
+        return all([compile_one(kernel.fn, types, consts, c.num_warps, c.num_stages) for c in kernel.configs
+                    if all(consts.get(k) == v for k, v in c.kwargs.items())])
     fn = kernel
     sig = {p: ("constexpr" if p in consts else types.get(p, "i32")) for p in inspect.signature(fn.fn).parameters}
     try:
@@ -135,8 +136,10 @@ def main(dtypes, dims, groups, modes):
                                        LP_PAD=64), num_warps=selection.REDUCE_WARPS)
             for G in groups:
                 gp, bt, bj, ci = topk._tile(G, 16, 64, 32, 16, dk, tdt)
-                ok &= compile_one(topk._topn_kernel, types,
-                                  dict(PREC=prec, GP=gp, BT=bt, BLOCK_DK=next_pow2(dk), BJ=bj, CI=ci))
+                for split in sorted({0, int(flash.split_head_dim(dk)[1] > 0)}):
+                    ok &= compile_one(topk._topn_kernel, types, dict(
+                        PREC=prec, GP=gp, BT=bt, DK_PAD=next_pow2(dk), DK_A=flash.split_head_dim(dk)[0],
+                        DK_B=flash.split_head_dim(dk)[1], BJ=bj, CI=ci, SPLIT=split))
         ok &= check_decode(P, prec, dims, groups)
         ctypes = dict(A=P, B=P, C=P, GATE=P, O=P, DO=P, DA=P, DB=P, DC=P, DG=P, R="i64", D="i32", s_g="i32")
         for kernel in (combine._combine_fwd_kernel, combine._combine_bwd_kernel):

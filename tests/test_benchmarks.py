@@ -56,12 +56,12 @@ def test_gpu_suite_records_autotune_picks(monkeypatch):
     import gpu_suite
     from nsa.ops.triton import flash
 
-    c = triton.Config({}, num_warps=8, num_stages=3)
+    c = triton.Config({"SPLIT": 1}, num_warps=8, num_stages=3)
     monkeypatch.setattr(flash, "_fwd_kernel", SimpleNamespace(cache={(0, "torch.bfloat16"): c},
                                                               configs_timings={c: [0.5, 0.4, 0.6]}))
     got = gpu_suite.autotune_choices()["_fwd_kernel"]
-    assert got == dict(picks=[dict(key=["0", "torch.bfloat16"], config="w8s3")],
-                       last_timings_ms={"w8s3": [0.5, 0.4, 0.6]})
+    assert got == dict(picks=[dict(key=["0", "torch.bfloat16"], config="w8s3 SPLIT=1")],
+                       last_timings_ms={"w8s3 SPLIT=1": [0.5, 0.4, 0.6]})
 
 
 def test_gpu_profile_report_and_kernel_table(monkeypatch):
