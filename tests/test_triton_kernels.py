@@ -371,5 +371,13 @@ def test_autotune_lists(monkeypatch):
     cfgs = utils.autotune_configs(utils.PIPELINED_CONFIGS)
     assert [(c.num_warps, c.num_stages) for c in cfgs] == list(utils.PIPELINED_CONFIGS)
     assert all(c.num_stages >= 3 for c in cfgs)
+    from nsa.ops.triton import topk
+
+    split = topk._split_configs()
+    assert sorted((c.kwargs["SPLIT"], c.num_warps, c.num_stages) for c in split) == sorted(
+        (sp, w, st) for sp in (0, 1) for w, st in utils.DEFAULT_CONFIGS)
+    assert [c.kwargs["SPLIT"] for c in topk._prune_split(split, {}, DK_B=0)] == [0] * len(utils.DEFAULT_CONFIGS)
+    assert len(topk._prune_split(split, {}, DK_B=64)) == len(split)
     monkeypatch.setenv("NSA_TRITON_AUTOTUNE", "0")
     assert [(c.num_warps, c.num_stages) for c in utils.autotune_configs()] == [utils.DEFAULT_CONFIGS[0]] == [(8, 2)]
+    assert [c.kwargs for c in topk._split_configs()] == [{"SPLIT": 0}]

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from .flash import LOG2E, _tile_seq, default_scale, dense_masked_attention, split_head_dim
-from .utils import (autotune_configs, cmp_offsets, device_jit, dot_precision, interpreting, load_cols, next_pow2,
-                    pack, seq_offsets, tile_table)
+from .utils import (autotune_configs, cmp_offsets, device_jit, dot_precision, load_cols, next_pow2, pack,
+                    seq_offsets, tile_table)
 
 _BIG = 2**62
 SMEM_BUDGET = 180 * 1024  # bytes for the q tile + one compressed-key tile; larger tiles use the torch backend
@@ -44,12 +44,11 @@ def _split_configs():
     """The autotune list twice: SPLIT = 0 loads the head dim as one padded tile (192 -> 256), SPLIT = 1 as two
     power-of-two tiles (128 + 64). Split builds to ~6 % more loop instructions and more registers on sm_90, but its
     q and key tiles take a quarter less shared memory, so a 3-stage (pipelined) build fits two programs per SM
-    instead of one: the GPU's autotuner decides. One config (SPLIT = 0) under the interpreter."""
+    instead of one: the GPU's autotuner decides. One config (SPLIT = 0) where autotune_configs gives one (the
+    interpreter, NSA_TRITON_AUTOTUNE=0)."""
     cfgs = autotune_configs()
-    if interpreting():
-        return [triton.Config({"SPLIT": 0}, num_warps=c.num_warps, num_stages=c.num_stages) for c in cfgs]
     return [triton.Config({"SPLIT": sp}, num_warps=c.num_warps, num_stages=c.num_stages)
-            for sp in (0, 1) for c in cfgs]
+            for sp in ((0, 1) if len(cfgs) > 1 else (0,)) for c in cfgs]
 
 
 def _prune_split(configs, named_args, **kwargs):
