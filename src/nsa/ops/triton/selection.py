@@ -424,23 +424,23 @@ class SelectedAttention(torch.autograd.Function):
                     BLOCK_N=_block_n(block_size, plan.rows, max(Dk, Dv), q.dtype),
                     BLOCK_DK=split_head_dim(Dk)[0], BLOCK_DK2=split_head_dim(Dk)[1], BLOCK_DV=next_pow2(Dv))
         NT = plan.tiles.shape[0]
+        nsub = triton.cdiv(block_size, meta["BLOCK_N"])  # key sub-tiles per selection block
         if NT and HKV:
             _slc_fwd_kernel[(NT, HKV)](
                 q, k, v, o, lse, plan.idx, plan.union, plan.count, plan.tiles, cu,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 o.stride(0), o.stride(1), lse.stride(0), plan.idx.stride(0), plan.idx.stride(1),
                 plan.union.stride(0), plan.union.stride(1),
-                G, plan.n, block_size, Dk, Dv, scale * LOG2E, NSUB=triton.cdiv(block_size, meta["BLOCK_N"]),
-                **meta,
+                G, plan.n, block_size, Dk, Dv, scale * LOG2E, NSUB=nsub, **meta,
             )
         ctx.save_for_backward(q, k, v, o, lse, cu)
-        ctx.plan, ctx.meta, ctx.cfg = plan, meta, (block_size, scale)
+        ctx.plan, ctx.meta, ctx.cfg = plan, meta, (block_size, scale, nsub)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, cu = ctx.saved_tensors
-        plan, meta, (block_size, scale) = ctx.plan.build_reverse(), ctx.meta, ctx.cfg
+        plan, meta, (block_size, scale, nsub) = ctx.plan.build_reverse(), ctx.meta, ctx.cfg
         Tt, HQ, Dk = q.shape
         HKV, Dv = k.shape[1], v.shape[2]
         G = HQ // HKV
@@ -450,7 +450,6 @@ class SelectedAttention(torch.autograd.Function):
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                    do.stride(0), do.stride(1), lse.stride(0), plan.idx.stride(0), plan.idx.stride(1))
         NT = plan.tiles.shape[0]
-        nsub = triton.cdiv(block_size, meta["BLOCK_N"])
         if NT and HKV:
             _slc_bwd_dq_kernel[(NT, HKV)](
                 q, k, v, do, lse, delta, dq, plan.idx, plan.union, plan.count, plan.tiles, cu,
