@@ -45,6 +45,46 @@ def test_native_sparse_attention_matches_reference(heads, varlen, given):
         assert_close(a, b, name=f"d{n}", **tol)
 
 
+def test_padded_batch_reads_no_offsets_from_the_device(monkeypatch):
+    """A padded batch's offsets are built from host numbers, so the forward and backward never read them back
+    from the device (no synchronisation; a CUDA graph can capture the forward). A varlen batch reads its
+    cu_seqlens once, in validation, and every kernel reuses those values."""
+    from nsa.ops import varlen
+
+    reads = []
+    monkeypatch.setattr(varlen, "_read_offsets", lambda cu: reads.append(cu.tolist()) or cu.tolist())
+    x = make_inputs(2, 41, 4, 2, 20, 12, CFG, dtype=torch.float32, seed=3, device=DEV, requires_grad=True)
+    o = nsa.native_sparse_attention(*x, config=CFG, backend="triton")
+    _loss_grads(o, x)
+    assert reads == []
+    cu = torch.tensor([0, 7, 33, 47], dtype=torch.int32, device=DEV)
+    x = make_inputs(1, 47, 4, 2, 20, 12, CFG, dtype=torch.float32, cu_seqlens=cu, seed=4, device=DEV,
+                    requires_grad=True)
+    cu, reads[:] = cu.clone(), []  # a tensor nothing has read yet (make_inputs read the original)
+    o = nsa.native_sparse_attention(*x, config=CFG, cu_seqlens=cu, backend="triton")
+    _loss_grads(o, x)
+    assert reads == []  # validation read cu_seqlens itself (to report bad values) and remembered them
+
+
+def test_host_offsets_are_remembered_and_invalidated_by_in_place_changes(monkeypatch):
+    from nsa.ops import varlen
+    from nsa.ops.triton import utils
+
+    reads = []
+    monkeypatch.setattr(varlen, "_read_offsets", lambda cu: reads.append(1) or cu.tolist())
+    cu = utils.seq_offsets(3, 5, None, DEV)
+    assert varlen.host_offsets(cu) == [0, 5, 10, 15] and reads == []
+    t1 = utils.tile_table(cu, 4)
+    assert t1.tolist() == [[0, 0], [0, 4], [1, 5], [1, 9], [2, 10], [2, 14]]
+    assert utils.tile_table(utils.seq_offsets(3, 5, None, DEV), 4) is t1  # same shape: the cached table
+    cu.mul_(2)  # an in-place change bumps the version: the remembered values no longer count
+    assert varlen.host_offsets(cu) == [0, 10, 20, 30] and len(reads) == 1
+    assert varlen.host_offsets(cu) == [0, 10, 20, 30] and len(reads) == 1
+    key = id(cu)
+    del cu
+    assert key not in varlen._HOST_OFFSETS
+
+
 def test_float64_is_delegated_to_reference():
     x = make_inputs(1, 20, 2, 1, 8, 8, CFG, dtype=torch.float64, device=DEV)
     o = nsa.native_sparse_attention(*x, config=CFG, backend="triton")
@@ -83,3 +123,26 @@ def test_gpu_int64_offsets():
     tail = slice(T - 16 - w, T)
     e = ref.sliding_window_attention(q[:, tail], k[:, tail], v[:, tail], window=w)[:, -16:]
     assert_close(o, e, atol=3e-2, rtol=3e-2, name="tail rows")
+
+
+@gpu_only
+def test_gpu_padded_forward_captures_in_a_cuda_graph():
+    """A padded batch's forward reads nothing back from the device, so after one warm-up call (compilation,
+    autotuning, tile tables) it records into a CUDA graph (capture fails on a synchronisation), and a replay on new
+    inputs written into the same buffers matches the eager forward on them."""
+    cfg = nsa.NSAConfig()
+    x = make_inputs(2, 700, 16, 2, 192, 128, cfg, dtype=torch.bfloat16, seed=5, device="cuda")
+    fn = lambda: nsa.native_sparse_attention(*x, config=cfg, backend="triton")  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    for buf, new in zip(x, make_inputs(2, 700, 16, 2, 192, 128, cfg, dtype=torch.bfloat16, seed=6, device="cuda")):
+        buf.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, fn())

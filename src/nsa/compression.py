@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from .config import num_compressed_tokens
+from .ops.varlen import host_offsets
 
 
 def block_starts(seqlen: int, block_size: int, stride: int, cu_seqlens: torch.Tensor | None, device=None):
     """First packed position of every compressed block, [Tc] int64 (per sequence when packed)."""
     if cu_seqlens is None:
         return torch.arange(num_compressed_tokens(seqlen, block_size, stride), device=device) * stride
-    bounds = cu_seqlens.tolist()
+    bounds = host_offsets(cu_seqlens)
     parts = [
         start + torch.arange(num_compressed_tokens(end - start, block_size, stride), device=device) * stride
         for start, end in zip(bounds[:-1], bounds[1:])

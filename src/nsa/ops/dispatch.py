@@ -12,7 +12,7 @@ from types import ModuleType
 import torch
 
 from ..config import NSAConfig
-from .varlen import num_compressed_total
+from .varlen import num_compressed_total, remember_offsets
 
 # name -> module path; a backend whose import fails (e.g. Triton missing) is reported as unavailable.
 _BACKENDS = {
@@ -111,7 +111,9 @@ def _check_cu_seqlens(cu_seqlens, q):
         raise ValueError(f"cu_seqlens must start at 0 and end at T={q.shape[1]}, got {cpu.tolist()}")
     if bool((cpu[1:] < cpu[:-1]).any()):
         raise ValueError(f"cu_seqlens must be non-decreasing, got {cpu.tolist()}")
-    return cu_seqlens.to(q.device)
+    values = cpu.tolist()  # read once here; the backends' host-side planning reuses them
+    remember_offsets(cu_seqlens, values)
+    return remember_offsets(cu_seqlens.to(q.device), values)
 
 
 def _check_scale(scale):

@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..config import NSAConfig, num_compressed_tokens
-from .varlen import compressed_cu_seqlens, sequence_spans
+from .varlen import compressed_cu_seqlens, host_offsets, sequence_spans
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,7 +49,7 @@ def _cmp_visible(seqlen: int, num_cmp: int, block_size: int, stride: int, device
 
 def _cmp_spans(q, cu_seqlens, block_size, stride):
     """(b, start, end, cmp_start, cmp_end) for every sequence."""
-    ccu = None if cu_seqlens is None else compressed_cu_seqlens(cu_seqlens, block_size, stride).tolist()
+    ccu = None if cu_seqlens is None else host_offsets(compressed_cu_seqlens(cu_seqlens, block_size, stride))
     for n, (b, start, end) in enumerate(sequence_spans(q.shape[0], q.shape[1], cu_seqlens)):
         if ccu is None:
             yield b, start, end, 0, num_compressed_tokens(end - start, block_size, stride)

@@ -34,7 +34,7 @@ import torch
 
 from ..config import num_compressed_tokens
 from . import torch_dense
-from .varlen import compressed_cu_seqlens, sequence_spans
+from .varlen import compressed_cu_seqlens, host_offsets, sequence_spans
 
 CHUNK_SIZE = 1024  # queries per chunk (tests shrink it to exercise chunk boundaries)
 CHUNK_TOKENS = 1 << 24  # long sequences use smaller chunks: at most max(128, CHUNK_TOKENS / L) queries
@@ -105,7 +105,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _cmp_spans(B, T, cu_seqlens, l, d):
     """(b, start, end, cmp_start, cmp_end) of every sequence."""
-    ccu = None if cu_seqlens is None else compressed_cu_seqlens(cu_seqlens, l, d).tolist()
+    ccu = None if cu_seqlens is None else host_offsets(compressed_cu_seqlens(cu_seqlens, l, d))
     for n, (b, s, e) in enumerate(sequence_spans(B, T, cu_seqlens)):
         if ccu is None:
             yield b, s, e, 0, num_compressed_tokens(e - s, l, d)
@@ -1019,7 +1019,7 @@ def _contig(*xs):
 def _length_groups(cu_seqlens, l=None, d=None):
     """Token (and compressed-token) indices of a packed batch's non-empty sequences grouped by length:
     [(tok [m, L], cmp [m, Tc] | None)], or None when no two sequences share a length (nothing to merge)."""
-    cu = cu_seqlens.tolist()
+    cu = host_offsets(cu_seqlens)
     groups = {}
     for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
         if b > a:
@@ -1027,7 +1027,7 @@ def _length_groups(cu_seqlens, l=None, d=None):
     if len(groups) == sum(len(v) for v in groups.values()):
         return None
     dev = cu_seqlens.device
-    ccu = None if l is None else compressed_cu_seqlens(cu_seqlens, l, d).tolist()
+    ccu = None if l is None else host_offsets(compressed_cu_seqlens(cu_seqlens, l, d))
     out = []
     for L, ids in groups.items():
         tok = torch.tensor([cu[i] for i in ids], device=dev)[:, None] + torch.arange(L, device=dev)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference import cmp_to_slc_weights
-from .varlen import compressed_cu_seqlens
+from .varlen import compressed_cu_seqlens, host_offsets
 
 DENSE_MAX_LEN = 1024  # longest sequence taken by this path (0 disables it)
 DENSE_MAX_ELEMS = 1 << 25  # mask elements (sequences x query heads x Lb^2) per SDPA call
@@ -52,8 +52,8 @@ def _layout(cu_seqlens, l, d):
     bucket, sequence-major; padding repeats a clamped row), likewise for the compressed rows (Tcb per sequence),
     and the padded row of every packed token."""
     dev = cu_seqlens.device
-    cu = cu_seqlens.tolist()
-    ccu = compressed_cu_seqlens(cu_seqlens, l, d).tolist()
+    cu = host_offsets(cu_seqlens)
+    ccu = host_offsets(compressed_cu_seqlens(cu_seqlens, l, d))
     groups: dict[int, list[int]] = {}
     for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
         if b > a:

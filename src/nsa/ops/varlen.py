@@ -1,11 +1,46 @@
 """Helpers for the one variable-length convention: packed tokens with flash-attn style `cu_seqlens`."""
 from __future__ import annotations
 
-from typing import Iterator
+import weakref
+from typing import Iterable, Iterator
 
 import torch
 
 from ..config import num_compressed_tokens
+
+# id(offsets tensor) -> (weak reference to it, its version counter, its values as host ints). Device kernels need the
+# offsets on the host (tile tables, loop bounds); remembering them where they were built from host numbers, or read
+# once, avoids a device synchronisation per use, and a padded batch needs none at all (so its forward can be
+# captured in a CUDA graph). (Not a WeakKeyDictionary: its key comparison would call Tensor.__eq__.)
+_HOST_OFFSETS: dict[int, tuple[weakref.ref, int, list[int]]] = {}
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    if _HOST_OFFSETS.get(key, (None,))[0] is ref:
+        del _HOST_OFFSETS[key]
+
+
+def remember_offsets(cu: torch.Tensor, values: Iterable[int]) -> torch.Tensor:
+    """Record `values` (host ints) as the contents of the offsets tensor `cu`; returns cu."""
+    key = id(cu)
+    ref = weakref.ref(cu, lambda r: _forget(key, r))
+    _HOST_OFFSETS[key] = (ref, cu._version, [int(v) for v in values])
+    return cu
+
+
+def _read_offsets(cu: torch.Tensor) -> list[int]:
+    return cu.tolist()  # a device read: synchronises with the GPU
+
+
+def host_offsets(cu: torch.Tensor) -> list[int]:
+    """The values of the 1-D offsets tensor `cu` as host ints: remembered ones (also after an in-place change is
+    ruled out by the version counter), else read from the device once and remembered."""
+    hit = _HOST_OFFSETS.get(id(cu))
+    if hit is not None and hit[0]() is cu and hit[1] == cu._version:
+        return hit[2]
+    values = _read_offsets(cu)
+    remember_offsets(cu, values)
+    return values
 
 
 def sequence_spans(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None) -> Iterator[tuple[int, int, int]]:
@@ -14,26 +49,28 @@ def sequence_spans(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None) -> 
         for b in range(batch):
             yield b, 0, seqlen
     else:
-        bounds = cu_seqlens.tolist()
+        bounds = host_offsets(cu_seqlens)
         for start, end in zip(bounds[:-1], bounds[1:]):
             yield 0, start, end
 
 
 def compressed_cu_seqlens(cu_seqlens: torch.Tensor, block_size: int, stride: int) -> torch.Tensor:
-    """Offsets of each sequence's compressed tokens in the packed compressed tensor (Eq. 7 count per sequence)."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    counts = [num_compressed_tokens(n, block_size, stride) for n in lengths]
-    out = torch.zeros(len(counts) + 1, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
-    if counts:
-        out[1:] = torch.tensor(counts, dtype=cu_seqlens.dtype, device=cu_seqlens.device).cumsum(0)
-    return out
+    """Offsets of each sequence's compressed tokens in the packed compressed tensor (Eq. 7 count per sequence),
+    with their host values remembered (`host_offsets`)."""
+    bounds = host_offsets(cu_seqlens)
+    offsets = [0]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        offsets.append(offsets[-1] + num_compressed_tokens(end - start, block_size, stride))
+    out = torch.tensor(offsets, dtype=cu_seqlens.dtype).to(cu_seqlens.device)
+    return remember_offsets(out, offsets)
 
 
 def num_compressed_total(batch_seqlen: int, cu_seqlens: torch.Tensor | None, block_size: int, stride: int) -> int:
     """Length of the compressed K/V time axis for a padded batch of `batch_seqlen` or a packed batch."""
     if cu_seqlens is None:
         return num_compressed_tokens(batch_seqlen, block_size, stride)
-    return int(compressed_cu_seqlens(cu_seqlens, block_size, stride)[-1])
+    bounds = host_offsets(cu_seqlens)
+    return sum(num_compressed_tokens(e - s, block_size, stride) for s, e in zip(bounds[:-1], bounds[1:]))
 
 
 def token_positions(seqlen: int, cu_seqlens: torch.Tensor | None, device: torch.device | None = None) -> torch.Tensor:

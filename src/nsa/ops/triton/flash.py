@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import autotune_configs, device_jit, dot_precision, interpreting, next_pow2, tile_table
+from .utils import autotune_configs, device_jit, dot_precision, host_offsets, interpreting, next_pow2, tile_table
 
 LOG2E = 1.4426950408889634
 
@@ -301,7 +301,8 @@ def _query_split(cu_q: torch.Tensor, mode: int, block_m: int, bytes_per_split: i
     program per key tile would loop over the whole sequence (x G heads) while the last tiles finish at once: split
     the query positions into chunks of CMP_SPLIT_QUERIES (fewer, longer chunks past the caps above). Window keys
     see at most w + BLOCK_N queries: no split."""
-    longest = int((cu_q[1:] - cu_q[:-1]).max()) if cu_q.numel() > 1 else 0
+    bounds = host_offsets(cu_q)
+    longest = max((e - s for s, e in zip(bounds[:-1], bounds[1:])), default=0)
     nsplit = min(triton.cdiv(longest, CMP_SPLIT_QUERIES), CMP_SPLIT_MAX,
                  max(1, CMP_SPLIT_BYTES // max(bytes_per_split, 1)))
     if mode != 1 or nsplit <= 1:

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .flash import LOG2E, default_scale, split_head_dim
-from .utils import (PIPELINED_CONFIGS, autotune_configs, device_jit, dot_precision, interpreting, load_cols,
-                    next_pow2, pack, seq_offsets, tile_table)
+from .utils import (PIPELINED_CONFIGS, autotune_configs, device_jit, dot_precision, host_offsets, interpreting,
+                    load_cols, next_pow2, pack, seq_offsets, tile_table)
 
 PACK_SMALL_GROUPS = True
 MAX_SEGMENT = 256  # query tiles per dK/dV program; longer reverse lists are split and reduced in order
@@ -377,7 +377,8 @@ class SelectionPlan:
         nb = (lengths + self.block_size - 1) // self.block_size
         blk_off = torch.zeros(len(nb) + 1, dtype=torch.long, device=dev)
         blk_off[1:] = nb.cumsum(0)
-        self.nb_total = int(blk_off[-1])
+        bounds = host_offsets(cu)
+        self.nb_total = sum(-(-(e - s) // self.block_size) for s, e in zip(bounds[:-1], bounds[1:]))
         kv_seq = torch.repeat_interleave(torch.arange(len(nb), device=dev), nb, output_size=self.nb_total)
         kv_blk = torch.arange(self.nb_total, device=dev) - blk_off[:-1][kv_seq]
         self.kv_blocks = torch.stack([kv_seq, kv_blk], 1).to(torch.int32).contiguous()

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..varlen import compressed_cu_seqlens
+from ..varlen import compressed_cu_seqlens, host_offsets, remember_offsets  # noqa: F401 (host_offsets re-exported)
 
 
 def interpreting() -> bool:
@@ -56,31 +56,50 @@ def pack(x: torch.Tensor) -> torch.Tensor:
 
 
 def seq_offsets(B: int, T: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
-    """int64 [N+1] offsets of the packed sequences: cu_seqlens, or 0, T, 2T, ... for a padded batch."""
+    """int64 [N+1] offsets of the packed sequences: cu_seqlens, or 0, T, 2T, ... for a padded batch (host values
+    remembered: no device read later)."""
     if cu_seqlens is None:
-        return torch.arange(B + 1, device=device, dtype=torch.int64) * T
-    return cu_seqlens.to(device=device, dtype=torch.int64)
+        cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
+        return remember_offsets(cu, [i * T for i in range(B + 1)])
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    return cu if cu is cu_seqlens else remember_offsets(cu, host_offsets(cu_seqlens))
 
 
 def cmp_offsets(B: int, Tc: int, cu_seqlens: torch.Tensor | None, block_size: int, stride: int, device):
     """int64 [N+1] offsets of each sequence's compressed tokens in the packed compressed tensor."""
     if cu_seqlens is None:
-        return torch.arange(B + 1, device=device, dtype=torch.int64) * Tc
-    return compressed_cu_seqlens(cu_seqlens.to(torch.int64), block_size, stride).to(device)
+        ccu = torch.arange(B + 1, device=device, dtype=torch.int64) * Tc
+        return remember_offsets(ccu, [i * Tc for i in range(B + 1)])
+    ccu = compressed_cu_seqlens(cu_seqlens, block_size, stride)
+    return remember_offsets(ccu.to(device=device, dtype=torch.int64), host_offsets(ccu))
+
+
+_TILE_TABLES: dict = {}  # (offsets, block, device) -> table: fixed shapes (training steps) build each table once
+_TILE_TABLES_MAX = 64
 
 
 def tile_table(cu: torch.Tensor, block: int) -> torch.Tensor:
-    """int32 [num_tiles, 2] of (sequence, first packed row): tiles of `block` rows that never cross a sequence."""
-    bounds = cu.tolist()
-    seqs, starts = [], []
-    for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if e > s:
-            st = torch.arange(s, e, block, dtype=torch.int32)
-            starts.append(st)
-            seqs.append(torch.full_like(st, n))
-    if not starts:
-        return torch.zeros(0, 2, dtype=torch.int32, device=cu.device)
-    return torch.stack([torch.cat(seqs), torch.cat(starts)], 1).contiguous().to(cu.device)
+    """int32 [num_tiles, 2] of (sequence, first packed row): tiles of `block` rows that never cross a sequence.
+    Built on the host from cu's host values (`host_offsets`: no device read for a padded batch) and cached, so a
+    repeated shape neither rebuilds nor copies it (and a CUDA graph capture after a warm-up call finds it)."""
+    bounds = host_offsets(cu)
+    key = (tuple(bounds), int(block), cu.device)
+    table = _TILE_TABLES.get(key)
+    if table is None:
+        seqs, starts = [], []
+        for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if e > s:
+                st = torch.arange(s, e, block, dtype=torch.int32)
+                starts.append(st)
+                seqs.append(torch.full_like(st, n))
+        if not starts:
+            table = torch.zeros(0, 2, dtype=torch.int32, device=cu.device)
+        else:
+            table = torch.stack([torch.cat(seqs), torch.cat(starts)], 1).contiguous().to(cu.device)
+        if len(_TILE_TABLES) >= _TILE_TABLES_MAX:
+            _TILE_TABLES.pop(next(iter(_TILE_TABLES)))
+        _TILE_TABLES[key] = table
+    return table
 
 
 def token_seq_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
