@@ -77,6 +77,9 @@ def test_host_offsets_are_remembered_and_invalidated_by_in_place_changes(monkeyp
     t1 = utils.tile_table(cu, 4)
     assert t1.tolist() == [[0, 0], [0, 4], [1, 5], [1, 9], [2, 10], [2, 14]]
     assert utils.tile_table(utils.seq_offsets(3, 5, None, DEV), 4) is t1  # same shape: the cached table
+    monkeypatch.setattr(utils, "_TILE_TABLES_BYTES", 100)  # a 12-tile table (96 bytes) fits alone, not beside t1
+    t2 = utils.tile_table(utils.seq_offsets(1, 12, None, DEV), 1)
+    assert list(utils._TILE_TABLES.values()) == [t2] and t2.shape == (12, 2)
     cu.mul_(2)  # an in-place change bumps the version: the remembered values no longer count
     assert varlen.host_offsets(cu) == [0, 10, 20, 30] and len(reads) == 1
     assert varlen.host_offsets(cu) == [0, 10, 20, 30] and len(reads) == 1

@@ -75,7 +75,7 @@ def cmp_offsets(B: int, Tc: int, cu_seqlens: torch.Tensor | None, block_size: in
 
 
 _TILE_TABLES: dict = {}  # (offsets, block, device) -> table: fixed shapes (training steps) build each table once
-_TILE_TABLES_MAX = 64
+_TILE_TABLES_BYTES = 32 << 20  # the oldest tables go first past this many bytes (a table is 8 bytes per tile)
 
 
 def tile_table(cu: torch.Tensor, block: int) -> torch.Tensor:
@@ -96,9 +96,10 @@ def tile_table(cu: torch.Tensor, block: int) -> torch.Tensor:
             table = torch.zeros(0, 2, dtype=torch.int32, device=cu.device)
         else:
             table = torch.stack([torch.cat(seqs), torch.cat(starts)], 1).contiguous().to(cu.device)
-        if len(_TILE_TABLES) >= _TILE_TABLES_MAX:
-            _TILE_TABLES.pop(next(iter(_TILE_TABLES)))
         _TILE_TABLES[key] = table
+        total = sum(t.numel() * 4 for t in _TILE_TABLES.values())
+        while total > _TILE_TABLES_BYTES and len(_TILE_TABLES) > 1:
+            total -= _TILE_TABLES.pop(next(iter(_TILE_TABLES))).numel() * 4
     return table
 
 
