@@ -106,3 +106,25 @@ def test_triton_decode_paper_geometry_gpu(dtype):
     if dtype == torch.float32:
         assert torch.equal(idx, idx_ref)
     assert_close(o, o_ref, **tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shared_kv", [False, True])
+def test_gpu_decode_step_never_waits_for_the_gpu(shared_kv):
+    """One-token decode steps through the layer (triton), over ragged rows and across a compressed-token emission
+    (every d tokens, here for one row only), run with torch's sync debug mode set to error: no device read and no
+    blocking host-to-device copy."""
+    layer = nsa.NativeSparseAttention(256, 8, 2, 64, config=nsa.NSAConfig(), shared_kv=shared_kv,
+                                      backend="triton").cuda()
+    cache = nsa.NSACache(1, batch_size=2, max_length=2048)
+    layer(torch.randn(2, 900, 256, device="cuda"), cache=cache, layer_idx=0,
+          new_lengths=torch.tensor([900, 707]))  # row 1 emits on other steps than row 0
+    steps = [torch.randn(2, 1, 256, device="cuda") for _ in range(20)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x in steps:
+            layer(x, cache=cache, layer_idx=0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert cache.lengths.tolist() == [920, 727]

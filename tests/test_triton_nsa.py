@@ -130,9 +130,10 @@ def test_gpu_int64_offsets():
 
 @gpu_only
 def test_gpu_padded_forward_captures_in_a_cuda_graph():
-    """A padded batch's forward reads nothing back from the device, so after one warm-up call (compilation,
-    autotuning, tile tables) it records into a CUDA graph (capture fails on a synchronisation), and a replay on new
-    inputs written into the same buffers matches the eager forward on them."""
+    """A padded batch's forward reads nothing back from the device: after one warm-up call (compilation,
+    autotuning, tile tables) it runs under torch's sync debug mode set to error and records into a CUDA graph
+    (capture fails on a synchronisation), and a replay on new inputs written into the same buffers matches the
+    eager forward on them."""
     cfg = nsa.NSAConfig()
     x = make_inputs(2, 700, 16, 2, 192, 128, cfg, dtype=torch.bfloat16, seed=5, device="cuda")
     fn = lambda: nsa.native_sparse_attention(*x, config=cfg, backend="triton")  # noqa: E731
@@ -141,6 +142,11 @@ def test_gpu_padded_forward_captures_in_a_cuda_graph():
     with torch.cuda.stream(side):
         fn()
     torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.set_sync_debug_mode("error")  # raises on any synchronising call
+    try:
+        fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn()

@@ -71,10 +71,14 @@ class LayerCache:
         l, d = self.config.cmp_block_size, self.config.cmp_stride
         return torch.tensor([num_compressed_tokens(int(L), l, d) for L in self.host_lengths], dtype=torch.long)
 
-    def set_lengths(self, rows, new_lengths_host: torch.Tensor) -> None:
+    def set_lengths(self, rows, new_lengths_host: torch.Tensor, new_lengths_device: torch.Tensor | None = None) -> None:
+        """Rows' new lengths: the host mirror from `new_lengths_host`, the device copy from `new_lengths_device`
+        (the same values computed on the device: no host-to-device copy, which would wait for the device) or else
+        a copy of the host values."""
         self.host_lengths[rows] = new_lengths_host
-        self.lengths[rows.to(self.lengths.device) if isinstance(rows, torch.Tensor) else rows] = \
-            new_lengths_host.to(self.lengths.device)
+        if new_lengths_device is None:
+            new_lengths_device = new_lengths_host.to(self.lengths.device)
+        self.lengths[rows.to(self.lengths.device) if isinstance(rows, torch.Tensor) else rows] = new_lengths_device
 
 
 class NSACache:

@@ -175,27 +175,29 @@ class NativeSparseAttention(nn.Module):
 
         R, T, _ = x.shape
         dev, cdt = x.device, lc.k_slc.dtype
-        L_old = lc.host_lengths[rows]
+        L_old = lc.host_lengths[rows]  # host: sizes and branch decisions
         L_new = L_old + T
         if int(L_new.max()) > lc.max_length:
             raise ValueError(f"cache max_length {lc.max_length} exceeded: {int(L_new.max())} tokens")
-        pos = L_old.to(dev)[:, None] + torch.arange(T, device=dev)  # [R, T]
         ridx = (torch.arange(R, device=dev) if isinstance(rows, slice) else rows.to(dev))[:, None]
+        L_old_d = lc.lengths[ridx[:, 0]]  # the same lengths on the device, for position arithmetic there
+        pos = L_old_d[:, None] + torch.arange(T, device=dev)  # [R, T]
         q, kc_raw, vc_raw, k_slc, v_slc, k_win, v_win, gates = self._heads(x, pos)
         lc.k_slc[ridx, pos] = k_slc.detach().to(cdt)
         lc.v_slc[ridx, pos] = v_slc.detach().to(cdt)
         win_start = None
         if not self.window_reads_slc:  # the ring holds positions L_old - cap .. L_old - 1; the window needs them + new
             cap = lc.window_capacity
-            ring = (L_old.to(dev)[:, None] - cap + torch.arange(cap, device=dev)) % cap
+            ring = (L_old_d[:, None] - cap + torch.arange(cap, device=dev)) % cap
             k_win_all = torch.cat([lc.k_win[ridx, ring], k_win.to(cdt)], 1)
             v_win_all = torch.cat([lc.v_win[ridx, ring], v_win.to(cdt)], 1)
-            win_start = L_old.to(dev) - cap
+            win_start = L_old_d - cap
             keep = min(T, cap)
             lc.k_win[ridx, pos[:, T - keep:] % cap] = k_win[:, T - keep:].detach().to(cdt)
             lc.v_win[ridx, pos[:, T - keep:] % cap] = v_win[:, T - keep:].detach().to(cdt)
-        fresh = self._append_compressed(lc, ridx, L_old, kc_raw, vc_raw)
-        lc.set_lengths(rows, L_new)
+        fresh = self._append_compressed(lc, ridx, L_old, L_old_d, kc_raw, vc_raw)
+        L_new_d = L_old_d + T
+        lc.set_lengths(rows, L_new, L_new_d)
         if fresh is not None and self._full_backend_available(dev):
             # empty cache: this is an ordinary prefill, run the layer's backend on the chunk itself
             o = dispatch.native_sparse_attention(q, *fresh, k_slc, v_slc, k_win, v_win, gates, config=self.config,
@@ -210,7 +212,7 @@ class NativeSparseAttention(nn.Module):
             k_cmp, v_cmp, k_s, v_s = lc.k_cmp[r, :Tc], lc.v_cmp[r, :Tc], lc.k_slc[r, :Lmax], lc.v_slc[r, :Lmax]
         if self.window_reads_slc:
             k_win_all, v_win_all = k_s, v_s
-        o = decode_attention(q, k_cmp, v_cmp, k_s, v_s, k_win_all, v_win_all, gates, lengths=L_new.to(dev),
+        o = decode_attention(q, k_cmp, v_cmp, k_s, v_s, k_win_all, v_win_all, gates, lengths=L_new_d,
                              config=self.config, win_start=win_start, impl=self._decode_impl(dev), host_lengths=L_new)
         return self.o_proj(o.reshape(R, T, -1))
 
@@ -221,7 +223,7 @@ class NativeSparseAttention(nn.Module):
             return False
         return hasattr(module, "native_sparse_attention")
 
-    def _append_compressed(self, lc, ridx, L_old, kc_raw, vc_raw):
+    def _append_compressed(self, lc, ridx, L_old, L_old_d, kc_raw, vc_raw):
         """Emit the compressed tokens completed by the new raw cmp K/V [R, T, HKV, D] and keep the pending tail.
 
         Block i (tokens i*d .. i*d + l - 1, Eq. 7) is emitted once its last token arrives. The cache stores
@@ -243,18 +245,20 @@ class NativeSparseAttention(nn.Module):
                 lc.v_tail[ridx, keep % cap] = vc_raw[:, n * d:].detach().to(cdt)
             return k_cmp, v_cmp
         if T == 1 and cap:  # decode: one candidate block per row (positions p - l + 1 .. p), emitted where complete
-            p = L_old  # host
+            p, p_d = L_old, L_old_d  # host (decisions), device (indices): no host-to-device copy
             emit = ((p + 1 - l) >= 0) & ((p + 1 - l) % d == 0)
-            p_d = p.to(dev)
             slots = (p_d[:, None] - cap + torch.arange(cap, device=dev)) % cap
-            if bool(emit.any()):
-                e = emit.nonzero().flatten().to(dev)
-                blk_k = torch.cat([lc.k_tail[ridx[e], slots[e]].to(kc_raw.dtype), kc_raw[e]], 1)  # [E, l, HKV, D]
-                blk_v = torch.cat([lc.v_tail[ridx[e], slots[e]].to(vc_raw.dtype), vc_raw[e]], 1)
-                k_new, v_new = self._compress(blk_k, blk_v, p_d[e][:, None])
-                i_new = ((p_d[e] + 1 - l) // d)[:, None]
-                lc.k_cmp[ridx[e], i_new] = k_new.detach().to(cdt)
-                lc.v_cmp[ridx[e], i_new] = v_new.detach().to(cdt)
+            if bool(emit.any()):  # φ over every row's candidate block; rows that complete none keep their entry
+                blk_k = torch.cat([lc.k_tail[ridx, slots].to(kc_raw.dtype), kc_raw], 1)  # [R, l, HKV, D]
+                blk_v = torch.cat([lc.v_tail[ridx, slots].to(vc_raw.dtype), vc_raw], 1)
+                k_new, v_new = self._compress(blk_k, blk_v, p_d[:, None])
+                i_new = ((p_d + 1 - l).clamp(min=0) // d)[:, None]
+                if not bool(emit.all()):
+                    keep = (((p_d + 1 - l) < 0) | ((p_d + 1 - l) % d != 0))[:, None, None, None]  # device
+                    k_new = torch.where(keep, lc.k_cmp[ridx, i_new].to(k_new.dtype), k_new)
+                    v_new = torch.where(keep, lc.v_cmp[ridx, i_new].to(v_new.dtype), v_new)
+                lc.k_cmp[ridx, i_new] = k_new.detach().to(cdt)
+                lc.v_cmp[ridx, i_new] = v_new.detach().to(cdt)
             lc.k_tail[ridx, (p_d % cap)[:, None]] = kc_raw.detach().to(cdt)
             lc.v_tail[ridx, (p_d % cap)[:, None]] = vc_raw.detach().to(cdt)
             return None
