@@ -78,8 +78,12 @@ def test_host_offsets_are_remembered_and_invalidated_by_in_place_changes(monkeyp
     assert t1.tolist() == [[0, 0], [0, 4], [1, 5], [1, 9], [2, 10], [2, 14]]
     assert utils.tile_table(utils.seq_offsets(3, 5, None, DEV), 4) is t1  # same shape: the cached table
     monkeypatch.setattr(utils, "_TILE_TABLES_BYTES", 100)  # a 12-tile table (96 bytes) fits alone, not beside t1
+    monkeypatch.setattr(utils, "_CAPTURED", set())
     t2 = utils.tile_table(utils.seq_offsets(1, 12, None, DEV), 1)
     assert list(utils._TILE_TABLES.values()) == [t2] and t2.shape == (12, 2)
+    monkeypatch.setattr(utils, "_CAPTURED", {next(iter(utils._TILE_TABLES))})  # as if a CUDA graph had read t2
+    t3 = utils.tile_table(utils.seq_offsets(1, 13, None, DEV), 1)
+    assert list(utils._TILE_TABLES.values()) == [t2, t3]  # over the budget, but t2 stays
     cu.mul_(2)  # an in-place change bumps the version: the remembered values no longer count
     assert varlen.host_offsets(cu) == [0, 10, 20, 30] and len(reads) == 1
     assert varlen.host_offsets(cu) == [0, 10, 20, 30] and len(reads) == 1
@@ -150,6 +154,9 @@ def test_gpu_padded_forward_captures_in_a_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn()
+    from nsa.ops.triton import utils
+
+    assert utils._CAPTURED  # the tile tables the graph reads are never evicted
     for buf, new in zip(x, make_inputs(2, 700, 16, 2, 192, 128, cfg, dtype=torch.bfloat16, seed=6, device="cuda")):
         buf.copy_(new)
     graph.replay()

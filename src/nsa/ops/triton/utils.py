@@ -75,7 +75,8 @@ def cmp_offsets(B: int, Tc: int, cu_seqlens: torch.Tensor | None, block_size: in
 
 
 _TILE_TABLES: dict = {}  # (offsets, block, device) -> table: fixed shapes (training steps) build each table once
-_TILE_TABLES_BYTES = 32 << 20  # the oldest tables go first past this many bytes (a table is 8 bytes per tile)
+_TILE_TABLES_BYTES = 32 << 20  # the oldest tables go first past this many bytes (a table is 8 bytes per tile) ...
+_CAPTURED: set = set()  # ... except those a CUDA graph captured: its replays read them, so they must stay allocated
 
 
 def tile_table(cu: torch.Tensor, block: int) -> torch.Tensor:
@@ -98,8 +99,12 @@ def tile_table(cu: torch.Tensor, block: int) -> torch.Tensor:
             table = torch.stack([torch.cat(seqs), torch.cat(starts)], 1).contiguous().to(cu.device)
         _TILE_TABLES[key] = table
         total = sum(t.numel() * 4 for t in _TILE_TABLES.values())
-        while total > _TILE_TABLES_BYTES and len(_TILE_TABLES) > 1:
-            total -= _TILE_TABLES.pop(next(iter(_TILE_TABLES))).numel() * 4
+        for old in [k for k in _TILE_TABLES if k != key and k not in _CAPTURED]:
+            if total <= _TILE_TABLES_BYTES:
+                break
+            total -= _TILE_TABLES.pop(old).numel() * 4
+    if table.is_cuda and torch.cuda.is_current_stream_capturing():
+        _CAPTURED.add(key)
     return table
 
 
