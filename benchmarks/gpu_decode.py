@@ -13,6 +13,9 @@ runs decode steps).
     python benchmarks/gpu_decode.py [--contexts ...] [--batches 1,16]
     python benchmarks/gpu_decode.py --smoke      # tiny shapes on CPU through the Triton interpreter (script check)
 
+Then (`--layer-contexts`, default 64k) the eager step of the whole layer over a filled NSACache against a dense
+layer step of the same sizes (`layer_rows` in the JSON; see `layer_run`).
+
 Writes benchmarks/results/gpu_decode.json (smoke runs write nothing unless --out is given).
 """
 from __future__ import annotations
@@ -124,6 +127,66 @@ def run(contexts, batches, HQ, HKV, Dk, Dv, dtype, device, cfg, check=True):
     return rows
 
 
+class DenseLayerStep:
+    """The dense counterpart of an NSA layer's cached decode step: the same q/k/v/o projection sizes and RoPE, the
+    new token's K/V written into a dense [B, HKV, S, D] cache, SDPA over the cached prefix (GQA folded as above)."""
+
+    def __init__(self, hidden, HQ, HKV, Dk, Dv, B, S, S_max, device, dtype):
+        lin = lambda i, o: torch.nn.Linear(i, o, bias=False, device=device, dtype=dtype)  # noqa: E731
+        self.q_proj, self.kv_proj = lin(hidden, HQ * Dk), lin(hidden, HKV * (Dk + Dv))
+        self.o_proj = lin(HQ * Dv, hidden)
+        self.k = torch.randn(B, HKV, S_max, Dk, device=device, dtype=dtype)
+        self.v = torch.randn(B, HKV, S_max, Dv, device=device, dtype=dtype)
+        self.L, self.dims = S, (HQ, HKV, Dk, Dv)
+
+    def __call__(self, x):
+        from nsa.rope import apply_rope
+
+        HQ, HKV, Dk, Dv = self.dims
+        B = x.shape[0]
+        pos = torch.full((B, 1), self.L, device=x.device)
+        q = apply_rope(self.q_proj(x).view(B, 1, HQ, Dk), pos)
+        kv = self.kv_proj(x).view(B, 1, HKV, Dk + Dv)
+        self.k[:, :, self.L] = apply_rope(kv[..., :Dk], pos)[:, 0]
+        self.v[:, :, self.L] = kv[:, 0, :, Dk:]
+        self.L += 1
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[:, 0].reshape(B, HKV, HQ // HKV, Dk), self.k[:, :, :self.L], self.v[:, :, :self.L])
+        return self.o_proj(o.reshape(B, 1, HQ * Dv))
+
+
+def layer_run(contexts, batches, hidden, HQ, HKV, Dk, Dv, dtype, device, cfg):
+    """Eager one-token steps of the whole `NativeSparseAttention` layer over a filled `NSACache` (projections,
+    cache append, compressed-token emission every d steps, the Triton decode) against `DenseLayerStep`: what an
+    eager generation loop pays per layer and token. Timed steps keep appending, so lengths grow by a few hundred."""
+    rows = []
+    for B in batches:
+        for S in contexts:
+            torch.manual_seed(0)
+            S_max = S + 4096
+            layer = nsa.NativeSparseAttention(hidden, HQ, HKV, Dk, v_head_dim=Dv, config=cfg,
+                                              backend="triton").to(device=device, dtype=dtype)
+            cache = nsa.NSACache(1, B, S_max, device=device, dtype=dtype)
+            lc = cache.layer(0, num_kv_heads=HKV, head_dim=Dk, v_head_dim=Dv, config=cfg,
+                             shared_kv=layer.window_reads_slc, device=device, dtype=dtype)
+            for t in lc.tensors().values():  # a filled cache: random contents, S tokens per row
+                t.normal_()
+            lc.set_lengths(slice(None), torch.full((B,), S, dtype=torch.long))
+            dense = DenseLayerStep(hidden, HQ, HKV, Dk, Dv, B, S, S_max, device, dtype)
+            x = torch.randn(B, 1, hidden, device=device, dtype=dtype)
+            with torch.no_grad():
+                t_nsa = bench_ms(lambda: layer(x, cache=cache, layer_idx=0), device)
+                t_dense = bench_ms(lambda: dense(x), device)
+            rows.append(dict(context=S, batch=B, hidden=hidden, dense_layer_ms=t_dense, nsa_layer_ms=t_nsa,
+                             speedup=t_dense / t_nsa, steps_appended=int(lc.host_lengths[0]) - S))
+            print(f"layer step {S:>8} {B:>5} dense {t_dense:.4f} ms  NSA {t_nsa:.4f} ms  {t_dense / t_nsa:.2f}x",
+                  flush=True)
+            del layer, cache, lc, dense
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="8192,16384,32768,65536,131072")
@@ -133,6 +196,8 @@ def main(argv=None):
     ap.add_argument("--dk", type=int, default=192)
     ap.add_argument("--dv", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--layer-contexts", default="65536", help="contexts of the eager whole-layer step ('' skips it)")
+    ap.add_argument("--hidden", type=int, default=2560, help="hidden size of the layer step (paper's 27B: 2560)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU via the Triton interpreter")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -140,7 +205,8 @@ def main(argv=None):
     if args.smoke:
         device, contexts, batches, dtype = "cpu", [700], [1, 2], torch.float32
         cfg = nsa.NSAConfig(window_size=128, num_selected=4)
-        args.heads, args.kv_heads, args.dk, args.dv = 16, 1, 32, 16
+        args.heads, args.kv_heads, args.dk, args.dv, args.hidden = 16, 1, 32, 16, 64
+        args.layer_contexts = "700"
     else:
         if not torch.cuda.is_available():
             sys.exit("gpu_decode.py needs a CUDA GPU (or --smoke)")
@@ -153,12 +219,15 @@ def main(argv=None):
     print(f"{'context':>8} {'batch':>5} {'dense ms':>10} {'triton ms':>10} {'torch ms':>10} {'speedup':>9} "
           f"{'mem bound':>9} {'traffic':>9} {'max|diff|':>9} {'graph: dense':>9} {'triton':>9} {'speedup':>9}")
     rows = run(contexts, batches, args.heads, args.kv_heads, args.dk, args.dv, dtype, device, cfg)
+    layer_contexts = [int(c) for c in args.layer_contexts.split(",") if c]
+    layer_rows = layer_run(layer_contexts, batches, args.hidden, args.heads, args.kv_heads, args.dk, args.dv, dtype,
+                           device, cfg)
     out = args.out or (None if args.smoke else str(Path(__file__).parent / "results" / "gpu_decode.json"))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(dict(benchmark="gpu_decode", device=gpu, heads=args.heads,
                                              kv_heads=args.kv_heads, dk=args.dk, dv=args.dv, dtype=str(dtype),
-                                             config=cfg.__dict__, rows=rows), indent=1))
+                                             config=cfg.__dict__, rows=rows, layer_rows=layer_rows), indent=1))
         print(f"wrote {out}")
 
 
