@@ -130,3 +130,20 @@ def test_gpu_profile_timeline_orders_kernels_and_measures_gaps(monkeypatch):
     rows = gpu_profile.timeline(Prof())
     assert [(r["kernel"], r["start_ms"], r["ms"], round(r["gap_ms"], 6)) for r in rows] == [
         ("a", 0.0, 0.5, 0.0), ("b", 0.6, 1.0, 0.1)]
+
+
+def test_gpu_decode_smoke_run(tmp_path):
+    """gpu_decode.py --smoke: the kernel rows and the whole-layer step rows run end to end in the interpreter."""
+    pytest.importorskip("triton")
+    import json
+    import os
+
+    out = tmp_path / "decode.json"
+    env = dict(os.environ, PYTHONPATH=str(BENCH.parent / "src"))
+    run = subprocess.run([sys.executable, str(BENCH / "gpu_decode.py"), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [r["batch"] for r in res["layer_rows"]] == [1, 2]
+    assert all(r["steps_appended"] >= 2 and r["nsa_layer_ms"] > 0 for r in res["layer_rows"])
+    assert all(r["max_abs_diff_vs_torch"] < 1e-4 for r in res["rows"])
