@@ -122,3 +122,32 @@ def test_compressed_keys_rotated_at_block_end():
     raw = layer.kv_proj(x).view(1, 20, 3, 2, 16)[..., 0, :, :8]
     expected = nsa.rope.apply_rope(compression_blocks(raw, 8, 4).mean(-2), torch.tensor([7, 11, 15, 19]))
     assert_close(k_cmp, expected, atol=1e-12, rtol=1e-12, name="k_cmp")
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_torch_compile_runs_the_ops_eagerly(varlen, recwarn):
+    """torch.compile(layer): Dynamo traces the projections, RoPE and φ and runs the NSA op eagerly (one graph break)
+    instead of tracing into the backends, which it cannot (it warned about every compiled-kernel call). Same output
+    and gradients as eager."""
+    torch._dynamo.reset()
+    layer = make_layer().float()  # float32: the compiled CPU kernels, which Dynamo cannot trace
+    cu = torch.tensor([0, 40, 100]) if varlen else None
+    x = torch.randn(1 if varlen else 2, 100, 48, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    ref = layer(x, cu_seqlens=cu)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    out = torch.compile(layer, backend="eager")(x, cu_seqlens=cu)
+    (g,) = torch.autograd.grad(out.square().sum(), x)
+    assert torch.equal(out, ref) and torch.equal(g, g_ref)
+    assert not [w for w in recwarn if "Dynamo does not know how to trace" in str(w.message)]
+
+
+def test_torch_compile_decodes_eagerly():
+    """A compiled layer's cached steps (prefill, then tokens) match the eager layer's: the cache bookkeeping runs
+    eagerly under torch.compile instead of being traced (and recompiled at every new length)."""
+    torch._dynamo.reset()
+    layer = make_layer().float()
+    compiled = torch.compile(layer, backend="eager")
+    x = torch.randn(2, 60, 48, generator=torch.Generator().manual_seed(2))
+    caches = nsa.NSACache(1, 2, 64), nsa.NSACache(1, 2, 64)
+    for chunk in (x[:, :57], x[:, 57:58], x[:, 58:59], x[:, 59:60]):
+        assert torch.equal(compiled(chunk, cache=caches[0], layer_idx=0), layer(chunk, cache=caches[1], layer_idx=0))

@@ -141,6 +141,7 @@ class NativeSparseAttention(nn.Module):
             return "triton"
         return "torch"
 
+    @torch.compiler.disable  # host-side cache bookkeeping: under torch.compile, run eagerly (no per-step recompiles)
     def _forward_cached(self, x, cache, layer_idx, new_lengths):
         from .cache import NSACache
 

@@ -62,6 +62,12 @@ def resolve_backend(backend: str, device: torch.device) -> ModuleType:
         raise ValueError(f"backend {backend!r} is not available here: {exc}") from exc
 
 
+def _eager_under_compile(fn):
+    """torch.compile runs the op eagerly (one graph break around it) instead of tracing into the backends' host
+    logic and C++/Triton calls, which Dynamo cannot trace (it warned about every compiled-kernel call)."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
 # ----------------------------------------------------------------------------------------------- input checks
 def _check_tensor(name, x, ndim=4):
     if not isinstance(x, torch.Tensor):
@@ -163,6 +169,7 @@ def _check_backend_name(backend):
 
 
 # ----------------------------------------------------------------------------------------------- public ops
+@_eager_under_compile
 def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None, cu_seqlens=None, backend="auto"):
     """Attention of q [B,T,HQ,Dk] over compressed tokens k_cmp/v_cmp [B,Tc,HKV,Dk|Dv] (Eq. 7).
 
@@ -182,6 +189,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None, cu_
     )
 
 
+@_eager_under_compile
 def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None, backend="auto"):
     """Selected block indices [B,T,HKV,n] (Eq. 8-11): ascending, -1 padded, forced init/local blocks included."""
     _check_config(config)
@@ -194,6 +202,7 @@ def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None, backend="aut
     return impl.select_blocks(q, k_cmp, config=config, scale=scale, cu_seqlens=cu_seqlens)
 
 
+@_eager_under_compile
 def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=None, backend="auto"):
     """Attention over the raw tokens of the blocks in `indices` [B,T,HKV,n] (Eq. 12), causal inside a block."""
     _check_positive_int("block_size", block_size)
@@ -206,6 +215,7 @@ def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=N
     return impl.selected_attention(q, k, v, indices, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens)
 
 
+@_eager_under_compile
 def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None, backend="auto"):
     """Attention over keys in [t - window + 1, t] of the query's own sequence."""
     _check_positive_int("window", window)
@@ -217,6 +227,7 @@ def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None, ba
     return impl.sliding_window_attention(q, k, v, window=window, scale=scale, cu_seqlens=cu_seqlens)
 
 
+@_eager_under_compile
 def native_sparse_attention(
     q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config, scale=None, cu_seqlens=None,
     block_indices=None, backend="auto",
