@@ -111,19 +111,24 @@ def test_triton_decode_paper_geometry_gpu(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shared_kv", [False, True])
 def test_gpu_decode_step_never_waits_for_the_gpu(shared_kv):
-    """One-token decode steps through the layer (triton), over ragged rows and across a compressed-token emission
-    (every d tokens, here for one row only), run with torch's sync debug mode set to error: no device read and no
-    blocking host-to-device copy."""
-    layer = nsa.NativeSparseAttention(256, 8, 2, 64, config=nsa.NSAConfig(), shared_kv=shared_kv,
-                                      backend="triton").cuda()
+    """One-token decode steps through the layer (triton), over rows of different lengths and across compressed-token
+    emissions (every d tokens, on different steps per row), run with torch's sync debug mode set to error: no
+    device read and no blocking host-to-device copy. (Paper head dims and G = 16 in bf16, so the decode kernels are
+    those test_triton_decode_paper_geometry_gpu built; the cache is filled directly, no prefill kernels.)"""
+    layer = nsa.NativeSparseAttention(512, 16, 1, 192, v_head_dim=128, config=nsa.NSAConfig(), shared_kv=shared_kv,
+                                      backend="triton").to("cuda", torch.bfloat16)
     cache = nsa.NSACache(1, batch_size=2, max_length=2048)
-    layer(torch.randn(2, 900, 256, device="cuda"), cache=cache, layer_idx=0,
-          new_lengths=torch.tensor([900, 707]))  # row 1 emits on other steps than row 0
-    steps = [torch.randn(2, 1, 256, device="cuda") for _ in range(20)]
+    lc = cache.layer(0, num_kv_heads=1, head_dim=192, v_head_dim=128, config=layer.config,
+                     shared_kv=layer.window_reads_slc, device="cuda", dtype=torch.bfloat16)
+    for t in lc.tensors().values():
+        t.normal_()
+    lc.set_lengths(slice(None), torch.tensor([900, 707]))
+    steps = [torch.randn(2, 1, 512, device="cuda", dtype=torch.bfloat16) for _ in range(20)]
+    layer(steps[0], cache=cache, layer_idx=0)  # compile outside the checked region
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for x in steps:
+        for x in steps[1:]:
             layer(x, cache=cache, layer_idx=0)
     finally:
         torch.cuda.set_sync_debug_mode("default")
