@@ -162,3 +162,26 @@ def test_gpu_padded_forward_captures_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, fn())
+
+
+@gpu_only
+def test_gpu_padded_backward_reads_the_device_once():
+    """The backward of a padded batch synchronises once: the selected branch's reverse-index planning reads its
+    four counts in one transfer (torch's sync debug mode, set to warn, reports every synchronising call)."""
+    import warnings
+
+    cfg = nsa.NSAConfig()
+    x = make_inputs(2, 700, 16, 2, 192, 128, cfg, dtype=torch.bfloat16, seed=7, device="cuda", requires_grad=True)
+    _loss_grads(nsa.native_sparse_attention(*x, config=cfg, backend="triton"), x)  # compile, autotune, tables
+    o = nsa.native_sparse_attention(*x, config=cfg, backend="triton")
+    cot = torch.randn_like(o)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            torch.autograd.grad((o * cot).sum(), x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in seen if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs

@@ -382,20 +382,23 @@ class SelectionPlan:
         kv_seq = torch.repeat_interleave(torch.arange(len(nb), device=dev), nb, output_size=self.nb_total)
         kv_blk = torch.arange(self.nb_total, device=dev) - blk_off[:-1][kv_seq]
         self.kv_blocks = torch.stack([kv_seq, kv_blk], 1).to(torch.int32).contiguous()
-        valid = self.union >= 0
+        nkeys = HKV * self.nb_total
         tile_id = torch.arange(NT, device=dev)[:, None, None].expand_as(self.union)
         head = torch.arange(HKV, device=dev)[None, :, None].expand_as(self.union)
         gblk = blk_off[self.tiles[:, 0].long()][:, None, None] + self.union.long()
-        key = (head * self.nb_total + gblk)[valid]
-        order = torch.sort(key, stable=True).indices
-        self.rev = tile_id[valid][order].to(torch.int32).contiguous()
-        off = torch.zeros(HKV * self.nb_total + 1, dtype=torch.long, device=dev)
-        off[1:] = torch.bincount(key, minlength=HKV * self.nb_total).cumsum(0)
+        key = torch.where(self.union >= 0, head * self.nb_total + gblk, nkeys).flatten()  # nkeys: no entry
+        sorted_key, order = torch.sort(key, stable=True)  # the valid entries first, grouped by (head, block)
+        # off[i] = entries with key < i (bincount would read its max back from the device to size its output)
+        off = torch.searchsorted(sorted_key, torch.arange(nkeys + 1, device=dev))
         self.rev_off = off.to(torch.int32).contiguous()
         # split long lists (the init block is selected by every query) into segments of <= MAX_SEGMENT tiles
         cnt = off[1:] - off[:-1]
         nseg = ((cnt + MAX_SEGMENT - 1) // MAX_SEGMENT).clamp(min=1)
-        total = int(nseg.sum())
+        multi = nseg > 1
+        # the one device read of the backward's planning: entries, segments, partial slots, split lists
+        entries, total, self.num_slots, n_multi = torch.stack(
+            [off[-1], nseg.sum(), (nseg * multi).sum(), multi.sum()]).tolist()
+        self.rev = tile_id.flatten()[order[:entries]].to(torch.int32).contiguous()
         seg_key = torch.repeat_interleave(torch.arange(len(cnt), device=dev), nseg, output_size=total)
         first_seg = nseg.cumsum(0) - nseg
         start = off[:-1][seg_key] + (torch.arange(total, device=dev) - first_seg[seg_key]) * MAX_SEGMENT
@@ -403,9 +406,9 @@ class SelectionPlan:
         split = nseg[seg_key] > 1
         slot = torch.where(split, split.long().cumsum(0) - 1, -1)
         self.segments = torch.stack([seg_key, start, end, slot], 1).to(torch.int32).contiguous()
-        self.num_slots = int(split.sum())
-        multi = (nseg > 1).nonzero().flatten()
-        self.splits = torch.stack([multi, slot[first_seg[multi]], nseg[multi]], 1).to(torch.int32).contiguous()
+        multi_keys = torch.sort((~multi).to(torch.int8), stable=True).indices[:n_multi]  # ascending keys
+        self.splits = torch.stack([multi_keys, slot[first_seg[multi_keys]], nseg[multi_keys]], 1).to(
+            torch.int32).contiguous()
         return self
 
 
