@@ -69,24 +69,46 @@ def test_triton_decode_half_precision_cache():
     assert_close(o, o32, atol=2e-3, rtol=2e-2)
 
 
-def test_decode_attention_triton_impl_falls_back_for_chunks():
-    """impl="triton" with Tq > 1 (chunked prefill) uses the torch decode."""
-    inputs = make_inputs(1, 30, 4, 2, 8, 8, CFG, dtype=torch.float32, seed=1)
-    q, *kv, gates = inputs
-    a = decode_attention(q[:, -3:], *kv, gates[:, -3:], lengths=torch.tensor([30]), config=CFG, impl="triton")
-    b = torch_decode(q[:, -3:], *kv, gates[:, -3:], lengths=torch.tensor([30]), config=CFG)
-    assert torch.equal(a, b)
+@pytest.mark.parametrize("G", [1, 4])
+def test_triton_chunked_prefill_matches_reference(G):
+    """Tq > 1 (chunked prefill): every query of the chunk is a row over its own prefix, reading its sequence's cache
+    row; rows of different lengths, the window through an offset tensor, chunks crossing compressed-block ends and
+    the first query shorter than l. Outputs and chosen blocks against the decode reference, and decode_attention's
+    impl="triton" takes this path."""
+    HQ, HKV = GROUPS[G]
+    cfg = small_config(num_selected=5, window_size=16)
+    lengths, Tq = torch.tensor([45, 30, 11]), 7
+    inputs = make_inputs(3, 45, HQ, HKV, 8, 6, cfg, dtype=torch.float32, seed=G, device=DEVICE)
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = inputs
+    qd = torch.stack([q[b, L - Tq:L] for b, L in enumerate(lengths.tolist())])
+    gd = torch.stack([gates[b, L - Tq:L] for b, L in enumerate(lengths.tolist())])
+    W = 24  # the window buffer holds positions L - W .. L - 1 of each row
+    ws = lengths - W
+    slot = (ws[:, None] + torch.arange(W)).clamp(min=0).to(DEVICE)
+    kw = torch.stack([k_win[b, slot[b]] for b in range(3)])
+    vw = torch.stack([v_win[b, slot[b]] for b in range(3)])
+    args = (qd, k_cmp, v_cmp, k_slc, v_slc, kw, vw, gd)
+    kw_args = dict(lengths=lengths.to(DEVICE), config=cfg, win_start=ws.to(DEVICE), return_indices=True)
+    o, idx = triton_decode_mod.triton_decode(*args, **kw_args)
+    o_ref, idx_ref = reference_decode(*args, **kw_args)
+    assert o.shape == (3, Tq, HQ, 6) and idx.shape == (3, Tq, HKV, 5)
+    assert torch.equal(idx.cpu(), idx_ref.cpu())
+    assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
+    kw_args.pop("return_indices")
+    assert torch.equal(decode_attention(*args, **kw_args, impl="triton"), o)
 
 
 @pytest.mark.parametrize("shared_kv", [False, True], ids=["sep_kv", "shared_kv"])
 def test_layer_decode_with_triton_backend(shared_kv):
-    """Prefill with the torch backend, then decode with backend="triton": equals the full reference forward."""
+    """Prefill with the torch backend, a chunk of 5 and then single tokens with backend="triton" (the chunk through
+    the Triton chunked-prefill path): equals the full reference forward."""
     layer = make_layer(G=4, dtype=torch.float32, shared_kv=shared_kv).to(DEVICE)
-    x = torch.randn(2, 22, 32, device=DEVICE)
-    cache = nsa.NSACache(1, 2, 22)
+    x = torch.randn(2, 27, 32, device=DEVICE)
+    cache = nsa.NSACache(1, 2, 27)
     ys = [layer(x[:, :14], cache=cache)]
     layer.backend = "triton"
-    for t in range(14, 22):  # crosses compressed-block ends 15 and 19 and the selection block at 16
+    ys.append(layer(x[:, 14:19], cache=cache))  # crosses the compressed-block end 15 and the selection block at 16
+    for t in range(19, 27):  # crosses compressed-block ends 19 and 23
         ys.append(layer(x[:, t:t + 1], cache=cache))
     assert_close(torch.cat(ys, 1), full_forward(layer, x), atol=1e-5, rtol=1e-5)
 

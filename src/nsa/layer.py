@@ -134,7 +134,7 @@ class NativeSparseAttention(nn.Module):
     # ------------------------------------------------------------------------------------------------ decoding
     def _decode_impl(self, device: torch.device) -> str:
         """reference -> readable decode reference; torch -> vectorised torch decode; triton (or auto on CUDA) ->
-        the Triton decode kernel where it applies (one query per sequence), else the torch decode."""
+        the Triton decode kernels (decode steps and chunked prefill) where they apply, else the torch decode."""
         if self.backend == "reference":
             return "reference"
         if self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"):

@@ -242,7 +242,7 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
                      win_start=None, impl="torch", host_lengths=None):
     """Checked entry point: NSA output [B, Tq, HQ, Dv] for the last Tq positions of each cached sequence.
 
-    impl: "reference" | "torch" | "triton" (the Triton decode kernel; Tq = 1 only, else falls back to torch).
+    impl: "reference" | "torch" | "triton" (the Triton decode kernels, any Tq; torch where they do not apply).
     `host_lengths` (optional CPU copy of `lengths`) spares a device synchronisation.
     """
     if not isinstance(config, NSAConfig):

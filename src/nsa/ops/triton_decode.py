@@ -1,8 +1,8 @@
-"""Triton decode: one query position per sequence, all G query heads of a KV group per program (paper §3.4's
+"""Triton decode: one query position per row, all G query heads of a KV group per program (paper §3.4's
 group-centric loading), split over the KV length flash-decoding style so that batch 1 at 64k still fills the GPU.
 
-Same contract as `nsa.ops.decode.torch_decode` with Tq = 1. Four launches (eager decode pays each one's host
-overhead), all statistics in fp32:
+Same contract as `nsa.ops.decode.torch_decode`: Tq = 1 decode, Tq > 1 chunked prefill (one row per query). Four
+launches (eager decode pays each one's host overhead), all statistics in fp32:
   1. `_attn_partial` (MODE 0) over compressed tokens, split over Tc: online-softmax partials         (Eq. 7)
      (it also keeps the scaled scores, G x Tc fp32, so the compressed keys are read once)
   2. `_select`       one program per (b, kv head): lse from those partials, p = exp(s - lse) summed over the G
@@ -53,9 +53,9 @@ def partial_tiles(BD: int, lp: int, dtype: torch.dtype) -> tuple[int, int, int]:
 
 
 def triton_decode_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> bool:
-    """One query per sequence, CUDA (or the interpreter), fp16/bf16/fp32, head dims <= 256."""
+    """CUDA (or the interpreter), fp16/bf16/fp32, head dims <= 256 (any number of queries per sequence)."""
     kinds = (torch.float16, torch.bfloat16, torch.float32)
-    return (q.shape[1] == 1 and (q.is_cuda or (_interpreting() and q.device.type == "cpu"))
+    return ((q.is_cuda or (_interpreting() and q.device.type == "cpu"))
             and q.dtype in kinds and k.dtype in kinds and q.shape[-1] <= 256
             and (v is None or v.shape[-1] <= 256))
 
@@ -92,12 +92,13 @@ def _partial(q, K, V, skt, svt, lo, hi, off, scale, SC_ROW, gm, dk, dv, km_d, vm
 def _attn_partial(
     Q, K, V, K2, V2, LENS, WSTART, IDX, PO, PM, PL, SC,
     sqb, sqh, skb, skt, skh, svb, svt, svh, s2kb, s2kt, s2kh, s2vb, s2vt, s2vh,
-    HKV, G, Dk, Dv, NU, scale, CHUNK, S_SC,
+    HKV, G, Dk, Dv, NU, scale, CHUNK, S_SC, TQ,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, SLC: tl.constexpr, WIN: tl.constexpr, NSEL: tl.constexpr,
     MODE: tl.constexpr, HAS_WST: tl.constexpr, PREC: tl.constexpr,
     BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
 ):
-    """Online-softmax partial of one unit u of keys for the G heads of one (b, kv head).
+    """Online-softmax partial of one unit u of keys for the G heads of one (b, kv head). Query row b reads the
+    cache row b // TQ (TQ queries per cached sequence: chunked prefill; 1 for decode).
 
     MODE 0: compressed tokens [u*CHUNK, (u+1)*CHUNK) ∩ [0, Tc(L)) of K/V; also keeps the scaled scores in
     SC[b*HKV + h, g, i] (fp32) for the selection, so the compressed keys are read only once.
@@ -119,8 +120,9 @@ def _attn_partial(
     vm_d = dv < Dv
     q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + dk[None, :], mask=gm[:, None] & km_d[None, :], other=0.0)
     q = q.to(K.dtype.element_ty)
-    Kb = K + b * skb + h * skh
-    Vb = V + b * svb + h * svh
+    kb = b // TQ  # the cached sequence this query row belongs to
+    Kb = K + kb * skb + h * skh
+    Vb = V + kb * svb + h * svh
     if MODE == 0:
         tc = tl.where(L >= CMP_L, (L - CMP_L) // CMP_D + 1, 0)
         lo = u * CHUNK
@@ -134,10 +136,10 @@ def _attn_partial(
         m, lsum, acc = _partial(q, Kb, Vb, skt, svt, lo, hi, 0, scale, SC, gm, dk, dv, km_d, vm_d,
                                 False, PREC, BG, BDV, BK)
     else:
-        off = tl.load(WSTART + b).to(tl.int64) if HAS_WST else 0
+        off = tl.load(WSTART + kb).to(tl.int64) if HAS_WST else 0
         lo = tl.maximum(t - WIN + 1, 0) + (u - NSEL) * CHUNK
         hi = tl.minimum(lo + CHUNK, t + 1)
-        m, lsum, acc = _partial(q, K2 + b * s2kb + h * s2kh, V2 + b * s2vb + h * s2vh, s2kt, s2vt, lo, hi, off,
+        m, lsum, acc = _partial(q, K2 + kb * s2kb + h * s2kh, V2 + kb * s2vb + h * s2vh, s2kt, s2vt, lo, hi, off,
                                 scale, SC, gm, dk, dv, km_d, vm_d, False, PREC, BG, BDV, BK)
     row = bh * NU + u
     tl.store(PM + row * BG + g, m)
@@ -257,21 +259,27 @@ def _merge_gate(
 
 def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths, config: NSAConfig, scale=None,
                   win_start=None, return_indices=False, max_len=None, target_programs: int = 264):
-    """NSA output [B, 1, HQ, Dv] for the last position of each cached sequence (see `nsa.ops.decode`).
+    """NSA output [B, Tq, HQ, Dv] for the last Tq positions of each cached sequence (see `nsa.ops.decode`): Tq = 1
+    is a decode step, Tq > 1 chunked prefill. Each of the B*Tq queries is a row of its own, over its own prefix
+    (row b*Tq + t has length lengths[b] - Tq + 1 + t and reads cache row b: `TQ` in `_attn_partial`).
 
     `max_len` (host int, optional) is max(lengths); passing it avoids a device synchronisation.
     """
-    B, _, HQ, Dk = q.shape
+    B, Tq, HQ, Dk = q.shape
     HKV, Dv = k_slc.shape[2], v_slc.shape[-1]
     G = HQ // HKV
-    BH = B * HKV
     dev = q.device
+    lens = lengths if lengths.device == dev and lengths.dtype == torch.int64 else lengths.to(dev, torch.int64)
+    if Tq > 1:
+        lens = (lens[:, None] - (Tq - 1) + torch.arange(Tq, device=dev)).reshape(-1)
+        q, gates = q.reshape(B * Tq, 1, HQ, Dk), gates.reshape(B * Tq, 1, HQ, 3)
+    R = B * Tq  # query rows
+    BH = R * HKV
     scale = Dk ** -0.5 if scale is None else float(scale)
     l, d, lp, w, n = (config.cmp_block_size, config.cmp_stride, config.slc_block_size, config.window_size,
                       config.num_selected)
     prec = "ieee" if k_slc.dtype == torch.float32 else "tf32"  # dots run in the cache dtype (q is cast to it)
     BG, BD, BDV = _pow2(G), _pow2(Dk), _pow2(Dv)
-    lens = lengths if lengths.device == dev and lengths.dtype == torch.int64 else lengths.to(dev, torch.int64)
     lens = lens.contiguous()
     wst = lens if win_start is None else win_start.to(dev, torch.int64).contiguous()
 
@@ -290,7 +298,7 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
         strides = [x.stride(i) for x in kv + kv2 for i in range(3)]
         _attn_partial[(BH, nu)](
             q, *kv, *kv2, lens, wst, lens if idx is None else idx, *parts, parts[1] if sc is None else sc,
-            q.stride(0), q.stride(2), *strides, HKV, G, Dk, Dv, nu, scale, chunk, s_pc,
+            q.stride(0), q.stride(2), *strides, HKV, G, Dk, Dv, nu, scale, chunk, s_pc, Tq,
             CMP_L=l, CMP_D=d, SLC=lp, WIN=w, NSEL=n, MODE=mode, HAS_WST=win_start is not None, PREC=prec, BG=BG,
             BD=BD, BDV=BDV, BK=bk, num_warps=warps, num_stages=1 if _interpreting() else PARTIAL_STAGES[mode],
         )
@@ -315,9 +323,10 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
     sw_parts = partial(1, (k_slc, v_slc), (k_win, v_win), n + nw, lp, bk_s, idx)
 
     # 4. merge + gates
-    o = torch.empty(B, 1, HQ, Dv, device=dev, dtype=q.dtype)
+    o = torch.empty(R, 1, HQ, Dv, device=dev, dtype=q.dtype)
     _merge_gate[(BH,)](*cmp_parts, nsplit, *sw_parts, n, nw, gates, o, gates.stride(0), gates.stride(2),
                        o.stride(0), o.stride(2), HKV, G, Dv, UB=MERGE_STEP, BG=BG, BDV=BDV, num_warps=8)
+    o = o.view(B, Tq, HQ, Dv)
     if return_indices:
-        return o, idx.view(B, 1, HKV, n)
+        return o, idx.view(B, Tq, HKV, n)
     return o
