@@ -69,12 +69,14 @@ def test_triton_decode_half_precision_cache():
     assert_close(o, o32, atol=2e-3, rtol=2e-2)
 
 
-@pytest.mark.parametrize("G", [1, 4])
-def test_triton_chunked_prefill_matches_reference(G):
+@pytest.mark.parametrize("G,budget", [(1, None), (4, None), (4, 1)])
+def test_triton_chunked_prefill_matches_reference(G, budget, monkeypatch):
     """Tq > 1 (chunked prefill): every query of the chunk is a row over its own prefix, reading its sequence's cache
     row; rows of different lengths, the window through an offset tensor, chunks crossing compressed-block ends and
     the first query shorter than l. Outputs and chosen blocks against the decode reference, and decode_attention's
-    impl="triton" takes this path."""
+    impl="triton" takes this path. budget = 1 byte: one query per pass (SCORES_BUDGET splits long chunks)."""
+    if budget is not None:
+        monkeypatch.setattr(triton_decode_mod, "SCORES_BUDGET", budget)
     HQ, HKV = GROUPS[G]
     cfg = small_config(num_selected=5, window_size=16)
     lengths, Tq = torch.tensor([45, 30, 11]), 7

@@ -30,6 +30,7 @@ MERGE_STEP = 2  # partials merged per step by `_merge_gate` ([2, G, Dv] fp32 til
 PARTIAL_STAGES = (3, 2)  # num_stages of `_attn_partial` by MODE: the compressed pass loops over many key tiles per
 # program at batch 16 (26 at 64k), and only >= 3 stages keep the next tile's load in flight during the math with
 # Triton 3.6 (`inflight` in benchmarks/triton_aot_check.py); a selected block / window chunk is one tile.
+SCORES_BUDGET = 256 << 20  # bytes of fp32 scores per pass: a long chunked prefill runs in passes of queries
 SELECT_TILE = 512  # compressed tokens per step of `_select`'s probability pass: few, wide steps (one program per
 # (b, kv head) walks all Tc, so its latency is the number of steps)
 
@@ -270,6 +271,17 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
     G = HQ // HKV
     dev = q.device
     lens = lengths if lengths.device == dev and lengths.dtype == torch.int64 else lengths.to(dev, torch.int64)
+    L_max = int(lens.max()) if max_len is None else int(max_len)
+    row_bytes = HKV * _pow2(G) * max(num_compressed_tokens(L_max, config.cmp_block_size, config.cmp_stride), 1) * 4
+    tq = max(1, SCORES_BUDGET // (B * row_bytes))  # queries per pass: the fp32 scores buffer stays in budget
+    if Tq > tq:  # a long chunk: passes over its queries, each the last positions of shorter sequences
+        outs = [triton_decode(q[:, a:a + tq], k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates[:, a:a + tq],
+                              lengths=lens - (Tq - min(a + tq, Tq)), config=config, scale=scale, win_start=win_start,
+                              return_indices=return_indices, max_len=L_max - (Tq - min(a + tq, Tq)),
+                              target_programs=target_programs) for a in range(0, Tq, tq)]
+        if return_indices:
+            return torch.cat([o for o, _ in outs], 1), torch.cat([i for _, i in outs], 1)
+        return torch.cat(outs, 1)
     if Tq > 1:
         lens = (lens[:, None] - (Tq - 1) + torch.arange(Tq, device=dev)).reshape(-1)
         q, gates = q.reshape(B * Tq, 1, HQ, Dk), gates.reshape(B * Tq, 1, HQ, 3)
@@ -288,7 +300,6 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
 
     q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = map(
         last_dim_contig, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates))
-    L_max = int(lens.max()) if max_len is None else int(max_len)
     tc_max = num_compressed_tokens(L_max, l, d)
     f32 = dict(device=dev, dtype=torch.float32)
     s_pc = max(tc_max, 1)
