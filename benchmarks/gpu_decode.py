@@ -14,7 +14,8 @@ runs decode steps).
     python benchmarks/gpu_decode.py --smoke      # tiny shapes on CPU through the Triton interpreter (script check)
 
 Then (`--layer-contexts`, default 64k) the eager step of the whole layer over a filled NSACache against a dense
-layer step of the same sizes (`layer_rows` in the JSON; see `layer_run`).
+layer step of the same sizes (`layer_rows` in the JSON; see `layer_run`), and a chunked-prefill call (`--prefill-chunk`
+queries at 64k, batch 1): the Triton kernels against the torch decode (`prefill_rows`).
 
 Writes benchmarks/results/gpu_decode.json (smoke runs write nothing unless --out is given).
 """
@@ -187,6 +188,36 @@ def layer_run(contexts, batches, hidden, HQ, HKV, Dk, Dv, dtype, device, cfg):
     return rows
 
 
+def prefill_run(contexts, batches, chunk, HQ, HKV, Dk, Dv, dtype, device, cfg):
+    """A chunked-prefill call: `chunk` new queries per sequence over a cache of `context` tokens (the chunk's K/V
+    included), the Triton decode kernels (one row per query, in passes within SCORES_BUDGET) against the torch
+    decode (gathers, 32 queries at a time). Attention only; the two agree on the output (max |diff| reported)."""
+    rows = []
+    G = HQ // HKV
+    for B in batches:
+        for S in contexts:
+            torch.manual_seed(0)
+            tc = cfg.num_compressed(S)
+            kv = [torch.randn(B, n, HKV, dd, device=device, dtype=dtype)
+                  for n, dd in ((tc, Dk), (tc, Dv), (S, Dk), (S, Dv))]
+            q = torch.randn(B, chunk, HQ, Dk, device=device, dtype=dtype)
+            gates = torch.rand(B, chunk, HQ, 3, device=device, dtype=dtype)
+            args = (q, kv[0], kv[1], kv[2], kv[3], kv[2], kv[3], gates)
+            kw = dict(lengths=torch.full((B,), S, dtype=torch.long, device=device), config=cfg, max_len=S)
+            with torch.no_grad():
+                err = (triton_decode(*args, **kw).float() - torch_decode(*args, **kw).float()).abs().max().item()
+                t_tri = bench_ms(lambda: triton_decode(*args, **kw), device)
+                t_torch = bench_ms(lambda: torch_decode(*args, **kw), device)
+            rows.append(dict(context=S, batch=B, chunk=chunk, nsa_triton_ms=t_tri, nsa_torch_ms=t_torch,
+                             speedup_vs_torch=t_torch / t_tri, max_abs_diff_vs_torch=err, heads=(G, HKV)))
+            print(f"prefill chunk {chunk} at {S:>8} {B:>5}: triton {t_tri:.3f} ms  torch {t_torch:.3f} ms  "
+                  f"{t_torch / t_tri:.2f}x  max|diff| {err:.2e}", flush=True)
+            del kv, q, gates, args
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="8192,16384,32768,65536,131072")
@@ -198,6 +229,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--layer-contexts", default="65536", help="contexts of the eager whole-layer step ('' skips it)")
     ap.add_argument("--hidden", type=int, default=2560, help="hidden size of the layer step (paper's 27B: 2560)")
+    ap.add_argument("--prefill-chunk", type=int, default=512, help="queries of the chunked-prefill rows (0 skips)")
+    ap.add_argument("--prefill-contexts", default="65536")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU via the Triton interpreter")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -206,7 +239,7 @@ def main(argv=None):
         device, contexts, batches, dtype = "cpu", [700], [1, 2], torch.float32
         cfg = nsa.NSAConfig(window_size=128, num_selected=4)
         args.heads, args.kv_heads, args.dk, args.dv, args.hidden = 16, 1, 32, 16, 64
-        args.layer_contexts = "700"
+        args.layer_contexts, args.prefill_contexts, args.prefill_chunk = "700", "700", 9
     else:
         if not torch.cuda.is_available():
             sys.exit("gpu_decode.py needs a CUDA GPU (or --smoke)")
@@ -222,12 +255,16 @@ def main(argv=None):
     layer_contexts = [int(c) for c in args.layer_contexts.split(",") if c]
     layer_rows = layer_run(layer_contexts, batches, args.hidden, args.heads, args.kv_heads, args.dk, args.dv, dtype,
                            device, cfg)
+    prefill_rows = [] if not args.prefill_chunk else prefill_run(
+        [int(c) for c in args.prefill_contexts.split(",") if c], [batches[0]], args.prefill_chunk, args.heads,
+        args.kv_heads, args.dk, args.dv, dtype, device, cfg)
     out = args.out or (None if args.smoke else str(Path(__file__).parent / "results" / "gpu_decode.json"))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(dict(benchmark="gpu_decode", device=gpu, heads=args.heads,
                                              kv_heads=args.kv_heads, dk=args.dk, dv=args.dv, dtype=str(dtype),
-                                             config=cfg.__dict__, rows=rows, layer_rows=layer_rows), indent=1))
+                                             config=cfg.__dict__, rows=rows, layer_rows=layer_rows,
+                                             prefill_rows=prefill_rows), indent=1))
         print(f"wrote {out}")
 
 

@@ -146,4 +146,5 @@ def test_gpu_decode_smoke_run(tmp_path):
     res = json.loads(out.read_text())
     assert [r["batch"] for r in res["layer_rows"]] == [1, 2]
     assert all(r["steps_appended"] >= 2 and r["nsa_layer_ms"] > 0 for r in res["layer_rows"])
-    assert all(r["max_abs_diff_vs_torch"] < 1e-4 for r in res["rows"])
+    assert all(r["max_abs_diff_vs_torch"] < 1e-4 for r in res["rows"] + res["prefill_rows"])
+    assert [(r["chunk"], r["batch"]) for r in res["prefill_rows"]] == [(9, 1)]
