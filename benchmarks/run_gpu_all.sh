@@ -3,7 +3,8 @@
 # session, start-up included). Stages, most valuable first, each with its own time limit so a slow stage cannot
 # starve the others:
 #   suite  - gpu_suite.py: bf16 correctness vs the reference, packed vs padded tiles, paper config and G sweep timings
-#   decode - gpu_decode.py: the decode step vs SDPA over the dense cache, 8k..128k, batch 1 and 16
+#   decode - gpu_decode.py: the decode step vs SDPA over the dense cache, 8k..128k, batch 1 and 16; the eager layer
+#            step vs a dense layer step (64k); a chunked prefill, Triton vs torch
 #   profile - gpu_profile.py: kernel-by-kernel GPU time and host idle share of a forward, a fwd+bwd (4k, 64k) and a
 #            decode step (64k, batch 1 and 16)
 #   tests  - the Triton test files compiled on the GPU (GPU-only bf16 / large-shape cases included)
@@ -11,8 +12,8 @@
 # From the source tree (PYTHONPATH=src, no install). Logs and results go to benchmarks/results/<card>_* and, when $OUT
 # is set (the device tool's return folder), are copied there after every stage.
 #   bash benchmarks/run_gpu_all.sh            # card name for the file names: nvidia-smi, else "gpu"
-# Knobs for a shorter rerun: SUITE_ARGS (extra gpu_suite.py arguments, e.g. --skip-packing), SUITE_S / PROFILE_S / TESTS_S
-# (stage limits in seconds), SKIP_TRAIN=1.
+# Knobs for a shorter rerun: SUITE_ARGS (extra gpu_suite.py arguments, e.g. --skip-packing), SUITE_S / DECODE_S /
+# PROFILE_S / TESTS_S (stage limits in seconds), SKIP_TRAIN=1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -41,9 +42,9 @@ stage() {  # stage NAME SECONDS CMD...
 }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$log"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1 | tee -a "$log"
-suite_s=${SUITE_S:-200}
+suite_s=${SUITE_S:-185}
 stage suite "$suite_s" "$PY" benchmarks/gpu_suite.py --out "$res/${card}_suite" --budget-s $((suite_s - 35)) ${SUITE_ARGS:-}
-stage decode 60 "$PY" benchmarks/gpu_decode.py --out "$res/${card}_decode.json"
+stage decode "${DECODE_S:-80}" "$PY" benchmarks/gpu_decode.py --out "$res/${card}_decode.json"
 stage profile "${PROFILE_S:-70}" "$PY" benchmarks/gpu_profile.py --out "$res/${card}_profile"
 opts=""
 "$PY" -c "import xdist" 2>/dev/null && opts="-n 8"
