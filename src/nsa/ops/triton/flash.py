@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import autotune_configs, device_jit, dot_precision, host_offsets, interpreting, next_pow2, tile_table
+from .utils import (autotune_configs, device_jit, dot_precision, host_offsets, interpreting, next_pow2,
+                    online_softmax_step, tile_table)
 
 LOG2E = 1.4426950408889634
 
@@ -126,13 +127,7 @@ def _fwd_kernel(
         k, k2, v, s, vis = _key_tile(q, q2, K, V, ks, start, hi, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale, pos_q,
                                      row_ok, WINDOW, CMP_L, CMP_D, MODE, PREC, BLOCK_N, BLOCK_DK, BLOCK_DK2,
                                      BLOCK_DV)
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, vis, v, PREC)
 
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .flash import LOG2E, default_scale, split_head_dim
 from .utils import (PIPELINED_CONFIGS, autotune_configs, device_jit, dot_precision, host_offsets, interpreting,
-                    load_cols, next_pow2, pack, seq_offsets, tile_table)
+                    load_cols, next_pow2, online_softmax_step, pack, seq_offsets, tile_table)
 
 PACK_SMALL_GROUPS = True
 MAX_SEGMENT = 256  # query tiles per dK/dV program; longer reverse lists are split and reduced in order
@@ -126,13 +126,7 @@ def _slc_fwd_kernel(
         member = _member(own, blk, row_ok, BT)
         k, k2, v, s, vis = _block_tile(q, q2, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV,
                                        qk_scale, member, pos_q, PREC, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV)
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, vis, v, PREC)
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))

@@ -126,3 +126,16 @@ def load_cols(ptrs, ok, D, LO: tl.constexpr, WIDTH: tl.constexpr):
     and in rows that are not ok): one of the two power-of-two pieces a head dim is loaded in."""
     offs = LO + tl.arange(0, WIDTH)
     return tl.load(ptrs[:, None] + offs[None, :], mask=ok[:, None] & (offs[None, :] < D), other=0.0)
+
+
+@device_jit
+def online_softmax_step(m_i, l_i, acc, s, vis, v, PREC: tl.constexpr):
+    """One key tile of the flash forward: scaled log2 scores s [rows, keys] (masked by vis) and values v [keys, Dv]
+    folded into the running max m_i, sum l_i and accumulator acc [rows, Dv] (fp32)."""
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
