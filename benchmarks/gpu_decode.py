@@ -156,6 +156,19 @@ class DenseLayerStep:
         return self.o_proj(o.reshape(B, 1, HQ * Dv))
 
 
+def filled_layer(hidden, HQ, HKV, Dk, Dv, B, S, S_max, dtype, device, cfg):
+    """An NSA layer (triton) and an NSACache holding S random tokens per row (room for S_max)."""
+    layer = nsa.NativeSparseAttention(hidden, HQ, HKV, Dk, v_head_dim=Dv, config=cfg,
+                                      backend="triton").to(device=device, dtype=dtype)
+    cache = nsa.NSACache(1, B, S_max, device=device, dtype=dtype)
+    lc = cache.layer(0, num_kv_heads=HKV, head_dim=Dk, v_head_dim=Dv, config=cfg, shared_kv=layer.window_reads_slc,
+                     device=device, dtype=dtype)
+    for t in lc.tensors().values():
+        t.normal_()
+    lc.set_lengths(slice(None), torch.full((B,), S, dtype=torch.long))
+    return layer, cache
+
+
 def layer_run(contexts, batches, hidden, HQ, HKV, Dk, Dv, dtype, device, cfg):
     """Eager one-token steps of the whole `NativeSparseAttention` layer over a filled `NSACache` (projections,
     cache append, compressed-token emission every d steps, the Triton decode) against `DenseLayerStep`: what an
@@ -165,24 +178,17 @@ def layer_run(contexts, batches, hidden, HQ, HKV, Dk, Dv, dtype, device, cfg):
         for S in contexts:
             torch.manual_seed(0)
             S_max = S + 4096
-            layer = nsa.NativeSparseAttention(hidden, HQ, HKV, Dk, v_head_dim=Dv, config=cfg,
-                                              backend="triton").to(device=device, dtype=dtype)
-            cache = nsa.NSACache(1, B, S_max, device=device, dtype=dtype)
-            lc = cache.layer(0, num_kv_heads=HKV, head_dim=Dk, v_head_dim=Dv, config=cfg,
-                             shared_kv=layer.window_reads_slc, device=device, dtype=dtype)
-            for t in lc.tensors().values():  # a filled cache: random contents, S tokens per row
-                t.normal_()
-            lc.set_lengths(slice(None), torch.full((B,), S, dtype=torch.long))
+            layer, cache = filled_layer(hidden, HQ, HKV, Dk, Dv, B, S, S_max, dtype, device, cfg)
             dense = DenseLayerStep(hidden, HQ, HKV, Dk, Dv, B, S, S_max, device, dtype)
             x = torch.randn(B, 1, hidden, device=device, dtype=dtype)
             with torch.no_grad():
                 t_nsa = bench_ms(lambda: layer(x, cache=cache, layer_idx=0), device)
                 t_dense = bench_ms(lambda: dense(x), device)
             rows.append(dict(context=S, batch=B, hidden=hidden, dense_layer_ms=t_dense, nsa_layer_ms=t_nsa,
-                             speedup=t_dense / t_nsa, steps_appended=int(lc.host_lengths[0]) - S))
+                             speedup=t_dense / t_nsa, steps_appended=int(cache.layers[0].host_lengths[0]) - S))
             print(f"layer step {S:>8} {B:>5} dense {t_dense:.4f} ms  NSA {t_nsa:.4f} ms  {t_dense / t_nsa:.2f}x",
                   flush=True)
-            del layer, cache, lc, dense
+            del layer, cache, dense
             if device == "cuda":
                 torch.cuda.empty_cache()
     return rows

@@ -7,7 +7,8 @@ device synchronisations).
 
 Cases: the paper config (B=1, HQ=64, HKV=4, Dk=192, Dv=128, bf16, paper geometry) through
 `native_sparse_attention(backend="triton")`, forward (inputs requiring grad, as in training) and forward+backward,
-and the Triton decode step (`triton_decode`, eager) at batch 1 and 16. Each case: one untimed warm-up (compilation,
+the Triton decode step (`triton_decode`, eager) at batch 1 and 16, and a whole layer's eager decode step (hidden
+2560, projections, cache append and the decode kernels) at batch 1. Each case: one untimed warm-up (compilation,
 autotuning), `--iters` host-timed iterations (synchronised wall clock), then `--iters` iterations under
 `torch.profiler`. Per iteration: wall ms, GPU-busy ms (sum of the kernel times; one stream, so they do not
 overlap), idle share 1 - busy / wall, and the kernels by GPU time with their launches per iteration. Then one more
@@ -31,6 +32,7 @@ import torch  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+import gpu_decode  # noqa: E402  (this folder: the decode benchmark's filled layer cache)
 import gpu_suite  # noqa: E402  (this folder: the same random inputs as the suite)
 import nsa  # noqa: E402
 from nsa.ops.triton_decode import triton_decode  # noqa: E402
@@ -142,6 +144,7 @@ def main(argv=None):
     ap.add_argument("--lengths", default="4096,65536", help="prefill lengths (forward and forward+backward)")
     ap.add_argument("--decode", default="65536", help="decode contexts (batch 1 and 16)")
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--hidden", type=int, default=2560, help="hidden size of the layer decode step")
     ap.add_argument("--out", default="benchmarks/results/gpu_profile")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU via the Triton interpreter")
     args = ap.parse_args(argv)
@@ -149,6 +152,7 @@ def main(argv=None):
     if args.cpu_smoke:
         device, dtype, args.iters = "cpu", torch.float16, 1
         heads, lengths, contexts, batches = dict(HQ=4, HKV=2, Dk=24, Dv=16), [100], [300], [1, 2]
+        args.hidden = 32
         cfg = nsa.NSAConfig(window_size=128, num_selected=4)
         out = None
     else:
@@ -186,6 +190,13 @@ def main(argv=None):
                     f"decode S={S} B={B} (eager)",
                     lambda: triton_decode(*dargs, lengths=lens, config=cfg, max_len=S), args.iters, device))
             del dargs
+        layer, cache = gpu_decode.filled_layer(args.hidden, heads["HQ"], heads["HKV"], heads["Dk"], heads["Dv"], 1, S,
+                                               S + 1024, dtype, device, cfg)
+        x1 = torch.randn(1, 1, args.hidden, device=device, dtype=dtype)
+        with torch.no_grad():
+            cases.append(profile_case(f"layer decode step S={S} B=1 (eager, projections and cache included)",
+                                      lambda: layer(x1, cache=cache, layer_idx=0), args.iters, device))
+        del layer, cache
     res = dict(benchmark="gpu_profile", device=card, setup=setup, cases=cases)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
