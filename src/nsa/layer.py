@@ -247,7 +247,11 @@ class NativeSparseAttention(nn.Module):
             return k_cmp, v_cmp
         if T == 1 and cap:  # decode: one candidate block per row (positions p - l + 1 .. p), emitted where complete
             p, p_d = L_old, L_old_d  # host (decisions), device (indices): no host-to-device copy
-            emit = ((p + 1 - l) >= 0) & ((p + 1 - l) % d == 0)
+
+            def completes(pos):  # position pos ends compressed block (pos + 1 - l) / d
+                return ((pos + 1 - l) >= 0) & ((pos + 1 - l) % d == 0)
+
+            emit = completes(p)
             slots = (p_d[:, None] - cap + torch.arange(cap, device=dev)) % cap
             if bool(emit.any()):  # φ over every row's candidate block; rows that complete none keep their entry
                 blk_k = torch.cat([lc.k_tail[ridx, slots].to(kc_raw.dtype), kc_raw], 1)  # [R, l, HKV, D]
@@ -255,7 +259,7 @@ class NativeSparseAttention(nn.Module):
                 k_new, v_new = self._compress(blk_k, blk_v, p_d[:, None])
                 i_new = ((p_d + 1 - l).clamp(min=0) // d)[:, None]
                 if not bool(emit.all()):
-                    keep = (((p_d + 1 - l) < 0) | ((p_d + 1 - l) % d != 0))[:, None, None, None]  # device
+                    keep = ~completes(p_d)[:, None, None, None]
                     k_new = torch.where(keep, lc.k_cmp[ridx, i_new].to(k_new.dtype), k_new)
                     v_new = torch.where(keep, lc.v_cmp[ridx, i_new].to(v_new.dtype), v_new)
                 lc.k_cmp[ridx, i_new] = k_new.detach().to(cdt)
