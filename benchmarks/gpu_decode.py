@@ -76,23 +76,28 @@ def traffic_ratio(S, cfg, G, Dk, Dv, elt):
     return S * (Dk + Dv) * elt / nsa_bytes
 
 
+def random_step(B, S, Tq, HQ, HKV, Dk, Dv, dtype, device, cfg):
+    """Random decode inputs: Tq queries per sequence over a cache of S tokens (seeded), as the decode functions take
+    them (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates), the window reading the selection cache."""
+    torch.manual_seed(0)
+    tc = cfg.num_compressed(S)
+    k_cmp, v_cmp, k, v = [torch.randn(B, n, HKV, dd, device=device, dtype=dtype)
+                          for n, dd in ((tc, Dk), (tc, Dv), (S, Dk), (S, Dv))]
+    q = torch.randn(B, Tq, HQ, Dk, device=device, dtype=dtype)
+    gates = torch.rand(B, Tq, HQ, 3, device=device, dtype=dtype)
+    return q, k_cmp, v_cmp, k, v, k, v, gates
+
+
 def run(contexts, batches, HQ, HKV, Dk, Dv, dtype, device, cfg, check=True):
     rows = []
     G = HQ // HKV
     for B in batches:
         for S in contexts:
-            torch.manual_seed(0)
-            tc = cfg.num_compressed(S)
-            k = torch.randn(B, S, HKV, Dk, device=device, dtype=dtype)
-            v = torch.randn(B, S, HKV, Dv, device=device, dtype=dtype)
-            k_cmp = torch.randn(B, tc, HKV, Dk, device=device, dtype=dtype)
-            v_cmp = torch.randn(B, tc, HKV, Dv, device=device, dtype=dtype)
-            q = torch.randn(B, 1, HQ, Dk, device=device, dtype=dtype)
-            gates = torch.rand(B, 1, HQ, 3, device=device, dtype=dtype)
+            args = random_step(B, S, 1, HQ, HKV, Dk, Dv, dtype, device, cfg)
+            q, k_cmp, v_cmp, k, v = args[:5]
             lengths = torch.full((B,), S, dtype=torch.long, device=device)
             kd, vd = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # dense layout [B, HKV, S, D]
             qd = q[:, 0].reshape(B, HKV, G, Dk)
-            args = (q, k_cmp, v_cmp, k, v, k, v, gates)
             kw = dict(lengths=lengths, config=cfg, max_len=S)  # host max length: no sync, graph-capturable
 
             def dense():
@@ -122,7 +127,7 @@ def run(contexts, batches, HQ, HKV, Dk, Dv, dtype, device, cfg, check=True):
             print(f"{S:>8} {B:>5} {t_dense:>10.4f} {t_tri:>10.4f} {t_torch:>10.4f} {t_dense / t_tri:>8.2f}x "
                   f"{bound:>8.2f}x {traffic:>8.2f}x {err:>9.2e}"
                   + ("" if g_tri is None else f" {g_dense:>9.4f} {g_tri:>9.4f} {g_dense / g_tri:>8.2f}x"), flush=True)
-            del k, v, kd, vd, k_cmp, v_cmp
+            del args, q, k, v, kd, vd, k_cmp, v_cmp
             if device == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -202,13 +207,7 @@ def prefill_run(contexts, batches, chunk, HQ, HKV, Dk, Dv, dtype, device, cfg):
     G = HQ // HKV
     for B in batches:
         for S in contexts:
-            torch.manual_seed(0)
-            tc = cfg.num_compressed(S)
-            kv = [torch.randn(B, n, HKV, dd, device=device, dtype=dtype)
-                  for n, dd in ((tc, Dk), (tc, Dv), (S, Dk), (S, Dv))]
-            q = torch.randn(B, chunk, HQ, Dk, device=device, dtype=dtype)
-            gates = torch.rand(B, chunk, HQ, 3, device=device, dtype=dtype)
-            args = (q, kv[0], kv[1], kv[2], kv[3], kv[2], kv[3], gates)
+            args = random_step(B, S, chunk, HQ, HKV, Dk, Dv, dtype, device, cfg)
             kw = dict(lengths=torch.full((B,), S, dtype=torch.long, device=device), config=cfg, max_len=S)
             with torch.no_grad():
                 err = (triton_decode(*args, **kw).float() - torch_decode(*args, **kw).float()).abs().max().item()
@@ -218,7 +217,7 @@ def prefill_run(contexts, batches, chunk, HQ, HKV, Dk, Dv, dtype, device, cfg):
                              speedup_vs_torch=t_torch / t_tri, max_abs_diff_vs_torch=err, heads=(G, HKV)))
             print(f"prefill chunk {chunk} at {S:>8} {B:>5}: triton {t_tri:.3f} ms  torch {t_torch:.3f} ms  "
                   f"{t_torch / t_tri:.2f}x  max|diff| {err:.2e}", flush=True)
-            del kv, q, gates, args
+            del args
             if device == "cuda":
                 torch.cuda.empty_cache()
     return rows

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (autotune_configs, device_jit, dot_precision, host_offsets, interpreting, next_pow2,
+from .utils import (autotune_configs, device_jit, dot_precision, dq_step, host_offsets, interpreting, next_pow2,
                     online_softmax_step, tile_table)
 
 LOG2E = 1.4426950408889634
@@ -161,18 +161,14 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + row0 * s_lt + hq + offs_m * s_lt, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
+    dq2 = dq  # unused unless the head dim has a second piece
     if BLOCK_DK2 > 0:
         dq2 = tl.zeros([BLOCK_M, BLOCK_DK2], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         k, k2, v, s, vis = _key_tile(q, q2, K, V, ks, start, hi, hk, s_kt, s_kh, s_vt, s_vh, DK, DV, qk_scale, pos_q,
                                      row_ok, WINDOW, CMP_L, CMP_D, MODE, PREC, BLOCK_N, BLOCK_DK, BLOCK_DK2,
                                      BLOCK_DV)
-        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = (p * (dp - delta[:, None])).to(k.dtype)
-        dq += tl.dot(ds, k, input_precision=PREC)
-        if BLOCK_DK2 > 0:
-            dq2 += tl.dot(ds, k2, input_precision=PREC)
+        dq, dq2 = dq_step(dq, dq2, s, vis, lse2, delta, do, k, k2, v, PREC, BLOCK_DK2 > 0)
     q_off = offs_m[:, None] * s_qt + offs_dk[None, :]
     tl.store(DQ + q_base + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_dk[None, :] < DK))
     if BLOCK_DK2 > 0:

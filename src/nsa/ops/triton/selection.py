@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .flash import LOG2E, default_scale, split_head_dim
-from .utils import (PIPELINED_CONFIGS, autotune_configs, device_jit, dot_precision, host_offsets, interpreting,
-                    load_cols, next_pow2, online_softmax_step, pack, seq_offsets, tile_table)
+from .utils import (PIPELINED_CONFIGS, autotune_configs, device_jit, dot_precision, dq_step, host_offsets,
+                    interpreting, load_cols, next_pow2, online_softmax_step, pack, seq_offsets, tile_table)
 
 PACK_SMALL_GROUPS = True
 MAX_SEGMENT = 256  # query tiles per dK/dV program; longer reverse lists are split and reduced in order
@@ -158,6 +158,7 @@ def _slc_bwd_dq_kernel(
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     delta = tl.load(DELTA + tok * s_lt + hq, mask=row_ok, other=0.0)
     dq = tl.zeros([ROWS, BLOCK_DK], tl.float32)
+    dq2 = dq  # unused unless the head dim has a second piece
     if BLOCK_DK2 > 0:
         dq2 = tl.zeros([ROWS, BLOCK_DK2], tl.float32)
     cnt = tl.load(COUNT + pid.to(tl.int64) * tl.num_programs(1) + hk)
@@ -167,12 +168,7 @@ def _slc_bwd_dq_kernel(
         member = _member(own, blk, row_ok, BT)
         k, k2, v, s, vis = _block_tile(q, q2, K, V, qs, L, blk, sub, LP, hk, s_kt, s_kh, s_vt, s_vh, DK, DV,
                                        qk_scale, member, pos_q, PREC, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV)
-        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = (p * (dp - delta[:, None])).to(k.dtype)
-        dq += tl.dot(ds, k, input_precision=PREC)
-        if BLOCK_DK2 > 0:
-            dq2 += tl.dot(ds, k2, input_precision=PREC)
+        dq, dq2 = dq_step(dq, dq2, s, vis, lse2, delta, do, k, k2, v, PREC, BLOCK_DK2 > 0)
     offs_dk = tl.arange(0, BLOCK_DK)
     dq_rows = DQ + tok * s_qt + hq * s_qh
     tl.store(dq_rows[:, None] + offs_dk[None, :], (dq * scale).to(DQ.dtype.element_ty),

@@ -139,3 +139,16 @@ def online_softmax_step(m_i, l_i, acc, s, vis, v, PREC: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return m_new, l_i, acc
+
+
+@device_jit
+def dq_step(dq, dq2, s, vis, lse2, delta, do, k, k2, v, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """One key tile of a dQ pass: p = exp2(s - lse2) where vis, dS = p * (dO V^T - delta), dq += dS K (and dq2 +=
+    dS K2, the head dim's second piece, when SPLIT). Returns (dq, dq2); dq2 is passed through unused otherwise."""
+    p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = (p * (dp - delta[:, None])).to(k.dtype)
+    dq += tl.dot(ds, k, input_precision=PREC)
+    if SPLIT:
+        dq2 += tl.dot(ds, k2, input_precision=PREC)
+    return dq, dq2
