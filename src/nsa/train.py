@@ -373,6 +373,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, sto
         save_checkpoint(final, model, opt, end, cfg)
     if log is not None:
         log.close()
+    if world > 1:  # every rank leaves with its collectives done, so a caller may tear the process group down
+        dist.barrier()
     return dict(final_step=end, final_loss=loss_value, checkpoint=str(final), num_params=num_params,
                 tokens_per_s=tokens_seen / max(train_time, 1e-9), train_time=train_time, world=world, mode=mode)
 
