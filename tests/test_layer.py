@@ -151,3 +151,15 @@ def test_torch_compile_decodes_eagerly():
     caches = nsa.NSACache(1, 2, 64), nsa.NSACache(1, 2, 64)
     for chunk in (x[:, :57], x[:, 57:58], x[:, 58:59], x[:, 59:60]):
         assert torch.equal(compiled(chunk, cache=caches[0], layer_idx=0), layer(chunk, cache=caches[1], layer_idx=0))
+
+
+def test_inference_mode_cu_seqlens_changed_in_place():
+    """An inference tensor has no version counter, so the host copy of a caller's cu_seqlens is not remembered under
+    torch.inference_mode: new values written into the same tensor are used (compression blocks included)."""
+    layer = make_layer().float()
+    x = torch.randn(1, 47, 48, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        cu = torch.tensor([0, 7, 33, 47])
+        layer(x, cu_seqlens=cu)
+        cu.copy_(torch.tensor([0, 15, 30, 47]))
+        assert torch.equal(layer(x, cu_seqlens=cu), layer(x, cu_seqlens=torch.tensor([0, 15, 30, 47])))

@@ -66,6 +66,30 @@ def test_padded_batch_reads_no_offsets_from_the_device(monkeypatch):
     assert reads == []  # validation read cu_seqlens itself (to report bad values) and remembered them
 
 
+def test_inference_mode_offsets(monkeypatch):
+    """Under torch.inference_mode (tensors without version counters): a padded forward still reads no offsets, and a
+    caller's cu_seqlens changed in place between two calls is read again, not taken from memory."""
+    from nsa.ops import varlen
+
+    reads = []
+    monkeypatch.setattr(varlen, "_read_offsets", lambda cu: reads.append(cu.tolist()) or cu.tolist())
+    x = make_inputs(1, 47, 4, 2, 20, 12, CFG, dtype=torch.float32, seed=5, device=DEV)
+    with torch.inference_mode():
+        o = nsa.native_sparse_attention(*x, config=CFG, backend="triton")
+        assert reads == []
+        assert_close(o, nsa.native_sparse_attention(*x, config=CFG, backend="reference"), atol=2e-5, rtol=2e-5)
+        cu = torch.tensor([0, 7, 33, 47], dtype=torch.int64, device=DEV)
+        x = make_inputs(1, 47, 4, 2, 20, 12, CFG, dtype=torch.float32, cu_seqlens=cu, seed=6, device=DEV)
+        outs = []
+        for bounds in ([0, 7, 33, 47], [0, 15, 30, 47]):  # the same tensor, new values (7 compressed tokens both)
+            cu.copy_(torch.tensor(bounds))
+            got = nsa.native_sparse_attention(*x, config=CFG, cu_seqlens=cu, backend="triton")
+            exp = nsa.native_sparse_attention(*x, config=CFG, cu_seqlens=cu, backend="reference")
+            assert_close(got, exp, atol=2e-5, rtol=2e-5, name=str(bounds))
+            outs.append(got)
+        assert not torch.equal(*outs)
+
+
 def test_host_offsets_are_remembered_and_invalidated_by_in_place_changes(monkeypatch):
     from nsa.ops import varlen
     from nsa.ops.triton import utils

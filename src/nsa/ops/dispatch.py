@@ -118,8 +118,9 @@ def _check_cu_seqlens(cu_seqlens, q):
     if bool((cpu[1:] < cpu[:-1]).any()):
         raise ValueError(f"cu_seqlens must be non-decreasing, got {cpu.tolist()}")
     values = cpu.tolist()  # read once here; the backends' host-side planning reuses them
-    remember_offsets(cu_seqlens, values)
-    return remember_offsets(cu_seqlens.to(q.device), values)
+    remember_offsets(cu_seqlens, values, owned=False)
+    on_device = cu_seqlens.to(q.device)
+    return remember_offsets(on_device, values, owned=on_device is not cu_seqlens)
 
 
 def _check_scale(scale):

@@ -20,11 +20,18 @@ def _forget(key: int, ref: weakref.ref) -> None:
         del _HOST_OFFSETS[key]
 
 
-def remember_offsets(cu: torch.Tensor, values: Iterable[int]) -> torch.Tensor:
-    """Record `values` (host ints) as the contents of the offsets tensor `cu`; returns cu."""
-    key = id(cu)
-    ref = weakref.ref(cu, lambda r: _forget(key, r))
-    _HOST_OFFSETS[key] = (ref, cu._version, [int(v) for v in values])
+def _version(cu: torch.Tensor) -> int:
+    return -1 if cu.is_inference() else cu._version  # inference tensors keep no version counter
+
+
+def remember_offsets(cu: torch.Tensor, values: Iterable[int], owned: bool = True) -> torch.Tensor:
+    """Record `values` (host ints) as the contents of the offsets tensor `cu`; returns cu. `owned=False` marks a
+    caller's tensor: an inference tensor of theirs is not remembered, since without a version counter an in-place
+    change to it could not be told."""
+    if owned or not cu.is_inference():
+        key = id(cu)
+        ref = weakref.ref(cu, lambda r: _forget(key, r))
+        _HOST_OFFSETS[key] = (ref, _version(cu), [int(v) for v in values])
     return cu
 
 
@@ -36,10 +43,10 @@ def host_offsets(cu: torch.Tensor) -> list[int]:
     """The values of the 1-D offsets tensor `cu` as host ints: remembered ones (also after an in-place change is
     ruled out by the version counter), else read from the device once and remembered."""
     hit = _HOST_OFFSETS.get(id(cu))
-    if hit is not None and hit[0]() is cu and hit[1] == cu._version:
+    if hit is not None and hit[0]() is cu and hit[1] == _version(cu):
         return hit[2]
     values = _read_offsets(cu)
-    remember_offsets(cu, values)
+    remember_offsets(cu, values, owned=False)
     return values
 
 
