@@ -27,8 +27,8 @@ def next_pow2(x: int, lo: int = 16) -> int:
 # (num_warps, num_stages). With Triton 3.6 a loop built with 2 stages waits for its own loads at the top of each
 # iteration (async_wait num=0 in the sm_90 TTGIR; `inflight` in benchmarks/triton_aot_check.py): only >= 3 stages
 # keep the next tiles' loads in flight during the math. In bf16 every autotuned kernel builds without register spills
-# at 8 warps (2 or 3 stages); the dK/dV kernels spill at 4 (fp32 builds spill in places: the AOT report). The selected-attention loops (K/V behind a block index, latency
-# bound) get pipelined configs only.
+# at 8 warps (2 or 3 stages); the dK/dV kernels spill at 4 (fp32 builds spill in places: the AOT report). The
+# selected-attention loops (K/V behind a block index, latency bound) get pipelined configs only.
 DEFAULT_CONFIGS = ((8, 2), (4, 3), (8, 3))
 PIPELINED_CONFIGS = ((4, 3), (8, 3), (4, 4))
 
