@@ -125,10 +125,10 @@ def test_compressed_keys_rotated_at_block_end():
 
 
 @pytest.mark.parametrize("varlen", [False, True])
-def test_torch_compile_runs_the_ops_eagerly(varlen, recwarn):
-    """torch.compile(layer): Dynamo traces the projections, RoPE and φ and runs the NSA op eagerly (one graph break)
-    instead of tracing into the backends, which it cannot (it warned about every compiled-kernel call). Same output
-    and gradients as eager."""
+def test_torch_compile_matches_eager(varlen, recwarn):
+    """torch.compile(layer): Dynamo traces the projections, RoPE and φ, and the NSA op as its custom ops instead of
+    tracing into the backends, which it cannot (it warned about every compiled-kernel call). Same output and
+    gradients as eager (more in tests/test_compile.py)."""
     torch._dynamo.reset()
     layer = make_layer().float()  # float32: the compiled CPU kernels, which Dynamo cannot trace
     cu = torch.tensor([0, 40, 100]) if varlen else None

@@ -18,6 +18,11 @@ def block_starts(seqlen: int, block_size: int, stride: int, cu_seqlens: torch.Te
     """First packed position of every compressed block, [Tc] int64 (per sequence when packed)."""
     if cu_seqlens is None:
         return torch.arange(num_compressed_tokens(seqlen, block_size, stride), device=device) * stride
+    return _packed_block_starts(cu_seqlens, block_size, stride, device)
+
+
+@torch.compiler.disable  # reads the offsets on the host: under torch.compile one graph break, no specialisation
+def _packed_block_starts(cu_seqlens: torch.Tensor, block_size: int, stride: int, device) -> torch.Tensor:
     bounds = host_offsets(cu_seqlens)
     parts = [
         start + torch.arange(num_compressed_tokens(end - start, block_size, stride), device=device) * stride

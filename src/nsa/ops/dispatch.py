@@ -12,6 +12,7 @@ from types import ModuleType
 import torch
 
 from ..config import NSAConfig
+from . import library
 from .varlen import num_compressed_total, remember_offsets
 
 # name -> module path; a backend whose import fails (e.g. Triton missing) is reported as unavailable.
@@ -103,7 +104,7 @@ def _check_qkv(q, k, v, kname="k", vname="v", same_time=True):
         raise ValueError("q and v head dims must be positive")
 
 
-def _check_cu_seqlens(cu_seqlens, q):
+def _check_cu_seqlens(cu_seqlens, q, values=True):
     if cu_seqlens is None:
         return None
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
@@ -112,6 +113,8 @@ def _check_cu_seqlens(cu_seqlens, q):
         raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
     if q.shape[0] != 1:
         raise ValueError(f"cu_seqlens requires a packed batch of size 1, got q batch size {q.shape[0]}")
+    if not values:
+        return cu_seqlens
     cpu = cu_seqlens.detach().cpu()
     if int(cpu[0]) != 0 or int(cpu[-1]) != q.shape[1]:
         raise ValueError(f"cu_seqlens must start at 0 and end at T={q.shape[1]}, got {cpu.tolist()}")
@@ -150,14 +153,14 @@ def _check_cmp(q, k_cmp, v_cmp, block_size, stride, cu_seqlens, kname="k_cmp", v
         )
 
 
-def _check_indices(indices, q, k, block_size):
+def _check_indices(indices, q, k, block_size, values=True):
     _check_tensor("indices", indices)
     if indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
     B, T, HKV = q.shape[0], q.shape[1], k.shape[2]
     if tuple(indices.shape[:3]) != (B, T, HKV):
         raise ValueError(f"indices must be [B, T, HKV, n] = [{B}, {T}, {HKV}, n], got {tuple(indices.shape)}")
-    if indices.numel():
+    if values and indices.numel():
         lo, hi = int(indices.min()), int(indices.max())
         nb = math.ceil(T / block_size)
         if lo < -1 or hi >= nb:
@@ -228,17 +231,13 @@ def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None, ba
     return impl.sliding_window_attention(q, k, v, window=window, scale=scale, cu_seqlens=cu_seqlens)
 
 
-@_eager_under_compile
-def native_sparse_attention(
-    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config, scale=None, cu_seqlens=None,
-    block_indices=None, backend="auto",
+def check_native_sparse_attention(
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config, scale=None, cu_seqlens=None, block_indices=None,
+    backend="auto", values=True,
 ):
-    """Native Sparse Attention (Eq. 5): o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win.
-
-    q [B,T,HQ,Dk]; k_cmp/v_cmp [B,Tc,HKV,Dk|Dv] compressed tokens (output of φ); k_slc/v_slc and k_win/v_win
-    [B,T,HKV,Dk|Dv]; gates [B,T,HQ,3] in (cmp, slc, win) order; config an NSAConfig. `block_indices`
-    [B,T,HKV,n] replaces the selection computed from the compressed scores. Returns o [B,T,HQ,Dv].
-    """
+    """The composed op's input checks; returns cu_seqlens on q's device (its host values remembered).
+    values=False skips the checks that read tensor contents (cu_seqlens' offsets, the range of block_indices, and
+    the compressed-token count of a packed batch), which torch.compile cannot trace: the op runs them later."""
     _check_config(config)
     _check_scale(scale)
     _check_backend_name(backend)
@@ -248,8 +247,11 @@ def native_sparse_attention(
         raise ValueError(f"k_win heads ({k_win.shape[2]}) must equal k_slc heads ({k_slc.shape[2]})")
     if v_win.shape[3] != v_slc.shape[3]:
         raise ValueError(f"v_win head dim ({v_win.shape[3]}) must equal v_slc's ({v_slc.shape[3]})")
-    cu_seqlens = _check_cu_seqlens(cu_seqlens, q)
-    _check_cmp(q, k_cmp, v_cmp, config.cmp_block_size, config.cmp_stride, cu_seqlens)
+    cu_seqlens = _check_cu_seqlens(cu_seqlens, q, values)
+    if values or cu_seqlens is None:
+        _check_cmp(q, k_cmp, v_cmp, config.cmp_block_size, config.cmp_stride, cu_seqlens)
+    else:
+        _check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp", same_time=False)
     if k_cmp.shape[2] != k_slc.shape[2]:
         raise ValueError(f"k_cmp heads ({k_cmp.shape[2]}) must equal k_slc heads ({k_slc.shape[2]})")
     if v_cmp.shape[3] != v_slc.shape[3]:
@@ -262,13 +264,51 @@ def native_sparse_attention(
     if gates.device != q.device:
         raise ValueError(f"gates must be on q's device {q.device}, got {gates.device}")
     if block_indices is not None:
-        _check_indices(block_indices, q, k_slc, config.slc_block_size)
+        _check_indices(block_indices, q, k_slc, config.slc_block_size, values)
         if block_indices.shape[3] != config.num_selected:
             raise ValueError(
                 f"block_indices must list config.num_selected={config.num_selected} blocks, got {block_indices.shape[3]}"
             )
-    impl = resolve_backend(backend, q.device)
-    return impl.native_sparse_attention(
-        q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config=config, scale=scale, cu_seqlens=cu_seqlens,
-        block_indices=block_indices,
-    )
+    return cu_seqlens
+
+
+@torch.compiler.assume_constant_result
+def _compiles_as_custom_op(backend: str, device_type: str) -> bool:
+    """Whether the backend has the split forward/backward pair that `nsa.ops.library` runs as custom ops."""
+    try:
+        return hasattr(resolve_backend(backend, torch.device(device_type)), "native_sparse_attention_fwd")
+    except ValueError:
+        return False
+
+
+def native_sparse_attention(
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config, scale=None, cu_seqlens=None,
+    block_indices=None, backend="auto",
+):
+    """Native Sparse Attention (Eq. 5): o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win.
+
+    q [B,T,HQ,Dk]; k_cmp/v_cmp [B,Tc,HKV,Dk|Dv] compressed tokens (output of φ); k_slc/v_slc and k_win/v_win
+    [B,T,HKV,Dk|Dv]; gates [B,T,HQ,3] in (cmp, slc, win) order; config an NSAConfig. `block_indices`
+    [B,T,HKV,n] replaces the selection computed from the compressed scores. Returns o [B,T,HQ,Dv].
+
+    Under torch.compile the torch and triton backends run as custom ops (`nsa.ops.library`): no graph break.
+    """
+    args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
+    if torch.compiler.is_compiling():
+        check_native_sparse_attention(*args, config=config, scale=scale, cu_seqlens=cu_seqlens,
+                                      block_indices=block_indices, backend=backend, values=False)
+        if _compiles_as_custom_op(backend, q.device.type):
+            return library.native_sparse_attention(*args, config=config, scale=scale, cu_seqlens=cu_seqlens,
+                                                   block_indices=block_indices, backend=backend)
+    return _native_sparse_attention_eager(*args, config=config, scale=scale, cu_seqlens=cu_seqlens,
+                                          block_indices=block_indices, backend=backend)
+
+
+@_eager_under_compile
+def _native_sparse_attention_eager(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config, scale,
+                                   cu_seqlens, block_indices, backend):
+    args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
+    cu_seqlens = check_native_sparse_attention(*args, config=config, scale=scale, cu_seqlens=cu_seqlens,
+                                               block_indices=block_indices, backend=backend)
+    return resolve_backend(backend, q.device).native_sparse_attention(
+        *args, config=config, scale=scale, cu_seqlens=cu_seqlens, block_indices=block_indices)

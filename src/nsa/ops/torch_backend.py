@@ -1218,3 +1218,46 @@ def native_sparse_attention_tail(q_tail, k_cmp, v_cmp, k_slc, v_slc, k_win, v_wi
     xs = _contig(q_tail, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates_tail)
     with torch.no_grad():
         return _forward(xs[0], (xs[1], xs[2]), (xs[3], xs[4], None), (xs[5], xs[6]), xs[7], geom, False)[0]
+
+
+# ============================================================================================ split forward/backward
+RESIDUALS = ("o_cmp", "lse_cmp", "o_slc", "lse_slc", "o_win", "lse_win", "idx")
+
+
+def residual_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """dtypes of the per-branch outputs and lse among `native_sparse_attention_fwd`'s residuals."""
+    acc = _acc_dtype(dtype)
+    return acc, acc
+
+
+def _nsa_geom(config, scale, cu_seqlens):
+    return _Geom(scale, cu_seqlens, l=config.cmp_block_size, d=config.cmp_stride, cfg=config,
+                 window=config.window_size, slc_block=config.slc_block_size)
+
+
+def native_sparse_attention_fwd(
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config, scale=None, cu_seqlens=None, block_indices=None
+):
+    """`native_sparse_attention` as a forward that returns what its backward needs: (o [B,T,HQ,Dv], residuals)
+    with residuals the per-branch o [B,T,HQ,Dv] and lse [B,T,HQ] (`residual_dtypes`) and the int64 indices
+    [B,T,HKV,n] (`RESIDUALS` order). The torch.compile path (`nsa.ops.library`) runs the op as this pair; it always
+    takes the chunked path (not the masked-SDPA or length-grouped shortcuts of the autograd entry point)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    xs = _contig(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = xs
+    out, saved = _forward(q, (k_cmp, v_cmp), (k_slc, v_slc, block_indices), (k_win, v_win), gates,
+                          _nsa_geom(config, scale, cu_seqlens), True)
+    return out, tuple(saved[k] for k in RESIDUALS)
+
+
+def native_sparse_attention_bwd(
+    do, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, residuals, *, config, scale=None, cu_seqlens=None
+):
+    """Gradients (dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, dgates) of `native_sparse_attention_fwd`."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    xs = _contig(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = xs
+    saved = dict(zip(RESIDUALS, residuals))
+    dq, dcmp, dslc, dwin, dg = _backward(q, (k_cmp, v_cmp), (k_slc, v_slc, saved["idx"]), (k_win, v_win), gates,
+                                         _nsa_geom(config, scale, cu_seqlens), saved, do.contiguous())
+    return tuple(_cast(g, x) for g, x in zip((dq, *dcmp, *dslc, *dwin, dg), xs))

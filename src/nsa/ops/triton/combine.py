@@ -55,6 +55,30 @@ def _block_r(D: int) -> int:
     return 16 if interpreting() else max(1, 4096 // next_pow2(D))
 
 
+def combine_fwd(a, b, c, g):
+    """o = g0*a + g1*b + g2*c on contiguous rows a/b/c [R, D], g [R, 3]."""
+    R, D = a.shape
+    o = torch.empty_like(a)
+    br = _block_r(D)
+    if R:
+        _combine_fwd_kernel[(triton.cdiv(R, br),)](a, b, c, g, o, R, D, g.stride(0), BLOCK_R=br,
+                                                   BLOCK_D=next_pow2(D, lo=1), num_warps=COMBINE_WARPS)
+    return o
+
+
+def combine_bwd(a, b, c, g, do):
+    """(da, db, dc, dg) of `combine_fwd` for the output gradient do [R, D]."""
+    R, D = a.shape
+    do = do.contiguous().reshape(R, D)
+    da, db, dc = torch.empty_like(a), torch.empty_like(b), torch.empty_like(c)
+    dg = torch.empty_like(g)
+    br = _block_r(D)
+    if R:
+        _combine_bwd_kernel[(triton.cdiv(R, br),)](a, b, c, g, do, da, db, dc, dg, R, D, g.stride(0),
+                                                   BLOCK_R=br, BLOCK_D=next_pow2(D, lo=1), num_warps=COMBINE_WARPS)
+    return da, db, dc, dg
+
+
 class CombineGates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, c, gates):
@@ -62,29 +86,13 @@ class CombineGates(torch.autograd.Function):
         D = shape[-1]
         a, b, c = (x.contiguous().reshape(-1, D) for x in (a, b, c))
         g = gates.contiguous().reshape(-1, 3)
-        R = a.shape[0]
-        o = torch.empty_like(a)
-        br = _block_r(D)
-        if R:
-            _combine_fwd_kernel[(triton.cdiv(R, br),)](a, b, c, g, o, R, D, g.stride(0), BLOCK_R=br,
-                                                       BLOCK_D=next_pow2(D, lo=1), num_warps=COMBINE_WARPS)
         ctx.save_for_backward(a, b, c, g)
         ctx.shape, ctx.gshape = shape, gates.shape
-        return o.reshape(shape)
+        return combine_fwd(a, b, c, g).reshape(shape)
 
     @staticmethod
     def backward(ctx, do):
-        a, b, c, g = ctx.saved_tensors
-        D = a.shape[-1]
-        do = do.contiguous().reshape(-1, D)
-        R = a.shape[0]
-        da, db, dc = torch.empty_like(a), torch.empty_like(b), torch.empty_like(c)
-        dg = torch.empty_like(g)
-        br = _block_r(D)
-        if R:
-            _combine_bwd_kernel[(triton.cdiv(R, br),)](a, b, c, g, do, da, db, dc, dg, R, D, g.stride(0),
-                                                       BLOCK_R=br, BLOCK_D=next_pow2(D, lo=1),
-                                                       num_warps=COMBINE_WARPS)
+        da, db, dc, dg = combine_bwd(*ctx.saved_tensors, do)
         s = ctx.shape
         return da.reshape(s), db.reshape(s), dc.reshape(s), dg.reshape(ctx.gshape)
 

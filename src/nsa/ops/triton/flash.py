@@ -302,77 +302,91 @@ def _query_split(cu_q: torch.Tensor, mode: int, block_m: int, bytes_per_split: i
     return chunk, triton.cdiv(longest, chunk)
 
 
+def masked_attention_fwd(q, k, v, cu_q, cu_k, mode, scale, window, cmp_l, cmp_d):
+    """Forward of `DenseMaskedAttention` on contiguous packed tensors: (o [Tq,HQ,Dv], lse [Tq,HQ] fp32)."""
+    Tq, HQ, Dk = q.shape
+    HKV, Dv = k.shape[1], v.shape[2]
+    o = torch.empty(Tq, HQ, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(Tq, HQ, dtype=torch.float32, device=q.device)
+    bm, bn = _blocks(Dk, Dv, q.dtype)
+    tiles_q = tile_table(cu_q, bm)
+    (bdk, bdk2), bdv = split_head_dim(Dk), next_pow2(Dv)
+    if tiles_q.shape[0] and HQ:
+        _fwd_kernel[(tiles_q.shape[0], HQ)](
+            q, k, v, o, lse, tiles_q, cu_q, cu_k,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            o.stride(0), o.stride(1), lse.stride(0),
+            HQ // HKV, Dk, Dv, scale * LOG2E, window, cmp_l, cmp_d,
+            MODE=mode, PREC=dot_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DK2=bdk2,
+            BLOCK_DV=bdv,
+        )
+    return o, lse
+
+
+def masked_attention_bwd(q, k, v, o, lse, cu_q, cu_k, do, dlse, mode, scale, window, cmp_l, cmp_d):
+    """Gradients (dq, dk, dv) of `masked_attention_fwd` for the output gradient do (None: zero) and the lse
+    gradient dlse (None: zero)."""
+    Tq, HQ, Dk = q.shape
+    HKV, Dv = k.shape[1], v.shape[2]
+    do = torch.zeros_like(o) if do is None else do.contiguous()
+    # delta_t = sum_d dO*O - dlse (the lse term of the chain rule)
+    delta = (do.float() * o.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(dlse), dlse.float())
+    delta = delta.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    (bdk, bdk2), bdv = split_head_dim(Dk), next_pow2(Dv)
+    prec = dot_precision(q.dtype)
+    common = dict(MODE=mode, PREC=prec, BLOCK_DK=bdk, BLOCK_DK2=bdk2, BLOCK_DV=bdv)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               do.stride(0), do.stride(1), lse.stride(0))
+    bm, bn = _blocks(Dk, Dv, q.dtype)
+    tiles_q = tile_table(cu_q, bm)  # the forward's table (cached)
+    if tiles_q.shape[0] and HQ:
+        _bwd_dq_kernel[(tiles_q.shape[0], HQ)](
+            q, k, v, do, lse, delta, dq, tiles_q, cu_q, cu_k, *strides,
+            HQ // HKV, Dk, Dv, scale * LOG2E, scale, window, cmp_l, cmp_d, BLOCK_M=bm, BLOCK_N=bn, **common,
+        )
+    else:
+        dq.zero_()
+    bm, bn = _bwd_blocks(Dk, Dv, q.dtype)
+    tiles_k = tile_table(cu_k, bn)
+    if tiles_k.shape[0] and HKV:
+        chunk, nsplit = _query_split(cu_q, mode, bm, 4 * (k.numel() + v.numel()))
+        dk_out, dv_out = dk, dv
+        if nsplit > 1:  # fp32 partials per split, summed in a fixed order below (deterministic)
+            dk_out = torch.empty(nsplit, *k.shape, dtype=torch.float32, device=k.device)
+            dv_out = torch.empty(nsplit, *v.shape, dtype=torch.float32, device=v.device)
+        _bwd_dkv_kernel[(tiles_k.shape[0], HKV, nsplit)](
+            q, k, v, do, lse, delta, dk_out, dv_out, tiles_k, cu_q, cu_k, *strides,
+            dk_out.stride(0) if nsplit > 1 else 0, dv_out.stride(0) if nsplit > 1 else 0,
+            HQ // HKV, Dk, Dv, scale * LOG2E, scale, window, cmp_l, cmp_d, chunk, BLOCK_M=bm, BLOCK_N=bn,
+            **common,
+        )
+        if nsplit > 1:
+            dk.copy_(dk_out.sum(0))
+            dv.copy_(dv_out.sum(0))
+    else:
+        dk.zero_()
+        dv.zero_()
+    return dq, dk, dv
+
+
 class DenseMaskedAttention(torch.autograd.Function):
     """o, lse = masked attention (MODE 0 window, MODE 1 compressed) on packed tensors."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, mode, scale, window, cmp_l, cmp_d):
-        Tq, HQ, Dk = q.shape
-        HKV, Dv = k.shape[1], v.shape[2]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o = torch.empty(Tq, HQ, Dv, dtype=q.dtype, device=q.device)
-        lse = torch.empty(Tq, HQ, dtype=torch.float32, device=q.device)
-        bm, bn = _blocks(Dk, Dv, q.dtype)
-        tiles_q = tile_table(cu_q, bm)
-        (bdk, bdk2), bdv = split_head_dim(Dk), next_pow2(Dv)
-        if tiles_q.shape[0] and HQ:
-            _fwd_kernel[(tiles_q.shape[0], HQ)](
-                q, k, v, o, lse, tiles_q, cu_q, cu_k,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                o.stride(0), o.stride(1), lse.stride(0),
-                HQ // HKV, Dk, Dv, scale * LOG2E, window, cmp_l, cmp_d,
-                MODE=mode, PREC=dot_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DK2=bdk2,
-                BLOCK_DV=bdv,
-            )
-        ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k, tiles_q)
-        ctx.cfg = (mode, scale, window, cmp_l, cmp_d, bm, bn)
+        o, lse = masked_attention_fwd(q, k, v, cu_q, cu_k, mode, scale, window, cmp_l, cmp_d)
+        ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
+        ctx.cfg = (mode, scale, window, cmp_l, cmp_d)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, cu_q, cu_k, tiles_q = ctx.saved_tensors
-        mode, scale, window, cmp_l, cmp_d, bm, bn = ctx.cfg
-        Tq, HQ, Dk = q.shape
-        HKV, Dv = k.shape[1], v.shape[2]
-        do = torch.zeros_like(o) if do is None else do.contiguous()
-        # delta_t = sum_d dO*O - dlse (the lse term of the chain rule)
-        delta = (do.float() * o.float()).sum(-1)
-        if dlse is not None:
-            delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(dlse), dlse.float())
-        delta = delta.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        (bdk, bdk2), bdv = split_head_dim(Dk), next_pow2(Dv)
-        prec = dot_precision(q.dtype)
-        common = dict(MODE=mode, PREC=prec, BLOCK_DK=bdk, BLOCK_DK2=bdk2, BLOCK_DV=bdv)
-        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                   do.stride(0), do.stride(1), lse.stride(0))
-        if tiles_q.shape[0] and HQ:
-            _bwd_dq_kernel[(tiles_q.shape[0], HQ)](
-                q, k, v, do, lse, delta, dq, tiles_q, cu_q, cu_k, *strides,
-                HQ // HKV, Dk, Dv, scale * LOG2E, scale, window, cmp_l, cmp_d, BLOCK_M=bm, BLOCK_N=bn, **common,
-            )
-        else:
-            dq.zero_()
-        bm, bn = _bwd_blocks(Dk, Dv, q.dtype)
-        tiles_k = tile_table(cu_k, bn)
-        if tiles_k.shape[0] and HKV:
-            chunk, nsplit = _query_split(cu_q, mode, bm, 4 * (k.numel() + v.numel()))
-            dk_out, dv_out = dk, dv
-            if nsplit > 1:  # fp32 partials per split, summed in a fixed order below (deterministic)
-                dk_out = torch.empty(nsplit, *k.shape, dtype=torch.float32, device=k.device)
-                dv_out = torch.empty(nsplit, *v.shape, dtype=torch.float32, device=v.device)
-            _bwd_dkv_kernel[(tiles_k.shape[0], HKV, nsplit)](
-                q, k, v, do, lse, delta, dk_out, dv_out, tiles_k, cu_q, cu_k, *strides,
-                dk_out.stride(0) if nsplit > 1 else 0, dv_out.stride(0) if nsplit > 1 else 0,
-                HQ // HKV, Dk, Dv, scale * LOG2E, scale, window, cmp_l, cmp_d, chunk, BLOCK_M=bm, BLOCK_N=bn,
-                **common,
-            )
-            if nsplit > 1:
-                dk.copy_(dk_out.sum(0))
-                dv.copy_(dv_out.sum(0))
-        else:
-            dk.zero_()
-            dv.zero_()
+        q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = masked_attention_bwd(q, k, v, o, lse, cu_q, cu_k, do, dlse, *ctx.cfg)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 

@@ -402,75 +402,93 @@ class SelectionPlan:
         return self
 
 
+def _slc_meta(plan, block_size, Dk, Dv, dtype):
+    """The kernels' tile constants for a plan, and the key sub-tiles per selection block."""
+    meta = dict(PREC=dot_precision(dtype), ROWS=plan.rows, BT=plan.bt, NPAD=plan.npad,
+                BLOCK_N=_block_n(block_size, plan.rows, max(Dk, Dv), dtype),
+                BLOCK_DK=split_head_dim(Dk)[0], BLOCK_DK2=split_head_dim(Dk)[1], BLOCK_DV=next_pow2(Dv))
+    return meta, triton.cdiv(block_size, meta["BLOCK_N"])
+
+
+def selected_fwd(q, k, v, indices, cu, block_size, scale, packed=None):
+    """Forward of `SelectedAttention` on contiguous packed tensors: (o [Tt,HQ,Dv], lse [Tt,HQ] fp32, plan)."""
+    Tt, HQ, Dk = q.shape
+    HKV, Dv = k.shape[1], v.shape[2]
+    G = HQ // HKV
+    plan = SelectionPlan(indices, cu, block_size, G, packed)
+    o = torch.empty(Tt, HQ, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(Tt, HQ, dtype=torch.float32, device=q.device)
+    meta, nsub = _slc_meta(plan, block_size, Dk, Dv, q.dtype)
+    NT = plan.tiles.shape[0]
+    if NT and HKV:
+        _slc_fwd_kernel[(NT, HKV)](
+            q, k, v, o, lse, plan.idx, plan.union, plan.count, plan.tiles, cu,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            o.stride(0), o.stride(1), lse.stride(0), plan.idx.stride(0), plan.idx.stride(1),
+            plan.union.stride(0), plan.union.stride(1),
+            G, plan.n, block_size, Dk, Dv, scale * LOG2E, NSUB=nsub, **meta,
+        )
+    return o, lse, plan
+
+
+def selected_bwd(q, k, v, o, lse, cu, do, plan, block_size, scale):
+    """Gradients (dq, dk, dv) of `selected_fwd`; `plan` is the forward's (its reverse index is built here)."""
+    plan = plan.build_reverse()
+    Tt, HQ, Dk = q.shape
+    HKV, Dv = k.shape[1], v.shape[2]
+    G = HQ // HKV
+    meta, nsub = _slc_meta(plan, block_size, Dk, Dv, q.dtype)
+    do = do.contiguous()
+    delta = (do.float() * o.float()).sum(-1).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               do.stride(0), do.stride(1), lse.stride(0), plan.idx.stride(0), plan.idx.stride(1))
+    NT = plan.tiles.shape[0]
+    if NT and HKV:
+        _slc_bwd_dq_kernel[(NT, HKV)](
+            q, k, v, do, lse, delta, dq, plan.idx, plan.union, plan.count, plan.tiles, cu,
+            *strides, plan.union.stride(0), plan.union.stride(1),
+            G, plan.n, block_size, Dk, Dv, scale * LOG2E, scale, NSUB=nsub, **meta,
+        )
+    else:
+        dq.zero_()
+    if plan.nb_total and HKV:
+        lp_pad = nsub * meta["BLOCK_N"]
+        part_dk = next_pow2(Dk)  # partial rows hold the whole (padded) head dim; the reduce reads one tile
+        part_k = torch.empty(plan.num_slots * lp_pad, part_dk, dtype=torch.float32, device=q.device)
+        part_v = torch.empty(plan.num_slots * lp_pad, meta["BLOCK_DV"], dtype=torch.float32, device=q.device)
+        _slc_bwd_dkv_kernel[(plan.segments.shape[0] * nsub,)](
+            q, k, v, do, lse, delta, dk, dv, part_k, part_v, plan.idx, plan.rev, plan.segments, plan.kv_blocks,
+            plan.tiles, cu, *strides, G, plan.n, block_size, nsub, plan.nb_total, Dk, Dv, scale * LOG2E, scale,
+            LP_PAD=lp_pad, PART_DK=part_dk, **meta,
+        )
+        if plan.splits.shape[0]:
+            _slc_dkv_reduce_kernel[(plan.splits.shape[0] * nsub,)](
+                dk, dv, part_k, part_v, plan.splits, plan.kv_blocks, cu, k.stride(0), k.stride(1), v.stride(0),
+                v.stride(1), block_size, nsub, plan.nb_total, Dk, Dv, BLOCK_N=meta["BLOCK_N"],
+                BLOCK_DK=part_dk, BLOCK_DV=meta["BLOCK_DV"], LP_PAD=lp_pad, num_warps=REDUCE_WARPS,
+            )
+    else:
+        dk.zero_()
+        dv.zero_()
+    return dq, dk, dv
+
+
 class SelectedAttention(torch.autograd.Function):
     """o = selected attention on packed q [Tt,HQ,Dk], k [Tt,HKV,Dk], v [Tt,HKV,Dv], indices [Tt,HKV,n]."""
 
     @staticmethod
     def forward(ctx, q, k, v, indices, cu, block_size, scale, packed):
-        Tt, HQ, Dk = q.shape
-        HKV, Dv = k.shape[1], v.shape[2]
-        G = HQ // HKV
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        plan = SelectionPlan(indices, cu, block_size, G, packed)
-        o = torch.empty(Tt, HQ, Dv, dtype=q.dtype, device=q.device)
-        lse = torch.empty(Tt, HQ, dtype=torch.float32, device=q.device)
-        meta = dict(PREC=dot_precision(q.dtype), ROWS=plan.rows, BT=plan.bt, NPAD=plan.npad,
-                    BLOCK_N=_block_n(block_size, plan.rows, max(Dk, Dv), q.dtype),
-                    BLOCK_DK=split_head_dim(Dk)[0], BLOCK_DK2=split_head_dim(Dk)[1], BLOCK_DV=next_pow2(Dv))
-        NT = plan.tiles.shape[0]
-        nsub = triton.cdiv(block_size, meta["BLOCK_N"])  # key sub-tiles per selection block
-        if NT and HKV:
-            _slc_fwd_kernel[(NT, HKV)](
-                q, k, v, o, lse, plan.idx, plan.union, plan.count, plan.tiles, cu,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                o.stride(0), o.stride(1), lse.stride(0), plan.idx.stride(0), plan.idx.stride(1),
-                plan.union.stride(0), plan.union.stride(1),
-                G, plan.n, block_size, Dk, Dv, scale * LOG2E, NSUB=nsub, **meta,
-            )
+        o, lse, plan = selected_fwd(q, k, v, indices, cu, block_size, scale, packed)
         ctx.save_for_backward(q, k, v, o, lse, cu)
-        ctx.plan, ctx.meta, ctx.cfg = plan, meta, (block_size, scale, nsub)
+        ctx.plan, ctx.cfg = plan, (block_size, scale)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, cu = ctx.saved_tensors
-        plan, meta, (block_size, scale, nsub) = ctx.plan.build_reverse(), ctx.meta, ctx.cfg
-        Tt, HQ, Dk = q.shape
-        HKV, Dv = k.shape[1], v.shape[2]
-        G = HQ // HKV
-        do = do.contiguous()
-        delta = (do.float() * o.float()).sum(-1).contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                   do.stride(0), do.stride(1), lse.stride(0), plan.idx.stride(0), plan.idx.stride(1))
-        NT = plan.tiles.shape[0]
-        if NT and HKV:
-            _slc_bwd_dq_kernel[(NT, HKV)](
-                q, k, v, do, lse, delta, dq, plan.idx, plan.union, plan.count, plan.tiles, cu,
-                *strides, plan.union.stride(0), plan.union.stride(1),
-                G, plan.n, block_size, Dk, Dv, scale * LOG2E, scale, NSUB=nsub, **meta,
-            )
-        else:
-            dq.zero_()
-        if plan.nb_total and HKV:
-            lp_pad = nsub * meta["BLOCK_N"]
-            part_dk = next_pow2(Dk)  # partial rows hold the whole (padded) head dim; the reduce reads one tile
-            part_k = torch.empty(plan.num_slots * lp_pad, part_dk, dtype=torch.float32, device=q.device)
-            part_v = torch.empty(plan.num_slots * lp_pad, meta["BLOCK_DV"], dtype=torch.float32, device=q.device)
-            _slc_bwd_dkv_kernel[(plan.segments.shape[0] * nsub,)](
-                q, k, v, do, lse, delta, dk, dv, part_k, part_v, plan.idx, plan.rev, plan.segments, plan.kv_blocks,
-                plan.tiles, cu, *strides, G, plan.n, block_size, nsub, plan.nb_total, Dk, Dv, scale * LOG2E, scale,
-                LP_PAD=lp_pad, PART_DK=part_dk, **meta,
-            )
-            if plan.splits.shape[0]:
-                _slc_dkv_reduce_kernel[(plan.splits.shape[0] * nsub,)](
-                    dk, dv, part_k, part_v, plan.splits, plan.kv_blocks, cu, k.stride(0), k.stride(1), v.stride(0),
-                    v.stride(1), block_size, nsub, plan.nb_total, Dk, Dv, BLOCK_N=meta["BLOCK_N"],
-                    BLOCK_DK=part_dk, BLOCK_DV=meta["BLOCK_DV"], LP_PAD=lp_pad, num_warps=REDUCE_WARPS,
-                )
-        else:
-            dk.zero_()
-            dv.zero_()
+        dq, dk, dv = selected_bwd(q, k, v, o, lse, cu, do, ctx.plan, *ctx.cfg)
         return dq, dk, dv, None, None, None, None, None
 
 

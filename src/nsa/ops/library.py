@@ -1,0 +1,96 @@
+"""The composed NSA op (Eq. 5) as two torch custom ops, so torch.compile traces a model through it (no graph break).
+
+`nsa::native_sparse_attention_fwd` returns the output and the residuals its backward needs (per-branch o and lse,
+the selected blocks); `nsa::native_sparse_attention_bwd` takes them. Both run the chosen backend's split pair
+(`native_sparse_attention_fwd` / `_bwd`, in the torch and triton backends) eagerly at run time, where host-side
+planning (offsets, tile tables, selection plans) and the checks that read tensor values (cu_seqlens, the range of
+block_indices) are allowed. Their fake implementations give Dynamo and AOTAutograd the shapes and dtypes.
+`nsa.ops.dispatch.native_sparse_attention` calls `native_sparse_attention` below only while compiling.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..config import NSAConfig
+
+def _backend(backend: str, device: torch.device):
+    from .dispatch import resolve_backend  # dispatch imports this module
+
+    return resolve_backend(backend, device)
+
+
+@torch.library.custom_op("nsa::native_sparse_attention_fwd", mutates_args=())
+def _nsa_fwd(
+    q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k_win: Tensor, v_win: Tensor,
+    gates: Tensor, block_indices: Optional[Tensor], cu_seqlens: Optional[Tensor], geometry: list[int],
+    scale: Optional[float], backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from .dispatch import check_native_sparse_attention
+
+    config = NSAConfig(*geometry)
+    args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
+    cu_seqlens = check_native_sparse_attention(*args, config=config, scale=scale, cu_seqlens=cu_seqlens,
+                                               block_indices=block_indices, backend=backend)
+    o, residuals = _backend(backend, q.device).native_sparse_attention_fwd(
+        *args, config=config, scale=scale, cu_seqlens=cu_seqlens, block_indices=block_indices)
+    return (o, *residuals)
+
+
+@_nsa_fwd.register_fake
+def _nsa_fwd_fake(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, block_indices, cu_seqlens, geometry, scale,
+                  backend):
+    B, T, HQ, _ = q.shape
+    HKV, Dv = k_slc.shape[2], v_slc.shape[3]
+    n = NSAConfig(*geometry).num_selected if block_indices is None else block_indices.shape[3]
+    o_dtype, lse_dtype = _backend(backend, q.device).residual_dtypes(q.dtype)
+    residuals = []
+    for _branch in ("cmp", "slc", "win"):
+        residuals += [q.new_empty(B, T, HQ, Dv, dtype=o_dtype), q.new_empty(B, T, HQ, dtype=lse_dtype)]
+    return (q.new_empty(B, T, HQ, Dv), *residuals, q.new_empty(B, T, HKV, n, dtype=torch.int64))
+
+
+@torch.library.custom_op("nsa::native_sparse_attention_bwd", mutates_args=())
+def _nsa_bwd(
+    do: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k_win: Tensor, v_win: Tensor,
+    gates: Tensor, residuals: list[Tensor], cu_seqlens: Optional[Tensor], geometry: list[int],
+    scale: Optional[float], backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
+    grads = _backend(backend, q.device).native_sparse_attention_bwd(
+        do, *args, residuals, config=NSAConfig(*geometry), scale=scale, cu_seqlens=cu_seqlens)
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, args))
+
+
+@_nsa_bwd.register_fake
+def _nsa_bwd_fake(do, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, residuals, cu_seqlens, geometry, scale,
+                  backend):
+    return tuple(torch.empty_like(x) for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates))
+
+
+def _setup_context(ctx, inputs, output):
+    *args, _block_indices, cu_seqlens, geometry, scale, backend = inputs
+    ctx.save_for_backward(*args, cu_seqlens, *output[1:])
+    ctx.meta = (geometry, scale, backend)
+
+
+def _backward(ctx, do, *_residual_grads):
+    saved = ctx.saved_tensors
+    args, cu_seqlens, residuals = saved[:8], saved[8], list(saved[9:])
+    grads = _nsa_bwd(do, *args, residuals, cu_seqlens, *ctx.meta)
+    return (*grads, None, None, None, None, None)
+
+
+_nsa_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def native_sparse_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config, scale=None,
+                            cu_seqlens=None, block_indices=None, backend="auto") -> Tensor:
+    """Same contract as `nsa.ops.dispatch.native_sparse_attention`, through the custom ops (for torch.compile)."""
+    geometry = list(dataclasses.astuple(config))
+    scale = None if scale is None else float(scale)
+    return _nsa_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, block_indices, cu_seqlens, geometry, scale,
+                    backend)[0]

@@ -1,0 +1,143 @@
+"""torch.compile: the composed op runs as two custom ops (nsa.ops.library), so a padded layer compiles to one graph
+with fullgraph=True, and compiled outputs and gradients equal eager ones."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import nsa
+from nsa.ops import library, reference
+from tests.kit import assert_close, make_inputs, small_config
+
+CFG = small_config()
+HAS_TRITON = "triton" in nsa.available_backends()
+
+
+def _grads(o, xs, seed=1):
+    cot = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(o.dtype)
+    return torch.autograd.grad((o * cot).sum(), xs)
+
+
+def _op(backend, **kw):
+    return lambda *xs: nsa.native_sparse_attention(*xs, config=CFG, backend=backend, **kw)
+
+
+CASES = [  # (dtype, varlen, given indices)
+    (torch.float32, False, False),
+    (torch.float32, True, True),
+    (torch.float64, True, False),
+]
+
+
+@pytest.mark.parametrize("dtype,varlen,given", CASES)
+def test_compiled_op_matches_eager(dtype, varlen, given):
+    """fullgraph compile (AOTAutograd, so the fake implementations and the autograd registration are used) of the
+    torch backend against the eager op and the reference: output and the 8 input gradients."""
+    torch._dynamo.reset()
+    cu = torch.tensor([0, 9, 40, 71]) if varlen else None
+    B, T = (1, 71) if varlen else (2, 53)
+    xs = make_inputs(B, T, 6, 2, 16, 8, CFG, dtype=dtype, cu_seqlens=cu, seed=3, requires_grad=True)
+    idx = reference.select_blocks(xs[0].detach(), xs[1].detach(), config=CFG, cu_seqlens=cu) if given else None
+    kw = dict(cu_seqlens=cu, block_indices=idx)
+    out = torch.compile(_op("torch", **kw), fullgraph=True, backend="aot_eager")(*xs)
+    eager = _op("torch", **kw)(*xs)
+    expected = _op("reference", **kw)(*xs)
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    assert_close(out, eager, name="o vs eager", **tol)
+    assert_close(out, expected, name="o vs reference", **tol)
+    for name, g, ge, gr in zip(("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"),
+                               _grads(out, xs), _grads(eager, xs), _grads(expected, xs)):
+        assert_close(g, ge, name=f"d{name} vs eager", **tol)
+        assert_close(g, gr, name=f"d{name} vs reference", **tol)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_compiled_triton_op_matches_reference():
+    """The triton backend's split pair through the custom ops (interpreter on CPU), fp32, GQA, varlen."""
+    torch._dynamo.reset()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cu = torch.tensor([0, 7, 33, 47], device=dev)
+    xs = make_inputs(1, 47, 6, 2, 20, 12, CFG, dtype=torch.float32, cu_seqlens=cu, seed=5, device=dev,
+                     requires_grad=True)
+    out = torch.compile(_op("triton", cu_seqlens=cu), fullgraph=True, backend="aot_eager")(*xs)
+    expected = _op("reference", cu_seqlens=cu)(*xs)
+    assert_close(out, expected, atol=2e-5, rtol=2e-5, name="o")
+    for g, gr in zip(_grads(out, xs), _grads(expected, xs)):
+        assert_close(g, gr, atol=5e-5, rtol=5e-5, name="grad")
+
+
+def test_opcheck_fake_and_autograd_registrations():
+    """torch.library.opcheck: schema, fake tensors (shapes, dtypes, strides) and the autograd registration agree
+    with the real forward op, padded and varlen, float32 and float64."""
+    cu = torch.tensor([0, 20, 45])
+    for dtype, c, B, T in ((torch.float32, None, 2, 45), (torch.float64, cu, 1, 45)):
+        xs = make_inputs(B, T, 4, 2, 16, 8, CFG, dtype=dtype, cu_seqlens=c, seed=7, requires_grad=True)
+        args = (*xs, None, c, [CFG.cmp_block_size, CFG.cmp_stride, CFG.slc_block_size, CFG.num_selected,
+                               CFG.num_init_blocks, CFG.num_local_blocks, CFG.window_size], None, "torch")
+        torch.library.opcheck(library._nsa_fwd, args, test_utils=("test_schema", "test_faketensor",
+                                                                  "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_layer_compiles_to_one_graph(compiler):
+    """A padded batch through the layer: no graph break (fullgraph=True compiles), same output and gradients."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = nsa.NativeSparseAttention(48, 6, 2, 8, config=CFG).float()
+    x = torch.randn(2, 61, 48, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    explained = torch._dynamo.explain(layer)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    out = torch.compile(layer, fullgraph=True, backend=compiler)(x)
+    ref = layer(x)
+    assert_close(out, ref, atol=1e-5, rtol=1e-5, name="layer output")
+    params = [x, *layer.parameters()]
+    for g, gr in zip(_grads(out, params), _grads(ref, params)):
+        assert_close(g, gr, atol=1e-5, rtol=1e-5, name="layer grad")
+
+
+def test_packed_layer_stops_recompiling():
+    """Packed batches with new cu_seqlens: the compressed-token count changes, which recompiles once as a dynamic
+    size, then never again (before, every new offset list recompiled until Dynamo's limit)."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    layer = nsa.NativeSparseAttention(48, 6, 2, 8, config=CFG).float()
+    compiled = torch.compile(layer, backend="aot_eager")
+    graphs = []
+    for offsets in ([0, 40, 100], [0, 30, 100], [0, 50, 70, 100], [0, 10, 100], [0, 60, 100], [0, 33, 66, 100]):
+        cu = torch.tensor(offsets)
+        x = torch.randn(1, 100, 48, generator=torch.Generator().manual_seed(len(graphs)))
+        assert_close(compiled(x, cu_seqlens=cu), layer(x, cu_seqlens=cu), atol=1e-5, rtol=1e-5, name="packed")
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[3:] == [graphs[2]] * 3, graphs
+
+
+def test_compiled_op_checks_values_at_run_time():
+    """What tracing cannot check (cu_seqlens' offsets, the range of block_indices) still raises ValueError."""
+    torch._dynamo.reset()
+    cu = torch.tensor([0, 20, 45])
+    xs = make_inputs(1, 45, 4, 2, 16, 8, CFG, dtype=torch.float32, cu_seqlens=cu, seed=2)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        torch.compile(_op("torch", cu_seqlens=torch.tensor([0, 20, 44])), fullgraph=True, backend="aot_eager")(*xs)
+    idx = torch.full((1, 45, 2, CFG.num_selected), 99)
+    with pytest.raises(ValueError, match="indices must lie"):
+        torch.compile(_op("torch", cu_seqlens=cu, block_indices=idx), fullgraph=True, backend="aot_eager")(*xs)
+    with pytest.raises(ValueError, match="gates must be"):  # while tracing: a graph break, then the eager raise
+        torch.compile(_op("torch", cu_seqlens=cu), backend="aot_eager")(*xs[:7], xs[7][..., :2])
+
+
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU")
+def test_compiled_triton_op_bf16_matches_eager_on_gpu():
+    """bf16 at the paper geometry (AOTAutograd; inductor is covered on CPU): the custom ops launch the eager path's kernels on the same inputs, so
+    o and every gradient but dq are bitwise equal; dq sums its three branches in fp32 (eager: bf16 autograd adds)."""
+    torch._dynamo.reset()
+    cfg = nsa.NSAConfig()
+    xs = make_inputs(2, 2048, 16, 1, 128, 128, cfg, dtype=torch.bfloat16, seed=11, device="cuda",
+                     requires_grad=True)
+    fn = lambda *a: nsa.native_sparse_attention(*a, config=cfg, backend="triton")  # noqa: E731
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(*xs)
+    eager = fn(*xs)
+    assert torch.equal(out, eager)
+    grads, eager_grads = _grads(out, xs), _grads(eager, xs)
+    assert_close(grads[0], eager_grads[0], atol=2e-2, rtol=2e-2, name="dq")
+    for g, ge in zip(grads[1:], eager_grads[1:]):
+        assert torch.equal(g, ge)
