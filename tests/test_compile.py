@@ -51,17 +51,25 @@ def test_compiled_op_matches_eager(dtype, varlen, given):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-def test_compiled_triton_op_matches_reference():
-    """The triton backend's split pair through the custom ops (interpreter on CPU), fp32, GQA, varlen."""
+def test_compiled_triton_op_matches_reference(monkeypatch):
+    """The triton backend's split pair through the custom ops (interpreter on CPU), fp32, GQA, varlen; the
+    backward op reuses the offsets validation read (inside the forward op), as in eager."""
+    from nsa.ops import varlen
+
     torch._dynamo.reset()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     cu = torch.tensor([0, 7, 33, 47], device=dev)
     xs = make_inputs(1, 47, 6, 2, 20, 12, CFG, dtype=torch.float32, cu_seqlens=cu, seed=5, device=dev,
                      requires_grad=True)
+    reads = []
+    monkeypatch.setattr(varlen, "_read_offsets", lambda c: reads.append(1) or c.tolist())
+    cu = cu.clone()  # nothing has read this one yet
     out = torch.compile(_op("triton", cu_seqlens=cu), fullgraph=True, backend="aot_eager")(*xs)
+    grads = _grads(out, xs)
+    assert reads == []  # validation reads cu_seqlens itself (not through this hook) and remembers them
     expected = _op("reference", cu_seqlens=cu)(*xs)
     assert_close(out, expected, atol=2e-5, rtol=2e-5, name="o")
-    for g, gr in zip(_grads(out, xs), _grads(expected, xs)):
+    for g, gr in zip(grads, _grads(expected, xs)):
         assert_close(g, gr, atol=5e-5, rtol=5e-5, name="grad")
 
 

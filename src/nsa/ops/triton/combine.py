@@ -77,26 +77,3 @@ def combine_bwd(a, b, c, g, do):
         _combine_bwd_kernel[(triton.cdiv(R, br),)](a, b, c, g, do, da, db, dc, dg, R, D, g.stride(0),
                                                    BLOCK_R=br, BLOCK_D=next_pow2(D, lo=1), num_warps=COMBINE_WARPS)
     return da, db, dc, dg
-
-
-class CombineGates(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, c, gates):
-        shape = a.shape
-        D = shape[-1]
-        a, b, c = (x.contiguous().reshape(-1, D) for x in (a, b, c))
-        g = gates.contiguous().reshape(-1, 3)
-        ctx.save_for_backward(a, b, c, g)
-        ctx.shape, ctx.gshape = shape, gates.shape
-        return combine_fwd(a, b, c, g).reshape(shape)
-
-    @staticmethod
-    def backward(ctx, do):
-        da, db, dc, dg = combine_bwd(*ctx.saved_tensors, do)
-        s = ctx.shape
-        return da.reshape(s), db.reshape(s), dc.reshape(s), dg.reshape(ctx.gshape)
-
-
-def combine_gates(o_cmp, o_slc, o_win, gates):
-    """o_* [..., Dv] (same dtype), gates [..., 3] -> o [..., Dv] in o_cmp's dtype."""
-    return CombineGates.apply(o_cmp, o_slc, o_win, gates)
