@@ -989,22 +989,21 @@ class _WinFn(torch.autograd.Function):
 
 
 class _NSAFn(torch.autograd.Function):
+    """The composed op's autograd entry point over `native_sparse_attention_fwd` / `_bwd`."""
+
     @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, block_indices, geom):
-        out, saved = _forward(q, (k_cmp, v_cmp), (k_slc, v_slc, block_indices), (k_win, v_win), gates, geom, True)
-        ctx.geom = geom
-        ctx.keys = sorted(saved)
-        ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *[saved[k] for k in ctx.keys])
+    def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, block_indices, config, scale, cu_seqlens):
+        args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
+        out, residuals = native_sparse_attention_fwd(*args, config=config, scale=scale, cu_seqlens=cu_seqlens,
+                                                     block_indices=block_indices)
+        ctx.save_for_backward(*args, *residuals)
+        ctx.cfg = dict(config=config, scale=scale, cu_seqlens=cu_seqlens)
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *rest = ctx.saved_tensors
-        saved = dict(zip(ctx.keys, rest))
-        dq, dcmp, dslc, dwin, dg = _backward(q, (k_cmp, v_cmp), (k_slc, v_slc, saved["idx"]), (k_win, v_win), gates,
-                                             ctx.geom, saved, do)
-        return (_cast(dq, q), _cast(dcmp[0], k_cmp), _cast(dcmp[1], v_cmp), _cast(dslc[0], k_slc),
-                _cast(dslc[1], v_slc), _cast(dwin[0], k_win), _cast(dwin[1], v_win), _cast(dg, gates), None, None)
+        saved = ctx.saved_tensors
+        return (*native_sparse_attention_bwd(do, *saved[:8], saved[8:], **ctx.cfg), None, None, None, None)
 
 
 def _needs_grad(*xs):
@@ -1189,12 +1188,11 @@ def native_sparse_attention(
         if res is not None:
             return res
     xs = _contig(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
-    geom = _Geom(scale, cu_seqlens, l=config.cmp_block_size, d=config.cmp_stride, cfg=config,
-                 window=config.window_size, slc_block=config.slc_block_size)
     if _needs_grad(*xs):
-        return _NSAFn.apply(*xs, block_indices, geom)
+        return _NSAFn.apply(*xs, block_indices, config, scale, cu_seqlens)
     q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = xs
-    return _forward(q, (k_cmp, v_cmp), (k_slc, v_slc, block_indices), (k_win, v_win), gates, geom, False)[0]
+    return _forward(q, (k_cmp, v_cmp), (k_slc, v_slc, block_indices), (k_win, v_win), gates,
+                    _nsa_geom(config, scale, cu_seqlens), False)[0]
 
 
 def native_sparse_attention_tail(q_tail, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates_tail, *, config, scale=None):
