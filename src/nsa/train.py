@@ -51,6 +51,7 @@ class TrainConfig:
     parallel: str = "auto"  # "auto" (ddp when WORLD_SIZE > 1) | "none" | "ddp" | "fsdp"
     device: str = "auto"
     threads: int = 0  # torch.set_num_threads when > 0
+    compile: bool | str = False  # torch.compile the model (True: inductor; a string: that torch.compile backend)
 
     def __post_init__(self):
         self.mqar_pairs, self.betas = tuple(self.mqar_pairs), tuple(self.betas)
@@ -336,6 +337,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, sto
                dynamic_ncols=True, position=progress_position)
     tokens_seen, train_time, loss_value = 0, 0.0, float("nan")
     model.train()
+    if cfg.compile:
+        forward = torch.compile(model, **({} if cfg.compile is True else {"backend": cfg.compile}))
+    else:
+        forward = model
     for step in range(start, end):
         t0 = time.perf_counter()
         batch = mix.batch(step, rank, world).to(device)
@@ -343,7 +348,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, sto
         for group in opt.param_groups:
             group["lr"] = lr
         with autocast:
-            logits = model(batch.input_ids, cu_seqlens=batch.cu_seqlens)
+            logits = forward(batch.input_ids, cu_seqlens=batch.cu_seqlens)
         ce_sum = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE,
                                  reduction="sum")
         counts = _all_reduce(torch.tensor([float((batch.labels != IGNORE).sum()), float(batch.input_ids.numel())],
