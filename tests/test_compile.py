@@ -149,3 +149,15 @@ def test_compiled_triton_op_bf16_matches_eager_on_gpu():
     assert_close(grads[0], eager_grads[0], atol=2e-2, rtol=2e-2, name="dq")
     for g, ge in zip(grads[1:], eager_grads[1:]):
         assert torch.equal(g, ge)
+
+
+def test_layer_exports():
+    """torch.export of a padded layer: one graph that calls the NSA custom op, equal to eager on new inputs."""
+    torch.manual_seed(0)
+    layer = nsa.NativeSparseAttention(48, 6, 2, 8, config=CFG).float().eval()
+    g = torch.Generator().manual_seed(4)
+    exported = torch.export.export(layer, (torch.randn(2, 61, 48, generator=g),))
+    assert "torch.ops.nsa.native_sparse_attention_fwd" in exported.graph_module.code
+    x = torch.randn(2, 61, 48, generator=g)
+    with torch.no_grad():
+        assert_close(exported.module()(x), layer(x), atol=1e-6, rtol=1e-6, name="exported layer")
