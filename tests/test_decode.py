@@ -246,3 +246,50 @@ def test_decode_under_no_grad_and_two_layers():
             ys.append(l1(l0(x[:, t:t + 1], cache=cache, layer_idx=0), cache=cache, layer_idx=1))
     assert_close(torch.cat(ys, 1), full, **TOL64)
     assert cache.lengths.tolist() == [30]
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "auto"])
+def test_public_decode_attention_equals_full_forward(backend):
+    """nsa.decode_attention over caches the caller keeps: ragged rows (each the last Tq = 3 positions of its own
+    sequence), a window tensor that is a ring slice (win_start per row), float64: the full forward's last rows."""
+    T, Tq = 45, 3
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = make_inputs(2, T, 8, 2, 8, 6, CFG, seed=9)
+    full = nsa.native_sparse_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config=CFG,
+                                       backend="reference")
+    lengths = torch.tensor([T, 37])
+    rows = [lengths[b] - Tq + torch.arange(Tq) for b in range(2)]
+    qd = torch.stack([q[b, rows[b]] for b in range(2)])
+    gd = torch.stack([gates[b, rows[b]] for b in range(2)])
+    win_start = lengths - Tq - CFG.window_size + 1  # the window slots cover the last w + Tq - 1 positions
+    W = CFG.window_size + Tq - 1
+    slot = win_start[:, None] + torch.arange(W)
+    kw = torch.stack([k_win[b, slot[b]] for b in range(2)])
+    vw = torch.stack([v_win[b, slot[b]] for b in range(2)])
+    out = nsa.decode_attention(qd, k_cmp, v_cmp, k_slc, v_slc, kw, vw, gd, lengths=lengths, config=CFG,
+                               win_start=win_start, backend=backend)
+    # row 1 as a sequence of 37 tokens on its own
+    short = [x[1:2, :37] for x in (q, k_slc, v_slc, k_win, v_win, gates)]
+    tc = CFG.num_compressed(37)
+    full_short = nsa.native_sparse_attention(short[0], k_cmp[1:2, :tc], v_cmp[1:2, :tc], *short[1:], config=CFG,
+                                             backend="reference")
+    assert_close(out[0], full[0, rows[0]], name="row 0", **TOL64)
+    assert_close(out[1], full_short[0, rows[1]], name="row 1", **TOL64)
+
+
+def test_public_decode_attention_rejects_bad_input():
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = make_inputs(1, 20, 4, 2, 8, 6, CFG)
+    args = [q[:, -1:], k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates[:, -1:]]
+    kw = dict(lengths=torch.tensor([20]), config=CFG)
+    bad = {
+        "backend": (args, dict(backend="nope")),
+        "scale": (args, dict(scale=-1.0)),
+        "k_win head dim": ([*args[:5], k_win[..., :4], *args[6:]], {}),
+        "v_win head dim": ([*args[:6], v_win[..., :4], args[7]], {}),
+        "v_slc length": ([*args[:4], v_slc[:, :19], *args[5:]], {}),
+        "k_slc must be a floating": ([*args[:3], k_slc.long(), *args[4:]], {}),
+        "win_start": (args, dict(win_start=torch.tensor([0.5]))),
+        "config": (args, dict(config="paper")),
+    }
+    for match, (a, extra) in bad.items():
+        with pytest.raises(ValueError, match=match):
+            nsa.decode_attention(*a, **{**kw, **extra})

@@ -7,6 +7,7 @@ from .decode_stats import decode_memory_access
 from .ops.dispatch import (
     available_backends,
     compressed_attention,
+    decode_attention,
     native_sparse_attention,
     select_blocks,
     selected_attention,
@@ -21,6 +22,7 @@ __all__ = [
     "COMPRESSORS",
     "available_backends",
     "compressed_attention",
+    "decode_attention",
     "make_compressor",
     "native_sparse_attention",
     "num_compressed_tokens",

@@ -247,12 +247,17 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
     """
     if not isinstance(config, NSAConfig):
         raise ValueError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
-    for name, x in (("q", q), ("k_cmp", k_cmp), ("v_cmp", v_cmp), ("k_slc", k_slc), ("v_slc", v_slc),
-                    ("k_win", k_win), ("v_win", v_win), ("gates", gates)):
+    named = (("q", q), ("k_cmp", k_cmp), ("v_cmp", v_cmp), ("k_slc", k_slc), ("v_slc", v_slc), ("k_win", k_win),
+             ("v_win", v_win), ("gates", gates))
+    for name, x in named:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor")
         if x.shape[0] != q.shape[0]:
             raise ValueError(f"{name} batch size {x.shape[0]} does not match q's {q.shape[0]}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
     B, Tq, HQ, Dk = q.shape
     HKV = k_slc.shape[2]
     if HKV == 0 or HQ % HKV:
@@ -260,6 +265,19 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
     for name, x in (("k_cmp", k_cmp), ("v_cmp", v_cmp), ("v_slc", v_slc), ("k_win", k_win), ("v_win", v_win)):
         if x.shape[2] != HKV:
             raise ValueError(f"{name} heads ({x.shape[2]}) must equal k_slc heads ({HKV})")
+    for name, x in (("k_cmp", k_cmp), ("k_slc", k_slc), ("k_win", k_win)):
+        if x.shape[3] != Dk:
+            raise ValueError(f"{name} head dim ({x.shape[3]}) must equal q's ({Dk})")
+    for name, x in (("v_cmp", v_cmp), ("v_win", v_win)):
+        if x.shape[3] != v_slc.shape[3]:
+            raise ValueError(f"{name} head dim ({x.shape[3]}) must equal v_slc's ({v_slc.shape[3]})")
+    for kname, vname, k, v in (("k_cmp", "v_cmp", k_cmp, v_cmp), ("k_slc", "v_slc", k_slc, v_slc),
+                               ("k_win", "v_win", k_win, v_win)):
+        if k.shape[1] != v.shape[1]:
+            raise ValueError(f"{vname} length {v.shape[1]} does not match {kname}'s {k.shape[1]}")
+    if win_start is not None and (not isinstance(win_start, torch.Tensor) or win_start.shape != (B,)
+                                  or win_start.is_floating_point()):
+        raise ValueError(f"win_start must be None or a [B] = [{B}] integer tensor")
     if tuple(gates.shape) != (B, Tq, HQ, 3):
         raise ValueError(f"gates must be [B, Tq, HQ, 3] = {(B, Tq, HQ, 3)}, got {tuple(gates.shape)}")
     if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.is_floating_point():

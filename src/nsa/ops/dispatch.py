@@ -272,6 +272,34 @@ def check_native_sparse_attention(
     return cu_seqlens
 
 
+@_eager_under_compile
+def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths, config, scale=None,
+                     win_start=None, backend="auto", host_lengths=None):
+    """NSA output o [B,Tq,HQ,Dv] for the LAST Tq positions of each cached sequence: a decode step (Tq = 1) or a
+    chunked prefill (Tq > 1), over caches the caller keeps (what `NSACache` and the layer do for you).
+
+    Sequence b holds lengths[b] tokens *including* its Tq new ones. q [B,Tq,HQ,Dk] (rotated); k_cmp/v_cmp
+    [B,Sc,HKV,Dk|Dv] compressed tokens (the first Tc(lengths[b]) are read); k_slc/v_slc [B,S,HKV,Dk|Dv] with slot p =
+    position p; k_win/v_win [B,W,HKV,Dk|Dv] with slot s = position win_start[b] + s (win_start None: indexed by
+    position, e.g. the selection tensors themselves); gates [B,Tq,HQ,3]. `host_lengths` (a CPU copy of lengths)
+    spares a device read. backend: "auto" (triton decode kernels on CUDA, else torch), "triton", "torch",
+    "reference". Semantics: docs/spec.md §12.
+    """
+    from .decode import decode_attention as _decode_attention
+
+    _check_scale(scale)
+    _check_backend_name(backend)
+    impls = {"reference": "reference", "torch": "torch", "triton": "triton"}
+    if backend == "auto":
+        impl = "triton" if isinstance(q, torch.Tensor) and q.device.type == "cuda" else "torch"
+    elif backend in impls:
+        impl = impls[backend]
+    else:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(impls)}, got {backend!r}")
+    return _decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths=lengths, config=config,
+                             scale=scale, win_start=win_start, impl=impl, host_lengths=host_lengths)
+
+
 @torch.compiler.assume_constant_result
 def _compiles_as_custom_op(backend: str, device_type: str) -> bool:
     """Whether the backend has the split forward/backward pair that `nsa.ops.library` runs as custom ops."""
