@@ -161,3 +161,28 @@ def test_layer_exports():
     x = torch.randn(2, 61, 48, generator=g)
     with torch.no_grad():
         assert_close(exported.module()(x), layer(x), atol=1e-6, rtol=1e-6, name="exported layer")
+
+
+def test_packed_layer_one_graph_with_dynamic_output_shapes():
+    """With Dynamo's capture_dynamic_output_shape_ops, a packed batch traces to one graph too: the compressed-block
+    starts come from a custom op whose length is a dynamic size; new offsets (same count) do not recompile."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    layer = nsa.NativeSparseAttention(48, 6, 2, 8, config=CFG).float()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        cu = torch.tensor([0, 40, 100])
+        x = torch.randn(1, 100, 48, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        explained = torch._dynamo.explain(layer)(x, cu_seqlens=cu)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        for offsets in ([0, 40, 100], [0, 30, 100], [0, 77, 100], [0, 5, 100]):
+            cu = torch.tensor(offsets)
+            out = compiled(x, cu_seqlens=cu)
+            ref = layer(x, cu_seqlens=cu)
+            assert_close(out, ref, atol=1e-5, rtol=1e-5, name="packed output")
+            for g, gr in zip(_grads(out, [x]), _grads(ref, [x])):
+                assert_close(g, gr, atol=1e-5, rtol=1e-5, name="packed dx")
+        assert counters["stats"]["unique_graphs"] == 1

@@ -11,29 +11,24 @@ import torch
 from torch import nn
 
 from .config import num_compressed_tokens
-from .ops.varlen import host_offsets
+from .ops import library
+from .ops.varlen import packed_block_starts
 
 
 def block_starts(seqlen: int, block_size: int, stride: int, cu_seqlens: torch.Tensor | None, device=None):
     """First packed position of every compressed block, [Tc] int64 (per sequence when packed)."""
     if cu_seqlens is None:
         return torch.arange(num_compressed_tokens(seqlen, block_size, stride), device=device) * stride
-    return _packed_block_starts(cu_seqlens, block_size, stride, device)
+    if torch.compiler.is_compiling():  # the offsets are read at run time: a dynamic size, no graph break
+        return library.packed_block_starts(cu_seqlens, block_size, stride).to(device)
+    return packed_block_starts(cu_seqlens, block_size, stride, device)
 
 
-@torch.compiler.disable  # reads the offsets on the host: under torch.compile one graph break, no specialisation
-def _packed_block_starts(cu_seqlens: torch.Tensor, block_size: int, stride: int, device) -> torch.Tensor:
-    bounds = host_offsets(cu_seqlens)
-    parts = [
-        start + torch.arange(num_compressed_tokens(end - start, block_size, stride), device=device) * stride
-        for start, end in zip(bounds[:-1], bounds[1:])
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
-
-
-def compression_blocks(x: torch.Tensor, block_size: int, stride: int, cu_seqlens=None) -> torch.Tensor:
-    """Overlapping blocks of x [B, T, H, D] -> [B, Tc, H, l, D]."""
-    starts = block_starts(x.shape[1], block_size, stride, cu_seqlens, x.device)
+def compression_blocks(x: torch.Tensor, block_size: int, stride: int, cu_seqlens=None, starts=None) -> torch.Tensor:
+    """Overlapping blocks of x [B, T, H, D] -> [B, Tc, H, l, D]; `starts` (from `block_starts`) saves recomputing
+    them."""
+    if starts is None:
+        starts = block_starts(x.shape[1], block_size, stride, cu_seqlens, x.device)
     idx = starts[:, None] + torch.arange(block_size, device=x.device)  # [Tc, l]
     return x[:, idx].permute(0, 1, 3, 2, 4)  # [B, Tc, l, H, D] -> [B, Tc, H, l, D]
 
@@ -47,8 +42,8 @@ class Compressor(nn.Module):
         # learned intra-block position embedding, added to the l tokens of a block (§3.3.1)
         self.pos_emb = nn.Parameter(torch.randn(block_size, head_dim) * 0.02) if position_embedding else None
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        blocks = compression_blocks(x, self.block_size, self.stride, cu_seqlens)
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, starts=None) -> torch.Tensor:
+        blocks = compression_blocks(x, self.block_size, self.stride, cu_seqlens, starts)
         if self.pos_emb is not None:
             blocks = blocks + self.pos_emb.to(blocks.dtype)
         return self.compress(blocks)

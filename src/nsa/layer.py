@@ -87,10 +87,10 @@ class NativeSparseAttention(nn.Module):
         gates = torch.sigmoid(self.g_proj(x)).view(B, T, HQ, 3)
         return q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win, gates
 
-    def _compress(self, k_raw, v_raw, last_positions, cu_seqlens=None):
+    def _compress(self, k_raw, v_raw, last_positions, cu_seqlens=None, starts=None):
         """φ over raw cmp K/V; each compressed key is rotated at its block's last position (spec §8)."""
-        k_cmp = apply_rope(self.compress_k(k_raw, cu_seqlens), last_positions, self.rope_theta)
-        return k_cmp, self.compress_v(v_raw, cu_seqlens)
+        k_cmp = apply_rope(self.compress_k(k_raw, cu_seqlens, starts), last_positions, self.rope_theta)
+        return k_cmp, self.compress_v(v_raw, cu_seqlens, starts)
 
     def project(self, x: torch.Tensor, cu_seqlens=None, position_ids=None):
         """All inputs of the NSA op for x [B, T, hidden]: (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)."""
@@ -99,8 +99,8 @@ class NativeSparseAttention(nn.Module):
             position_ids = token_positions(T, cu_seqlens, x.device)
         q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win, gates = self._heads(x, position_ids)
         l, d = self.config.cmp_block_size, self.config.cmp_stride
-        last = block_starts(T, l, d, cu_seqlens, x.device) + l - 1
-        k_cmp, v_cmp = self._compress(k_cmp_raw, v_cmp_raw, position_ids[..., last], cu_seqlens)
+        starts = block_starts(T, l, d, cu_seqlens, x.device)  # once: under compile a packed batch's Tc is one symbol
+        k_cmp, v_cmp = self._compress(k_cmp_raw, v_cmp_raw, position_ids[..., starts + l - 1], cu_seqlens, starts)
         return q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,

@@ -338,6 +338,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, sto
     tokens_seen, train_time, loss_value = 0, 0.0, float("nan")
     model.train()
     if cfg.compile:
+        # packed batches: the compressed-block count is a dynamic size (one graph per model, no graph break)
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
         forward = torch.compile(model, **({} if cfg.compile is True else {"backend": cfg.compile}))
     else:
         forward = model

@@ -87,6 +87,20 @@ def _backward(ctx, do, *_residual_grads):
 _nsa_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("nsa::packed_block_starts", mutates_args=())
+def packed_block_starts(cu_seqlens: Tensor, block_size: int, stride: int) -> Tensor:
+    """`nsa.ops.varlen.packed_block_starts` as an op: its length depends on the offsets' values, so while compiling
+    it is a dynamic size, and a new offset list neither breaks the graph nor recompiles."""
+    from .varlen import packed_block_starts as impl
+
+    return impl(cu_seqlens, block_size, stride)
+
+
+@packed_block_starts.register_fake
+def _packed_block_starts_fake(cu_seqlens, block_size, stride):
+    return cu_seqlens.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
+
+
 def native_sparse_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config, scale=None,
                             cu_seqlens=None, block_indices=None, backend="auto") -> Tensor:
     """Same contract as `nsa.ops.dispatch.native_sparse_attention`, through the custom ops (for torch.compile)."""

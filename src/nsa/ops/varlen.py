@@ -80,6 +80,16 @@ def num_compressed_total(batch_seqlen: int, cu_seqlens: torch.Tensor | None, blo
     return sum(num_compressed_tokens(e - s, block_size, stride) for s, e in zip(bounds[:-1], bounds[1:]))
 
 
+def packed_block_starts(cu_seqlens: torch.Tensor, block_size: int, stride: int, device=None) -> torch.Tensor:
+    """First packed position of every compressed block of a packed batch, int64 [Tc total] (Eq. 7 per sequence),
+    on `device` (default: the offsets' device)."""
+    device = cu_seqlens.device if device is None else device
+    bounds = host_offsets(cu_seqlens)
+    parts = [start + torch.arange(num_compressed_tokens(end - start, block_size, stride), device=device) * stride
+             for start, end in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+
+
 def token_positions(seqlen: int, cu_seqlens: torch.Tensor | None, device: torch.device | None = None) -> torch.Tensor:
     """Position of each token inside its own sequence, [T] int64 (0-based)."""
     if cu_seqlens is None:
