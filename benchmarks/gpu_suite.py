@@ -138,8 +138,8 @@ def branch_breakdown(T, HQ, HKV, Dk, Dv, cfg, reps) -> dict:
     """Forward ms of each stage under no_grad: cmp attention, top-n, selected, window, gate combine."""
     from nsa.ops import triton as tb
     from nsa.ops.triton.combine import combine_fwd
-    from nsa.ops.triton.flash import dense_masked_attention
-    from nsa.ops.triton.selection import selected_attention_packed
+    from nsa.ops.triton.flash import masked_attention_fwd
+    from nsa.ops.triton.selection import selected_fwd
     from nsa.ops.triton.utils import cmp_offsets, seq_offsets
 
     x = [t.detach() for t in inputs(T, HQ, HKV, Dk, Dv, cfg)]
@@ -150,17 +150,14 @@ def branch_breakdown(T, HQ, HKV, Dk, Dv, cfg, reps) -> dict:
         ccu = cmp_offsets(1, kc.shape[1], None, cfg.cmp_block_size, cfg.cmp_stride, q.device)
         sc = Dk ** -0.5
         qp, kcp = q[0], kc[0]
-        o_c, lse = dense_masked_attention(qp, kcp, vc[0], cu, ccu, mode=1, scale=sc, cmp_l=cfg.cmp_block_size,
-                                             cmp_d=cfg.cmp_stride)
-        out["cmp"] = cuda_time(lambda _: dense_masked_attention(
-            qp, kcp, vc[0], cu, ccu, mode=1, scale=sc, cmp_l=cfg.cmp_block_size, cmp_d=cfg.cmp_stride), reps)
+        l, d, lp, w = cfg.cmp_block_size, cfg.cmp_stride, cfg.slc_block_size, cfg.window_size
+        o_c, lse = masked_attention_fwd(qp, kcp, vc[0], cu, ccu, 1, sc, 1, l, d)
+        out["cmp"] = cuda_time(lambda _: masked_attention_fwd(qp, kcp, vc[0], cu, ccu, 1, sc, 1, l, d), reps)
         out["topn"] = cuda_time(lambda _: tb.topn_from_lse(qp, kcp, lse, cu, ccu, config=cfg, scale=sc), reps)
         idx = tb.topn_from_lse(qp, kcp, lse, cu, ccu, config=cfg, scale=sc)
-        out["slc"] = cuda_time(lambda _: selected_attention_packed(
-            qp, ks[0], vs[0], idx, cu, block_size=cfg.slc_block_size, scale=sc), reps)
-        out["win"] = cuda_time(lambda _: dense_masked_attention(
-            qp, kw[0], vw[0], cu, cu, mode=0, scale=sc, window=cfg.window_size), reps)
-        o_s = selected_attention_packed(qp, ks[0], vs[0], idx, cu, block_size=cfg.slc_block_size, scale=sc)
+        out["slc"] = cuda_time(lambda _: selected_fwd(qp, ks[0], vs[0], idx, cu, lp, sc), reps)
+        out["win"] = cuda_time(lambda _: masked_attention_fwd(qp, kw[0], vw[0], cu, cu, 0, sc, w, 1, 1), reps)
+        o_s = selected_fwd(qp, ks[0], vs[0], idx, cu, lp, sc)[0]
         rows = [x.reshape(-1, Dv) for x in (o_c, o_s, o_c)]
         out["combine"] = cuda_time(lambda _: combine_fwd(*rows, gates[0].reshape(-1, 3)), reps)
     return out

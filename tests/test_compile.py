@@ -1,5 +1,7 @@
 """torch.compile: the composed op runs as two custom ops (nsa.ops.library), so a padded layer compiles to one graph
 with fullgraph=True, and compiled outputs and gradients equal eager ones."""
+import dataclasses
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -186,3 +188,52 @@ def test_packed_layer_one_graph_with_dynamic_output_shapes():
             for g, gr in zip(_grads(out, [x]), _grads(ref, [x])):
                 assert_close(g, gr, atol=1e-5, rtol=1e-5, name="packed dx")
         assert counters["stats"]["unique_graphs"] == 1
+
+
+BRANCH_BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
+
+
+@pytest.mark.parametrize("backend", BRANCH_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_branch_ops_match_eager(backend, dtype):
+    """compressed_attention (o and lse, with a gradient through lse), selected_attention, sliding_window_attention
+    and select_blocks under fullgraph compile: equal to eager, outputs and gradients (varlen, GQA)."""
+    torch._dynamo.reset()
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    cu = torch.tensor([0, 9, 40, 71], device=dev)
+    x = make_inputs(1, 71, 6, 2, 16, 8, CFG, dtype=dtype, cu_seqlens=cu, seed=13, device=dev, requires_grad=True)
+    q, kc, vc, k, v = x[:5]
+    idx = reference.select_blocks(q.detach(), kc.detach(), config=CFG, cu_seqlens=cu)
+
+    def ops(q, kc, vc, k, v):
+        o_c, lse = nsa.compressed_attention(q, kc, vc, block_size=8, stride=4, cu_seqlens=cu, backend=backend)
+        o_s = nsa.selected_attention(q, k, v, idx, block_size=16, cu_seqlens=cu, backend=backend)
+        o_w = nsa.sliding_window_attention(q, k, v, window=7, cu_seqlens=cu, backend=backend)
+        chosen = nsa.select_blocks(q, kc, config=CFG, cu_seqlens=cu, backend=backend)
+        loss_lse = torch.where(torch.isinf(lse), 0.0, lse).sum()
+        return o_c, o_s, o_w, chosen, loss_lse
+
+    inputs = (q, kc, vc, k, v)
+    compiled = torch.compile(ops, fullgraph=True, backend="aot_eager")(*inputs)
+    eager = ops(*inputs)
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+    assert torch.equal(compiled[3], eager[3])
+    for a, b in zip(compiled[:3] + compiled[4:], eager[:3] + eager[4:]):
+        assert_close(a, b, name="output", **tol)
+    loss = lambda outs: sum((o * (i + 1)).sum() for i, o in enumerate(outs[:3])) + outs[4]  # noqa: E731
+    for g, ge in zip(torch.autograd.grad(loss(compiled), inputs), torch.autograd.grad(loss(eager), inputs)):
+        assert_close(g, ge, name="grad", **tol)
+
+
+def test_opcheck_branch_ops():
+    """opcheck of each branch op's forward (schema, fake tensors, autograd registration) and of select_blocks."""
+    cu = torch.tensor([0, 20, 45])
+    q, kc, vc, k, v = make_inputs(1, 45, 4, 2, 16, 8, CFG, cu_seqlens=cu, seed=8, requires_grad=True)[:5]
+    idx = reference.select_blocks(q.detach(), kc.detach(), config=CFG, cu_seqlens=cu)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    for args in (("cmp", q, kc, vc, None, cu, [8, 4], None, "torch"), ("slc", q, k, v, idx, cu, [16], 0.3, "torch"),
+                 ("win", q, k, v, None, None, [7], None, "torch")):
+        torch.library.opcheck(library._branch_fwd, args, test_utils=utils)
+    geometry = list(dataclasses.astuple(CFG))
+    torch.library.opcheck(library._select_blocks, (q.detach(), kc.detach(), cu, geometry, None, "torch"),
+                          test_utils=("test_schema", "test_faketensor"))

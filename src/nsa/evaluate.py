@@ -271,7 +271,7 @@ def run_demo(out_dir: str | Path = "runs/demo", preset: str = "tiny-cpu", overri
         ("train time (s)", n["train"]["train_time"], f["train"]["train_time"], False),
     ]
     machine = f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-    lines = [f"| metric | NSA | full attention |", "|---|---|---|"]
+    lines = ["| metric | NSA | full attention |", "|---|---|---|"]
     lines += [f"| {name} | {_fmt(a, pct)} | {_fmt(b, pct)} |" for name, a, b, pct in rows]
     counts = (f"NIAH @ {T}: {n['niah_at_T']['n_inside']} needles inside / {n['niah_at_T']['n_beyond']} beyond the "
               f"window. Wall time, training + evaluation of both models ({jobs} job(s) in parallel): {wall:.0f} s; "

@@ -173,62 +173,103 @@ def _check_backend_name(backend):
 
 
 # ----------------------------------------------------------------------------------------------- public ops
-@_eager_under_compile
+def check_branch(branch, q, k, v, indices, geometry, *, scale=None, cu_seqlens=None, backend="auto", values=True):
+    """Input checks of one branch op ("cmp": geometry (l, d); "slc": (l',) with indices; "win": (w,)); returns
+    cu_seqlens on q's device. values=False: as in `check_native_sparse_attention`."""
+    names = {"cmp": ("block_size", "stride"), "slc": ("block_size",), "win": ("window",)}[branch]
+    for name, value in zip(names, geometry):
+        _check_positive_int(name, value)
+    _check_scale(scale)
+    _check_backend_name(backend)
+    if branch == "cmp":
+        _check_tensor("q", q)
+        cu_seqlens = _check_cu_seqlens(cu_seqlens, q, values)
+        if values or cu_seqlens is None:
+            _check_cmp(q, k, v, *geometry, cu_seqlens)
+        else:
+            _check_qkv(q, k, v, "k_cmp", "v_cmp", same_time=False)
+        return cu_seqlens
+    _check_qkv(q, k, v)
+    cu_seqlens = _check_cu_seqlens(cu_seqlens, q, values)
+    if branch == "slc":
+        _check_indices(indices, q, k, geometry[0], values)
+    return cu_seqlens
+
+
+def _compiling_with(backend, q, split_pair):
+    """Whether this call is being traced by torch.compile and `backend` has the split pair the custom ops run."""
+    return torch.compiler.is_compiling() and isinstance(q, torch.Tensor) and _compiles_as_custom_op(
+        backend, q.device.type, split_pair)
+
+
 def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None, cu_seqlens=None, backend="auto"):
     """Attention of q [B,T,HQ,Dk] over compressed tokens k_cmp/v_cmp [B,Tc,HKV,Dk|Dv] (Eq. 7).
 
     Query t sees compressed token i iff i*d + l - 1 <= t. Returns (o [B,T,HQ,Dv], lse [B,T,HQ] in fp32/fp64);
     a query that sees none gets o = 0 and lse = -inf.
     """
-    _check_positive_int("block_size", block_size)
-    _check_positive_int("stride", stride)
-    _check_scale(scale)
-    _check_backend_name(backend)
-    _check_tensor("q", q)
-    cu_seqlens = _check_cu_seqlens(cu_seqlens, q)
-    _check_cmp(q, k_cmp, v_cmp, block_size, stride, cu_seqlens)
-    impl = resolve_backend(backend, q.device)
-    return impl.compressed_attention(
-        q, k_cmp, v_cmp, block_size=block_size, stride=stride, scale=scale, cu_seqlens=cu_seqlens
-    )
+    return _branch_op("cmp", q, k_cmp, v_cmp, None, (block_size, stride), scale, cu_seqlens, backend)
+
+
+def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=None, backend="auto"):
+    """Attention over the raw tokens of the blocks in `indices` [B,T,HKV,n] (Eq. 12), causal inside a block."""
+    return _branch_op("slc", q, k, v, indices, (block_size,), scale, cu_seqlens, backend)[0]
+
+
+def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None, backend="auto"):
+    """Attention over keys in [t - window + 1, t] of the query's own sequence."""
+    return _branch_op("win", q, k, v, None, (window,), scale, cu_seqlens, backend)[0]
+
+
+def _branch_op(branch, q, k, v, indices, geometry, scale, cu_seqlens, backend):
+    if _compiling_with(backend, q, "branch_fwd"):
+        check_branch(branch, q, k, v, indices, geometry, scale=scale, cu_seqlens=cu_seqlens, backend=backend,
+                     values=False)
+        return library.branch(branch, q, k, v, indices, geometry=geometry, scale=scale, cu_seqlens=cu_seqlens,
+                              backend=backend)
+    return _branch_op_eager(branch, q, k, v, indices, geometry, scale, cu_seqlens, backend)
 
 
 @_eager_under_compile
-def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None, backend="auto"):
-    """Selected block indices [B,T,HKV,n] (Eq. 8-11): ascending, -1 padded, forced init/local blocks included."""
+def _branch_op_eager(branch, q, k, v, indices, geometry, scale, cu_seqlens, backend):
+    cu_seqlens = check_branch(branch, q, k, v, indices, geometry, scale=scale, cu_seqlens=cu_seqlens,
+                              backend=backend)
+    impl = resolve_backend(backend, q.device)
+    if branch == "cmp":
+        return impl.compressed_attention(q, k, v, block_size=geometry[0], stride=geometry[1], scale=scale,
+                                         cu_seqlens=cu_seqlens)
+    if branch == "slc":
+        return impl.selected_attention(q, k, v, indices, block_size=geometry[0], scale=scale,
+                                       cu_seqlens=cu_seqlens), None
+    return impl.sliding_window_attention(q, k, v, window=geometry[0], scale=scale, cu_seqlens=cu_seqlens), None
+
+
+def _check_select_blocks(q, k_cmp, config, scale, cu_seqlens, backend, values=True):
     _check_config(config)
     _check_scale(scale)
     _check_backend_name(backend)
     _check_tensor("q", q)
-    cu_seqlens = _check_cu_seqlens(cu_seqlens, q)
-    _check_cmp(q, k_cmp, k_cmp, config.cmp_block_size, config.cmp_stride, cu_seqlens, "k_cmp", "k_cmp")
-    impl = resolve_backend(backend, q.device)
-    return impl.select_blocks(q, k_cmp, config=config, scale=scale, cu_seqlens=cu_seqlens)
+    cu_seqlens = _check_cu_seqlens(cu_seqlens, q, values)
+    if values or cu_seqlens is None:
+        _check_cmp(q, k_cmp, k_cmp, config.cmp_block_size, config.cmp_stride, cu_seqlens, "k_cmp", "k_cmp")
+    else:
+        _check_qkv(q, k_cmp, k_cmp, "k_cmp", "k_cmp", same_time=False)
+    return cu_seqlens
+
+
+def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None, backend="auto"):
+    """Selected block indices [B,T,HKV,n] (Eq. 8-11): ascending, -1 padded, forced init/local blocks included."""
+    if torch.compiler.is_compiling():
+        _check_select_blocks(q, k_cmp, config, scale, cu_seqlens, backend, values=False)
+        return library.select_blocks(q, k_cmp, config=config, scale=scale, cu_seqlens=cu_seqlens, backend=backend)
+    return _select_blocks_eager(q, k_cmp, config, scale, cu_seqlens, backend)
 
 
 @_eager_under_compile
-def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=None, backend="auto"):
-    """Attention over the raw tokens of the blocks in `indices` [B,T,HKV,n] (Eq. 12), causal inside a block."""
-    _check_positive_int("block_size", block_size)
-    _check_scale(scale)
-    _check_backend_name(backend)
-    _check_qkv(q, k, v)
-    cu_seqlens = _check_cu_seqlens(cu_seqlens, q)
-    _check_indices(indices, q, k, block_size)
-    impl = resolve_backend(backend, q.device)
-    return impl.selected_attention(q, k, v, indices, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens)
-
-
-@_eager_under_compile
-def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None, backend="auto"):
-    """Attention over keys in [t - window + 1, t] of the query's own sequence."""
-    _check_positive_int("window", window)
-    _check_scale(scale)
-    _check_backend_name(backend)
-    _check_qkv(q, k, v)
-    cu_seqlens = _check_cu_seqlens(cu_seqlens, q)
-    impl = resolve_backend(backend, q.device)
-    return impl.sliding_window_attention(q, k, v, window=window, scale=scale, cu_seqlens=cu_seqlens)
+def _select_blocks_eager(q, k_cmp, config, scale, cu_seqlens, backend):
+    cu_seqlens = _check_select_blocks(q, k_cmp, config, scale, cu_seqlens, backend)
+    return resolve_backend(backend, q.device).select_blocks(q, k_cmp, config=config, scale=scale,
+                                                            cu_seqlens=cu_seqlens)
 
 
 def check_native_sparse_attention(
@@ -301,10 +342,11 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
 
 
 @torch.compiler.assume_constant_result
-def _compiles_as_custom_op(backend: str, device_type: str) -> bool:
-    """Whether the backend has the split forward/backward pair that `nsa.ops.library` runs as custom ops."""
+def _compiles_as_custom_op(backend: str, device_type: str, split_pair: str) -> bool:
+    """Whether the backend has the split forward/backward pair (`split_pair`: the forward's name) that
+    `nsa.ops.library` runs as custom ops."""
     try:
-        return hasattr(resolve_backend(backend, torch.device(device_type)), "native_sparse_attention_fwd")
+        return hasattr(resolve_backend(backend, torch.device(device_type)), split_pair)
     except ValueError:
         return False
 
@@ -322,12 +364,11 @@ def native_sparse_attention(
     Under torch.compile the torch and triton backends run as custom ops (`nsa.ops.library`): no graph break.
     """
     args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
-    if torch.compiler.is_compiling():
+    if _compiling_with(backend, q, "native_sparse_attention_fwd"):
         check_native_sparse_attention(*args, config=config, scale=scale, cu_seqlens=cu_seqlens,
                                       block_indices=block_indices, backend=backend, values=False)
-        if _compiles_as_custom_op(backend, q.device.type):
-            return library.native_sparse_attention(*args, config=config, scale=scale, cu_seqlens=cu_seqlens,
-                                                   block_indices=block_indices, backend=backend)
+        return library.native_sparse_attention(*args, config=config, scale=scale, cu_seqlens=cu_seqlens,
+                                               block_indices=block_indices, backend=backend)
     return _native_sparse_attention_eager(*args, config=config, scale=scale, cu_seqlens=cu_seqlens,
                                           block_indices=block_indices, backend=backend)
 

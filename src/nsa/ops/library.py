@@ -87,6 +87,87 @@ def _backward(ctx, do, *_residual_grads):
 _nsa_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ------------------------------------------------------------------------------------------------ branch ops
+@torch.library.custom_op("nsa::branch_fwd", mutates_args=())
+def _branch_fwd(
+    branch: str, q: Tensor, k: Tensor, v: Tensor, indices: Optional[Tensor], cu_seqlens: Optional[Tensor],
+    geometry: list[int], scale: Optional[float], backend: str,
+) -> tuple[Tensor, Tensor]:
+    from .dispatch import check_branch
+
+    cu_seqlens = check_branch(branch, q, k, v, indices, geometry, scale=scale, cu_seqlens=cu_seqlens,
+                              backend=backend)
+    return _backend(backend, q.device).branch_fwd(branch, q, k, v, indices, geometry=tuple(geometry), scale=scale,
+                                                  cu_seqlens=cu_seqlens)
+
+
+@_branch_fwd.register_fake
+def _branch_fwd_fake(branch, q, k, v, indices, cu_seqlens, geometry, scale, backend):
+    B, T, HQ, _ = q.shape
+    o_dtype, lse_dtype = _backend(backend, q.device).residual_dtypes(q.dtype)
+    return q.new_empty(B, T, HQ, v.shape[3], dtype=o_dtype), q.new_empty(B, T, HQ, dtype=lse_dtype)
+
+
+@torch.library.custom_op("nsa::branch_bwd", mutates_args=())
+def _branch_bwd(
+    branch: str, do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+    indices: Optional[Tensor], cu_seqlens: Optional[Tensor], geometry: list[int], scale: Optional[float],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    grads = _backend(backend, q.device).branch_bwd(branch, do, dlse, q, k, v, o, lse, indices,
+                                                   geometry=tuple(geometry), scale=scale, cu_seqlens=cu_seqlens)
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, (q, k, v)))
+
+
+@_branch_bwd.register_fake
+def _branch_bwd_fake(branch, do, dlse, q, k, v, o, lse, indices, cu_seqlens, geometry, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _branch_setup_context(ctx, inputs, output):
+    branch, q, k, v, indices, cu_seqlens, geometry, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, *output, indices, cu_seqlens)
+    ctx.meta = (branch, geometry, scale, backend)
+
+
+def _branch_backward(ctx, do, dlse):
+    q, k, v, o, lse, indices, cu_seqlens = ctx.saved_tensors
+    branch, geometry, scale, backend = ctx.meta
+    dq, dk, dv = _branch_bwd(branch, do, dlse, q, k, v, o, lse, indices, cu_seqlens, geometry, scale, backend)
+    return None, dq, dk, dv, None, None, None, None, None
+
+
+_branch_fwd.register_autograd(_branch_backward, setup_context=_branch_setup_context)
+
+
+def branch(name: str, q: Tensor, k: Tensor, v: Tensor, indices, *, geometry, scale=None, cu_seqlens=None,
+           backend="auto") -> tuple[Tensor, Tensor]:
+    """One branch op ("cmp" | "slc" | "win") through the custom ops: (o [B,T,HQ,Dv] in q's dtype, lse [B,T,HQ])."""
+    scale = None if scale is None else float(scale)
+    o, lse = _branch_fwd(name, q, k, v, indices, cu_seqlens, list(geometry), scale, backend)
+    return o.to(q.dtype), lse
+
+
+@torch.library.custom_op("nsa::select_blocks", mutates_args=())
+def _select_blocks(q: Tensor, k_cmp: Tensor, cu_seqlens: Optional[Tensor], geometry: list[int],
+                   scale: Optional[float], backend: str) -> Tensor:
+    from .dispatch import select_blocks
+
+    return select_blocks(q, k_cmp, config=NSAConfig(*geometry), scale=scale, cu_seqlens=cu_seqlens, backend=backend)
+
+
+@_select_blocks.register_fake
+def _select_blocks_fake(q, k_cmp, cu_seqlens, geometry, scale, backend):
+    return q.new_empty(*q.shape[:2], k_cmp.shape[2], NSAConfig(*geometry).num_selected, dtype=torch.int64)
+
+
+def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None, backend="auto") -> Tensor:
+    """`nsa.select_blocks` through its custom op (no gradient: the indices are integers)."""
+    scale = None if scale is None else float(scale)
+    return _select_blocks(q.detach(), k_cmp.detach(), cu_seqlens, list(dataclasses.astuple(config)), scale, backend)
+
+
+# ------------------------------------------------------------------------------------------------ packed batches
 @torch.library.custom_op("nsa::packed_block_starts", mutates_args=())
 def packed_block_starts(cu_seqlens: Tensor, block_size: int, stride: int) -> Tensor:
     """`nsa.ops.varlen.packed_block_starts` as an op: its length depends on the offsets' values, so while compiling

@@ -27,7 +27,6 @@ other devices, no compiler, USE_FUSED_CPU = False). Design:
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -938,54 +937,21 @@ def _cast(x, like):
     return None if x is None else x.to(like.dtype)
 
 
-class _CmpFn(torch.autograd.Function):
+class _BranchFn(torch.autograd.Function):
+    """One branch op's autograd entry point over `branch_fwd` / `branch_bwd`; returns (o, lse)."""
+
     @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, geom):
-        o, saved = _forward(q, (k_cmp, v_cmp), None, None, None, geom, True)
-        ctx.geom = geom
-        ctx.save_for_backward(q, k_cmp, v_cmp, saved["o_cmp"], saved["lse_cmp"])
-        return o, saved["lse_cmp"]
+    def forward(ctx, branch, q, k, v, indices, geometry, scale, cu_seqlens):
+        o, lse = branch_fwd(branch, q, k, v, indices, geometry=geometry, scale=scale, cu_seqlens=cu_seqlens)
+        ctx.save_for_backward(q, k, v, indices, o, lse)
+        ctx.cfg = (branch, dict(geometry=geometry, scale=scale, cu_seqlens=cu_seqlens))
+        return o.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
-        saved = {"o_cmp": o, "lse_cmp": lse}
-        if dlse is not None:
-            dlse = dlse.masked_fill(torch.isinf(lse), 0.0)
-        dq, dcmp, _, _, _ = _backward(q, (k_cmp, v_cmp), None, None, None, ctx.geom, saved, do, dlse)
-        return _cast(dq, q), _cast(dcmp[0], k_cmp), _cast(dcmp[1], v_cmp), None
-
-
-class _SlcFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, indices, geom):
-        o, saved = _forward(q, None, (k, v, indices), None, None, geom, True)
-        ctx.geom = geom
-        ctx.save_for_backward(q, k, v, saved["idx"], saved["o_slc"], saved["lse_slc"])
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, idx, o, lse = ctx.saved_tensors
-        saved = {"o_slc": o, "lse_slc": lse, "idx": idx}
-        dq, _, dslc, _, _ = _backward(q, None, (k, v, idx), None, None, ctx.geom, saved, do)
-        return _cast(dq, q), _cast(dslc[0], k), _cast(dslc[1], v), None, None
-
-
-class _WinFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, geom):
-        o, saved = _forward(q, None, None, (k, v), None, geom, True)
-        ctx.geom = geom
-        ctx.save_for_backward(q, k, v, saved["o_win"], saved["lse_win"])
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        saved = {"o_win": o, "lse_win": lse}
-        dq, _, _, dwin, _ = _backward(q, None, None, (k, v), None, ctx.geom, saved, do)
-        return _cast(dq, q), _cast(dwin[0], k), _cast(dwin[1], v), None
+        branch, kw = ctx.cfg
+        q, k, v, indices, o, lse = ctx.saved_tensors
+        return (None, *branch_bwd(branch, do, dlse, q, k, v, o, lse, indices, **kw), None, None, None, None)
 
 
 class _NSAFn(torch.autograd.Function):
@@ -1087,11 +1053,11 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None, cu_
             q_, kc, vc, block_size=block_size, stride=stride, scale=scale), (q,), (k_cmp, v_cmp), (q.shape[2],) * 2)
         if res is not None:
             return res
-    q, k_cmp, v_cmp = _contig(q, k_cmp, v_cmp)
-    geom = _Geom(scale, cu_seqlens, l=block_size, d=stride)
     if _needs_grad(q, k_cmp, v_cmp):
-        return _CmpFn.apply(q, k_cmp, v_cmp, geom)
-    o, saved = _forward(q, (k_cmp, v_cmp), None, None, None, geom, False)
+        return _BranchFn.apply("cmp", q, k_cmp, v_cmp, None, (block_size, stride), scale, cu_seqlens)
+    q, k_cmp, v_cmp = _contig(q, k_cmp, v_cmp)
+    o, saved = _forward(q, (k_cmp, v_cmp), None, None, None, _branch_geom("cmp", (block_size, stride), scale,
+                                                                             cu_seqlens), False)
     return o, saved["lse_cmp"]
 
 
@@ -1146,11 +1112,11 @@ def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=N
             q_, k_, v_, i_, block_size=block_size, scale=scale), (q, k, v, indices), (), (q.shape[2],))
         if res is not None:
             return res
-    q, k, v = _contig(q, k, v)
-    geom = _Geom(scale, cu_seqlens, slc_block=block_size)
     if _needs_grad(q, k, v):
-        return _SlcFn.apply(q, k, v, indices, geom)
-    return _forward(q, None, (k, v, indices), None, None, geom, False)[0]
+        return _BranchFn.apply("slc", q, k, v, indices, (block_size,), scale, cu_seqlens)[0]
+    q, k, v = _contig(q, k, v)
+    return _forward(q, None, (k, v, indices), None, None, _branch_geom("slc", (block_size,), scale, cu_seqlens),
+                    False)[0]
 
 
 def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None):
@@ -1161,11 +1127,10 @@ def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None):
             q_, k_, v_, window=window, scale=scale), (q, k, v), (), (q.shape[2],))
         if res is not None:
             return res
-    q, k, v = _contig(q, k, v)
-    geom = _Geom(scale, cu_seqlens, window=window)
     if _needs_grad(q, k, v):
-        return _WinFn.apply(q, k, v, geom)
-    return _forward(q, None, None, (k, v), None, geom, False)[0]
+        return _BranchFn.apply("win", q, k, v, None, (window,), scale, cu_seqlens)[0]
+    q, k, v = _contig(q, k, v)
+    return _forward(q, None, None, (k, v), None, _branch_geom("win", (window,), scale, cu_seqlens), False)[0]
 
 
 def native_sparse_attention(
@@ -1259,3 +1224,45 @@ def native_sparse_attention_bwd(
     dq, dcmp, dslc, dwin, dg = _backward(q, (k_cmp, v_cmp), (k_slc, v_slc, saved["idx"]), (k_win, v_win), gates,
                                          _nsa_geom(config, scale, cu_seqlens), saved, do.contiguous())
     return tuple(_cast(g, x) for g, x in zip((dq, *dcmp, *dslc, *dwin, dg), xs))
+
+
+BRANCHES = ("cmp", "slc", "win")
+
+
+def _branch_geom(branch, geometry, scale, cu_seqlens):
+    if branch == "cmp":
+        return _Geom(scale, cu_seqlens, l=geometry[0], d=geometry[1])
+    if branch == "slc":
+        return _Geom(scale, cu_seqlens, slc_block=geometry[0])
+    return _Geom(scale, cu_seqlens, window=geometry[0])
+
+
+def _branch_kv(branch, k, v, indices):
+    """`_forward`'s (cmp, slc, win) arguments for one branch."""
+    return (((k, v), None, None) if branch == "cmp" else (None, (k, v, indices), None) if branch == "slc"
+            else (None, None, (k, v)))
+
+
+def branch_fwd(branch, q, k, v, indices=None, *, geometry, scale=None, cu_seqlens=None):
+    """One branch op ("cmp" | "slc" | "win") as a forward returning what its backward needs: (o [B,T,HQ,Dv],
+    lse [B,T,HQ]), both in `residual_dtypes`. geometry: (l, d), (l',) or (w,); indices [B,T,HKV,n] for "slc"."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = _contig(q, k, v)
+    _, saved = _forward(q, *_branch_kv(branch, k, v, indices), None, _branch_geom(branch, geometry, scale, cu_seqlens),
+                        True)
+    return saved["o_" + branch], saved["lse_" + branch]
+
+
+def branch_bwd(branch, do, dlse, q, k, v, o, lse, indices=None, *, geometry, scale=None, cu_seqlens=None):
+    """(dq, dk, dv) of `branch_fwd` for the gradients of o (do) and of lse (dlse; None: zero)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = _contig(q, k, v)
+    saved = {"o_" + branch: o, "lse_" + branch: lse}
+    if branch == "slc":
+        saved["idx"] = indices.long()
+    if dlse is not None:
+        dlse = dlse.masked_fill(torch.isinf(lse), 0.0)
+    dq, dcmp, dslc, dwin, _ = _backward(q, *_branch_kv(branch, k, v, saved.get("idx")), None,
+                                        _branch_geom(branch, geometry, scale, cu_seqlens), saved, do, dlse)
+    dk, dv = {"cmp": dcmp, "slc": dslc, "win": dwin}[branch]
+    return _cast(dq, q), _cast(dk, k), _cast(dv, v)

@@ -12,18 +12,16 @@ import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 from .. import reference as _reference
 from .. import torch_backend as _torch_backend
 from .combine import combine_bwd, combine_fwd
-from .compression import compressed_attention as _compressed_attention
 from .flash import default_scale, masked_attention_bwd, masked_attention_fwd
 from .selection import SelectionPlan, selected_bwd, selected_fwd
-from .selection import selected_attention as _selected_attention
 from .topk import select_blocks as _select_blocks
 from .topk import topn_from_lse
 from .utils import cmp_offsets, interpreting, pack, seq_offsets
-from .window import sliding_window_attention as _sliding_window_attention
 
 __all__ = [
     "compressed_attention", "select_blocks", "selected_attention", "sliding_window_attention",
-    "native_sparse_attention", "native_sparse_attention_fwd", "native_sparse_attention_bwd", "residual_dtypes",
+    "native_sparse_attention", "native_sparse_attention_fwd", "native_sparse_attention_bwd", "branch_fwd",
+    "branch_bwd", "residual_dtypes",
 ]
 
 
@@ -37,9 +35,11 @@ def _use_reference(q) -> bool:
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None, cu_seqlens=None):
-    """(o [B,T,HQ,Dv], lse [B,T,HQ]) of attention over compressed tokens (Eq. 7)."""
-    fn = _reference.compressed_attention if _use_reference(q) else _compressed_attention
-    return fn(q, k_cmp, v_cmp, block_size=block_size, stride=stride, scale=scale, cu_seqlens=cu_seqlens)
+    """(o [B,T,HQ,Dv], lse [B,T,HQ] fp32, -inf where no compressed token is visible) over compressed tokens (Eq. 7)."""
+    if _use_reference(q):
+        return _reference.compressed_attention(q, k_cmp, v_cmp, block_size=block_size, stride=stride, scale=scale,
+                                               cu_seqlens=cu_seqlens)
+    return _branch("cmp", q, k_cmp, v_cmp, None, (block_size, stride), scale, cu_seqlens)
 
 
 def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None):
@@ -50,16 +50,120 @@ def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None):
 
 def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=None):
     """o [B,T,HQ,Dv] over the raw tokens of the selected blocks (Eq. 12)."""
-    fn = _reference.selected_attention if _use_reference(q) else _selected_attention
-    return fn(q, k, v, indices, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens)
+    if _use_reference(q):
+        return _reference.selected_attention(q, k, v, indices, block_size=block_size, scale=scale,
+                                             cu_seqlens=cu_seqlens)
+    return _branch("slc", q, k, v, indices, (block_size,), scale, cu_seqlens)[0]
 
 
 def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None):
-    """o [B,T,HQ,Dv] over keys [t - window + 1, t] (§3.3.3)."""
-    fn = _reference.sliding_window_attention if _use_reference(q) else _sliding_window_attention
-    return fn(q, k, v, window=window, scale=scale, cu_seqlens=cu_seqlens)
+    """o [B,T,HQ,Dv] over keys [t - window + 1, t] of the query's own sequence (§3.3.3)."""
+    if _use_reference(q):
+        return _reference.sliding_window_attention(q, k, v, window=window, scale=scale, cu_seqlens=cu_seqlens)
+    return _branch("win", q, k, v, None, (window,), scale, cu_seqlens)[0]
 
 
+# ----------------------------------------------------------------------------------- branch ops
+def _branch(branch, q, k, v, indices, geometry, scale, cu_seqlens):
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return _BranchFunction.apply(branch, q, k, v, indices, geometry, scale, cu_seqlens)
+    return _branch_forward(branch, q, k, v, indices, geometry, scale, cu_seqlens)[:2]
+
+
+def _branch_offsets(branch, q, k, geometry, cu_seqlens):
+    """Packed offsets of the queries and of the keys (the compressed tokens' for "cmp")."""
+    B, T = q.shape[:2]
+    cu = seq_offsets(B, T, cu_seqlens, q.device)
+    if branch == "cmp":
+        return cu, cmp_offsets(B, k.shape[1], cu_seqlens, geometry[0], geometry[1], q.device)
+    return cu, cu
+
+
+def _mask(branch, geometry):
+    """(MODE, window, cmp_l, cmp_d) of the flash kernels for "cmp" (Eq. 7 visibility) or "win"."""
+    return (1, 1, *geometry) if branch == "cmp" else (0, geometry[0], 1, 1)
+
+
+def _branch_forward(branch, q, k, v, indices, geometry, scale, cu_seqlens):
+    """(o [B,T,HQ,Dv], lse [B,T,HQ] fp32, the selection plan for "slc" else None)."""
+    B, T, HQ, _ = q.shape
+    HKV, Dv = k.shape[2], v.shape[-1]
+    sc = default_scale(q, scale)
+    cu, cu_k = _branch_offsets(branch, q, k, geometry, cu_seqlens)
+    plan = None
+    if branch == "slc":
+        idx = indices.to(q.device).reshape(B * T, HKV, -1)
+        o, lse, plan = selected_fwd(pack(q), pack(k), pack(v), idx, cu, geometry[0], sc)
+    else:
+        mode, window, cmp_l, cmp_d = _mask(branch, geometry)
+        o, lse = masked_attention_fwd(pack(q), pack(k), pack(v), cu, cu_k, mode, sc, window, cmp_l, cmp_d)
+    return o.view(B, T, HQ, Dv), lse.view(B, T, HQ), plan
+
+
+def _branch_backward(branch, do, dlse, q, k, v, o, lse, indices, geometry, scale, cu_seqlens, plan=None):
+    """(dq, dk, dv) of `_branch_forward`; `plan` is its selection plan ("slc"; None: rebuilt from the indices)."""
+    B, T, HQ, _ = q.shape
+    HKV, Dv = k.shape[2], v.shape[-1]
+    sc = default_scale(q, scale)
+    cu, cu_k = _branch_offsets(branch, q, k, geometry, cu_seqlens)
+    qp, kp, vp = pack(q), pack(k), pack(v)
+    o, lse = o.reshape(B * T, HQ, Dv), lse.reshape(B * T, HQ)
+    do = None if do is None else do.reshape(B * T, HQ, Dv)
+    if branch == "slc":
+        if plan is None:
+            plan = SelectionPlan(indices.reshape(B * T, HKV, -1), cu, geometry[0], HQ // HKV, None)
+        dq, dk, dv = selected_bwd(qp, kp, vp, o, lse, cu, do, plan, geometry[0], sc)
+    else:
+        dlse = None if dlse is None else dlse.reshape(B * T, HQ)
+        dq, dk, dv = masked_attention_bwd(qp, kp, vp, o, lse, cu, cu_k, do, dlse, _mask(branch, geometry)[0], sc,
+                                          *_mask(branch, geometry)[1:])
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+
+
+class _BranchFunction(torch.autograd.Function):
+    """The eager autograd entry point of one branch op: (o, lse), the backward reusing the forward's plan."""
+
+    @staticmethod
+    def forward(ctx, branch, q, k, v, indices, geometry, scale, cu_seqlens):
+        o, lse, ctx.plan = _branch_forward(branch, q, k, v, indices, geometry, scale, cu_seqlens)
+        ctx.save_for_backward(q, k, v, o, lse, indices, cu_seqlens)
+        ctx.cfg = (branch, geometry, scale)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, indices, cu_seqlens = ctx.saved_tensors
+        branch, geometry, scale = ctx.cfg
+        grads = _branch_backward(branch, do, dlse, q, k, v, o, lse, indices, geometry, scale, cu_seqlens, ctx.plan)
+        return (None, *grads, None, None, None, None)
+
+
+def residual_dtypes(dtype):
+    """(per-branch o dtype, lse dtype) of the split forwards' residuals (`native_sparse_attention_fwd`,
+    `branch_fwd`)."""
+    if dtype == torch.float64:
+        return _torch_backend.residual_dtypes(dtype)
+    return dtype, torch.float32
+
+
+def branch_fwd(branch, q, k, v, indices=None, *, geometry, scale=None, cu_seqlens=None):
+    """One branch op ("cmp" | "slc" | "win") as a forward returning what its backward needs: (o, lse), the
+    torch backend's contract (`residual_dtypes`); float64 runs the torch backend's pair."""
+    if _use_reference(q):
+        return _torch_backend.branch_fwd(branch, q, k, v, indices, geometry=geometry, scale=scale,
+                                         cu_seqlens=cu_seqlens)
+    return _branch_forward(branch, q, k, v, indices, geometry, scale, cu_seqlens)[:2]
+
+
+def branch_bwd(branch, do, dlse, q, k, v, o, lse, indices=None, *, geometry, scale=None, cu_seqlens=None):
+    """(dq, dk, dv) of `branch_fwd`."""
+    if _use_reference(q):
+        return _torch_backend.branch_bwd(branch, do, dlse, q, k, v, o, lse, indices, geometry=geometry, scale=scale,
+                                         cu_seqlens=cu_seqlens)
+    return _branch_backward(branch, do, dlse, q, k, v, o, lse, indices, geometry, scale, cu_seqlens)
+
+
+# ----------------------------------------------------------------------------------- composed op
 def native_sparse_attention(
     q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config, scale=None, cu_seqlens=None, block_indices=None
 ):
@@ -77,57 +181,39 @@ def native_sparse_attention(
     return _forward(*args, config, scale, cu_seqlens, block_indices)[0]
 
 
-class _Geometry:
-    """Sizes, scale and packed offsets of one composed call."""
-
-    def __init__(self, q, k_cmp, v_slc, config, scale, cu_seqlens):
-        self.B, self.T, self.HQ, self.Dk = q.shape
-        self.HKV, self.Dv = k_cmp.shape[2], v_slc.shape[-1]
-        self.scale = default_scale(q, scale)
-        self.l, self.d = config.cmp_block_size, config.cmp_stride
-        self.cu = seq_offsets(self.B, self.T, cu_seqlens, q.device)
-        self.ccu = cmp_offsets(self.B, k_cmp.shape[1], cu_seqlens, self.l, self.d, q.device)
-
-
 def _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config, scale, cu_seqlens, block_indices):
-    """(o [B,T,HQ,Dv], residuals (`RESIDUALS` order, [B,T,...] views), the selected branch's plan)."""
-    geo = _Geometry(q, k_cmp, v_slc, config, scale, cu_seqlens)
-    B, T, HQ, HKV, Dv, sc = geo.B, geo.T, geo.HQ, geo.HKV, geo.Dv, geo.scale
-    qp, kcp = pack(q), pack(k_cmp)
-    o_cmp, lse_cmp = masked_attention_fwd(qp, kcp, pack(v_cmp), geo.cu, geo.ccu, 1, sc, 1, geo.l, geo.d)
-    if block_indices is None:
-        idx = topn_from_lse(qp, kcp, lse_cmp, geo.cu, geo.ccu, config=config, scale=sc)
+    """(o [B,T,HQ,Dv], residuals (`RESIDUALS` order), the selected branch's plan)."""
+    B, T, HQ, _ = q.shape
+    HKV, Dv = k_slc.shape[2], v_slc.shape[-1]
+    cmp_geometry = (config.cmp_block_size, config.cmp_stride)
+    o_cmp, lse_cmp, _ = _branch_forward("cmp", q, k_cmp, v_cmp, None, cmp_geometry, scale, cu_seqlens)
+    if block_indices is None:  # Eq. 8-11 from the cmp branch's lse: no second softmax pass
+        cu, ccu = _branch_offsets("cmp", q, k_cmp, cmp_geometry, cu_seqlens)
+        idx = topn_from_lse(pack(q), pack(k_cmp), lse_cmp.view(B * T, HQ), cu, ccu, config=config,
+                            scale=default_scale(q, scale)).view(B, T, HKV, -1)
     else:
-        idx = block_indices.reshape(B * T, HKV, -1).long()
-    o_slc, lse_slc, plan = selected_fwd(qp, pack(k_slc), pack(v_slc), idx, geo.cu, config.slc_block_size, sc)
-    o_win, lse_win = masked_attention_fwd(qp, pack(k_win), pack(v_win), geo.cu, geo.cu, 0, sc, config.window_size,
-                                          1, 1)
+        idx = block_indices.to(q.device, torch.int64)
+    o_slc, lse_slc, plan = _branch_forward("slc", q, k_slc, v_slc, idx, (config.slc_block_size,), scale, cu_seqlens)
+    o_win, lse_win, _ = _branch_forward("win", q, k_win, v_win, None, (config.window_size,), scale, cu_seqlens)
     o = combine_fwd(*(x.reshape(-1, Dv) for x in (o_cmp, o_slc, o_win)), gates.contiguous().reshape(-1, 3))
-    res = (o_cmp.view(B, T, HQ, Dv), lse_cmp.view(B, T, HQ), o_slc.view(B, T, HQ, Dv), lse_slc.view(B, T, HQ),
-           o_win.view(B, T, HQ, Dv), lse_win.view(B, T, HQ), idx.view(B, T, HKV, -1))
-    return o.view(B, T, HQ, Dv), res, plan
+    return o.view(B, T, HQ, Dv), (o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, idx), plan
 
 
 def _backward(do, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, residuals, config, scale, cu_seqlens,
               plan=None):
     """Gradients of all 8 inputs; `plan` is the forward's selection plan (None: rebuilt from the indices)."""
-    geo = _Geometry(q, k_cmp, v_slc, config, scale, cu_seqlens)
-    B, T, HQ, Dv, sc = geo.B, geo.T, geo.HQ, geo.Dv, geo.scale
-    o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, idx = (x.reshape(B * T, *x.shape[2:]) for x in residuals)
+    Dv = v_slc.shape[-1]
+    o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, idx = residuals
     d_cmp, d_slc, d_win, dg = combine_bwd(*(x.reshape(-1, Dv) for x in (o_cmp, o_slc, o_win)),
                                           gates.contiguous().reshape(-1, 3), do.reshape(-1, Dv))
-    qp, ks, vs = pack(q), pack(k_slc), pack(v_slc)
-    dq, dkc, dvc = masked_attention_bwd(qp, pack(k_cmp), pack(v_cmp), o_cmp, lse_cmp, geo.cu, geo.ccu,
-                                        d_cmp.view(B * T, HQ, Dv), None, 1, sc, 1, geo.l, geo.d)
-    if plan is None:
-        plan = SelectionPlan(idx, geo.cu, config.slc_block_size, HQ // geo.HKV, None)
-    dq_s, dks, dvs = selected_bwd(qp, ks, vs, o_slc, lse_slc, geo.cu, d_slc.view(B * T, HQ, Dv), plan,
-                                  config.slc_block_size, sc)
-    dq_w, dkw, dvw = masked_attention_bwd(qp, pack(k_win), pack(v_win), o_win, lse_win, geo.cu, geo.cu,
-                                          d_win.view(B * T, HQ, Dv), None, 0, sc, config.window_size, 1, 1)
+    dq, dkc, dvc = _branch_backward("cmp", d_cmp.view(o_cmp.shape), None, q, k_cmp, v_cmp, o_cmp, lse_cmp, None,
+                                    (config.cmp_block_size, config.cmp_stride), scale, cu_seqlens)
+    dq_s, dks, dvs = _branch_backward("slc", d_slc.view(o_slc.shape), None, q, k_slc, v_slc, o_slc, lse_slc, idx,
+                                      (config.slc_block_size,), scale, cu_seqlens, plan)
+    dq_w, dkw, dvw = _branch_backward("win", d_win.view(o_win.shape), None, q, k_win, v_win, o_win, lse_win, None,
+                                      (config.window_size,), scale, cu_seqlens)
     dq = (dq.float() + dq_s.float() + dq_w.float()).to(q.dtype)  # the three branches summed once, in fp32
-    return (dq.view(q.shape), dkc.view(k_cmp.shape), dvc.view(v_cmp.shape), dks.view(k_slc.shape),
-            dvs.view(v_slc.shape), dkw.view(k_win.shape), dvw.view(v_win.shape), dg.view(gates.shape))
+    return dq, dkc, dvc, dks, dvs, dkw, dvw, dg.view(gates.shape)
 
 
 class _NSAFunction(torch.autograd.Function):
@@ -152,13 +238,6 @@ class _NSAFunction(torch.autograd.Function):
 # The torch.compile path (`nsa.ops.library`) runs the composed op as a forward returning its residuals and a
 # backward taking them, with the contract of the torch backend's pair (same names, RESIDUALS order).
 RESIDUALS = _torch_backend.RESIDUALS
-
-
-def residual_dtypes(dtype):
-    """(per-branch o dtype, lse dtype) of `native_sparse_attention_fwd`'s residuals."""
-    if dtype == torch.float64:
-        return _torch_backend.residual_dtypes(dtype)
-    return dtype, torch.float32
 
 
 def native_sparse_attention_fwd(

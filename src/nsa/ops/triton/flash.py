@@ -303,7 +303,8 @@ def _query_split(cu_q: torch.Tensor, mode: int, block_m: int, bytes_per_split: i
 
 
 def masked_attention_fwd(q, k, v, cu_q, cu_k, mode, scale, window, cmp_l, cmp_d):
-    """Forward of `DenseMaskedAttention` on contiguous packed tensors: (o [Tq,HQ,Dv], lse [Tq,HQ] fp32)."""
+    """Masked attention (MODE 0: sliding window, 1: compressed tokens, Eq. 7) on contiguous packed tensors q [Tq,HQ,Dk],
+    k/v [Tk,HKV,Dk|Dv] with offsets cu_q / cu_k: (o [Tq,HQ,Dv], lse [Tq,HQ] fp32)."""
     Tq, HQ, Dk = q.shape
     HKV, Dv = k.shape[1], v.shape[2]
     o = torch.empty(Tq, HQ, Dv, dtype=q.dtype, device=q.device)
@@ -370,29 +371,6 @@ def masked_attention_bwd(q, k, v, o, lse, cu_q, cu_k, do, dlse, mode, scale, win
         dk.zero_()
         dv.zero_()
     return dq, dk, dv
-
-
-class DenseMaskedAttention(torch.autograd.Function):
-    """o, lse = masked attention (MODE 0 window, MODE 1 compressed) on packed tensors."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, mode, scale, window, cmp_l, cmp_d):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse = masked_attention_fwd(q, k, v, cu_q, cu_k, mode, scale, window, cmp_l, cmp_d)
-        ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
-        ctx.cfg = (mode, scale, window, cmp_l, cmp_d)
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = masked_attention_bwd(q, k, v, o, lse, cu_q, cu_k, do, dlse, *ctx.cfg)
-        return dq, dk, dv, None, None, None, None, None, None, None
-
-
-def dense_masked_attention(q, k, v, cu_q, cu_k, *, mode, scale, window=1, cmp_l=1, cmp_d=1):
-    """Packed entry point; see `DenseMaskedAttention`. Returns (o [Tq,HQ,Dv], lse [Tq,HQ] fp32)."""
-    return DenseMaskedAttention.apply(q, k, v, cu_q, cu_k, mode, float(scale), int(window), int(cmp_l), int(cmp_d))
 
 
 def default_scale(q: torch.Tensor, scale):

@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import LOG2E, default_scale, split_head_dim
+from .flash import LOG2E, split_head_dim
 from .utils import (PIPELINED_CONFIGS, autotune_configs, device_jit, dot_precision, dq_step, host_offsets,
-                    interpreting, load_cols, next_pow2, online_softmax_step, pack, seq_offsets, tile_table)
+                    interpreting, load_cols, next_pow2, online_softmax_step, tile_table)
 
 PACK_SMALL_GROUPS = True
 MAX_SEGMENT = 256  # query tiles per dK/dV program; longer reverse lists are split and reduced in order
@@ -411,7 +411,8 @@ def _slc_meta(plan, block_size, Dk, Dv, dtype):
 
 
 def selected_fwd(q, k, v, indices, cu, block_size, scale, packed=None):
-    """Forward of `SelectedAttention` on contiguous packed tensors: (o [Tt,HQ,Dv], lse [Tt,HQ] fp32, plan)."""
+    """Selected attention (Eq. 12) on contiguous packed q [Tt,HQ,Dk], k/v [Tt,HKV,Dk|Dv], indices [Tt,HKV,n]:
+    (o [Tt,HQ,Dv], lse [Tt,HQ] fp32, plan)."""
     Tt, HQ, Dk = q.shape
     HKV, Dv = k.shape[1], v.shape[2]
     G = HQ // HKV
@@ -472,36 +473,3 @@ def selected_bwd(q, k, v, o, lse, cu, do, plan, block_size, scale):
         dk.zero_()
         dv.zero_()
     return dq, dk, dv
-
-
-class SelectedAttention(torch.autograd.Function):
-    """o = selected attention on packed q [Tt,HQ,Dk], k [Tt,HKV,Dk], v [Tt,HKV,Dv], indices [Tt,HKV,n]."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, indices, cu, block_size, scale, packed):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse, plan = selected_fwd(q, k, v, indices, cu, block_size, scale, packed)
-        ctx.save_for_backward(q, k, v, o, lse, cu)
-        ctx.plan, ctx.cfg = plan, (block_size, scale)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cu = ctx.saved_tensors
-        dq, dk, dv = selected_bwd(q, k, v, o, lse, cu, do, ctx.plan, *ctx.cfg)
-        return dq, dk, dv, None, None, None, None, None
-
-
-def selected_attention_packed(q, k, v, indices, cu, *, block_size, scale, packed=None):
-    """Packed entry point: q [Tt,HQ,Dk], k/v [Tt,HKV,D], indices [Tt,HKV,n], cu int64 [N+1]."""
-    return SelectedAttention.apply(q, k, v, indices.to(q.device), cu, int(block_size), float(scale), packed)
-
-
-def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=None):
-    """Attention over the raw tokens of the selected blocks (Eq. 12). q [B,T,HQ,Dk] -> o [B,T,HQ,Dv]."""
-    B, T, HQ, _ = q.shape
-    cu = seq_offsets(B, T, cu_seqlens, q.device)
-    idx = indices.reshape(B * T, *indices.shape[2:])
-    o = selected_attention_packed(pack(q), pack(k), pack(v), idx, cu, block_size=block_size,
-                                  scale=default_scale(q, scale))
-    return o.reshape(B, T, HQ, v.shape[-1])

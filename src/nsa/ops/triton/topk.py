@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import LOG2E, _tile_seq, default_scale, dense_masked_attention, split_head_dim
+from .flash import LOG2E, _tile_seq, default_scale, masked_attention_fwd, split_head_dim
 from .utils import (autotune_configs, cmp_offsets, device_jit, dot_precision, load_cols, next_pow2, pack,
                     seq_offsets, tile_table)
 
@@ -202,7 +202,6 @@ def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None):
         cu = seq_offsets(B, T, cu_seqlens, q.device)
         ccu = cmp_offsets(B, k_cmp.shape[1], cu_seqlens, config.cmp_block_size, config.cmp_stride, q.device)
         qp, kp = pack(q), pack(k_cmp)
-        _, lse = dense_masked_attention(qp, kp, kp, cu, ccu, mode=1, scale=sc, cmp_l=config.cmp_block_size,
-                                        cmp_d=config.cmp_stride)
+        _, lse = masked_attention_fwd(qp, kp, kp, cu, ccu, 1, sc, 1, config.cmp_block_size, config.cmp_stride)
         idx = topn_from_lse(qp, kp, lse, cu, ccu, config=config, scale=sc)
         return idx.reshape(B, T, *idx.shape[1:])
