@@ -159,3 +159,27 @@ def test_varlen_chunked_torch_path(lengths, monkeypatch):
 
     monkeypatch.setattr(torch_dense, "DENSE_MAX_LEN", 0)
     test_varlen_equals_per_sequence("torch", lengths)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if "triton" in nsa.available_backends() else []))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_empty_and_cmp_free_batches(backend, dtype):
+    """B = 0 and T = 0 return empty outputs (no crash); T < l (no compressed token, k_cmp/v_cmp of length 0) gives
+    gradients for all 8 inputs, the empty ones included (the dense torch path once left k_cmp/v_cmp out of the
+    graph, and crashed on B = 0)."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("float64 runs the reference")
+    for B, T in ((2, 0), (0, 5), (0, 40)):
+        xs = make_inputs(B, T, 4, 2, 8, 8, CFG, dtype=dtype, seed=B + T)
+        o = nsa.native_sparse_attention(*xs, config=CFG, backend=backend)
+        assert o.shape == (B, T, 4, 8)
+    xs = make_inputs(2, 5, 4, 2, 8, 6, CFG, dtype=dtype, seed=1, requires_grad=True)
+    assert xs[1].shape[1] == 0
+    o = nsa.native_sparse_attention(*xs, config=CFG, backend=backend)
+    grads = torch.autograd.grad(o.square().sum(), xs)
+    assert [g.shape for g in grads] == [x.shape for x in xs]
+    expected = torch.autograd.grad(nsa.native_sparse_attention(*xs, config=CFG, backend="reference").square().sum(),
+                                   xs)
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+    for g, e in zip(grads, expected):
+        assert_close(g, e, name="grad", **tol)

@@ -209,3 +209,20 @@ def test_gpu_padded_backward_reads_the_device_once():
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in seen if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, syncs
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_strided_cu_seqlens(dtype):
+    """cu_seqlens as a strided view (every other element of a larger tensor): the kernels index the offsets as a
+    flat array, so an int64 view was once read with the wrong stride (garbage indices, NaN outputs)."""
+    cu = torch.tensor([0, 17, 22, 40], dtype=dtype, device=DEV)
+    strided = torch.stack([cu, torch.full_like(cu, -7)], 1)[:, 0]
+    assert not strided.is_contiguous()
+    x = make_inputs(1, 40, 4, 2, 16, 16, CFG, dtype=torch.float32, cu_seqlens=cu, seed=6, device=DEV)
+    for op in (lambda c, b: nsa.native_sparse_attention(*x, config=CFG, cu_seqlens=c, backend=b),
+               lambda c, b: nsa.sliding_window_attention(x[0], x[5], x[6], window=16, cu_seqlens=c, backend=b),
+               lambda c, b: nsa.compressed_attention(x[0], x[1], x[2], block_size=8, stride=4, cu_seqlens=c,
+                                                     backend=b)[0]):
+        assert_close(op(strided, "triton"), op(cu, "reference"), atol=2e-5, rtol=2e-5, name="strided cu_seqlens")
+    got = nsa.select_blocks(x[0], x[1], config=CFG, cu_seqlens=strided, backend="triton")
+    assert torch.equal(got, nsa.select_blocks(x[0], x[1], config=CFG, cu_seqlens=cu, backend="triton"))

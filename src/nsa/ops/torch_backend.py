@@ -1141,8 +1141,10 @@ def native_sparse_attention(
     Selection runs under no_grad inside the chunk loop unless `block_indices` [B, T, HKV, n] is given.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    # short sequences without the compiled kernels (float64, or no compiler): masked SDPA per length bucket
-    if torch_dense.applicable(q.shape[1], cu_seqlens, config) and _fused_kernels(q, _acc_dtype(q.dtype)) is None:
+    # short sequences without the compiled kernels (float64, or no compiler): masked SDPA per length bucket (not
+    # for an empty batch or one without compressed tokens: the chunked path gives those their empty gradients)
+    if (torch_dense.applicable(q.shape[1], cu_seqlens, config) and _fused_kernels(q, _acc_dtype(q.dtype)) is None
+            and q.shape[0] > 0 and k_cmp.shape[1] > 0):
         return torch_dense.native_sparse_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config=config,
                                                    scale=scale, cu_seqlens=cu_seqlens, block_indices=block_indices)
     if cu_seqlens is not None and _use_groups(q, cu_seqlens):

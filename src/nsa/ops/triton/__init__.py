@@ -92,7 +92,7 @@ def _branch_forward(branch, q, k, v, indices, geometry, scale, cu_seqlens):
     cu, cu_k = _branch_offsets(branch, q, k, geometry, cu_seqlens)
     plan = None
     if branch == "slc":
-        idx = indices.to(q.device).reshape(B * T, HKV, -1)
+        idx = indices.to(q.device).reshape(B * T, HKV, indices.shape[-1])
         o, lse, plan = selected_fwd(pack(q), pack(k), pack(v), idx, cu, geometry[0], sc)
     else:
         mode, window, cmp_l, cmp_d = _mask(branch, geometry)
@@ -190,7 +190,7 @@ def _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config, scale, 
     if block_indices is None:  # Eq. 8-11 from the cmp branch's lse: no second softmax pass
         cu, ccu = _branch_offsets("cmp", q, k_cmp, cmp_geometry, cu_seqlens)
         idx = topn_from_lse(pack(q), pack(k_cmp), lse_cmp.view(B * T, HQ), cu, ccu, config=config,
-                            scale=default_scale(q, scale)).view(B, T, HKV, -1)
+                            scale=default_scale(q, scale)).view(B, T, HKV, config.num_selected)
     else:
         idx = block_indices.to(q.device, torch.int64)
     o_slc, lse_slc, plan = _branch_forward("slc", q, k_slc, v_slc, idx, (config.slc_block_size,), scale, cu_seqlens)

@@ -61,7 +61,7 @@ def seq_offsets(B: int, T: int, cu_seqlens: torch.Tensor | None, device) -> torc
     if cu_seqlens is None:
         cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
         return remember_offsets(cu, [i * T for i in range(B + 1)])
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    cu = cu_seqlens.to(device=device, dtype=torch.int64).contiguous()  # the kernels index it as a flat array
     return cu if cu is cu_seqlens else remember_offsets(cu, host_offsets(cu_seqlens))
 
 
