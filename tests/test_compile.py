@@ -237,3 +237,20 @@ def test_opcheck_branch_ops():
     geometry = list(dataclasses.astuple(CFG))
     torch.library.opcheck(library._select_blocks, (q.detach(), kc.detach(), cu, geometry, None, "torch"),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_two_packed_layers_with_inductor():
+    """Two layers over one packed batch in one inductor graph (dynamic output sizes on): each layer's block-start
+    op carries its own call id, so inductor's CSE does not merge the calls (it lost the merged call's size symbol:
+    "u1 not in {u0: ...}"). Output and input gradient equal eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layers = [nsa.NativeSparseAttention(32, 4, 2, 8, config=CFG).float() for _ in range(2)]
+    fn = lambda x, cu: layers[1](layers[0](x, cu_seqlens=cu), cu_seqlens=cu)  # noqa: E731
+    cu = torch.tensor([0, 30, 70])
+    x = torch.randn(1, 70, 32, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        out = torch.compile(fn, fullgraph=True)(x, cu)
+    ref = fn(x, cu)
+    assert_close(out, ref, atol=1e-5, rtol=1e-5, name="two layers")
+    assert_close(_grads(out, [x])[0], _grads(ref, [x])[0], atol=1e-5, rtol=1e-5, name="two layers dx")

@@ -15,12 +15,14 @@ from .ops import library
 from .ops.varlen import packed_block_starts
 
 
-def block_starts(seqlen: int, block_size: int, stride: int, cu_seqlens: torch.Tensor | None, device=None):
-    """First packed position of every compressed block, [Tc] int64 (per sequence when packed)."""
+def block_starts(seqlen: int, block_size: int, stride: int, cu_seqlens: torch.Tensor | None, device=None,
+                 call_id: int = 0):
+    """First packed position of every compressed block, [Tc] int64 (per sequence when packed). `call_id`: see
+    `nsa.ops.library.packed_block_starts` (one per layer)."""
     if cu_seqlens is None:
         return torch.arange(num_compressed_tokens(seqlen, block_size, stride), device=device) * stride
     if torch.compiler.is_compiling():  # the offsets are read at run time: a dynamic size, no graph break
-        return library.packed_block_starts(cu_seqlens, block_size, stride).to(device)
+        return library.packed_block_starts(cu_seqlens, block_size, stride, call_id).to(device)
     return packed_block_starts(cu_seqlens, block_size, stride, device)
 
 

@@ -1,6 +1,8 @@
 """NativeSparseAttention: projections, RoPE, φ, gates, and the NSA op (paper §3)."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -9,6 +11,8 @@ from .config import NSAConfig, num_compressed_tokens
 from .ops import dispatch
 from .ops.varlen import token_positions
 from .rope import apply_rope
+
+_LAYER_IDS = itertools.count()
 
 
 class NativeSparseAttention(nn.Module):
@@ -69,6 +73,7 @@ class NativeSparseAttention(nn.Module):
         l, d = config.cmp_block_size, config.cmp_stride
         self.compress_k = make_compressor(compression, head_dim, l, d, position_embedding=True)
         self.compress_v = make_compressor(compression, v_head_dim, l, d, position_embedding=False)
+        self._call_id = next(_LAYER_IDS)  # tells this layer's compiled block-start op from other layers'
 
     def _heads(self, x: torch.Tensor, position_ids: torch.Tensor):
         """Rotated q, raw (un-rotated) cmp K/V, rotated slc/win K/V and gates for x [B, T, hidden]."""
@@ -99,7 +104,8 @@ class NativeSparseAttention(nn.Module):
             position_ids = token_positions(T, cu_seqlens, x.device)
         q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win, gates = self._heads(x, position_ids)
         l, d = self.config.cmp_block_size, self.config.cmp_stride
-        starts = block_starts(T, l, d, cu_seqlens, x.device)  # once: under compile a packed batch's Tc is one symbol
+        # once per call: under compile a packed batch's Tc is one size symbol for K and V
+        starts = block_starts(T, l, d, cu_seqlens, x.device, call_id=self._call_id)
         k_cmp, v_cmp = self._compress(k_cmp_raw, v_cmp_raw, position_ids[..., starts + l - 1], cu_seqlens, starts)
         return q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates
 
