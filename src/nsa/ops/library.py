@@ -1,11 +1,15 @@
-"""The composed NSA op (Eq. 5) as two torch custom ops, so torch.compile traces a model through it (no graph break).
+"""The public NSA ops as torch custom ops, so torch.compile traces a model through them (no graph break).
 
-`nsa::native_sparse_attention_fwd` returns the output and the residuals its backward needs (per-branch o and lse,
-the selected blocks); `nsa::native_sparse_attention_bwd` takes them. Both run the chosen backend's split pair
-(`native_sparse_attention_fwd` / `_bwd`, in the torch and triton backends) eagerly at run time, where host-side
-planning (offsets, tile tables, selection plans) and the checks that read tensor values (cu_seqlens, the range of
-block_indices) are allowed. Their fake implementations give Dynamo and AOTAutograd the shapes and dtypes.
-`nsa.ops.dispatch.native_sparse_attention` calls `native_sparse_attention` below only while compiling.
+- `nsa::native_sparse_attention_fwd` returns the composed op's output (Eq. 5) and the residuals its backward needs
+  (per-branch o and lse, the selected blocks); `nsa::native_sparse_attention_bwd` takes them.
+- `nsa::branch_fwd` / `nsa::branch_bwd`: one branch op ("cmp", "slc", "win") as (o, lse) and its backward.
+- `nsa::select_blocks` (no gradient) and `nsa::packed_block_starts` (a packed batch's compressed-block starts, whose
+  length is a dynamic size).
+Each runs the chosen backend's split pair (`native_sparse_attention_fwd` / `_bwd`, `branch_fwd` / `branch_bwd`, in
+the torch and triton backends) eagerly at run time, where host-side planning (offsets, tile tables, selection
+plans) and the checks that read tensor values (cu_seqlens, the range of block_indices) are allowed. The fake
+implementations give Dynamo and AOTAutograd shapes and dtypes. `nsa.ops.dispatch` calls the wrappers below only
+while compiling.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..config import NSAConfig
+
 
 def _backend(backend: str, device: torch.device):
     from .dispatch import resolve_backend  # dispatch imports this module
