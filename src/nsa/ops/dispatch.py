@@ -143,8 +143,10 @@ def _check_config(config):
         raise ValueError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
 
 
-def _check_cmp(q, k_cmp, v_cmp, block_size, stride, cu_seqlens, kname="k_cmp", vname="v_cmp"):
+def _check_cmp(q, k_cmp, v_cmp, block_size, stride, cu_seqlens, kname="k_cmp", vname="v_cmp", values=True):
     _check_qkv(q, k_cmp, v_cmp, kname, vname, same_time=False)
+    if not values and cu_seqlens is not None:
+        return  # a packed batch's compressed-token count depends on the offsets' values: the op checks it
     expected = num_compressed_total(q.shape[1], cu_seqlens, block_size, stride)
     if k_cmp.shape[1] != expected:
         raise ValueError(
@@ -184,10 +186,7 @@ def check_branch(branch, q, k, v, indices, geometry, *, scale=None, cu_seqlens=N
     if branch == "cmp":
         _check_tensor("q", q)
         cu_seqlens = _check_cu_seqlens(cu_seqlens, q, values)
-        if values or cu_seqlens is None:
-            _check_cmp(q, k, v, *geometry, cu_seqlens)
-        else:
-            _check_qkv(q, k, v, "k_cmp", "v_cmp", same_time=False)
+        _check_cmp(q, k, v, *geometry, cu_seqlens, values=values)
         return cu_seqlens
     _check_qkv(q, k, v)
     cu_seqlens = _check_cu_seqlens(cu_seqlens, q, values)
@@ -250,10 +249,7 @@ def _check_select_blocks(q, k_cmp, config, scale, cu_seqlens, backend, values=Tr
     _check_backend_name(backend)
     _check_tensor("q", q)
     cu_seqlens = _check_cu_seqlens(cu_seqlens, q, values)
-    if values or cu_seqlens is None:
-        _check_cmp(q, k_cmp, k_cmp, config.cmp_block_size, config.cmp_stride, cu_seqlens, "k_cmp", "k_cmp")
-    else:
-        _check_qkv(q, k_cmp, k_cmp, "k_cmp", "k_cmp", same_time=False)
+    _check_cmp(q, k_cmp, k_cmp, config.cmp_block_size, config.cmp_stride, cu_seqlens, "k_cmp", "k_cmp", values)
     return cu_seqlens
 
 
@@ -289,10 +285,7 @@ def check_native_sparse_attention(
     if v_win.shape[3] != v_slc.shape[3]:
         raise ValueError(f"v_win head dim ({v_win.shape[3]}) must equal v_slc's ({v_slc.shape[3]})")
     cu_seqlens = _check_cu_seqlens(cu_seqlens, q, values)
-    if values or cu_seqlens is None:
-        _check_cmp(q, k_cmp, v_cmp, config.cmp_block_size, config.cmp_stride, cu_seqlens)
-    else:
-        _check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp", same_time=False)
+    _check_cmp(q, k_cmp, v_cmp, config.cmp_block_size, config.cmp_stride, cu_seqlens, values=values)
     if k_cmp.shape[2] != k_slc.shape[2]:
         raise ValueError(f"k_cmp heads ({k_cmp.shape[2]}) must equal k_slc heads ({k_slc.shape[2]})")
     if v_cmp.shape[3] != v_slc.shape[3]:
