@@ -51,7 +51,7 @@ opts=""
 "$PY" -c "import pytest_timeout" 2>/dev/null && opts="$opts --timeout 45"  # a stuck test fails with its stack
 # -v: one line per test as it finishes, so a stage cut by its limit still names what passed and what errored
 # one launch config per kernel (no autotuning): the tests check numbers, not speed, and compile 3x less
-NSA_TRITON_AUTOTUNE=0 stage tests "${TESTS_S:-100}" "$PY" -m pytest -v -rfE --durations=10 -p no:cacheprovider $opts tests/test_triton_nsa.py \
+NSA_TRITON_AUTOTUNE=0 stage tests "${TESTS_S:-120}" "$PY" -m pytest -v -rfE --durations=10 -p no:cacheprovider $opts tests/test_triton_nsa.py \
   tests/test_triton_kernels.py tests/test_decode_triton.py tests/test_compile.py::test_compiled_triton_op_matches_reference \
   tests/test_compile.py::test_compiled_triton_op_bf16_matches_eager_on_gpu
 [ -n "${SKIP_TRAIN:-}" ] || for att in nsa full; do
