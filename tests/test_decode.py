@@ -289,7 +289,38 @@ def test_public_decode_attention_rejects_bad_input():
         "k_slc must be a floating": ([*args[:3], k_slc.long(), *args[4:]], {}),
         "win_start": (args, dict(win_start=torch.tensor([0.5]))),
         "config": (args, dict(config="paper")),
+        "k_win/v_win .* must hold positions 4..19": ([*args[:5], k_win[:, :10], v_win[:, :10], args[7]], {}),
+        "must hold positions": (args, dict(win_start=torch.tensor([5]))),
+        "head dims must be positive": ([q[:, -1:, :, :0], k_cmp[..., :0], *args[2:3], k_slc[..., :0], *args[4:5],
+                                        k_win[..., :0], *args[6:]], {}),
+        "both positive": ([q[:, -1:, :0], *args[1:7], gates[:, -1:, :0]], {}),
     }
     for match, (a, extra) in bad.items():
         with pytest.raises(ValueError, match=match):
             nsa.decode_attention(*a, **{**kw, **extra})
+    empty = nsa.decode_attention(*[x[:0] for x in args], lengths=torch.zeros(0, dtype=torch.long), config=CFG)
+    assert empty.shape == (0, 1, 4, 6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"] + (["triton"] if "triton" in nsa.available_backends()
+                                                             else []))
+def test_decode_attention_ignores_slots_past_each_row(backend):
+    """A caller's cache may hold anything past a row's length (here NaN, in K and V, selection and compressed
+    slots): ragged rows and a 2-token chunk give the output of a clean cache (the torch decode multiplied masked
+    slots by probability 0, and 0 * NaN leaked into o)."""
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    q, k_cmp, v_cmp, k_slc, v_slc, _, _, gates = make_inputs(2, 48, 8, 2, 8, 6, CFG, dtype=dtype, seed=21)
+    lengths, Tq = torch.tensor([40, 27]), 2
+    rows = [lengths[b] - Tq + torch.arange(Tq) for b in range(2)]
+    qd, gd = torch.stack([q[b, rows[b]] for b in range(2)]), torch.stack([gates[b, rows[b]] for b in range(2)])
+    dirty = [x.clone() for x in (k_cmp, v_cmp, k_slc, v_slc)]
+    for b, L in enumerate(lengths.tolist()):
+        tc = CFG.num_compressed(L)
+        dirty[0][b, tc:], dirty[1][b, tc:] = float("nan"), float("nan")
+        dirty[2][b, L:], dirty[3][b, L:] = float("nan"), float("nan")
+    run = lambda kc, vc, ks, vs: nsa.decode_attention(qd, kc, vc, ks, vs, ks, vs, gd, lengths=lengths,  # noqa
+                                                      config=CFG, backend=backend)
+    clean = run(k_cmp, v_cmp, k_slc, v_slc)
+    out = run(*dirty)
+    assert torch.isfinite(clean).all()
+    assert_close(out, clean, atol=1e-6, rtol=1e-6, name="dirty cache")

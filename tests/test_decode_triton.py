@@ -157,3 +157,17 @@ def test_gpu_decode_step_never_waits_for_the_gpu(shared_kv):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert cache.lengths.tolist() == [920, 727]
+
+
+def test_triton_decode_window_cache_in_another_dtype():
+    """An fp16 window cache beside fp32 selection / compressed caches (allowed: caches may differ from q): the
+    window is cast to the selection cache's dtype instead of failing in the kernel ("Both operands must be same
+    dtype"); within fp16 rounding of the torch decode."""
+    lengths = torch.tensor([40, 23])
+    inputs = make_inputs(2, 40, 8, 2, 16, 16, CFG, dtype=torch.float32, seed=9, device=DEVICE)
+    qd, gd = last_queries(inputs, lengths)
+    _, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, _ = inputs
+    kv = (k_cmp, v_cmp, k_slc, v_slc, k_win.half(), v_win.half())
+    o = nsa.decode_attention(qd, *kv, gd, lengths=lengths.to(DEVICE), config=CFG, backend="triton")
+    expected = nsa.decode_attention(qd, *kv, gd, lengths=lengths.to(DEVICE), config=CFG, backend="torch")
+    assert_close(o, expected, atol=2e-3, rtol=2e-3, name="fp16 window cache")

@@ -13,8 +13,9 @@ positions lengths[b] - Tq + j, j < Tq):
   k_win   [B, W, HKV, Dk],  v_win    window K/V, slot s = position win_start[b] + s (win_start may be negative;
                                      None means 0, i.e. the window tensor is indexed by position like k_slc)
   gates   [B, Tq, HQ, 3]             (cmp, slc, win), already in [0, 1]
-Returns o [B, Tq, HQ, Dv] in q's dtype. Cached tensors may have another dtype than q: all math runs in float32
-(float64 when q is float64).
+Returns o [B, Tq, HQ, Dv] in q's dtype. Cached tensors may have another dtype than q: the reference and torch
+decodes compute in float32 (float64 when q is float64); the Triton decode accumulates in float32 but runs its dot
+products in the caches' dtype (q and the probabilities are cast to it).
 """
 from __future__ import annotations
 
@@ -159,8 +160,9 @@ def topn_from_scores(scores, pos, config, *, valid_blocks=None):
 
 
 def _torch_decode_chunk(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, win_start, config, scale,
-                       max_len):
-    """One chunk of queries at positions pos [B, Tq]; see module docstring. Returns (o, indices)."""
+                       max_len, min_pos=-1):
+    """One chunk of queries at positions pos [B, Tq] (host bounds: max_len > every position >= min_pos); see module
+    docstring. Returns (o, indices)."""
     B, Tq, HQ, Dk = q.shape
     HKV = k_slc.shape[2]
     G = HQ // HKV
@@ -171,11 +173,17 @@ def _torch_decode_chunk(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos,
     bidx = torch.arange(B, device=dev)[:, None, None, None]
     hidx = torch.arange(HKV, device=dev)[None, None, :, None]
 
-    # compression branch over all cached compressed tokens, masked by Eq. 7 visibility
-    Sc = k_cmp.shape[1]
+    # compression branch over the compressed tokens of the longest row, masked by Eq. 7 visibility. Slots a row
+    # never sees may hold anything (a caller's cache past the row's length), and 0 * NaN would leak into o: those
+    # past the tokens every query of the chunk sees (c0) are zeroed where no query of their row sees them.
+    Sc = min(k_cmp.shape[1], num_compressed_tokens(max_len, l, d))
+    k_c, v_c = k_cmp[:, :Sc].to(acc), v_cmp[:, :Sc].to(acc)
     vis = (torch.arange(Sc, device=dev) * d + l - 1)[None, None, :] <= pos[:, :, None]  # [B, Tq, Sc]
-    s = torch.einsum("btkgd,bskd->btkgs", qg, k_cmp.to(acc))
-    o_cmp, p = _masked_softmax_av(s, vis[:, :, None, None, :], v_cmp.to(acc), "btkgs,bskd->btkgd")
+    c0 = min(Sc, num_compressed_tokens(min_pos + 1, l, d))
+    if c0 < Sc:
+        v_c = torch.cat([v_c[:, :c0], torch.where(vis[:, :, c0:].any(1)[:, :, None, None], v_c[:, c0:], 0.0)], 1)
+    s = torch.einsum("btkgd,bskd->btkgs", qg, k_c)
+    o_cmp, p = _masked_softmax_av(s, vis[:, :, None, None, :], v_c, "btkgs,bskd->btkgd")
 
     # selection scores (Eq. 8-10): group-sum p, then scatter onto selection blocks with the overlap weights
     Nb = max(1, math.ceil(max_len / lp))  # blocks of the longest sequence
@@ -190,7 +198,7 @@ def _torch_decode_chunk(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos,
     # selected attention (Eq. 12): gather the raw tokens of the chosen blocks, causal inside a block
     tok = idx[..., None] * lp + torch.arange(lp, device=dev)  # [B, Tq, HKV, n, l']
     ok = (idx[..., None] >= 0) & (tok <= pos[:, :, None, None, None])
-    tok = tok.clamp(0, k_slc.shape[1] - 1).flatten(-2)  # [B, Tq, HKV, n*l']
+    tok = torch.where(ok, tok, pos[:, :, None, None, None]).flatten(-2)  # masked keys read the query's own row
     ks = _gather_rows(k_slc, bidx, tok, hidx).to(acc)  # [B, Tq, HKV, N, Dk]
     vs = _gather_rows(v_slc, bidx, tok, hidx).to(acc)
     s = torch.einsum("btkgd,btknd->btkgn", qg, ks)
@@ -200,7 +208,7 @@ def _torch_decode_chunk(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos,
     wpos = pos[:, :, None] - w + 1 + torch.arange(w, device=dev)  # [B, Tq, w]
     slot = wpos - (0 if win_start is None else win_start.to(dev, torch.long)[:, None, None])
     okw = (wpos >= 0) & (slot >= 0) & (slot < k_win.shape[1])
-    slot = slot.clamp(0, k_win.shape[1] - 1)[:, :, None, :].expand(B, Tq, HKV, w)
+    slot = torch.where(okw, slot, slot[..., -1:])[:, :, None, :].expand(B, Tq, HKV, w)  # masked: the own slot
     kw = _gather_rows(k_win, bidx, slot, hidx).to(acc)  # [B, Tq, HKV, w, Dk]
     vw = _gather_rows(v_win, bidx, slot, hidx).to(acc)
     s = torch.einsum("btkgd,btknd->btkgn", qg, kw)
@@ -212,19 +220,23 @@ def _torch_decode_chunk(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos,
 
 
 def torch_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths, config, scale=None,
-                 win_start=None, return_indices=False, max_len=None, query_chunk=32):
+                 win_start=None, return_indices=False, max_len=None, min_len=None, query_chunk=32):
     """Vectorised decode (same contract as `reference_decode`); queries are processed `query_chunk` at a time so
-    chunked prefill gathers at most query_chunk * (n*l' + w) keys per KV head at once. `max_len` (host int,
-    optional) is max(lengths); passing it avoids a device synchronisation."""
+    chunked prefill gathers at most query_chunk * (n*l' + w) keys per KV head at once. `max_len` / `min_len` (host
+    ints, optional) are max(lengths) / min(lengths); passing max_len avoids a device synchronisation, min_len
+    spares masking compressed slots every row's queries see."""
     B, Tq = q.shape[:2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     max_len = int(lengths.max()) if max_len is None else int(max_len)
+    if min_len is None and lengths.device.type == "cpu":  # free here (no device to wait for)
+        min_len = int(lengths.min()) if lengths.numel() else 0
     pos = query_positions(lengths.to(q.device), Tq)
     outs, idxs = [], []
     for c in range(0, Tq, query_chunk):
         sl = slice(c, min(Tq, c + query_chunk))
         o, idx = _torch_decode_chunk(q[:, sl], k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates[:, sl], pos[:, sl],
-                                     win_start, config, scale, max_len)
+                                     win_start, config, scale, max_len,
+                                     -1 if min_len is None else int(min_len) - Tq + sl.start)
         outs.append(o)
         idxs.append(idx)
     o = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
@@ -238,12 +250,26 @@ def torch_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths,
 IMPLS = {"reference": reference_decode, "torch": torch_decode}
 
 
+def _check_window_cover(Tq, W, host_lengths, win_start, window):
+    """The window tensor must hold every position the queries' windows read (slot = position - win_start[b]):
+    a missing one would be read out of bounds by the kernels, or wrap around as a negative index."""
+    L = host_lengths.long()
+    ws = torch.zeros_like(L) if win_start is None else win_start.detach().cpu().long()
+    first = (L - Tq - window + 1).clamp(min=0)  # the earliest position a window reads
+    bad = (first - ws < 0) | (L - 1 - ws >= W)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0])
+        raise ValueError(f"k_win/v_win ({W} slots from position win_start = {int(ws[b])}) must hold positions "
+                         f"{int(first[b])}..{int(L[b]) - 1}, which row {b}'s window reads")
+
+
 def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths, config, scale=None,
-                     win_start=None, impl="torch", host_lengths=None):
+                     win_start=None, impl="torch", host_lengths=None, check_window=False):
     """Checked entry point: NSA output [B, Tq, HQ, Dv] for the last Tq positions of each cached sequence.
 
     impl: "reference" | "torch" | "triton" (the Triton decode kernels, any Tq; torch where they do not apply).
-    `host_lengths` (optional CPU copy of `lengths`) spares a device synchronisation.
+    `host_lengths` (optional CPU copy of `lengths`) spares a device synchronisation. `check_window` also checks
+    that the window tensors hold every position the windows read (reads win_start on the host).
     """
     if not isinstance(config, NSAConfig):
         raise ValueError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
@@ -260,8 +286,10 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
             raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
     B, Tq, HQ, Dk = q.shape
     HKV = k_slc.shape[2]
-    if HKV == 0 or HQ % HKV:
-        raise ValueError(f"k_slc heads ({HKV}) must divide q heads ({HQ})")
+    if HQ == 0 or HKV == 0 or HQ % HKV:
+        raise ValueError(f"k_slc heads ({HKV}) must divide q heads ({HQ}), both positive")
+    if Dk == 0 or v_slc.shape[3] == 0:
+        raise ValueError(f"q and v_slc head dims must be positive, got {Dk} and {v_slc.shape[3]}")
     for name, x in (("k_cmp", k_cmp), ("v_cmp", v_cmp), ("v_slc", v_slc), ("k_win", k_win), ("v_win", v_win)):
         if x.shape[2] != HKV:
             raise ValueError(f"{name} heads ({x.shape[2]}) must equal k_slc heads ({HKV})")
@@ -282,6 +310,8 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
         raise ValueError(f"gates must be [B, Tq, HQ, 3] = {(B, Tq, HQ, 3)}, got {tuple(gates.shape)}")
     if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.is_floating_point():
         raise ValueError(f"lengths must be a [B] = [{B}] integer tensor")
+    if B == 0:
+        return q.new_zeros(0, Tq, HQ, v_slc.shape[3])
     host = lengths.detach().cpu() if host_lengths is None else host_lengths
     lo, hi = int(host.min()), int(host.max())
     if lo < Tq or hi > k_slc.shape[1]:
@@ -289,6 +319,8 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
     need_c = num_compressed_tokens(hi, config.cmp_block_size, config.cmp_stride)
     if k_cmp.shape[1] < need_c or v_cmp.shape[1] < need_c:
         raise ValueError(f"k_cmp/v_cmp must hold at least {need_c} compressed tokens, got {k_cmp.shape[1]}")
+    if check_window:
+        _check_window_cover(Tq, k_win.shape[1], host, win_start, config.window_size)
     kw = dict(lengths=lengths, config=config, scale=scale, win_start=win_start, max_len=hi)
     if impl == "triton":
         try:
@@ -301,4 +333,6 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
             impl = "torch"
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {sorted(IMPLS) + ['triton']}, got {impl!r}")
+    if impl == "torch":
+        kw["min_len"] = lo
     return IMPLS[impl](q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)

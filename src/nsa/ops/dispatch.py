@@ -315,8 +315,8 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
     Sequence b holds lengths[b] tokens *including* its Tq new ones. q [B,Tq,HQ,Dk] (rotated); k_cmp/v_cmp
     [B,Sc,HKV,Dk|Dv] compressed tokens (the first Tc(lengths[b]) are read); k_slc/v_slc [B,S,HKV,Dk|Dv] with slot p =
     position p; k_win/v_win [B,W,HKV,Dk|Dv] with slot s = position win_start[b] + s (win_start None: indexed by
-    position, e.g. the selection tensors themselves); gates [B,Tq,HQ,3]. `host_lengths` (a CPU copy of lengths)
-    spares a device read. backend: "auto" (triton decode kernels on CUDA, else torch), "triton", "torch",
+    position, e.g. the selection tensors themselves); gates [B,Tq,HQ,3]. The checks read lengths (unless
+    `host_lengths`, a CPU copy, is given) and win_start on the host. backend: "auto" (triton decode kernels on CUDA, else torch), "triton", "torch",
     "reference". Semantics: docs/spec.md §12.
     """
     from .decode import decode_attention as _decode_attention
@@ -331,7 +331,8 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
     else:
         raise ValueError(f"backend must be 'auto' or one of {sorted(impls)}, got {backend!r}")
     return _decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths=lengths, config=config,
-                             scale=scale, win_start=win_start, impl=impl, host_lengths=host_lengths)
+                             scale=scale, win_start=win_start, impl=impl, host_lengths=host_lengths,
+                             check_window=True)
 
 
 @torch.compiler.assume_constant_result

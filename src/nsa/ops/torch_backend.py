@@ -1177,7 +1177,7 @@ def native_sparse_attention_tail(q_tail, k_cmp, v_cmp, k_slc, v_slc, k_win, v_wi
         lengths = torch.full((q_tail.shape[0],), T, dtype=torch.long, device=q_tail.device)
         with torch.no_grad():
             return torch_decode(q_tail, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates_tail, lengths=lengths,
-                                config=config, scale=scale, max_len=T)
+                                config=config, scale=scale, max_len=T, min_len=T)
     geom = _Geom(scale, None, l=config.cmp_block_size, d=config.cmp_stride, cfg=config,
                  window=config.window_size, slc_block=config.slc_block_size, q_offset=T - Tq)
     xs = _contig(q_tail, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates_tail)

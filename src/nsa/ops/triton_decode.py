@@ -298,6 +298,10 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
     def last_dim_contig(x):
         return x if x.stride(-1) == 1 else x.contiguous()
 
+    # one dtype per kernel pass (its dots run in the keys' dtype): the values and a window cache kept in another
+    # dtype than the selection cache are cast (a copy, only then)
+    v_cmp = v_cmp.to(k_cmp.dtype)
+    v_slc, k_win, v_win = (x.to(k_slc.dtype) for x in (v_slc, k_win, v_win))
     q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = map(
         last_dim_contig, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates))
     tc_max = num_compressed_tokens(L_max, l, d)
