@@ -84,12 +84,13 @@ def _mask(branch, geometry):
     return (1, 1, *geometry) if branch == "cmp" else (0, geometry[0], 1, 1)
 
 
-def _branch_forward(branch, q, k, v, indices, geometry, scale, cu_seqlens):
-    """(o [B,T,HQ,Dv], lse [B,T,HQ] fp32, the selection plan for "slc" else None)."""
+def _branch_forward(branch, q, k, v, indices, geometry, scale, cu_seqlens, offsets=None):
+    """(o [B,T,HQ,Dv], lse [B,T,HQ] fp32, the selection plan for "slc" else None); `offsets` (query and key
+    offsets, `_branch_offsets`) when the caller has them."""
     B, T, HQ, _ = q.shape
     HKV, Dv = k.shape[2], v.shape[-1]
     sc = default_scale(q, scale)
-    cu, cu_k = _branch_offsets(branch, q, k, geometry, cu_seqlens)
+    cu, cu_k = offsets or _branch_offsets(branch, q, k, geometry, cu_seqlens)
     plan = None
     if branch == "slc":
         idx = indices.to(q.device).reshape(B * T, HKV, indices.shape[-1])
@@ -100,12 +101,13 @@ def _branch_forward(branch, q, k, v, indices, geometry, scale, cu_seqlens):
     return o.view(B, T, HQ, Dv), lse.view(B, T, HQ), plan
 
 
-def _branch_backward(branch, do, dlse, q, k, v, o, lse, indices, geometry, scale, cu_seqlens, plan=None):
+def _branch_backward(branch, do, dlse, q, k, v, o, lse, indices, geometry, scale, cu_seqlens, plan=None,
+                     offsets=None):
     """(dq, dk, dv) of `_branch_forward`; `plan` is its selection plan ("slc"; None: rebuilt from the indices)."""
     B, T, HQ, _ = q.shape
     HKV, Dv = k.shape[2], v.shape[-1]
     sc = default_scale(q, scale)
-    cu, cu_k = _branch_offsets(branch, q, k, geometry, cu_seqlens)
+    cu, cu_k = offsets or _branch_offsets(branch, q, k, geometry, cu_seqlens)
     qp, kp, vp = pack(q), pack(k), pack(v)
     o, lse = o.reshape(B * T, HQ, Dv), lse.reshape(B * T, HQ)
     do = None if do is None else do.reshape(B * T, HQ, Dv)
@@ -186,15 +188,17 @@ def _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config, scale, 
     B, T, HQ, _ = q.shape
     HKV, Dv = k_slc.shape[2], v_slc.shape[-1]
     cmp_geometry = (config.cmp_block_size, config.cmp_stride)
-    o_cmp, lse_cmp, _ = _branch_forward("cmp", q, k_cmp, v_cmp, None, cmp_geometry, scale, cu_seqlens)
+    cu, ccu = _branch_offsets("cmp", q, k_cmp, cmp_geometry, cu_seqlens)
+    o_cmp, lse_cmp, _ = _branch_forward("cmp", q, k_cmp, v_cmp, None, cmp_geometry, scale, cu_seqlens, (cu, ccu))
     if block_indices is None:  # Eq. 8-11 from the cmp branch's lse: no second softmax pass
-        cu, ccu = _branch_offsets("cmp", q, k_cmp, cmp_geometry, cu_seqlens)
         idx = topn_from_lse(pack(q), pack(k_cmp), lse_cmp.view(B * T, HQ), cu, ccu, config=config,
                             scale=default_scale(q, scale)).view(B, T, HKV, config.num_selected)
     else:
         idx = block_indices.to(q.device, torch.int64)
-    o_slc, lse_slc, plan = _branch_forward("slc", q, k_slc, v_slc, idx, (config.slc_block_size,), scale, cu_seqlens)
-    o_win, lse_win, _ = _branch_forward("win", q, k_win, v_win, None, (config.window_size,), scale, cu_seqlens)
+    o_slc, lse_slc, plan = _branch_forward("slc", q, k_slc, v_slc, idx, (config.slc_block_size,), scale, cu_seqlens,
+                                           (cu, cu))
+    o_win, lse_win, _ = _branch_forward("win", q, k_win, v_win, None, (config.window_size,), scale, cu_seqlens,
+                                        (cu, cu))
     o = combine_fwd(*(x.reshape(-1, Dv) for x in (o_cmp, o_slc, o_win)), gates.contiguous().reshape(-1, 3))
     return o.view(B, T, HQ, Dv), (o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, idx), plan
 
@@ -206,12 +210,14 @@ def _backward(do, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, residuals,
     o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, idx = residuals
     d_cmp, d_slc, d_win, dg = combine_bwd(*(x.reshape(-1, Dv) for x in (o_cmp, o_slc, o_win)),
                                           gates.contiguous().reshape(-1, 3), do.reshape(-1, Dv))
+    cmp_geometry = (config.cmp_block_size, config.cmp_stride)
+    cu, ccu = _branch_offsets("cmp", q, k_cmp, cmp_geometry, cu_seqlens)
     dq, dkc, dvc = _branch_backward("cmp", d_cmp.view(o_cmp.shape), None, q, k_cmp, v_cmp, o_cmp, lse_cmp, None,
-                                    (config.cmp_block_size, config.cmp_stride), scale, cu_seqlens)
+                                    cmp_geometry, scale, cu_seqlens, offsets=(cu, ccu))
     dq_s, dks, dvs = _branch_backward("slc", d_slc.view(o_slc.shape), None, q, k_slc, v_slc, o_slc, lse_slc, idx,
-                                      (config.slc_block_size,), scale, cu_seqlens, plan)
+                                      (config.slc_block_size,), scale, cu_seqlens, plan, (cu, cu))
     dq_w, dkw, dvw = _branch_backward("win", d_win.view(o_win.shape), None, q, k_win, v_win, o_win, lse_win, None,
-                                      (config.window_size,), scale, cu_seqlens)
+                                      (config.window_size,), scale, cu_seqlens, offsets=(cu, cu))
     dq = (dq.float() + dq_s.float() + dq_w.float()).to(q.dtype)  # the three branches summed once, in fp32
     return dq, dkc, dvc, dks, dvs, dkw, dvw, dg.view(gates.shape)
 
