@@ -113,12 +113,13 @@ def _branch_backward(branch, do, dlse, q, k, v, o, lse, indices, geometry, scale
     do = None if do is None else do.reshape(B * T, HQ, Dv)
     if branch == "slc":
         if plan is None:
-            plan = SelectionPlan(indices.reshape(B * T, HKV, -1), cu, geometry[0], HQ // HKV, None)
+            idx = indices.to(q.device).reshape(B * T, HKV, indices.shape[-1])
+            plan = SelectionPlan(idx, cu, geometry[0], HQ // HKV, None)
         dq, dk, dv = selected_bwd(qp, kp, vp, o, lse, cu, do, plan, geometry[0], sc)
     else:
         dlse = None if dlse is None else dlse.reshape(B * T, HQ)
-        dq, dk, dv = masked_attention_bwd(qp, kp, vp, o, lse, cu, cu_k, do, dlse, _mask(branch, geometry)[0], sc,
-                                          *_mask(branch, geometry)[1:])
+        mode, window, cmp_l, cmp_d = _mask(branch, geometry)
+        dq, dk, dv = masked_attention_bwd(qp, kp, vp, o, lse, cu, cu_k, do, dlse, mode, sc, window, cmp_l, cmp_d)
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
