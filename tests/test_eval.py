@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from nsa.cli import main
+from nsa.cli import generate_text, main
 from nsa.data import IGNORE, mqar_example, niah_example, stdlib_corpus
 from nsa.evaluate import mqar_accuracy, niah_grid, run_demo, val_loss, window_split
 from nsa.models import LlamaLM, ModelConfig
@@ -92,6 +92,16 @@ def test_cli_train_eval_and_demo(tmp_path, capsys):
     res = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert res["attention"] == "full" and res["step"] == 2 and (tmp_path / "e" / "niah.png").stat().st_size > 0
     assert 0 <= res["niah"]["mean"] <= 1 and res["val"]["loss"] > 0
+    capsys.readouterr()
+    main(["generate", str(ckpt), "--prompt", "def f(x):", "--prompt", "import", "--max-new-tokens", "5"])
+    lines = capsys.readouterr().out
+    texts = generate_text(str(ckpt), ["def f(x):", "import"], max_new_tokens=5)
+    assert lines.startswith("def f(x):" + texts[0]) and ("import" + texts[1]) in lines
+    assert all(len(t.encode(errors="replace")) >= 1 for t in texts)
+    alone = generate_text(str(ckpt), ["import"], max_new_tokens=5)
+    assert alone == texts[1:]  # a prompt's continuation does not depend on the rest of the batch
+    with pytest.raises(ValueError, match="stop"):
+        generate_text(str(ckpt), ["x"], stop="ab")
     summary = run_demo(tmp_path / "demo", "micro", {"steps": 2}, progress=False, niah_samples=2, mqar_samples=4)
     for name in ("loss_curves.png", "niah_nsa.png", "niah_full.png", "table.md", "summary.json"):
         assert (tmp_path / "demo" / name).stat().st_size > 0, name

@@ -99,9 +99,9 @@ def test_full_kv_cache_prefill_and_decode_match_forward():
         a = model(x[:, :17], cache=cache)
         b = torch.cat([model(x[:, t:t + 1], cache=cache) for t in range(17, 30)], 1)
     assert_close(torch.cat([a, b], 1), ref, atol=1e-10, rtol=1e-10, name="cached logits")
-    assert cache.lengths == [30, 30] and cache.memory_bytes() > 0
+    assert cache.lengths.tolist() == [30, 30] and cache.memory_bytes() > 0
     cache.reset()
-    assert cache.lengths == [0, 0]
+    assert cache.lengths.tolist() == [0, 0]
     with pytest.raises(ValueError, match="cache"):
         model(ids(2, 41), cache=cache)
 
@@ -117,6 +117,74 @@ def test_cached_greedy_generation_equals_uncached(attention, shift):
         plain = model.generate(prompt, 18, temperature=0, use_cache=False)
     assert cached.shape == (2, 39) and torch.equal(cached[:, :21], prompt)
     assert torch.equal(cached, plain)
+
+
+@pytest.mark.parametrize("attention,shift", [("full", False), ("nsa", False), ("full", True), ("nsa", True)])
+def test_ragged_cached_prefill_matches_each_row_alone(attention, shift):
+    """Right-padded prompts with new_lengths, then decode steps: each row's logits equal that row run alone."""
+    model = micro(attention, token_shift=shift)
+    x, n = ids(3, 23, seed=4), torch.tensor([23, 9, 17])
+    cache, state = model.make_cache(3, 30), {}
+    with torch.no_grad():
+        pre = model(x, cache=cache, shift_state=state, new_lengths=n)
+        steps = [model(x[:, t:t + 1], cache=cache, shift_state=state) for t in range(4)]
+        assert cache.lengths.tolist() == (n + 4).tolist()
+        for b in range(3):
+            L = int(n[b])
+            alone = model(torch.cat([x[b:b + 1, :L], x[b:b + 1, :4]], 1))
+            assert_close(pre[b, :L], alone[0, :L], atol=1e-10, rtol=1e-10, name=f"prefill row {b}")
+            got = torch.cat([s[b] for s in steps], 0)
+            assert_close(got, alone[0, L:], atol=1e-10, rtol=1e-10, name=f"decode row {b}")
+
+
+@pytest.mark.parametrize("attention,use_cache", [("full", True), ("nsa", True), ("full", False), ("nsa", False)])
+def test_ragged_generation_equals_each_prompt_alone(attention, use_cache):
+    model = micro(attention, token_shift=True)
+    prompt, n = ids(3, 21, seed=2), torch.tensor([21, 6, 13])
+    with torch.no_grad():
+        out = model.generate(prompt, 14, temperature=0, use_cache=use_cache, prompt_lengths=n, pad_token_id=63)
+        assert out.shape == (3, 21 + 14)
+        for b in range(3):
+            L = int(n[b])
+            alone = model.generate(prompt[b:b + 1, :L], 14, temperature=0, use_cache=use_cache)
+            assert torch.equal(out[b, :L + 14], alone[0]), b
+            assert (out[b, L + 14:] == 63).all()
+
+
+def test_generation_stops_at_eos_and_pads():
+    model = micro("nsa")
+    prompt, n = ids(2, 12, seed=3), torch.tensor([12, 7])
+    with torch.no_grad():
+        free = model.generate(prompt, 10, temperature=0, prompt_lengths=n)
+        eos = int(free[1, 7 + 2])  # row 1's third new token
+        out = model.generate(prompt, 10, temperature=0, prompt_lengths=n, eos_token_id=eos, pad_token_id=0)
+    for b in range(2):
+        L = int(n[b])
+        new = free[b, L:L + 10].tolist()
+        stop = new.index(eos) + 1 if eos in new else 10
+        assert out[b, L:L + stop].tolist() == new[:stop]
+        assert (out[b, L + stop:] == 0).all()
+    row_ends = [int(n[b]) + (free[b, int(n[b]):].tolist().index(eos) + 1 if eos in free[b, int(n[b]):].tolist()
+                             else 10) for b in range(2)]
+    assert out.shape[1] == max(row_ends)
+
+
+def test_generation_bad_arguments():
+    model = micro("full")
+    p = ids(2, 5)
+    for kw, name in ((dict(prompt_lengths=torch.tensor([5, 0])), "prompt_lengths"),
+                     (dict(prompt_lengths=torch.tensor([5, 6])), "prompt_lengths"),
+                     (dict(prompt_lengths=torch.tensor([5.0, 2.0])), "prompt_lengths"),
+                     (dict(prompt_lengths=torch.tensor([5])), "prompt_lengths"),
+                     (dict(eos_token_id=64), "eos_token_id"),
+                     (dict(pad_token_id=-1), "pad_token_id"),
+                     (dict(max_new_tokens=-1), "max_new_tokens")):
+        args = dict(max_new_tokens=2) | kw
+        with pytest.raises(ValueError, match=name):
+            model.generate(p, **args)
+    assert model.generate(p, 0).shape == (2, 5)
+    with pytest.raises(ValueError, match="new_lengths"):
+        model(p, new_lengths=torch.tensor([5, 5]))
 
 
 def test_sampling():

@@ -1,4 +1,5 @@
-"""Command line: `nsa train`, `nsa eval`, `nsa demo` (NSA vs full attention, end to end) and `nsa compare`."""
+"""Command line: `nsa train`, `nsa eval`, `nsa generate`, `nsa demo` (NSA vs full attention, end to end) and
+`nsa compare`."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,41 @@ def _overrides(pairs: list[str] | None) -> dict:
         key, value = pair.split("=", 1)
         out[key] = _value(value)
     return out
+
+
+def generate_text(checkpoint: str, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                  top_p: float = 1.0, stop: str | None = None, seed: int = 0, device: str = "cpu") -> list[str]:
+    """Continue each prompt with a trained byte-level checkpoint, all prompts in one ragged batch; the
+    continuations (stop byte included) as text."""
+    import torch
+
+    from .train import load_model
+
+    data = [p.encode() for p in prompts]
+    if not data or not all(data):
+        raise ValueError("prompts must be one or more non-empty strings")
+    eos = None
+    if stop is not None:
+        if len(stop.encode()) != 1:
+            raise ValueError(f"stop must be one byte (e.g. a newline), got {stop!r}")
+        eos = stop.encode()[0]
+    model, _, _ = load_model(checkpoint, device)
+    model.eval()
+    lengths = torch.tensor([len(d) for d in data])
+    prompt = torch.zeros(len(data), int(lengths.max()), dtype=torch.long)
+    for i, d in enumerate(data):
+        prompt[i, :len(d)] = torch.tensor(list(d))
+    gen = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(prompt.to(device), max_new_tokens, temperature, top_p, generator=gen,
+                             prompt_lengths=lengths, eos_token_id=eos).cpu()
+    texts = []
+    for i, n in enumerate(lengths.tolist()):
+        new = out[i, n:n + max_new_tokens].tolist()
+        if eos is not None and eos in new:
+            new = new[:new.index(eos) + 1]
+        texts.append(bytes(new).decode(errors="replace"))
+    return texts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,6 +83,16 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--mqar-samples", type=int, default=32)
     ev.add_argument("--val-batches", type=int, default=8)
     ev.add_argument("--device", default="cpu")
+
+    gen = sub.add_parser("generate", help="continue text prompts with a checkpoint (bytes are tokens)")
+    gen.add_argument("checkpoint")
+    gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--stop", default=None, help="stop a row after this byte, e.g. $'\\n'")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="cpu")
 
     demo = sub.add_parser("demo", help="train tiny NSA and full-attention models, compare them side by side")
     demo.add_argument("--out", default="runs/demo")
@@ -88,6 +134,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({k: res[k] for k in ("attention", "step", "val", "mqar")}, indent=1))
         print(f"NIAH mean {res['niah']['mean']:.1%}, inside window {res['niah'].get('inside_window')}, beyond "
               f"{res['niah'].get('beyond_window')}; wrote {out}/eval.json and {out}/niah.png")
+    elif args.command == "generate":
+        texts = generate_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+                              args.stop, args.seed, args.device)
+        for prompt, text in zip(args.prompt, texts):
+            print(f"{prompt}{text}")
     elif args.command == "demo":
         from .evaluate import run_demo
 

@@ -75,8 +75,9 @@ class ModelConfig:
 class KVCache:
     """Preallocated keys/values of every layer for full-attention decoding.
 
-    k[i], v[i]: [B, max_length, HKV, D]; `lengths[i]` tokens of layer i are filled. Same calling convention as
-    nsa.NSACache: each attention layer reads and extends its own slot.
+    k[i], v[i]: [B, max_length, HKV, D]. Row b of layer i holds its first `host_lengths[i][b]` positions (host
+    int64 [B]; rows may differ after a ragged prefill). Same calling convention as nsa.NSACache: each attention
+    layer reads and extends its own slot, and `lengths` reports layer 0's ([B] int64).
     """
 
     def __init__(self, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
@@ -84,26 +85,41 @@ class KVCache:
         shape = (batch_size, max_length, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.lengths = [0] * num_layers
-        self.max_length = max_length
+        self.host_lengths = [torch.zeros(batch_size, dtype=torch.long) for _ in range(num_layers)]
+        self.batch_size, self.max_length = batch_size, max_length
 
-    def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k/v [B, T_new, HKV, D] after the cached ones; return all keys/values [B, L + T_new, HKV, D]."""
-        start = self.lengths[layer_idx]
-        end = start + k.shape[1]
-        if end > self.max_length:
-            raise ValueError(f"cache holds at most {self.max_length} tokens, got {end}")
-        self.k[layer_idx][:, start:end] = k
-        self.v[layer_idx][:, start:end] = v
-        self.lengths[layer_idx] = end
-        return self.k[layer_idx][:, :end], self.v[layer_idx][:, :end]
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.host_lengths[0].clone()
+
+    def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, new_lengths: torch.Tensor | None = None):
+        """Store k/v [B, T, HKV, D] after each row's cached ones (only the first new_lengths[b] of row b, default
+        all T). Returns all keys/values [B, S, HKV, D] with S = max_b(old_b) + T: row b's query i (position
+        old_b + i) may read slots 0 .. old_b + i."""
+        old = self.host_lengths[layer_idx]
+        T = k.shape[1]
+        n = torch.full_like(old, T) if new_lengths is None else new_lengths
+        if int((old + n).max()) > self.max_length:
+            raise ValueError(f"cache holds at most {self.max_length} tokens, got {int((old + n).max())}")
+        if bool((old == old[0]).all()) and bool((n == T).all()):
+            self.k[layer_idx][:, int(old[0]):int(old[0]) + T] = k
+            self.v[layer_idx][:, int(old[0]):int(old[0]) + T] = v
+        else:
+            for b, (o, m) in enumerate(zip(old.tolist(), n.tolist())):
+                self.k[layer_idx][b, o:o + m] = k[b, :m]
+                self.v[layer_idx][b, o:o + m] = v[b, :m]
+        self.host_lengths[layer_idx] = old + n
+        S = min(int(old.max()) + T, self.max_length)
+        return self.k[layer_idx][:, :S], self.v[layer_idx][:, :S]
 
     def reset(self) -> None:
-        self.lengths = [0] * len(self.lengths)
+        for lengths in self.host_lengths:
+            lengths.zero_()
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
-        self.k = [k.index_select(0, beam_idx) for k in self.k]
-        self.v = [v.index_select(0, beam_idx) for v in self.v]
+        self.k = [k.index_select(0, beam_idx.to(k.device)) for k in self.k]
+        self.v = [v.index_select(0, beam_idx.to(v.device)) for v in self.v]
+        self.host_lengths = [n.index_select(0, beam_idx.cpu()) for n in self.host_lengths]
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -128,18 +144,22 @@ class FullAttention(nn.Module):
         self.kv_proj = nn.Linear(hidden_size, 2 * num_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
 
-    def forward(self, x, cu_seqlens=None, position_ids=None, cache: KVCache | None = None, layer_idx: int = 0):
+    def forward(self, x, cu_seqlens=None, position_ids=None, cache: KVCache | None = None, layer_idx: int = 0,
+                new_lengths: torch.Tensor | None = None):
+        """With `cache`: x continues each cached row; `new_lengths` [B] (host) gives each row's valid tokens of x
+        (right padding; outputs there are 0), as in NativeSparseAttention."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k, v = self.kv_proj(x).view(B, T, 2, self.num_kv_heads, self.head_dim).unbind(2)
         if cache is not None:
-            past = cache.lengths[layer_idx]
-            pos = torch.arange(past, past + T, device=x.device)
+            pos = (cache.host_lengths[layer_idx][:, None] + torch.arange(T)).to(x.device)  # [B, T]
             q, k = apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta)
-            k, v = cache.append(layer_idx, k, v)
-            # query i (absolute position past + i) sees keys 0 .. past + i
-            mask = torch.arange(past + T, device=x.device)[None, :] <= pos[:, None]
-            o = _attend(q, k, v, mask=mask)
+            k, v = cache.append(layer_idx, k, v, new_lengths)
+            # row b's query i (position old_b + i) sees keys 0 .. old_b + i
+            mask = torch.arange(k.shape[1], device=x.device)[None, None, :] <= pos[:, :, None]
+            o = _attend(q, k, v, mask=mask[:, None])
+            if new_lengths is not None:
+                o = o * (torch.arange(T, device=x.device)[None, :] < new_lengths.to(x.device)[:, None])[..., None, None]
         else:
             if position_ids is None:
                 position_ids = token_positions(T, cu_seqlens, x.device)
@@ -184,11 +204,15 @@ class Block(nn.Module):
         # so a key can say "I follow token X" without a previous-token head; speeds up learning recall (induction)
         self.shift_mix = nn.Parameter(torch.full((cfg.hidden_size,), 0.5)) if cfg.token_shift else None
 
-    def _shift(self, h, cu_seqlens, shift_state, layer_idx):
+    def _shift(self, h, cu_seqlens, shift_state, layer_idx, new_lengths=None):
         """h [B, T, C] -> h + mix * h[t-1] (zero at every sequence start, or the cached last state)."""
         if shift_state is not None:  # decoding: continue from the state of the last cached token
             prev = shift_state.get(layer_idx, torch.zeros_like(h[:, :1]))
-            shift_state[layer_idx] = h[:, -1:]
+            if new_lengths is None:
+                shift_state[layer_idx] = h[:, -1:]
+            else:  # row b's last valid token; a row without new tokens keeps its state
+                last = h.gather(1, (new_lengths.to(h.device) - 1).clamp(min=0)[:, None, None].expand(-1, 1, h.shape[2]))
+                shift_state[layer_idx] = torch.where(new_lengths.to(h.device)[:, None, None] > 0, last, prev)
             prev = torch.cat([prev, h[:, :-1]], dim=1)
         else:
             prev = F.pad(h[:, :-1], (0, 0, 1, 0))
@@ -197,14 +221,15 @@ class Block(nn.Module):
                 prev = prev.masked_fill(starts[None, :, None], 0.0)
         return h + self.shift_mix * prev
 
-    def forward(self, x, cu_seqlens=None, position_ids=None, cache=None, layer_idx=0, shift_state=None):
+    def forward(self, x, cu_seqlens=None, position_ids=None, cache=None, layer_idx=0, shift_state=None,
+                new_lengths=None):
         h = self.attn_norm(x)
         if self.shift_mix is not None:
-            h = self._shift(h, cu_seqlens, shift_state if cache is not None else None, layer_idx)
+            h = self._shift(h, cu_seqlens, shift_state if cache is not None else None, layer_idx, new_lengths)
         if cache is None:
             h = self.attn(h, cu_seqlens=cu_seqlens, position_ids=position_ids)
         else:
-            h = self.attn(h, cache=cache, layer_idx=layer_idx)
+            h = self.attn(h, cache=cache, layer_idx=layer_idx, new_lengths=new_lengths)
         x = x + h
         return x + self.mlp(self.mlp_norm(x))
 
@@ -232,20 +257,31 @@ class LlamaLM(nn.Module):
                     nn.init.normal_(mod.weight, std=std / (2 * self.cfg.num_layers) ** 0.5 if out_proj else std)
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache=None, shift_state: dict | None = None
-                ) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, cache=None, shift_state: dict | None = None,
+                new_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """`shift_state` (a dict, with `cache` and cfg.token_shift): each layer's last input state, kept by
-        `generate` between calls."""
+        `generate` between calls. `new_lengths` [B] (with `cache`): row b's first new_lengths[b] tokens are valid
+        (right padding, ragged prefill); logits at padded positions are meaningless."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         if cache is not None and cu_seqlens is not None:
             raise ValueError("cu_seqlens cannot be combined with a cache")
         if cache is not None and self.cfg.token_shift and shift_state is None:
             raise ValueError("shift_state (a dict) is required with a cache when token_shift is on")
+        if new_lengths is not None:
+            if cache is None:
+                raise ValueError("new_lengths is only used with cache")
+            B, T = input_ids.shape
+            if (not isinstance(new_lengths, torch.Tensor) or new_lengths.shape != (B,)
+                    or new_lengths.is_floating_point() or new_lengths.is_complex()):
+                raise ValueError(f"new_lengths must be an integer tensor of shape [{B}]")
+            new_lengths = new_lengths.detach().cpu().long()
+            if new_lengths.numel() and (int(new_lengths.min()) < 0 or int(new_lengths.max()) > T):
+                raise ValueError(f"new_lengths must lie in [0, {T}], got {new_lengths.tolist()}")
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, cu_seqlens=cu_seqlens, position_ids=position_ids, cache=cache, layer_idx=i,
-                      shift_state=shift_state)
+                      shift_state=shift_state, new_lengths=new_lengths)
         return F.linear(self.norm(x), self.embed.weight)  # tied output head
 
     def loss(self, input_ids, labels, cu_seqlens=None, reduction="mean"):
@@ -268,31 +304,74 @@ class LlamaLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                 use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Extend prompt [B, T0] by max_new_tokens -> [B, T0 + max_new_tokens].
+                 use_cache: bool = True, generator: torch.Generator | None = None,
+                 prompt_lengths: torch.Tensor | None = None, eos_token_id: int | None = None,
+                 pad_token_id: int = 0) -> torch.Tensor:
+        """Extend each prompt by up to max_new_tokens tokens -> [B, T_out].
 
+        prompt [B, T0]; `prompt_lengths` [B] (optional, each in [1, T0]): row b's prompt is its first
+        prompt_lengths[b] tokens (right padding), and its new tokens follow right after them. A row stops after
+        emitting `eos_token_id` (kept); generation ends when every row has stopped or after max_new_tokens steps.
+        Row b of the result is its prompt, its new tokens, then `pad_token_id` up to T_out, the longest row's length
+        (T0 + max_new_tokens for equal prompts without eos).
         temperature 0 is greedy; otherwise nucleus sampling keeps the smallest set of tokens with mass >= top_p.
         With `use_cache` (and a cache available for this attention type) each step feeds one token; without, the
         whole prefix is recomputed every step.
         """
-        if prompt.dim() != 2 or prompt.shape[1] == 0:
-            raise ValueError(f"prompt must be [B, T0] with T0 >= 1, got shape {tuple(prompt.shape)}")
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[1] == 0:
+            shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+            raise ValueError(f"prompt must be [B, T0] with T0 >= 1, got shape {shape}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        cache = self.make_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens) if use_cache else None
+        for name, tok in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+            if tok is not None and not (isinstance(tok, int) and 0 <= tok < self.cfg.vocab_size):
+                raise ValueError(f"{name} must be a token id in [0, {self.cfg.vocab_size}), got {tok!r}")
+        B, T0 = prompt.shape
+        dev = prompt.device
+        if prompt_lengths is None:
+            lengths = torch.full((B,), T0, dtype=torch.long)
+        else:
+            if (not isinstance(prompt_lengths, torch.Tensor) or prompt_lengths.shape != (B,)
+                    or prompt_lengths.is_floating_point() or prompt_lengths.is_complex()):
+                raise ValueError(f"prompt_lengths must be an integer tensor of shape [{B}]")
+            lengths = prompt_lengths.detach().cpu().long()
+            if B and (int(lengths.min()) < 1 or int(lengths.max()) > T0):
+                raise ValueError(f"prompt_lengths must lie in [1, {T0}], got {lengths.tolist()}")
+        ragged = bool((lengths != T0).any())
+        rows = torch.arange(B, device=dev)
+        out = torch.full((B, T0 + max_new_tokens), pad_token_id, dtype=prompt.dtype, device=dev)
+        out[:, :T0] = prompt.masked_fill(torch.arange(T0, device=dev)[None, :] >= lengths.to(dev)[:, None],
+                                         pad_token_id)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        cache = self.make_cache(B, T0 + max_new_tokens) if use_cache else None
         shift_state = {} if cache is not None else None
-        out, step_in = prompt, prompt
-        for _ in range(max_new_tokens):
-            if cache is not None:
-                logits = self(step_in, cache=cache, shift_state=shift_state)[:, -1].float()
+        steps = 0
+        for step in range(max_new_tokens):
+            cur = lengths + step  # host: tokens of each row so far
+            if cache is not None and step == 0:
+                logits = self(prompt, cache=cache, shift_state=shift_state, new_lengths=lengths if ragged else None)
+                logits = logits[rows, (lengths - 1).to(dev)]
+            elif cache is not None:
+                logits = self(nxt[:, None], cache=cache, shift_state=shift_state)[:, -1]
+            elif ragged:  # recompute: the rows' prefixes packed back to back
+                keep = torch.arange(out.shape[1], device=dev)[None, :] < cur.to(dev)[:, None]
+                cu = F.pad(cur.cumsum(0), (1, 0)).to(dev)
+                logits = self(out[keep][None], cu_seqlens=cu)[0, cu[1:] - 1]
             else:
-                logits = self(out)[:, -1].float()
-            nxt = sample(logits, temperature, top_p, generator)
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            step_in = nxt[:, None]
-        return out
+                logits = self(out[:, :T0 + step])[:, -1]
+            nxt = sample(logits.float(), temperature, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt.to(out.dtype))
+            out[rows, cur.to(dev)] = nxt
+            steps += 1
+            if eos_token_id is not None:
+                done |= nxt == eos_token_id
+                if bool(done.all()):
+                    break
+        return out[:, :(int(lengths.max()) if B else T0) + steps]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
