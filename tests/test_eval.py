@@ -6,8 +6,9 @@ import torch
 
 from nsa.cli import generate_text, main
 from nsa.data import IGNORE, mqar_example, niah_example, stdlib_corpus
-from nsa.evaluate import mqar_accuracy, niah_grid, run_demo, val_loss, window_split
+from nsa.evaluate import evaluate_checkpoint, mqar_accuracy, niah_grid, run_demo, val_loss, window_split
 from nsa.models import LlamaLM, ModelConfig
+from nsa.train import load_model
 
 VAL = stdlib_corpus("val", max_bytes=200_000)
 
@@ -102,6 +103,20 @@ def test_cli_train_eval_and_demo(tmp_path, capsys):
     assert alone == texts[1:]  # a prompt's continuation does not depend on the rest of the batch
     with pytest.raises(ValueError, match="stop"):
         generate_text(str(ckpt), ["x"], stop="ab")
+    # a run folder stands for its latest checkpoint; zero samples or batches are refused
+    res_dir = evaluate_checkpoint(tmp_path / "t", None, [64], [0.5], 1, 1, 1)
+    assert res_dir["checkpoint"] == str(ckpt)
+    for kw in ({"val_batches": 0}, {"niah_samples": 0}, {"mqar_samples": 0}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            evaluate_checkpoint(ckpt, **kw)
+    with pytest.raises(ValueError, match="checkpoint"):
+        evaluate_checkpoint(tmp_path / "nothing_here")
+    with pytest.raises(ValueError, match="steps"):
+        main(["train", "--preset", "micro", "--steps", "0", "--out", str(tmp_path / "z"), "--no-progress"])
+    # --resume without --preset continues with the checkpoint's settings (micro, full attention), not tiny-cpu
+    main(["train", "--out", str(tmp_path / "t"), "--resume", "--steps", "3", "--no-progress"])
+    _, resumed_cfg, step = load_model(tmp_path / "t" / "ckpt_000003.safetensors")
+    assert step == 3 and resumed_cfg.model["attention"] == "full" and resumed_cfg.seq_len == 64
     summary = run_demo(tmp_path / "demo", "micro", {"steps": 2}, progress=False, niah_samples=2, mqar_samples=4)
     for name in ("loss_curves.png", "niah_nsa.png", "niah_full.png", "table.md", "summary.json"):
         assert (tmp_path / "demo" / name).stat().st_size > 0, name

@@ -79,3 +79,70 @@ def test_compiled_training_matches_eager(tmp_path):
     assert len(le) == len(lc) == 4 and le[-1] < le[0]
     assert lc == pytest.approx(le, rel=1e-4)
     assert compiled["final_loss"] == pytest.approx(eager["final_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("override,field", [
+    ({"steps": 0}, "steps"), ({"steps": True}, "steps"), ({"batch_rows": True}, "batch_rows"),
+    ({"log_every": 0}, "log_every"), ({"ckpt_every": -1}, "ckpt_every"), ({"warmup_steps": -1}, "warmup_steps"),
+    ({"threads": -2}, "threads"), ({"grad_clip": -1.0}, "grad_clip"), ({"grad_clip": 0}, "grad_clip"),
+    ({"lr": "fast"}, "lr"), ({"lr": 0}, "lr"), ({"min_lr_ratio": 1.5}, "min_lr_ratio"),
+    ({"val_fraction": 0}, "val_fraction"), ({"betas": [0.9]}, "betas"), ({"betas": [0.9, 1.0]}, "betas"),
+    ({"mqar_pairs": [0, 4]}, "mqar_pairs"), ({"mqar_pairs": [5, 4]}, "mqar_pairs"),
+    ({"task_lengths": [0]}, "task_lengths"), ({"corpus_max_bytes": 0}, "corpus_max_bytes"),
+    ({"data_weights": {"lm": -1}}, "data_weights"), ({"compile": ""}, "compile"), ({"model": None}, "model"),
+    ({"model.rope_theta": 0}, "rope_theta"), ({"model.rope_theta": -1e4}, "rope_theta"),
+    ({"model.norm_eps": -1e-5}, "norm_eps"), ({"model.init_std": 0}, "init_std"),
+    ({"model.token_shift": "False"}, "token_shift"), ({"model.vocab_size": 100}, "vocab_size"),
+    ({"model.attention": "full", "model.head_dim": 7}, "head_dim"), ({"model.nsa": None}, "nsa"),
+])
+def test_bad_train_settings_raise_naming_the_field(override, field):
+    with pytest.raises(ValueError, match=field):
+        load_config("micro", overrides=override)
+
+
+def test_settings_that_cannot_make_a_batch_fail_at_setup(tmp_path):
+    """A corpus shorter than a row, or task lengths too short for one MQAR pair or a needle: ValueError before
+    the first step, not a crash at a random step."""
+    with pytest.raises(ValueError, match="corpus"):
+        train(load_config("micro", overrides={"corpus_max_bytes": 10}), tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="mqar"):
+        train(load_config("micro", overrides={"task_lengths": [8, 64], "niah_lengths": [64]}), tmp_path / "b", progress=False,
+              corpus=CORPUS)
+    with pytest.raises(ValueError, match="niah"):
+        train(load_config("micro", overrides={"niah_lengths": [8]}), tmp_path / "c", progress=False, corpus=CORPUS)
+
+
+def test_config_loading_structure_and_yaml_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 3e-3\nmodel:\n  rope_theta: 5e5\n")  # YAML 1.1 reads these as strings
+    cfg = load_config("micro", path)
+    assert cfg.lr == 3e-3 and cfg.model["rope_theta"] == 5e5
+    path.write_text("- steps\n- 3\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config("micro", path)
+    with pytest.raises(ValueError, match="seq_len is not a section"):
+        load_config("micro", overrides={"seq_len.x": 1})
+    assert load_config("micro", overrides={"grad_clip": None}).grad_clip is None  # None: no clipping
+
+
+def test_run_folder_rules(tmp_path):
+    """A fresh run refuses another run's folder unless overwrite; resume drops metrics rows past its step, refuses
+    a checkpoint past `steps` or of another model, and a finished run resumed trains nothing."""
+    out = tmp_path / "r"
+    cfg = load_config("micro", overrides={"steps": 8, "ckpt_every": 2})
+    train(cfg, out, stop_at=5, progress=False, corpus=CORPUS)  # killed after logging step 5, before saving it
+    (out / "ckpt_000005.safetensors").unlink()
+    with pytest.raises(ValueError, match="previous run"):
+        train(cfg, out, progress=False, corpus=CORPUS)
+    done = train(cfg, out, resume=True, progress=False, corpus=CORPUS)  # resumes from step 4
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, 9)) and done["final_step"] == 8
+    again = train(cfg, out, resume=True, progress=False, corpus=CORPUS)
+    assert again["final_step"] == 8 and again["checkpoint"] == done["checkpoint"] and again["final_loss"] is None
+    with pytest.raises(ValueError, match="past steps"):
+        train(load_config("micro", overrides={"steps": 3}), out, resume=True, progress=False, corpus=CORPUS)
+    with pytest.raises(ValueError, match="model.attention"):
+        train(load_config("micro", overrides={"steps": 9, "model.attention": "full"}), out, resume=True,
+              progress=False, corpus=CORPUS)
+    fresh = train(load_config("micro", overrides={"steps": 2}), out, progress=False, corpus=CORPUS, overwrite=True)
+    assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_000002.safetensors"]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2] and fresh["final_step"] == 2

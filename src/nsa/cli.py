@@ -7,7 +7,11 @@ import json
 
 
 def _value(text: str):
-    """A --set value: JSON when it parses (numbers, lists, dicts, true/false), else the string."""
+    """A --set value: JSON when it parses (numbers, lists, dicts, true/false/null; also Python's True/False/None),
+    else the string."""
+    python_words = {"True": True, "False": False, "None": None}
+    if text in python_words:
+        return python_words[text]
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -71,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--steps", type=int, default=None)
     tr.add_argument("--out", default="runs/train")
     tr.add_argument("--resume", nargs="?", const=True, default=False,
-                    help="resume from the latest checkpoint in --out, or from the given file")
+                    help="resume from the latest checkpoint in --out, or from the given file or folder; without "
+                         "--preset/--config the settings are the checkpoint's (then --set)")
+    tr.add_argument("--overwrite", action="store_true", help="delete a previous run's checkpoints and metrics in --out")
     tr.add_argument("--no-progress", action="store_true")
 
     ev = sub.add_parser("eval", help="val loss/ppl, NIAH grid + heatmap, MQAR for a checkpoint")
@@ -114,21 +120,28 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "train":
         from .train import load_config, train
 
+        from .train import checkpoint_config, latest_checkpoint
+
         over = _overrides(args.set)
         if args.attention:
             over["model.attention"] = args.attention
-        if args.steps:
+        if args.steps is not None:
             over["steps"] = args.steps
-        preset = args.preset or (None if args.config else "tiny-cpu")
-        cfg = load_config(preset, args.config, over)
-        summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+        base = None
+        if args.resume and not (args.preset or args.config):  # continue with the checkpoint's own settings
+            ckpt = latest_checkpoint(args.out) if args.resume is True else args.resume
+            base = None if ckpt is None else checkpoint_config(ckpt).to_dict()
+        preset = args.preset or (None if args.config or base else "tiny-cpu")
+        cfg = load_config(preset, args.config, over, base=base)
+        summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
         print(json.dumps(summary, indent=1))
     elif args.command == "eval":
         from pathlib import Path
 
         from .evaluate import evaluate_checkpoint
+        from .train import checkpoint_path
 
-        out = args.out or str(Path(args.checkpoint).parent / "eval")
+        out = args.out or str(checkpoint_path(args.checkpoint).parent / "eval")
         res = evaluate_checkpoint(args.checkpoint, out, args.lengths, args.depths, args.niah_samples,
                                   args.mqar_samples, args.val_batches, args.device)
         print(json.dumps({k: res[k] for k in ("attention", "step", "val", "mqar")}, indent=1))
@@ -143,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         from .evaluate import run_demo
 
         over = _overrides(args.set)
-        if args.steps:
+        if args.steps is not None:
             over["steps"] = args.steps
         run_demo(args.out, args.preset, over, progress=not args.no_progress, niah_samples=args.niah_samples,
                  jobs=args.jobs)

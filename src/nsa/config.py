@@ -62,3 +62,35 @@ def num_compressed_tokens(seqlen: int, block_size: int, stride: int) -> int:
     if seqlen < block_size:
         return 0
     return (seqlen - block_size) // stride + 1
+
+
+# ---------------------------------------------------------------------------------- field checks for configs
+def check_int(name: str, value, minimum: int) -> int:
+    """value as an int >= minimum (bools refused), else ValueError naming the field."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "positive int" if minimum == 1 else f"int >= {minimum}"
+        raise ValueError(f"{name} must be a {kind}, got {value!r}")
+    return value
+
+
+def check_number(name: str, value, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
+                 hi_open: bool = False) -> float:
+    """value as a float in the interval, else ValueError naming the field. A numeric string is read as a number:
+    YAML 1.1 (PyYAML) loads `3e-3` (no dot) as a string."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return float(value)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value

@@ -116,6 +116,11 @@ class Example:
     info: dict = field(default_factory=dict)
 
 
+# needle `kk=$vv\n` (7) + question `\nkk=$` (5) + answer `vv\n` (3) + one haystack byte - the last answer byte
+# (a label only), with the default key_len = value_len = 2
+NIAH_MIN_LENGTH = 15
+
+
 def niah_example(corpus: Corpus, length: int, depth: float, g: torch.Generator, key_len: int = 2,
                  value_len: int = 2) -> Example:
     """Needle in a haystack of `length` tokens.
@@ -159,6 +164,11 @@ def niah_example(corpus: Corpus, length: int, depth: float, g: torch.Generator, 
 
 
 _MQAR_KEYS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def mqar_min_length(num_pairs: int) -> int:
+    """Fewest tokens an MQAR example with `num_pairs` pairs needs (the inverse of `mqar_max_pairs`)."""
+    return 6 * num_pairs + 5
 
 
 def mqar_max_pairs(length: int) -> int:
@@ -239,6 +249,20 @@ class DataMix:
         unknown = set(self.weights) - {"lm", "niah", "mqar"}
         if unknown or not self.weights or min(self.weights.values()) < 0 or sum(self.weights.values()) <= 0:
             raise ValueError(f"weights must map 'lm'/'niah'/'mqar' to non-negative numbers, got {self.weights}")
+        if len(self.corpus) <= self.seq_len + 1:
+            raise ValueError(f"the corpus holds {len(self.corpus)} tokens, fewer than seq_len + 2 = {self.seq_len + 2} "
+                             f"(raise corpus_max_bytes or lower seq_len)")
+        lo, hi = self.mqar_pairs
+        if not 1 <= lo <= hi:
+            raise ValueError(f"mqar_pairs must be (lo, hi) with 1 <= lo <= hi, got {self.mqar_pairs}")
+        # (mqar_pairs is clipped to what an example's length holds, but one pair must fit)
+        for kind, choices, shortest, what in (("niah", self.niah_lengths or self.task_lengths, NIAH_MIN_LENGTH,
+                                               "a needle example"),
+                                              ("mqar", self.task_lengths, mqar_min_length(1), "one MQAR pair")):
+            lengths = [L for L in (choices or (self.seq_len,)) if self.seq_len % L == 0]
+            if self.weights.get(kind, 0) > 0 and min(lengths) < shortest:
+                raise ValueError(f"{kind} example length {min(lengths)} is too short for {what} (at least "
+                                 f"{shortest} tokens): raise task_lengths/niah_lengths or seq_len")
 
     def row(self, kind: str, g: torch.Generator) -> tuple[list[int], list[int], list[int]]:
         """One row of seq_len tokens: (tokens, labels, cut positions inside the row)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .config import check_int
 from .data import IGNORE, Corpus, DataMix, mqar_example, mqar_max_pairs, niah_example, stdlib_corpus
 
 
@@ -24,6 +25,7 @@ def _device_of(model) -> torch.device:
 @torch.no_grad()
 def val_loss(model, corpus: Corpus, seq_len: int, num_batches: int = 8, rows: int = 4, seed: int = 1234) -> dict:
     """Mean next-token loss on `num_batches` fixed batches of validation code -> {loss, ppl, tokens}."""
+    check_int("num_batches", num_batches, 1)
     was_training = model.training
     model.eval()
     mix = DataMix(corpus, seq_len, rows, {"lm": 1.0}, seed)
@@ -60,6 +62,9 @@ def niah_grid(model, corpus: Corpus, lengths=(128, 256, 512), depths=(0.0, 0.25,
               samples: int = 16, window: int | None = None, seed: int = 4321) -> dict:
     """Accuracy per (length, depth) cell, plus accuracy over samples whose needle lies inside / beyond `window`
     tokens of the first answer query (`gap` in `niah_example`)."""
+    check_int("niah samples", samples, 1)
+    if not lengths or not depths:
+        raise ValueError(f"niah lengths and depths must be non-empty, got {lengths!r} and {depths!r}")
     grid, records = [], []
     for L in lengths:
         row = []
@@ -89,7 +94,8 @@ def window_split(records: list[dict], window: int, length: int | None = None) ->
 
 
 def mqar_accuracy(model, length: int, num_pairs: int, samples: int = 32, seed: int = 999) -> dict:
-    """Fraction of queried values recalled exactly (both bytes), over `samples` MQAR sequences."""
+    """Fraction of queried values recalled exactly (one value byte each), over `samples` MQAR sequences."""
+    check_int("mqar samples", samples, 1)
     g = torch.Generator().manual_seed(seed)
     exs = [mqar_example(length, num_pairs, g) for _ in range(samples)]
     was_training = model.training
@@ -135,9 +141,13 @@ def plot_niah(result: dict, path: str | Path, title: str = "") -> None:
 
 def evaluate_checkpoint(path: str | Path, out_dir: str | Path | None = None, lengths=None, depths=None,
                         niah_samples: int = 16, mqar_samples: int = 32, val_batches: int = 8, device="cpu") -> dict:
-    """Every metric for one checkpoint; writes eval.json and niah.png into out_dir when given."""
-    from .train import load_model
+    """Every metric for one checkpoint (or a run folder's latest); writes eval.json and niah.png into out_dir
+    when given."""
+    from .train import checkpoint_path, load_model
 
+    for name, value in (("val_batches", val_batches), ("niah_samples", niah_samples), ("mqar_samples", mqar_samples)):
+        check_int(name, value, 1)
+    path = checkpoint_path(path)
     model, cfg, step = load_model(path, device)
     val = stdlib_corpus("val", cfg.val_fraction)
     T = cfg.seq_len

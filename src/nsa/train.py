@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .config import check_int, check_number
 from .data import IGNORE, DataMix, stdlib_corpus
 from .models import LlamaLM, ModelConfig
 
@@ -44,7 +45,7 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0  # None: no clipping
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 0  # 0: only at the end
@@ -54,17 +55,50 @@ class TrainConfig:
     compile: bool | str = False  # torch.compile the model (True: inductor; a string: that torch.compile backend)
 
     def __post_init__(self):
-        self.mqar_pairs, self.betas = tuple(self.mqar_pairs), tuple(self.betas)
-        if self.task_lengths is not None:
-            self.task_lengths = tuple(self.task_lengths)
-        if self.niah_lengths is not None:
-            self.niah_lengths = tuple(self.niah_lengths)
+        """Every field checked here, with a ValueError naming it: a bad value must not surface as a crash deep in
+        a step, a NaN loss or a silently odd schedule."""
         if self.parallel not in ("auto", "none", "ddp", "fsdp"):
             raise ValueError(f"parallel must be auto, none, ddp or fsdp, got {self.parallel!r}")
-        for name in ("seq_len", "batch_rows", "steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        ModelConfig.from_dict(self.model)  # validate early
+        for name in ("seq_len", "batch_rows", "steps", "log_every"):
+            check_int(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "ckpt_every", "threads", "seed"):
+            check_int(name, getattr(self, name), 0)
+        if self.corpus_max_bytes is not None:
+            check_int("corpus_max_bytes", self.corpus_max_bytes, 1)
+        self.lr = check_number("lr", self.lr, 0.0, lo_open=True, hi_open=True)
+        self.min_lr_ratio = check_number("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        self.weight_decay = check_number("weight_decay", self.weight_decay, 0.0, hi_open=True)
+        self.val_fraction = check_number("val_fraction", self.val_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+        if self.grad_clip is not None:  # None: no clipping
+            self.grad_clip = check_number("grad_clip", self.grad_clip, 0.0, lo_open=True)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = tuple(check_number("betas", b, 0.0, 1.0, hi_open=True) for b in self.betas)
+        if (not isinstance(self.mqar_pairs, (list, tuple)) or len(self.mqar_pairs) != 2
+                or not all(isinstance(p, int) and not isinstance(p, bool) for p in self.mqar_pairs)
+                or not 1 <= self.mqar_pairs[0] <= self.mqar_pairs[1]):
+            raise ValueError(f"mqar_pairs must be two ints (lo, hi) with 1 <= lo <= hi, got {self.mqar_pairs!r}")
+        self.mqar_pairs = tuple(self.mqar_pairs)
+        for name in ("task_lengths", "niah_lengths"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, (list, tuple)) or not value:
+                raise ValueError(f"{name} must be a list of positive ints, got {value!r}")
+            setattr(self, name, tuple(check_int(name, L, 1) for L in value))
+        if not isinstance(self.data_weights, dict):
+            raise ValueError(f"data_weights must map 'lm'/'niah'/'mqar' to weights, got {self.data_weights!r}")
+        self.data_weights = {k: check_number(f"data_weights.{k}", w, 0.0) for k, w in self.data_weights.items()}
+        if not (isinstance(self.compile, (bool, str)) and self.compile != ""):
+            raise ValueError(f"compile must be true, false or a torch.compile backend name, got {self.compile!r}")
+        if not isinstance(self.device, str):
+            raise ValueError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if not isinstance(self.model, dict):
+            raise ValueError(f"model must be a mapping of ModelConfig fields, got {self.model!r}")
+        model = ModelConfig.from_dict(self.model)  # validate early
+        self.model = model.to_dict()  # every model setting, numbers as numbers
+        if model.vocab_size < 256:
+            raise ValueError(f"model.vocab_size must be >= 256 (the data are bytes), got {model.vocab_size}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,10 +166,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def load_config(preset: str | None = None, path: str | Path | None = None, overrides: dict | None = None
-                ) -> TrainConfig:
-    """A preset, then a YAML file, then `overrides` (dotted keys allowed: "model.attention"), merged in order."""
-    d: dict = {}
+def load_config(preset: str | None = None, path: str | Path | None = None, overrides: dict | None = None,
+                base: dict | None = None) -> TrainConfig:
+    """A preset (or `base`, a TrainConfig dict), then a YAML file, then `overrides` (dotted keys allowed:
+    "model.attention"), merged in order."""
+    d: dict = copy.deepcopy(base) if base is not None else {}
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -144,12 +179,17 @@ def load_config(preset: str | None = None, path: str | Path | None = None, overr
         import yaml
 
         with open(path) as f:
-            _merge(d, yaml.safe_load(f) or {})
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping of settings, got {type(loaded).__name__}")
+        _merge(d, loaded)
     for key, value in (overrides or {}).items():
         node = d
         *parents, leaf = key.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {key!r}: {'.'.join(parents[:i + 1])} is not a section of settings")
         node[leaf] = value
     return TrainConfig.from_dict(d)
 
@@ -234,8 +274,10 @@ def save_checkpoint(path: Path, model, opt, step: int, cfg: TrainConfig) -> None
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """(tensors, metadata) of a checkpoint file."""
+    """(tensors, metadata) of a checkpoint file, or of the latest checkpoint in a run folder."""
     from safetensors import safe_open
+
+    path = checkpoint_path(path)
 
     tensors, meta = {}, {}
     with safe_open(str(path), framework="pt") as f:
@@ -283,6 +325,50 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint file as given, or a run folder's latest checkpoint; ValueError when there is none."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise ValueError(f"checkpoint: the folder {path} holds no ckpt_*.safetensors")
+        return found
+    if not path.is_file():
+        raise ValueError(f"checkpoint: no such file {path}")
+    return path
+
+
+def checkpoint_config(path: str | Path) -> TrainConfig:
+    """The TrainConfig a checkpoint (or a run folder's latest checkpoint) was trained with."""
+    return TrainConfig.from_dict(json.loads(read_checkpoint(path)[1]["config"]))
+
+
+def _check_resumable(ckpt: Path, cfg: TrainConfig) -> None:
+    """Resuming continues the same model: its settings must equal the checkpoint's (the schedule may change)."""
+    saved = checkpoint_config(ckpt)
+    old, new = ModelConfig.from_dict(saved.model).to_dict(), ModelConfig.from_dict(cfg.model).to_dict()
+    diff = sorted(k for k in old if old[k] != new[k])
+    if diff:
+        details = ", ".join(f"model.{k}: {old[k]!r} in the checkpoint, {new[k]!r} now" for k in diff)
+        raise ValueError(f"resume: {ckpt} was trained with another model ({details})")
+
+
+def _prepare_out_dir(out_dir: Path, start: int, resume, overwrite: bool) -> None:
+    """A fresh run refuses a folder holding another run's checkpoints or metrics (unless overwrite, which
+    deletes them); a resumed run drops the metrics rows logged after the step it resumes from."""
+    metrics = out_dir / "metrics.jsonl"
+    old = sorted(out_dir.glob("ckpt_*.safetensors")) + ([metrics] if metrics.exists() else [])
+    if not resume and old:
+        if not overwrite:
+            raise ValueError(f"out_dir {out_dir} holds a previous run ({old[0].name}, ...): resume it, pick another "
+                             f"folder, or overwrite it (nsa train --overwrite)")
+        for f in old:
+            f.unlink()
+    if resume and metrics.exists():
+        rows = [line for line in metrics.read_text().splitlines() if line.strip()]
+        metrics.write_text("".join(line + "\n" for line in rows if json.loads(line)["step"] <= start))
+
+
 # ------------------------------------------------------------------------------------------------- training
 def _device(cfg: TrainConfig) -> torch.device:
     if cfg.device != "auto":
@@ -293,11 +379,13 @@ def _device(cfg: TrainConfig) -> torch.device:
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, stop_at: int | None = None,
-          progress: bool = True, corpus=None, progress_position: int = 0) -> dict:
+          progress: bool = True, corpus=None, progress_position: int = 0, overwrite: bool = False) -> dict:
     """Train, writing `metrics.jsonl` and `ckpt_<step>.safetensors` under out_dir; returns a summary dict.
 
-    resume: True = latest checkpoint in out_dir (if any), or a checkpoint path. stop_at: stop after this step
-    (the schedule still follows cfg.steps), to simulate an interruption.
+    resume: True = latest checkpoint in out_dir (if any), or a checkpoint path (or run folder); the model
+    settings must match the checkpoint's, and metrics rows past its step are dropped. Without resume, out_dir
+    must not hold another run unless `overwrite` (which deletes its checkpoints and metrics). stop_at: stop after
+    this step (the schedule still follows cfg.steps), to simulate an interruption.
     """
     from tqdm import tqdm
 
@@ -320,22 +408,26 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, sto
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
     start = 0
-    ckpt = (latest_checkpoint(out_dir) if resume is True else Path(resume)) if resume else None
+    ckpt = (latest_checkpoint(out_dir) if resume is True else checkpoint_path(resume)) if resume else None
     if ckpt is not None:
-        start = _restore(Path(ckpt), model, opt)
+        _check_resumable(ckpt, cfg)
+        start = _restore(ckpt, model, opt)
+        if start > cfg.steps:
+            raise ValueError(f"resume: {ckpt} is at step {start}, past steps = {cfg.steps}")
     if corpus is None:
         corpus = stdlib_corpus("train", cfg.val_fraction, cfg.corpus_max_bytes)
     mix = DataMix(corpus, cfg.seq_len, cfg.batch_rows, cfg.data_weights, cfg.seed, cfg.mqar_pairs, cfg.task_lengths,
                   cfg.niah_lengths)
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
+        _prepare_out_dir(out_dir, start, resume, overwrite)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     log = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
-    end = min(cfg.steps, stop_at if stop_at is not None else cfg.steps)
+    end = max(start, min(cfg.steps, stop_at if stop_at is not None else cfg.steps))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     bar = tqdm(total=end, initial=start, disable=not progress or rank != 0, desc=f"train {cfg.model.get('attention')}",
                dynamic_ncols=True, position=progress_position)
-    tokens_seen, train_time, loss_value = 0, 0.0, float("nan")
+    tokens_seen, train_time, loss_value = 0, 0.0, None
     model.train()
     if cfg.compile:
         # packed batches: the compressed-block count is a dynamic size (one graph per model, no graph break)
@@ -357,7 +449,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, sto
                                           device=device))
         # global token mean; DDP/FSDP average gradients over ranks, hence the factor `world`
         (ce_sum * (world / counts[0].clamp_min(1))).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   math.inf if cfg.grad_clip is None else cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_value = float(_all_reduce(ce_sum.detach().clone()) / counts[0].clamp_min(1))
@@ -378,6 +471,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, sto
     final = out_dir / f"ckpt_{end:06d}.safetensors"
     if end > start:
         save_checkpoint(final, model, opt, end, cfg)
+    else:  # nothing left to train: the checkpoint resumed from is the result
+        final = ckpt if ckpt is not None else final
     if log is not None:
         log.close()
     if world > 1:  # every rank leaves with its collectives done, so a caller may tear the process group down

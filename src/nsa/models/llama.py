@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import NSAConfig
+from ..config import NSAConfig, check_bool, check_number
 from ..layer import NativeSparseAttention
 from ..ops.varlen import sequence_spans, token_positions
 from ..rope import apply_rope
@@ -53,6 +53,16 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        self.rope_theta = check_number("rope_theta", self.rope_theta, 0.0, lo_open=True, hi_open=True)
+        self.norm_eps = check_number("norm_eps", self.norm_eps, 0.0, lo_open=True, hi_open=True)
+        self.init_std = check_number("init_std", self.init_std, 0.0, lo_open=True, hi_open=True)
+        check_bool("token_shift", self.token_shift)
+        if isinstance(self.gate_bias, list):  # as JSON/YAML give it back
+            self.gate_bias = tuple(self.gate_bias)
+        if not isinstance(self.nsa, (dict, NSAConfig)):
+            raise ValueError(f"nsa must be a mapping of NSAConfig fields, got {self.nsa!r}")
         if isinstance(self.nsa, NSAConfig):
             self.nsa = dataclasses.asdict(self.nsa)
         self.nsa_config()  # validates the geometry (ValueError naming the field)
