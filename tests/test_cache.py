@@ -138,6 +138,12 @@ def test_cache_errors_name_the_argument():
     with pytest.raises(ValueError, match="cache"):
         layer(x, cache=object())
     layer(x, cache=cache)
+    # a ragged call that would overflow one row raises before any row group is written: the cache is unchanged
+    layer(x, cache=cache)
+    before = cache.lengths.clone()  # [8, 8] of 10
+    with pytest.raises(ValueError, match="max_length"):
+        layer(x, cache=cache, new_lengths=torch.tensor([1, 4]))  # row 0 fits (9), row 1 does not (12)
+    assert torch.equal(cache.lengths, before)
     with pytest.raises(ValueError, match="layer_idx"):  # same slot, another geometry
         make_layer(G=16)(x, cache=cache)
     with pytest.raises(ValueError, match="beam_idx"):

@@ -112,3 +112,44 @@ def test_layer_bad_input():
     layer = nsa.NativeSparseAttention(32, 4, 2, 8, config=CFG)
     with pytest.raises(ValueError, match="x must be"):
         layer(torch.randn(2, 10, 16))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(v_head_dim=0), "v_head_dim"), (dict(v_head_dim=3.5), "v_head_dim"), (dict(hidden_size=True), "hidden_size"),
+    (dict(rope_theta=0.0), "rope_theta"), (dict(rope_theta=-1.0), "rope_theta"),
+])
+def test_layer_bad_constructor_arguments(kw, match):
+    args = dict(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, config=CFG) | kw
+    with pytest.raises(ValueError, match=match):
+        nsa.NativeSparseAttention(**args)
+
+
+@pytest.mark.parametrize("cu", [[0, 3, 5], [1, 6], [0, 4, 3, 6], [[0, 6]], [], "list", "float"])
+def test_layer_and_model_check_cu_seqlens_before_using_them(cu):
+    """The layer and the model slice by the offsets (positions, compressed blocks, per-sequence attention) before
+    the op would check them: they must raise the op's ValueError, not an IndexError or a reshape error."""
+    from nsa.models import LlamaLM, ModelConfig
+
+    cu = [0, 6] if cu == "list" else torch.tensor([0.0, 6.0]) if cu == "float" else torch.tensor(cu, dtype=torch.long)
+    layer = nsa.NativeSparseAttention(32, 4, 2, 8, config=CFG, backend="reference")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        layer(torch.randn(1, 6, 32), cu_seqlens=cu)
+    for attention in ("nsa", "full"):
+        model = LlamaLM(ModelConfig(vocab_size=16, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                                    attention=attention, nsa=dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16,
+                                                                  num_selected=4, window_size=16)))
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            model(torch.zeros(1, 6, dtype=torch.long), cu_seqlens=cu)
+
+
+def test_layer_bad_position_ids_and_empty_input():
+    layer = nsa.NativeSparseAttention(32, 4, 2, 8, config=CFG, backend="reference")
+    x = torch.randn(2, 5, 32)
+    for pos in (torch.arange(4), torch.arange(5.0), torch.zeros(3, 5, dtype=torch.long), [0, 1, 2, 3, 4]):
+        with pytest.raises(ValueError, match="position_ids"):
+            layer(x, position_ids=pos)
+    assert torch.equal(layer(x, position_ids=torch.arange(5)), layer(x))
+    # an empty time axis, padded or packed, gives an empty output (spec §9: empty sequences are allowed)
+    assert layer(torch.randn(2, 0, 32)).shape == (2, 0, 32)
+    assert layer(torch.randn(1, 0, 32), cu_seqlens=torch.tensor([0, 0])).shape == (1, 0, 32)
+    assert layer(torch.randn(0, 5, 32)).shape == (0, 5, 32)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .compression import block_starts, make_compressor
-from .config import NSAConfig, num_compressed_tokens
+from .config import NSAConfig, check_int, check_number, num_compressed_tokens
 from .ops import dispatch
 from .ops.varlen import token_positions
 from .rope import apply_rope
@@ -44,9 +44,9 @@ class NativeSparseAttention(nn.Module):
     ):
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                            ("head_dim", head_dim), ("v_head_dim", head_dim if v_head_dim is None else v_head_dim)):
+            check_int(name, value, 1)
+        rope_theta = check_number("rope_theta", rope_theta, 0.0, lo_open=True, hi_open=True)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
         if head_dim % 2:
@@ -98,8 +98,15 @@ class NativeSparseAttention(nn.Module):
         return k_cmp, self.compress_v(v_raw, cu_seqlens, starts)
 
     def project(self, x: torch.Tensor, cu_seqlens=None, position_ids=None):
-        """All inputs of the NSA op for x [B, T, hidden]: (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)."""
-        T = x.shape[1]
+        """All inputs of the NSA op for x [B, T, hidden]: (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates).
+        position_ids: integer [T] or [B, T] (default: 0.. within each sequence)."""
+        B, T = x.shape[:2]
+        cu_seqlens = dispatch.check_cu_seqlens(cu_seqlens, x)
+        if position_ids is not None and (not isinstance(position_ids, torch.Tensor)
+                                         or tuple(position_ids.shape) not in ((T,), (B, T))
+                                         or position_ids.is_floating_point() or position_ids.is_complex()):
+            shape = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+            raise ValueError(f"position_ids must be an integer tensor [T] or [B, T] = [{B}, {T}], got {shape}")
         if position_ids is None:
             position_ids = token_positions(T, cu_seqlens, x.device)
         q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win, gates = self._heads(x, position_ids)
@@ -131,11 +138,12 @@ class NativeSparseAttention(nn.Module):
         if new_lengths is not None:
             raise ValueError("new_lengths is only used with cache")
         B, T, _ = x.shape
+        cu_seqlens = dispatch.check_cu_seqlens(cu_seqlens, x)
         o = dispatch.native_sparse_attention(
             *self.project(x, cu_seqlens, position_ids), config=self.config, cu_seqlens=cu_seqlens,
             backend=self.backend,
         )
-        return self.o_proj(o.reshape(B, T, -1))
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.v_head_dim))
 
     # ------------------------------------------------------------------------------------------------ decoding
     def _decode_impl(self, device: torch.device) -> str:
@@ -165,8 +173,11 @@ class NativeSparseAttention(nn.Module):
         if not isinstance(new_lengths, torch.Tensor) or new_lengths.shape != (B,) or new_lengths.is_floating_point():
             raise ValueError(f"new_lengths must be an integer tensor of shape [{B}]")
         n_host = new_lengths.detach().cpu().long()
-        if int(n_host.min()) < 0 or int(n_host.max()) > T:
+        if B and (int(n_host.min()) < 0 or int(n_host.max()) > T):
             raise ValueError(f"new_lengths must lie in [0, {T}], got {n_host.tolist()}")
+        if B and int((lc.host_lengths + n_host).max()) > lc.max_length:  # before any row group is written
+            raise ValueError(f"cache max_length {lc.max_length} exceeded: {int((lc.host_lengths + n_host).max())} "
+                             f"tokens")
         out = x.new_zeros(B, T, self.hidden_size)
         for n in sorted(set(n_host.tolist())):  # rows with the same number of new tokens run together
             if n == 0:

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import NSAConfig, check_bool, check_number
 from ..layer import NativeSparseAttention
+from ..ops.dispatch import check_cu_seqlens
 from ..ops.varlen import sequence_spans, token_positions
 from ..rope import apply_rope
 
@@ -276,6 +277,7 @@ class LlamaLM(nn.Module):
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         if cache is not None and cu_seqlens is not None:
             raise ValueError("cu_seqlens cannot be combined with a cache")
+        cu_seqlens = check_cu_seqlens(cu_seqlens, input_ids)
         if cache is not None and self.cfg.token_shift and shift_state is None:
             raise ValueError("shift_state (a dict) is required with a cache when token_shift is on")
         if new_lengths is not None:
@@ -333,7 +335,7 @@ class LlamaLM(nn.Module):
             raise ValueError(f"prompt must be [B, T0] with T0 >= 1, got shape {shape}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if temperature < 0:
+        if not temperature >= 0:  # NaN too
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")

@@ -13,7 +13,7 @@ import torch
 
 from ..config import NSAConfig
 from . import library
-from .varlen import num_compressed_total, remember_offsets
+from .varlen import host_offsets, num_compressed_total, remember_offsets
 
 # name -> module path; a backend whose import fails (e.g. Triton missing) is reported as unavailable.
 _BACKENDS = {
@@ -115,15 +115,20 @@ def _check_cu_seqlens(cu_seqlens, q, values=True):
         raise ValueError(f"cu_seqlens requires a packed batch of size 1, got q batch size {q.shape[0]}")
     if not values:
         return cu_seqlens
-    cpu = cu_seqlens.detach().cpu()
-    if int(cpu[0]) != 0 or int(cpu[-1]) != q.shape[1]:
-        raise ValueError(f"cu_seqlens must start at 0 and end at T={q.shape[1]}, got {cpu.tolist()}")
-    if bool((cpu[1:] < cpu[:-1]).any()):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {cpu.tolist()}")
-    values = cpu.tolist()  # read once here; the backends' host-side planning reuses them
-    remember_offsets(cu_seqlens, values, owned=False)
+    values = host_offsets(cu_seqlens)  # read once (or remembered); the backends' host-side planning reuses them
+    if values[0] != 0 or values[-1] != q.shape[1]:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T={q.shape[1]}, got {values}")
+    if any(b < a for a, b in zip(values[:-1], values[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {values}")
     on_device = cu_seqlens.to(q.device)
     return remember_offsets(on_device, values, owned=on_device is not cu_seqlens)
+
+
+def check_cu_seqlens(cu_seqlens, x: torch.Tensor):
+    """Validated offsets for a packed x [1, T, ...] (ValueError naming cu_seqlens), on x's device, their host
+    values remembered; None stays None. For layers and models, before they slice by the offsets. Under
+    torch.compile only the shape and dtype are checked here (the ops check values at run time)."""
+    return _check_cu_seqlens(cu_seqlens, x, values=not torch.compiler.is_compiling())
 
 
 def _check_scale(scale):
