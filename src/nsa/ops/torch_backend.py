@@ -748,7 +748,7 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save, workers=1):
         if win is not None:
             kw_s, vw_s = (x[b, s:e].to(acc) for x in win)
             km_w = None if q0 else torch.linalg.vector_norm(kw_s, dim=-1).amax(0)
-            wplan = _WinPlan(geom.window, L, min(int(CHUNK_SIZE), L - q0), q.device, acc)
+            wplan = None if fused is not None else _WinPlan(geom.window, L, min(int(CHUNK_SIZE), L - q0), q.device, acc)
         def one_chunk(a, c1, b=b, s=s, L=L, q_s=q_s, Tc=Tc):
             C = c1 - a
             rows = slice(s + a - q0, s + c1 - q0)  # rows of q / out
@@ -848,7 +848,7 @@ def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None, worker
             NB = -(-L // geom.lp)
         if win is not None:
             kw_s, vw_s = (x[b, s:e].to(acc) for x in win)
-            wplan = _WinPlan(geom.window, L, min(int(CHUNK_SIZE), L), q.device, acc)
+            wplan = None if fused is not None else _WinPlan(geom.window, L, min(int(CHUNK_SIZE), L), q.device, acc)
 
         def group(chunks, b=b, s=s, L=L, q_s=q_s, Tc=Tc):
             """Gradients of some chunks of this sequence; k/v gradients go to buffers local to the group."""
