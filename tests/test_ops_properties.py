@@ -170,9 +170,11 @@ def test_empty_and_cmp_free_batches(backend, dtype):
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("float64 runs the reference")
     for B, T in ((2, 0), (0, 5), (0, 40)):
-        xs = make_inputs(B, T, 4, 2, 8, 8, CFG, dtype=dtype, seed=B + T)
+        xs = make_inputs(B, T, 4, 2, 8, 8, CFG, dtype=dtype, seed=B + T, requires_grad=True)
         o = nsa.native_sparse_attention(*xs, config=CFG, backend=backend)
         assert o.shape == (B, T, 4, 8)
+        grads = torch.autograd.grad(o.sum(), xs)  # every input in the graph: empty zero gradients, none missing
+        assert [g.shape for g in grads] == [x.shape for x in xs] and all(not g.any() for g in grads)
     xs = make_inputs(2, 5, 4, 2, 8, 6, CFG, dtype=dtype, seed=1, requires_grad=True)
     assert xs[1].shape[1] == 0
     o = nsa.native_sparse_attention(*xs, config=CFG, backend=backend)

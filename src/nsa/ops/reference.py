@@ -40,6 +40,14 @@ def _masked_attention(q, k, v, mask, scale):
     return o, lse.transpose(0, 1)
 
 
+def _connected(o, *inputs):
+    """o, also part of the autograd graph of inputs that no sequence read (B = 0 or T = 0: every sum is an exact
+    0), so gradients of an empty batch are zeros rather than missing."""
+    if o.numel() == 0:
+        o = o + sum(x.sum() for x in inputs if x.requires_grad) * 0
+    return o
+
+
 def _cmp_visible(seqlen: int, num_cmp: int, block_size: int, stride: int, device) -> torch.Tensor:
     """[T, Tc] bool: query t sees compressed token i iff i*d + l - 1 <= t (Eq. 7, 0-based)."""
     t = torch.arange(seqlen, device=device)[:, None]
@@ -72,7 +80,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None, cu_
         o_s, lse_s = _masked_attention(q[b, start:end], k_cmp[b, cs:ce], v_cmp[b, cs:ce], mask, scale)
         o[b, start:end] = o_s.to(o.dtype)
         lse[b, start:end] = lse_s
-    return o, lse
+    return _connected(o, q, k_cmp, v_cmp), lse
 
 
 def cmp_to_slc_weights(num_cmp: int, num_slc: int, config: NSAConfig, device=None, dtype=torch.float32):
@@ -173,7 +181,7 @@ def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=N
         mask = mask.repeat_interleave(HQ // HKV, dim=0)
         o_s, _ = _masked_attention(q[b, start:end], k[b, start:end], v[b, start:end], mask, scale)
         o[b, start:end] = o_s.to(o.dtype)
-    return o
+    return _connected(o, q, k, v)
 
 
 def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None):
@@ -187,7 +195,7 @@ def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None):
         mask = (delta >= 0) & (delta < window)
         o_s, _ = _masked_attention(q[b, start:end], k[b, start:end], v[b, start:end], mask, scale)
         o[b, start:end] = o_s.to(o.dtype)
-    return o
+    return _connected(o, q, k, v)
 
 
 def native_sparse_attention(
