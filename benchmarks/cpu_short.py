@@ -2,7 +2,8 @@
 composed op (chunked with the compiled float32 kernels, the dense path `nsa.ops.torch_dense`, chunked pure PyTorch).
 
 The demo's real batches (tiny-cpu preset: 8 rows x 512 tokens packed with cu_seqlens, sequences of 64-512 tokens;
-HQ=4, HKV=2, D=32, demo geometry l=8, d=8, l'=32, n=8, w=64), fp32, one thread (as each demo model trains):
+heads and geometry of the preset's model: HQ=4, HKV=4, D=32, l=8, d=4, l'=32, n=8, w=64), fp32, one thread (as each
+demo model trains):
 - the attention op, forward+backward, per layer: the three NSA paths, and full attention (one SDPA causal call per
   packed sequence, as `nsa.models.llama` does);
 - a whole training step (forward, backward, AdamW) of the tiny-cpu NSA model on each path and of its
@@ -32,7 +33,8 @@ from nsa.train import DEMO_NSA, PRESETS, load_config
 
 from cpu_suite import machine  # noqa: E402  (benchmarks/ is the script's directory)
 
-HQ, HKV, D = 4, 2, 32
+_MODEL = PRESETS["tiny-cpu"]["model"]
+HQ, HKV, D = _MODEL["num_heads"], _MODEL["num_kv_heads"], _MODEL["head_dim"]
 NCFG = nsa.NSAConfig(**DEMO_NSA)
 
 
