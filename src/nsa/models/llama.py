@@ -115,10 +115,11 @@ class KVCache:
         if bool((old == old[0]).all()) and bool((n == T).all()):
             self.k[layer_idx][:, int(old[0]):int(old[0]) + T] = k
             self.v[layer_idx][:, int(old[0]):int(old[0]) + T] = v
-        else:
-            for b, (o, m) in enumerate(zip(old.tolist(), n.tolist())):
-                self.k[layer_idx][b, o:o + m] = k[b, :m]
-                self.v[layer_idx][b, o:o + m] = v[b, :m]
+        else:  # rows at different lengths (after a ragged prefill): one scattered write of the valid tokens
+            rows, t = (torch.arange(T)[None, :] < n[:, None]).nonzero(as_tuple=True)
+            dest = (rows.to(k.device), (old[rows] + t).to(k.device))
+            self.k[layer_idx][dest] = k[rows.to(k.device), t.to(k.device)]
+            self.v[layer_idx][dest] = v[rows.to(k.device), t.to(k.device)]
         self.host_lengths[layer_idx] = old + n
         S = min(int(old.max()) + T, self.max_length)
         return self.k[layer_idx][:, :S], self.v[layer_idx][:, :S]
