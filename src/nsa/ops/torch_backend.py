@@ -122,7 +122,11 @@ def _scaled_q(q_s, a, b, HKV, scale, acc):
     """Scaled queries of rows [a, b): a [C*HKV + 1, G*Dk] buffer whose last row is zero (a dummy for padding)."""
     C, HQ, Dk = b - a, q_s.shape[1], q_s.shape[2]
     buf = torch.empty(C * HKV + 1, (HQ // HKV) * Dk, dtype=acc, device=q_s.device)
-    torch.mul(q_s[a:b].reshape(C * HKV, -1), scale, out=buf[:-1])
+    rows = q_s[a:b].reshape(C * HKV, -1)
+    if rows.dtype == acc:
+        torch.mul(rows, scale, out=buf[:-1])
+    else:  # bf16/fp16: scale in acc (torch.mul with out= would multiply, and round, in the input dtype)
+        buf[:-1].copy_(rows).mul_(scale)
     buf[-1].zero_()
     return buf
 
