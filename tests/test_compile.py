@@ -135,6 +135,25 @@ def test_compiled_op_checks_values_at_run_time():
         torch.compile(_op("torch", cu_seqlens=cu), backend="aot_eager")(*xs[:7], xs[7][..., :2])
 
 
+@pytest.mark.parametrize("dynamic_shapes", [False, True])
+def test_compiled_layer_checks_offsets_before_using_them(dynamic_shapes):
+    """A compiled layer slices by cu_seqlens (positions, compressed blocks) before the op: bad offsets must still
+    raise the op's ValueError (they gave "repeats can not be negative" or a size mismatch), with or without
+    dynamic output shapes, and good offsets after bad ones still work."""
+    torch._dynamo.reset()
+    layer = nsa.NativeSparseAttention(48, 6, 2, 8, config=CFG).float()
+    x = torch.randn(1, 50, 48)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=dynamic_shapes):
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        good = torch.tensor([0, 20, 50])
+        assert_close(compiled(x, cu_seqlens=good), layer(x, cu_seqlens=good), atol=1e-5, rtol=1e-5, name="good")
+        for bad, match in (([0, 30, 20, 50], "non-decreasing"), ([0, 20, 49], "end at T=50"),
+                           ([1, 20, 50], "start at 0")):
+            with pytest.raises(ValueError, match=match):
+                compiled(x, cu_seqlens=torch.tensor(bad))
+        assert_close(compiled(x, cu_seqlens=good), layer(x, cu_seqlens=good), atol=1e-5, rtol=1e-5, name="again")
+
+
 @pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU")
 def test_compiled_triton_op_bf16_matches_eager_on_gpu():
     """bf16 at the paper geometry (AOTAutograd; inductor is covered on CPU): the custom ops launch the eager path's kernels on the same inputs, so

@@ -115,20 +115,31 @@ def _check_cu_seqlens(cu_seqlens, q, values=True):
         raise ValueError(f"cu_seqlens requires a packed batch of size 1, got q batch size {q.shape[0]}")
     if not values:
         return cu_seqlens
-    values = host_offsets(cu_seqlens)  # read once (or remembered); the backends' host-side planning reuses them
-    if values[0] != 0 or values[-1] != q.shape[1]:
-        raise ValueError(f"cu_seqlens must start at 0 and end at T={q.shape[1]}, got {values}")
-    if any(b < a for a, b in zip(values[:-1], values[1:])):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {values}")
+    values = check_offset_values(cu_seqlens, q.shape[1])
     on_device = cu_seqlens.to(q.device)
     return remember_offsets(on_device, values, owned=on_device is not cu_seqlens)
+
+
+def check_offset_values(cu_seqlens: torch.Tensor, seqlen: int) -> list[int]:
+    """The offsets' host values (read once, or remembered: the backends' host-side planning reuses them), after
+    checking that they run from 0 to seqlen without decreasing."""
+    values = host_offsets(cu_seqlens)
+    if values[0] != 0 or values[-1] != seqlen:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T={seqlen}, got {values}")
+    if any(b < a for a, b in zip(values[:-1], values[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {values}")
+    return values
 
 
 def check_cu_seqlens(cu_seqlens, x: torch.Tensor):
     """Validated offsets for a packed x [1, T, ...] (ValueError naming cu_seqlens), on x's device, their host
     values remembered; None stays None. For layers and models, before they slice by the offsets. Under
-    torch.compile only the shape and dtype are checked here (the ops check values at run time)."""
-    return _check_cu_seqlens(cu_seqlens, x, values=not torch.compiler.is_compiling())
+    torch.compile the shape and dtype are checked while tracing and the values at run time, by an op whose output
+    every later use of the offsets depends on (so no op can read bad offsets first)."""
+    if not torch.compiler.is_compiling():
+        return _check_cu_seqlens(cu_seqlens, x)
+    cu_seqlens = _check_cu_seqlens(cu_seqlens, x, values=False)
+    return None if cu_seqlens is None else library.checked_offsets(cu_seqlens, x.shape[1]).to(x.device)
 
 
 def _check_scale(scale):

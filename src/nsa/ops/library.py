@@ -3,8 +3,8 @@
 - `nsa::native_sparse_attention_fwd` returns the composed op's output (Eq. 5) and the residuals its backward needs
   (per-branch o and lse, the selected blocks); `nsa::native_sparse_attention_bwd` takes them.
 - `nsa::branch_fwd` / `nsa::branch_bwd`: one branch op ("cmp", "slc", "win") as (o, lse) and its backward.
-- `nsa::select_blocks` (no gradient) and `nsa::packed_block_starts` (a packed batch's compressed-block starts, whose
-  length is a dynamic size).
+- `nsa::select_blocks` (no gradient), `nsa::packed_block_starts` (a packed batch's compressed-block starts, whose
+  length is a dynamic size) and `nsa::checked_offsets` (a layer's cu_seqlens, checked at run time).
 Each runs the chosen backend's split pair (`native_sparse_attention_fwd` / `_bwd`, `branch_fwd` / `branch_bwd`, in
 the torch and triton backends) eagerly at run time, where host-side planning (offsets, tile tables, selection
 plans) and the checks that read tensor values (cu_seqlens, the range of block_indices) are allowed. The fake
@@ -173,6 +173,23 @@ def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None, backend="aut
 
 
 # ------------------------------------------------------------------------------------------------ packed batches
+@torch.library.custom_op("nsa::checked_offsets", mutates_args=())
+def checked_offsets(cu_seqlens: Tensor, seqlen: int) -> Tensor:
+    """cu_seqlens checked at run time (ValueError naming it) and returned as a new tensor whose values are
+    remembered on the host: layers trace their uses of the offsets from this output, so none runs before the
+    check."""
+    from .dispatch import check_offset_values
+    from .varlen import remember_offsets
+
+    values = check_offset_values(cu_seqlens, seqlen)
+    return remember_offsets(cu_seqlens.clone(), values)
+
+
+@checked_offsets.register_fake
+def _checked_offsets_fake(cu_seqlens, seqlen):
+    return torch.empty_like(cu_seqlens)
+
+
 @torch.library.custom_op("nsa::packed_block_starts", mutates_args=())
 def packed_block_starts(cu_seqlens: Tensor, block_size: int, stride: int, call_id: int) -> Tensor:
     """`nsa.ops.varlen.packed_block_starts` as an op: its length depends on the offsets' values, so while compiling
