@@ -163,3 +163,20 @@ def test_inference_mode_cu_seqlens_changed_in_place():
         layer(x, cu_seqlens=cu)
         cu.copy_(torch.tensor([0, 15, 30, 47]))
         assert torch.equal(layer(x, cu_seqlens=cu), layer(x, cu_seqlens=torch.tensor([0, 15, 30, 47])))
+
+
+def test_layer_reads_packed_offsets_once(monkeypatch):
+    """A packed layer call reads its cu_seqlens from the device once (a synchronisation on a GPU), when it checks
+    them, and every later use (positions, compressed blocks, the op) takes the remembered values; also under
+    torch.inference_mode, where the caller's tensor cannot be remembered (the layer remembers its own copy)."""
+    from nsa.ops import varlen
+
+    reads = []
+    monkeypatch.setattr(varlen, "_read_offsets", lambda cu: reads.append(cu.tolist()) or cu.tolist())
+    layer = make_layer().float()
+    x = torch.randn(1, 47, 48, generator=torch.Generator().manual_seed(3))
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            reads.clear()
+            layer(x, cu_seqlens=torch.tensor([0, 7, 33, 47]))
+            assert reads == [[0, 7, 33, 47]], (mode.__name__, reads)

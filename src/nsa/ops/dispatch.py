@@ -117,6 +117,8 @@ def _check_cu_seqlens(cu_seqlens, q, values=True):
         return cu_seqlens
     values = check_offset_values(cu_seqlens, q.shape[1])
     on_device = cu_seqlens.to(q.device)
+    if on_device is cu_seqlens and cu_seqlens.is_inference():
+        on_device = cu_seqlens.clone()  # ours: its values can be remembered (a caller's inference tensor's cannot)
     return remember_offsets(on_device, values, owned=on_device is not cu_seqlens)
 
 
