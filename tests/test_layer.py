@@ -180,3 +180,28 @@ def test_layer_reads_packed_offsets_once(monkeypatch):
             reads.clear()
             layer(x, cu_seqlens=torch.tensor([0, 7, 33, 47]))
             assert reads == [[0, 7, 33, 47]], (mode.__name__, reads)
+
+
+@pytest.mark.parametrize("compression", ["mlp", "linear", "mean"])
+def test_meta_device_initialisation(compression):
+    """Built on the meta device, then `to_empty()` and `reset_parameters()` (or a post-order `apply`, as FSDP2 /
+    torchtitan-style code does): the layer's own initialisation comes back (gate bias, φ as mean pooling plus
+    mean(PE), PE ~ N(0, 0.02²)); `to_empty` alone leaves garbage there."""
+    kw = dict(config=CFG, compression=compression, gate_bias=(1.0, -0.5, 0.25), backend="reference")
+    fresh = nsa.NativeSparseAttention(48, 6, 2, 8, **kw)
+    for reset in ("method", "apply"):
+        with torch.device("meta"):
+            layer = nsa.NativeSparseAttention(48, 6, 2, 8, **kw)
+        layer = layer.to_empty(device="cpu")
+        if reset == "method":
+            layer.reset_parameters()
+        else:
+            layer.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+        assert torch.equal(layer.g_proj.bias, fresh.g_proj.bias), reset
+        x = torch.randn(2, 6, 3, 8, 8)  # [B, Tc, H, l=8, D=8] blocks: φ starts as mean pooling (+ mean(PE) on keys)
+        for got, ref in ((layer.compress_k, fresh.compress_k), (layer.compress_v, fresh.compress_v)):
+            assert_close(got.compress(x), ref.compress(x), atol=1e-6, rtol=1e-6, name=f"φ {reset}")
+            if got.pos_emb is not None:
+                assert 0.005 < float(got.pos_emb.std()) < 0.05
+        assert all(torch.isfinite(p).all() for p in layer.parameters())
+    assert "l=8" in repr(fresh) and "shared_kv=False" in repr(fresh)

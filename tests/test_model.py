@@ -215,3 +215,24 @@ def test_token_shift_reads_previous_token_only_within_sequence():
         a, b = model(x, cu_seqlens=cu), model(x2, cu_seqlens=cu)
     assert torch.equal(a[:, 10:], b[:, 10:])  # token 9 ends sequence 0: it must not leak into token 10
     assert not torch.equal(a[:, 9], b[:, 9])
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_meta_device_model_initialisation(attention):
+    """LlamaLM built on the meta device, `to_empty()`, `reset_parameters()`: every parameter initialised as in a
+    new model (same statistics; the NSA layers' gate bias and φ exactly), and a finite forward."""
+    cfg = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+               intermediate_size=48, attention=attention, nsa=GEOM, token_shift=True, gate_bias=(0.5, 0.0, -0.5))
+    fresh = LlamaLM(ModelConfig(**cfg))
+    with torch.device("meta"):
+        model = LlamaLM(ModelConfig(**cfg))
+    model = model.to_empty(device="cpu")
+    model.reset_parameters()
+    ref = dict(fresh.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+        if name.endswith(("g_proj.bias", "mlp.2.weight", "mlp.2.bias", "norm.weight", "shift_mix")):
+            assert torch.equal(p, ref[name]), name
+        elif p.numel() > 100:
+            assert abs(float(p.std()) - float(ref[name].std())) < 0.3 * float(ref[name].std()), name
+    assert torch.isfinite(model(ids(2, 20))).all()

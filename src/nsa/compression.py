@@ -44,6 +44,14 @@ class Compressor(nn.Module):
         # learned intra-block position embedding, added to the l tokens of a block (§3.3.1)
         self.pos_emb = nn.Parameter(torch.randn(block_size, head_dim) * 0.02) if position_embedding else None
 
+    def reset_parameters(self) -> None:
+        """Initialise again as `__init__` does (PE ~ N(0, 0.02²); subclasses: φ starts as mean pooling), the
+        submodules included: for meta-device initialisation (`to_empty()`, then `reset_parameters()` or a
+        post-order `module.apply`, which resets children first)."""
+        with torch.no_grad():
+            if self.pos_emb is not None:
+                self.pos_emb.normal_(0.0, 0.02)
+
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, starts=None) -> torch.Tensor:
         blocks = compression_blocks(x, self.block_size, self.stride, cu_seqlens, starts)
         if self.pos_emb is not None:
@@ -70,9 +78,16 @@ class LinearCompressor(Compressor):
     def __init__(self, head_dim, block_size, stride, position_embedding=True):
         super().__init__(head_dim, block_size, stride, position_embedding)
         self.proj = nn.Linear(block_size * head_dim, head_dim)
+        self._mean_pooling()
+
+    def _mean_pooling(self) -> None:
         with torch.no_grad():
-            self.proj.weight.copy_(torch.eye(head_dim).repeat(1, block_size) / block_size)
+            self.proj.weight.copy_(torch.eye(self.head_dim).repeat(1, self.block_size) / self.block_size)
             self.proj.bias.zero_()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self._mean_pooling()
 
     def compress(self, blocks):
         return self.proj(blocks.flatten(-2))
@@ -86,6 +101,12 @@ class MLPCompressor(Compressor):
         super().__init__(head_dim, block_size, stride, position_embedding)
         hidden = hidden or head_dim
         self.mlp = nn.Sequential(nn.Linear(block_size * head_dim, hidden), nn.GELU(), nn.Linear(hidden, head_dim))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self.mlp[0].reset_parameters()
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
 

@@ -67,13 +67,32 @@ class NativeSparseAttention(nn.Module):
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.kv_proj = nn.Linear(hidden_size, self.num_kv_sets * num_kv_heads * (head_dim + v_head_dim), bias=False)
         self.g_proj = nn.Linear(hidden_size, 3 * num_heads)
-        with torch.no_grad():  # output j = head * 3 + branch
-            self.g_proj.bias.copy_(torch.tensor([float(b) for b in gate_bias]).repeat(num_heads))
+        self.gate_bias = tuple(float(b) for b in gate_bias)
+        self._set_gate_bias()
         self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=False)
         l, d = config.cmp_block_size, config.cmp_stride
         self.compress_k = make_compressor(compression, head_dim, l, d, position_embedding=True)
         self.compress_v = make_compressor(compression, v_head_dim, l, d, position_embedding=False)
         self._call_id = next(_LAYER_IDS)  # tells this layer's compiled block-start op from other layers'
+
+    def _set_gate_bias(self) -> None:
+        with torch.no_grad():  # output j = head * 3 + branch
+            self.g_proj.bias.copy_(torch.tensor(self.gate_bias).repeat(self.num_heads))
+
+    def reset_parameters(self) -> None:
+        """Initialise every parameter again as a new layer's: PyTorch's default for the projections, the gate bias
+        at `gate_bias`, φ as mean pooling. For meta-device initialisation (`to_empty()`, then this, or a post-order
+        `module.apply`, which resets the children first)."""
+        for m in (self.q_proj, self.kv_proj, self.g_proj, self.o_proj, self.compress_k, self.compress_v):
+            m.reset_parameters()
+        self._set_gate_bias()
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"hidden_size={self.hidden_size}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, v_head_dim={self.v_head_dim}, l={c.cmp_block_size}, d={c.cmp_stride}, "
+                f"l'={c.slc_block_size}, n={c.num_selected}, w={c.window_size}, shared_kv={self.shared_kv}, "
+                f"backend={self.backend!r}")
 
     def _heads(self, x: torch.Tensor, position_ids: torch.Tensor):
         """Rotated q, raw (un-rotated) cmp K/V, rotated slc/win K/V and gates for x [B, T, hidden]."""

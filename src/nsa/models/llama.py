@@ -255,9 +255,21 @@ class LlamaLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.reset_parameters()
+        self._init_weights()
 
     def reset_parameters(self) -> None:
+        """Initialise every parameter again as a new model's, e.g. after meta-device construction and
+        `to_empty()`: norms, token-shift mixes, each NSA layer's own init (gate bias, φ), then `_init_weights`."""
+        for m in self.modules():
+            if m is not self and isinstance(m, (nn.RMSNorm, NativeSparseAttention)):
+                m.reset_parameters()
+        with torch.no_grad():
+            for block in self.blocks:
+                if block.shift_mix is not None:
+                    block.shift_mix.fill_(0.5)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
         """Normal(0, init_std) for embeddings and projections, residual outputs scaled by 1/sqrt(2·layers);
         the NSA layer's own zero/mean-pool initialisations (gate bias, φ) are kept."""
         std = self.cfg.init_std
