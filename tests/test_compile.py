@@ -258,13 +258,21 @@ def test_opcheck_branch_ops():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_two_packed_layers_with_inductor():
-    """Two layers over one packed batch in one inductor graph (dynamic output sizes on): each layer's block-start
-    op carries its own call id, so inductor's CSE does not merge the calls (it lost the merged call's size symbol:
-    "u1 not in {u0: ...}"). Output and input gradient equal eager."""
+@pytest.mark.parametrize("stack", ["fresh", "deepcopy", "shared"])
+def test_two_packed_layers_with_inductor(stack):
+    """Two layer calls over one packed batch in one inductor graph (dynamic output sizes on): two new layers, a
+    layer and its deep copy, or one layer called twice (weight sharing). Each block-start op carries its layer's id
+    and its input, so inductor's CSE does not merge the calls (it lost the merged call's size symbol: "u1 not in
+    {u0: ...}"; deep copies shared the id, and a shared layer failed the same way). Output and input gradient
+    equal eager."""
+    import copy
+
     torch._dynamo.reset()
     torch.manual_seed(0)
-    layers = [nsa.NativeSparseAttention(32, 4, 2, 8, config=CFG).float() for _ in range(2)]
+    first = nsa.NativeSparseAttention(32, 4, 2, 8, config=CFG).float()
+    second = {"fresh": lambda: nsa.NativeSparseAttention(32, 4, 2, 8, config=CFG).float(),
+              "deepcopy": lambda: copy.deepcopy(first), "shared": lambda: first}[stack]()
+    layers = [first, second]
     fn = lambda x, cu: layers[1](layers[0](x, cu_seqlens=cu), cu_seqlens=cu)  # noqa: E731
     cu = torch.tensor([0, 30, 70])
     x = torch.randn(1, 70, 32, generator=torch.Generator().manual_seed(5), requires_grad=True)

@@ -16,13 +16,14 @@ from .ops.varlen import packed_block_starts
 
 
 def block_starts(seqlen: int, block_size: int, stride: int, cu_seqlens: torch.Tensor | None, device=None,
-                 call_id: int = 0):
-    """First packed position of every compressed block, [Tc] int64 (per sequence when packed). `call_id`: see
-    `nsa.ops.library.packed_block_starts` (one per layer)."""
+                 call_id: int = 0, anchor: torch.Tensor | None = None):
+    """First packed position of every compressed block, [Tc] int64 (per sequence when packed). `call_id` (one per
+    layer) and `anchor` (the layer's input): see `nsa.ops.library.packed_block_starts`."""
     if cu_seqlens is None:
         return torch.arange(num_compressed_tokens(seqlen, block_size, stride), device=device) * stride
     if torch.compiler.is_compiling():  # the offsets are read at run time: a dynamic size, no graph break
-        return library.packed_block_starts(cu_seqlens, block_size, stride, call_id).to(device)
+        anchor = cu_seqlens if anchor is None else anchor.detach()
+        return library.packed_block_starts(cu_seqlens, block_size, stride, call_id, anchor).to(device)
     return packed_block_starts(cu_seqlens, block_size, stride, device)
 
 

@@ -75,6 +75,10 @@ class NativeSparseAttention(nn.Module):
         self.compress_v = make_compressor(compression, v_head_dim, l, d, position_embedding=False)
         self._call_id = next(_LAYER_IDS)  # tells this layer's compiled block-start op from other layers'
 
+    def __setstate__(self, state) -> None:  # copy.deepcopy and unpickling: a copy is another layer
+        super().__setstate__(state)
+        self._call_id = next(_LAYER_IDS)
+
     def _set_gate_bias(self) -> None:
         with torch.no_grad():  # output j = head * 3 + branch
             self.g_proj.bias.copy_(torch.tensor(self.gate_bias).repeat(self.num_heads))
@@ -131,7 +135,7 @@ class NativeSparseAttention(nn.Module):
         q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win, gates = self._heads(x, position_ids)
         l, d = self.config.cmp_block_size, self.config.cmp_stride
         # once per call: under compile a packed batch's Tc is one size symbol for K and V
-        starts = block_starts(T, l, d, cu_seqlens, x.device, call_id=self._call_id)
+        starts = block_starts(T, l, d, cu_seqlens, x.device, call_id=self._call_id, anchor=x)
         k_cmp, v_cmp = self._compress(k_cmp_raw, v_cmp_raw, position_ids[..., starts + l - 1], cu_seqlens, starts)
         return q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates
 

@@ -191,18 +191,19 @@ def _checked_offsets_fake(cu_seqlens, seqlen):
 
 
 @torch.library.custom_op("nsa::packed_block_starts", mutates_args=())
-def packed_block_starts(cu_seqlens: Tensor, block_size: int, stride: int, call_id: int) -> Tensor:
+def packed_block_starts(cu_seqlens: Tensor, block_size: int, stride: int, call_id: int, anchor: Tensor) -> Tensor:
     """`nsa.ops.varlen.packed_block_starts` as an op: its length depends on the offsets' values, so while compiling
-    it is a dynamic size, and a new offset list neither breaks the graph nor recompiles. `call_id` (unused) tells
-    the calls of different layers apart: identical calls get merged by the compiler's CSE, which then loses the
-    merged calls' size symbols (an inductor error, "u1 not in {u0: ...}", torch 2.13)."""
+    it is a dynamic size, and a new offset list neither breaks the graph nor recompiles. `call_id` and `anchor`
+    (both unused: a layer's id and its input) tell the calls apart, of different layers (deep copies included) and
+    of one layer called twice: identical calls get merged by the compiler's CSE, which then loses the merged calls'
+    size symbols (an inductor error, "u1 not in {u0: ...}", torch 2.13)."""
     from .varlen import packed_block_starts as impl
 
     return impl(cu_seqlens, block_size, stride)
 
 
 @packed_block_starts.register_fake
-def _packed_block_starts_fake(cu_seqlens, block_size, stride, call_id):
+def _packed_block_starts_fake(cu_seqlens, block_size, stride, call_id, anchor):
     return cu_seqlens.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
 
 
