@@ -402,3 +402,77 @@ def test_low_precision_queries_are_scaled_in_float32(dtype, monkeypatch):
         assert err <= 1.5 * ref_err + 1e-3, (fused, float(err), float(ref_err))
         _, lse = nsa.compressed_attention(x[0], x[1], x[2], block_size=8, stride=4, backend="torch")
         assert (lse.double()[seen] - lse_exact[seen]).abs().max() < 2e-3, fused
+
+
+def test_worker_threads_keep_inference_mode(monkeypatch):
+    """Chunks on worker threads run in the caller's autograd mode: under torch.inference_mode they write into the
+    caller's inference tensors (this raised "Inplace update to inference tensor outside InferenceMode")."""
+    monkeypatch.setattr(torch_dense, "DENSE_MAX_LEN", 0)
+    monkeypatch.setattr(tb, "CHUNK_SIZE", 16)
+    monkeypatch.setattr(tb, "SMALL_NUMEL", 0)
+    monkeypatch.setattr(tb, "NUM_WORKERS", 2)
+    x = make_inputs(1, 61, 4, 2, 16, 8, CFG, dtype=torch.float32, seed=7)
+    with torch.no_grad():
+        expected = nsa.native_sparse_attention(*x, config=CFG, backend="torch")
+        idx = nsa.select_blocks(x[0], x[1], config=CFG, backend="torch")
+    with torch.inference_mode():
+        assert torch.equal(nsa.native_sparse_attention(*x, config=CFG, backend="torch"), expected)
+        assert torch.equal(nsa.select_blocks(x[0], x[1], config=CFG, backend="torch"), idx)
+
+
+def test_concurrent_calls_from_threads_equal_serial(monkeypatch):
+    """Ops started from several Python threads at once: each result (output and gradients) is bitwise equal to a
+    serial call, and every thread keeps its torch thread count. Ops used to read the count of 1 that a running op
+    had set: they then grouped their chunks for one worker (another summation order) and left their thread at 1."""
+    import threading
+
+    monkeypatch.setattr(torch_dense, "DENSE_MAX_LEN", 0)
+    monkeypatch.setattr(tb, "CHUNK_SIZE", 16)
+    monkeypatch.setattr(tb, "SMALL_NUMEL", 0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = make_inputs(1, 97, 4, 2, 16, 8, CFG, dtype=torch.float32, seed=8)
+        do = torch.randn(1, 97, 4, 8, generator=torch.Generator().manual_seed(9))
+
+        def run():
+            ins = [t.clone().requires_grad_() for t in x]
+            o = nsa.native_sparse_attention(*ins, config=CFG, backend="torch")
+            o.backward(do)
+            return [o.detach()] + [t.grad for t in ins]
+
+        serial = run()
+        start, results = threading.Barrier(4), {}
+
+        def worker(i):
+            start.wait()
+            results[i] = ([all(torch.equal(a, b) for a, b in zip(run(), serial)) for _ in range(4)],
+                          torch.get_num_threads())
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert len(results) == 4 and all(all(eq) and n == 2 for eq, n in results.values()), results
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_cpu_offsets_changed_behind_the_version_counter():
+    """A CPU cu_seqlens rewritten through a NumPy view or `.data` (no version bump, e.g. a loader reusing its
+    buffer) is used with its new values, not the remembered old ones (the output silently used the old ones)."""
+    import numpy as np
+
+    buf = np.array([0, 30, 64], dtype=np.int64)
+    cu = torch.from_numpy(buf)
+    x = make_inputs(1, 64, 4, 2, 16, 8, CFG, dtype=torch.float64, cu_seqlens=cu, seed=3)
+    for backend in ("torch", "reference"):
+        buf[1] = 30
+        nsa.native_sparse_attention(*x, config=CFG, cu_seqlens=cu, backend=backend)
+        buf[1] = 34  # same number of compressed tokens: the shapes stay valid
+        got = nsa.native_sparse_attention(*x, config=CFG, cu_seqlens=cu, backend=backend)
+        assert torch.equal(got, nsa.native_sparse_attention(*x, config=CFG, cu_seqlens=torch.tensor([0, 34, 64]),
+                                                            backend=backend)), backend
+        cu.data[1] = 30
+        got = nsa.native_sparse_attention(*x, config=CFG, cu_seqlens=cu, backend=backend)
+        assert torch.equal(got, nsa.native_sparse_attention(*x, config=CFG, cu_seqlens=torch.tensor([0, 30, 64]),
+                                                            backend=backend)), backend

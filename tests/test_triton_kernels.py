@@ -381,3 +381,29 @@ def test_autotune_lists(monkeypatch):
     monkeypatch.setenv("NSA_TRITON_AUTOTUNE", "0")
     assert [(c.num_warps, c.num_stages) for c in utils.autotune_configs()] == [utils.DEFAULT_CONFIGS[0]] == [(8, 2)]
     assert [c.kwargs for c in topk._split_configs()] == [{"SPLIT": 0}]
+
+
+def test_tile_tables_from_several_threads():
+    """Ops in several threads meeting new offset layouts at once: the tile-table cache insert and eviction hold a
+    lock ("dictionary changed size during iteration" and KeyError before), and every table is right."""
+    import threading
+
+    from nsa.ops.triton import utils
+    from nsa.ops.varlen import remember_offsets
+
+    errors = []
+
+    def worker(seed):
+        try:
+            for i in range(400):
+                T = seed * 100000 + i + 10
+                table = utils.tile_table(remember_offsets(torch.tensor([0, 7, T]), [0, 7, T]), 64)
+                assert table[:, 1].tolist() == [0] + list(range(7, T, 64)), T
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == []
+    assert len(utils._TILE_TABLES) <= utils._TILE_TABLES_MAX

@@ -27,6 +27,7 @@ other devices, no compiler, USE_FUSED_CPU = False). Design:
 """
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import torch
@@ -60,20 +61,32 @@ class _threads_for:
     """Context manager: run the op's torch calls single-threaded and spread its query chunks over Python worker
     threads instead (one per intra-op thread; just one for a small q). Many mid-sized ops each paying an OpenMP
     barrier cost far more than one independent stream of ops per core, above all on a busy machine.
-    Yields the number of workers. The caller's count is restored afterwards, also when several threads run ops
-    at once (tested); ATen's OpenMP backend partly shares the setting between threads, so threads that each set
-    a *different* count of their own while ops run concurrently can see one another's."""
+    Yields the number of workers. The count is read when no op is running and kept while any runs: ops started
+    from several threads at once read the 1 an earlier op set, so they ran with one worker (another grouping of
+    the chunks, so not bitwise equal to a serial call) and then left their thread at 1 thread. Each op restores
+    that count on exit (ATen's OpenMP backend partly shares the setting between threads, so threads that each set
+    a *different* count of their own while ops run concurrently can see one another's)."""
 
     def __init__(self, q):
         self.small = q.numel() <= SMALL_NUMEL
 
     def __enter__(self):
-        self.n = torch.get_num_threads()
+        with _THREADS_LOCK:
+            if _THREADS_STATE["active"] == 0:
+                _THREADS_STATE["count"] = torch.get_num_threads()
+            _THREADS_STATE["active"] += 1
+            self.n = _THREADS_STATE["count"]
         torch.set_num_threads(1)
         return 1 if self.small else (NUM_WORKERS or self.n)
 
     def __exit__(self, *exc):
+        with _THREADS_LOCK:
+            _THREADS_STATE["active"] -= 1
         torch.set_num_threads(self.n)
+
+
+_THREADS_LOCK = threading.Lock()
+_THREADS_STATE = {"active": 0, "count": 1}  # ops running, and the thread count read when the first one started
 
 
 _POOL = None
@@ -89,10 +102,10 @@ def _run_chunks(fn, items, workers):
     if _POOL is None or _POOL._max_workers < workers:
         from concurrent.futures import ThreadPoolExecutor
         _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nsa-torch")
-    grad = torch.is_grad_enabled()
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
-    def run(g):
-        with torch.set_grad_enabled(grad):
+    def run(g):  # the caller's autograd modes (inference tensors may only be written under inference mode)
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             return fn(g)
 
     return list(_POOL.map(run, groups))

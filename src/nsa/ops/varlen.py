@@ -41,10 +41,14 @@ def _read_offsets(cu: torch.Tensor) -> list[int]:
 
 def host_offsets(cu: torch.Tensor) -> list[int]:
     """The values of the 1-D offsets tensor `cu` as host ints: remembered ones (also after an in-place change is
-    ruled out by the version counter), else read from the device once and remembered."""
+    ruled out by the version counter), else read from the device once and remembered. A CPU tensor's remembered
+    values are checked against its contents (a cheap read), since writes through a NumPy view, `.data` or a
+    storage alias do not bump the version counter; on a GPU such writes to a tensor already used are not seen
+    (write offsets with torch ops, or pass a new tensor)."""
     hit = _HOST_OFFSETS.get(id(cu))
     if hit is not None and hit[0]() is cu and hit[1] == _version(cu):
-        return hit[2]
+        if cu.device.type != "cpu" or cu.tolist() == hit[2]:
+            return hit[2]
     values = _read_offsets(cu)
     remember_offsets(cu, values, owned=False)
     return values

@@ -6,6 +6,7 @@ A padded batch `[B, T, H, D]` is the packed batch of B sequences of length T (a 
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
@@ -76,7 +77,9 @@ def cmp_offsets(B: int, Tc: int, cu_seqlens: torch.Tensor | None, block_size: in
 
 _TILE_TABLES: dict = {}  # (offsets, block, device) -> table: fixed shapes (training steps) build each table once
 _TILE_TABLES_BYTES = 32 << 20  # the oldest tables go first past this many bytes (a table is 8 bytes per tile) ...
+_TILE_TABLES_MAX = 4096  # ... or past this many tables (varlen training meets new offsets every step) ...
 _CAPTURED: set = set()  # ... except those a CUDA graph captured: its replays read them, so they must stay allocated
+_TILE_TABLES_LOCK = threading.Lock()  # ops may run in several threads at once
 
 
 def tile_table(cu: torch.Tensor, block: int) -> torch.Tensor:
@@ -85,27 +88,30 @@ def tile_table(cu: torch.Tensor, block: int) -> torch.Tensor:
     repeated shape neither rebuilds nor copies it (and a CUDA graph capture after a warm-up call finds it)."""
     bounds = host_offsets(cu)
     key = (tuple(bounds), int(block), cu.device)
-    table = _TILE_TABLES.get(key)
-    if table is None:
-        seqs, starts = [], []
-        for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-            if e > s:
-                st = torch.arange(s, e, block, dtype=torch.int32)
-                starts.append(st)
-                seqs.append(torch.full_like(st, n))
-        if not starts:
-            table = torch.zeros(0, 2, dtype=torch.int32, device=cu.device)
-        else:
-            table = torch.stack([torch.cat(seqs), torch.cat(starts)], 1).contiguous().to(cu.device)
-        _TILE_TABLES[key] = table
-        total = sum(t.numel() * 4 for t in _TILE_TABLES.values())
-        for old in [k for k in _TILE_TABLES if k != key and k not in _CAPTURED]:
-            if total <= _TILE_TABLES_BYTES:
-                break
-            total -= _TILE_TABLES.pop(old).numel() * 4
-    if table.is_cuda and torch.cuda.is_current_stream_capturing():
-        _CAPTURED.add(key)
+    with _TILE_TABLES_LOCK:
+        table = _TILE_TABLES.get(key)
+        if table is None:
+            table = _TILE_TABLES[key] = _build_tile_table(bounds, block, cu.device)
+            total = sum(t.numel() * 4 for t in _TILE_TABLES.values())
+            for old in [k for k in _TILE_TABLES if k != key and k not in _CAPTURED]:
+                if total <= _TILE_TABLES_BYTES and len(_TILE_TABLES) <= _TILE_TABLES_MAX:
+                    break
+                total -= _TILE_TABLES.pop(old).numel() * 4
+        if table.is_cuda and torch.cuda.is_current_stream_capturing():
+            _CAPTURED.add(key)
     return table
+
+
+def _build_tile_table(bounds: list[int], block: int, device) -> torch.Tensor:
+    seqs, starts = [], []
+    for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if e > s:
+            st = torch.arange(s, e, block, dtype=torch.int32)
+            starts.append(st)
+            seqs.append(torch.full_like(st, n))
+    if not starts:
+        return torch.zeros(0, 2, dtype=torch.int32, device=device)
+    return torch.stack([torch.cat(seqs), torch.cat(starts)], 1).contiguous().to(device)
 
 
 def token_seq_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
