@@ -236,3 +236,19 @@ def test_meta_device_model_initialisation(attention):
         elif p.numel() > 100:
             assert abs(float(p.std()) - float(ref[name].std())) < 0.3 * float(ref[name].std()), name
     assert torch.isfinite(model(ids(2, 20))).all()
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_beam_reorder_with_token_shift(attention):
+    """Beam search step: LlamaLM.reorder_cache reorders the cache and the token-shift states, so continuing the
+    reordered rows equals recomputing them (reordering the cache alone left token shift on the old rows)."""
+    model = micro(attention, token_shift=True)
+    x = ids(3, 20, seed=6)
+    cache, state = model.make_cache(3, 30), {}
+    beam = torch.tensor([2, 0, 0])
+    with torch.no_grad():
+        model(x[:, :15], cache=cache, shift_state=state)
+        model.reorder_cache(cache, beam, state)
+        got = torch.cat([model(x[beam, t:t + 1], cache=cache, shift_state=state) for t in range(15, 20)], 1)
+        ref = model(torch.cat([x[beam, :15], x[beam, 15:20]], 1))[:, 15:]
+    assert_close(got, ref, atol=1e-10, rtol=1e-10, name="beam rows")

@@ -116,7 +116,7 @@ def test_layer_bad_input():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(v_head_dim=0), "v_head_dim"), (dict(v_head_dim=3.5), "v_head_dim"), (dict(hidden_size=True), "hidden_size"),
-    (dict(rope_theta=0.0), "rope_theta"), (dict(rope_theta=-1.0), "rope_theta"),
+    (dict(rope_theta=0.0), "rope_theta"), (dict(rope_theta=-1.0), "rope_theta"), (dict(backend="flash"), "backend"),
 ])
 def test_layer_bad_constructor_arguments(kw, match):
     args = dict(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, config=CFG) | kw

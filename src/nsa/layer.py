@@ -47,6 +47,7 @@ class NativeSparseAttention(nn.Module):
                             ("head_dim", head_dim), ("v_head_dim", head_dim if v_head_dim is None else v_head_dim)):
             check_int(name, value, 1)
         rope_theta = check_number("rope_theta", rope_theta, 0.0, lo_open=True, hi_open=True)
+        dispatch.check_backend_name(backend)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
         if head_dim % 2:

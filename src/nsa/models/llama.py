@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import NSAConfig, check_bool, check_number
 from ..layer import NativeSparseAttention
-from ..ops.dispatch import check_cu_seqlens
+from ..ops.dispatch import check_backend_name, check_cu_seqlens
 from ..ops.varlen import sequence_spans, token_positions
 from ..rope import apply_rope
 
@@ -60,6 +60,7 @@ class ModelConfig:
         self.norm_eps = check_number("norm_eps", self.norm_eps, 0.0, lo_open=True, hi_open=True)
         self.init_std = check_number("init_std", self.init_std, 0.0, lo_open=True, hi_open=True)
         check_bool("token_shift", self.token_shift)
+        check_backend_name(self.backend)
         if isinstance(self.gate_bias, list):  # as JSON/YAML give it back
             self.gate_bias = tuple(self.gate_bias)
         if not isinstance(self.nsa, (dict, NSAConfig)):
@@ -397,6 +398,14 @@ class LlamaLM(nn.Module):
                 if bool(done.all()):
                     break
         return out[:, :(int(lengths.max()) if B else T0) + steps]
+
+    @staticmethod
+    def reorder_cache(cache, beam_idx: torch.Tensor, shift_state: dict | None = None) -> None:
+        """Beam search: row b of the cache (and of the token-shift states that `forward` keeps in `shift_state`)
+        becomes old row beam_idx[b]. Reordering the cache alone leaves token shift reading the old rows."""
+        cache.reorder(beam_idx)
+        for layer_idx, state in (shift_state or {}).items():
+            shift_state[layer_idx] = state.index_select(0, beam_idx.to(state.device))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -44,6 +44,13 @@ def _load(name: str) -> ModuleType:
     return importlib.import_module(_BACKENDS[name])
 
 
+def check_backend_name(backend) -> str:
+    """backend as given when it names one ('auto' or a registered backend), else ValueError naming it."""
+    if backend != "auto" and backend not in _BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(_BACKENDS)}, got {backend!r}")
+    return backend
+
+
 def resolve_backend(backend: str, device: torch.device) -> ModuleType:
     """'auto' picks triton on CUDA (when importable), else the fast torch backend, else the reference."""
     if backend == "auto":

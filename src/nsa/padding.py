@@ -1,0 +1,62 @@
+"""Between padded batches and nsa's packed convention (`cu_seqlens`, B = 1), as flash-attn's `bert_padding` does.
+
+NSA finds sequence boundaries only in `cu_seqlens` (position_ids set RoPE angles, nothing else), so a batch with a
+padding mask (left or right padding) or HF-style packed position ids goes through these helpers first:
+
+    x_packed, indices, cu_seqlens, max_seqlen = nsa.unpad_input(x, attention_mask)   # [1, N, hidden]
+    y = nsa.pad_input(layer(x_packed, cu_seqlens=cu_seqlens), indices, B, T)        # [B, T, hidden], 0 at pads
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def unpad_input(x: torch.Tensor, attention_mask: torch.Tensor):
+    """x [B, T, ...] and attention_mask [B, T] (nonzero / True = a token) -> (x_packed [1, N, ...], indices [N]
+    int64 (positions of the tokens in the flattened B*T), cu_seqlens [B+1] int32, max_seqlen). The tokens of a row,
+    in order, form one sequence (padding on either side; rows may be empty)."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be a [B, T] tensor, got {getattr(attention_mask, 'shape', attention_mask)}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or tuple(x.shape[:2]) != tuple(attention_mask.shape):
+        raise ValueError(f"x must be [B, T, ...] with [B, T] = {tuple(attention_mask.shape)}, "
+                         f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    keep = attention_mask.to(x.device).bool()
+    indices = keep.flatten().nonzero().flatten()
+    lengths = keep.sum(1, dtype=torch.int32)
+    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    max_seqlen = int(lengths.max()) if lengths.numel() else 0
+    return x.flatten(0, 1).index_select(0, indices)[None], indices, cu_seqlens, max_seqlen
+
+
+def pad_input(x_packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """The inverse of `unpad_input`: x_packed [1, N, ...] -> [batch, seqlen, ...], zeros at the padding.
+    Differentiable in x_packed."""
+    if not isinstance(x_packed, torch.Tensor) or x_packed.dim() < 2 or x_packed.shape[0] != 1 \
+            or x_packed.shape[1] != indices.numel():
+        raise ValueError(f"x_packed must be [1, N, ...] with N = {indices.numel()} (len(indices)), "
+                         f"got {tuple(getattr(x_packed, 'shape', ()))}")
+    x = x_packed[0]
+    out = x.new_zeros(batch * seqlen, *x.shape[1:])
+    return out.index_copy(0, indices.to(x.device), x).view(batch, seqlen, *x.shape[1:])
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """int32 cu_seqlens of a packed row whose positions restart at 0 for each sequence (HF's packing with
+    position_ids, e.g. `DataCollatorWithFlattening`): [T] or [1, T] -> [N+1]. Each sequence's positions must run
+    0, 1, 2, ... (ValueError otherwise). Reads the positions on the host."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or not (
+            position_ids.dim() == 1 or (position_ids.dim() == 2 and position_ids.shape[0] == 1)):
+        raise ValueError("position_ids must be an integer tensor [T] or [1, T]")
+    pos = position_ids.reshape(-1).cpu().long()
+    T = pos.numel()
+    if T == 0:
+        return torch.zeros(1, dtype=torch.int32, device=position_ids.device)
+    starts = (pos == 0).nonzero().flatten()
+    if int(pos[0]) != 0:
+        raise ValueError(f"position_ids must start at 0, got {int(pos[0])}")
+    cu = torch.cat([starts, torch.tensor([T])])
+    expected = torch.arange(T) - torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])
+    if not torch.equal(pos, expected):
+        raise ValueError("position_ids must run 0, 1, 2, ... within each packed sequence")
+    return cu.to(device=position_ids.device, dtype=torch.int32)
