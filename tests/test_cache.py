@@ -150,3 +150,12 @@ def test_cache_errors_name_the_argument():
         cache.reorder(torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="beam_idx"):
         cache.reorder(torch.tensor([0.0, 1.0]))
+
+
+def test_lengths_of_a_hybrid_model_cache():
+    """NSA in layer 2 only (a hybrid model): `lengths` reports that layer's fill, not zeros for the unused slot 0."""
+    layer = make_layer(G=4)
+    cache = nsa.NSACache(3, 2, 12)
+    assert cache.lengths.tolist() == [0, 0]
+    layer(torch.randn(2, 5, 32, dtype=torch.float64), cache=cache, layer_idx=2)
+    assert cache.lengths.tolist() == [5, 5] and cache.layers[0] is None

@@ -106,8 +106,8 @@ def test_settings_that_cannot_make_a_batch_fail_at_setup(tmp_path):
     with pytest.raises(ValueError, match="corpus"):
         train(load_config("micro", overrides={"corpus_max_bytes": 10}), tmp_path / "a", progress=False)
     with pytest.raises(ValueError, match="mqar"):
-        train(load_config("micro", overrides={"task_lengths": [8, 64], "niah_lengths": [64]}), tmp_path / "b", progress=False,
-              corpus=CORPUS)
+        train(load_config("micro", overrides={"task_lengths": [8, 64], "niah_lengths": [64]}), tmp_path / "b",
+              progress=False, corpus=CORPUS)
     with pytest.raises(ValueError, match="niah"):
         train(load_config("micro", overrides={"niah_lengths": [8]}), tmp_path / "c", progress=False, corpus=CORPUS)
 

@@ -87,7 +87,8 @@ class NSACache:
     cache = NSACache(num_layers, batch_size, max_length, device=None, dtype=None)
     y = layer(x, cache=cache, layer_idx=i)   # continues each cached sequence; updates layer i only
 
-    Each layer tracks its own fill; `lengths` reports layer 0's ([B] int64). `device`/`dtype` default to those of
+    Each layer tracks its own fill; `lengths` reports the first used layer's ([B] int64). `device`/`dtype`
+    default to those of
     the first input a layer sees. Storage for a layer is `memory_bytes()`-accounted from its allocation on.
     """
 
@@ -118,8 +119,9 @@ class NSACache:
 
     @property
     def lengths(self) -> torch.Tensor:
-        """[B] int64 tokens cached per sequence in layer 0 (zeros before layer 0 is first used)."""
-        lc = self.layers[0]
+        """[B] int64 tokens cached per sequence in the first layer slot in use (a hybrid model may cache NSA in
+        some layers only; zeros before any is used). `layers[i].lengths` gives layer i's."""
+        lc = next((lc for lc in self.layers if lc is not None), None)
         if lc is None:
             return torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
         return lc.lengths.clone()

@@ -136,8 +136,6 @@ def main(argv: list[str] | None = None) -> None:
         summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
         print(json.dumps(summary, indent=1))
     elif args.command == "eval":
-        from pathlib import Path
-
         from .evaluate import evaluate_checkpoint
         from .train import checkpoint_path
 

@@ -17,7 +17,8 @@ def unpad_input(x: torch.Tensor, attention_mask: torch.Tensor):
     int64 (positions of the tokens in the flattened B*T), cu_seqlens [B+1] int32, max_seqlen). The tokens of a row,
     in order, form one sequence (padding on either side; rows may be empty)."""
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must be a [B, T] tensor, got {getattr(attention_mask, 'shape', attention_mask)}")
+        got = getattr(attention_mask, "shape", attention_mask)
+        raise ValueError(f"attention_mask must be a [B, T] tensor, got {got}")
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or tuple(x.shape[:2]) != tuple(attention_mask.shape):
         raise ValueError(f"x must be [B, T, ...] with [B, T] = {tuple(attention_mask.shape)}, "
                          f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")

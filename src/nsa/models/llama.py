@@ -375,7 +375,7 @@ class LlamaLM(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         cache = self.make_cache(B, T0 + max_new_tokens) if use_cache else None
         shift_state = {} if cache is not None else None
-        steps = 0
+        steps, nxt = 0, None
         for step in range(max_new_tokens):
             cur = lengths + step  # host: tokens of each row so far
             if cache is not None and step == 0:
