@@ -205,3 +205,23 @@ def test_meta_device_initialisation(compression):
                 assert 0.005 < float(got.pos_emb.std()) < 0.05
         assert all(torch.isfinite(p).all() for p in layer.parameters())
     assert "l=8" in repr(fresh) and "shared_kv=False" in repr(fresh)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_return_aux_gives_the_selection_and_gates(backend, varlen):
+    """forward(..., return_aux=True): the same output (and gradients), plus the selected blocks the op used (equal
+    to select_blocks on the layer's own q and compressed keys) and the gates."""
+    torch.manual_seed(0)
+    layer = nsa.NativeSparseAttention(48, 6, 2, 8, config=CFG, backend=backend).double()
+    torch.nn.init.normal_(layer.compress_k.mlp[2].weight, std=0.1)
+    cu = torch.tensor([0, 21, 70]) if varlen else None
+    x = torch.randn(1 if varlen else 2, 70, 48, dtype=torch.float64, requires_grad=True)
+    y, aux = layer(x, cu_seqlens=cu, return_aux=True)
+    ref = layer(x, cu_seqlens=cu)
+    assert_close(y, ref, atol=1e-12, rtol=1e-12, name="output")
+    g, gr = torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0]
+    assert_close(g, gr, atol=1e-12, rtol=1e-12, name="dx")
+    q, k_cmp, *_, gates = layer.project(x, cu)
+    assert torch.equal(aux["block_indices"], nsa.select_blocks(q, k_cmp, config=CFG, cu_seqlens=cu, backend=backend))
+    assert torch.equal(aux["gates"], gates) and aux["block_indices"].shape == (x.shape[0], 70, 2, CFG.num_selected)

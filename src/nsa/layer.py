@@ -142,8 +142,12 @@ class NativeSparseAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, *, cache=None, layer_idx: int = 0,
-                new_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                new_lengths: torch.Tensor | None = None, return_aux: bool = False):
         """x [B, T, hidden] -> [B, T, hidden].
+
+        `return_aux` (no cache): also return a dict for analysis, {"block_indices": [B, T, HKV, n] int64, the
+        selected blocks (Eq. 11, sequence-local, ascending, -1 padded), "gates": [B, T, HQ, 3], the (cmp, slc,
+        win) gates}; the output is the same (the selection then runs as its own op before the attention).
 
         With `cache` (an `nsa.NSACache`), x continues each cached sequence of layer `layer_idx`: prefill when the
         cache is empty, chunked prefill, or T = 1 decode; RoPE positions come from the cache. Rows may hold
@@ -158,16 +162,22 @@ class NativeSparseAttention(nn.Module):
                 raise ValueError("cu_seqlens cannot be combined with cache (use new_lengths for ragged rows)")
             if position_ids is not None:
                 raise ValueError("position_ids cannot be combined with cache: positions come from the cache")
+            if return_aux:
+                raise ValueError("return_aux is not supported with cache")
             return self._forward_cached(x, cache, layer_idx, new_lengths)
         if new_lengths is not None:
             raise ValueError("new_lengths is only used with cache")
         B, T, _ = x.shape
         cu_seqlens = dispatch.check_cu_seqlens(cu_seqlens, x)
-        o = dispatch.native_sparse_attention(
-            *self.project(x, cu_seqlens, position_ids), config=self.config, cu_seqlens=cu_seqlens,
-            backend=self.backend,
-        )
-        return self.o_proj(o.reshape(B, T, self.num_heads * self.v_head_dim))
+        inputs = self.project(x, cu_seqlens, position_ids)
+        idx = None
+        if return_aux:
+            idx = dispatch.select_blocks(inputs[0].detach(), inputs[1].detach(), config=self.config,
+                                         cu_seqlens=cu_seqlens, backend=self.backend)
+        o = dispatch.native_sparse_attention(*inputs, config=self.config, cu_seqlens=cu_seqlens, block_indices=idx,
+                                             backend=self.backend)
+        y = self.o_proj(o.reshape(B, T, self.num_heads * self.v_head_dim))
+        return (y, {"block_indices": idx, "gates": inputs[7].detach()}) if return_aux else y
 
     # ------------------------------------------------------------------------------------------------ decoding
     def _decode_impl(self, device: torch.device) -> str:
