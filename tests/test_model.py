@@ -169,6 +169,19 @@ def test_generation_stops_at_eos_and_pads():
     assert out.shape[1] == max(row_ends)
 
 
+def test_generation_width_is_the_longest_row():
+    """The result is as wide as its longest row (prompt + new tokens up to eos), not max(prompt) + steps."""
+    model = micro("full")
+    p, n = ids(2, 8, seed=2), torch.tensor([8, 2])
+    with torch.no_grad():
+        free = model.generate(p, 6, temperature=0, prompt_lengths=n)
+        eos = int(free[0, 8])  # the long row's first new token: it stops at once
+        out = model.generate(p, 6, temperature=0, prompt_lengths=n, eos_token_id=eos)
+    new_short = free[1, 2:8].tolist()
+    short_end = 2 + (new_short.index(eos) + 1 if eos in new_short else 6)
+    assert out.shape[1] == max(9, short_end)
+
+
 def test_generation_bad_arguments():
     model = micro("full")
     p = ids(2, 5)
@@ -183,6 +196,15 @@ def test_generation_bad_arguments():
         with pytest.raises(ValueError, match=name):
             model.generate(p, **args)
     assert model.generate(p, 0).shape == (2, 5)
+    for kw, name in ((dict(pad_token_id=None), "pad_token_id"), (dict(max_new_tokens=True), "max_new_tokens"),
+                     (dict(prompt_lengths=torch.tensor([True, True])), "prompt_lengths")):
+        with pytest.raises(ValueError, match=name):
+            model.generate(p, **(dict(max_new_tokens=2) | kw))
+    import numpy as np
+
+    assert model.generate(p, 2, temperature=0, eos_token_id=np.int64(3)).shape[0] == 2  # NumPy ints are token ids
+    assert model.generate(p[:0], 3).shape == (0, 8)  # an empty batch
+    assert model(p[:, :0]).shape == (2, 0, 64) and model(p[:0]).shape == (0, 5, 64)
     with pytest.raises(ValueError, match="new_lengths"):
         model(p, new_lengths=torch.tensor([5, 5]))
 
@@ -252,3 +274,22 @@ def test_beam_reorder_with_token_shift(attention):
         got = torch.cat([model(x[beam, t:t + 1], cache=cache, shift_state=state) for t in range(15, 20)], 1)
         ref = model(torch.cat([x[beam, :15], x[beam, 15:20]], 1))[:, 15:]
     assert_close(got, ref, atol=1e-10, rtol=1e-10, name="beam rows")
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_failed_cached_call_changes_nothing(attention):
+    """A cached call that overflows the cache raises before any layer runs: neither the cache nor the token-shift
+    states change (layer 0's shift state used to move on), so continuing equals never having made the call."""
+    model = micro(attention, token_shift=True)
+    prompt, nxt = ids(2, 6, seed=3), ids(2, 1, seed=4)
+
+    def run(bad_call):
+        cache, state = model.make_cache(2, 10), {}
+        with torch.no_grad():
+            model(prompt, cache=cache, shift_state=state)
+            if bad_call:
+                with pytest.raises(ValueError, match="10"):
+                    model(ids(2, 8, seed=5), cache=cache, shift_state=state)  # 6 + 8 > 10
+            return model(nxt, cache=cache, shift_state=state)
+
+    assert torch.equal(run(False), run(True))

@@ -146,3 +146,17 @@ def test_run_folder_rules(tmp_path):
     fresh = train(load_config("micro", overrides={"steps": 2}), out, progress=False, corpus=CORPUS, overwrite=True)
     assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_000002.safetensors"]
     assert [m["step"] for m in read_metrics(out)] == [1, 2] and fresh["final_step"] == 2
+
+
+def test_resume_from_an_earlier_checkpoint_drops_the_abandoned_continuation(tmp_path):
+    """Resuming from ckpt 2 of a run that reached 6: checkpoints 4 and 6 of the abandoned continuation go with
+    their metrics rows, so the folder's latest checkpoint is the new run's. Settings equal up to spelled-out NSA
+    defaults or another backend resume the same model."""
+    out = tmp_path / "r"
+    cfg = load_config("micro", overrides={"steps": 6, "ckpt_every": 2})
+    train(cfg, out, progress=False, corpus=CORPUS)
+    again = load_config("micro", overrides={"steps": 6, "ckpt_every": 2, "lr": 1e-3, "model.backend": "reference",
+                                            "model.nsa.num_local_blocks": 2})
+    train(again, out, resume=out / "ckpt_000002.safetensors", stop_at=3, progress=False, corpus=CORPUS)
+    assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_000002.safetensors", "ckpt_000003.safetensors"]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]

@@ -126,6 +126,15 @@ class NSACache:
             return torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
         return lc.lengths.clone()
 
+    def check_room(self, new_tokens) -> None:
+        """ValueError unless every layer can take `new_tokens` more tokens per row (an int, or host [B]): a model
+        checks this before its first layer runs, so that a call that fails changes no layer."""
+        n = torch.as_tensor(new_tokens, dtype=torch.long)
+        for lc in self.layers:
+            need = int((n + (lc.host_lengths if lc is not None else 0)).max()) if n.numel() else 0
+            if need > self.max_length:
+                raise ValueError(f"cache max_length {self.max_length} exceeded: {need} tokens")
+
     def reset(self) -> None:
         """Forget every sequence (storage is kept for reuse)."""
         for lc in self.layers:

@@ -45,6 +45,9 @@ def generate_text(checkpoint: str, prompts: list[str], max_new_tokens: int = 64,
             raise ValueError(f"stop must be one byte (e.g. a newline), got {stop!r}")
         eos = stop.encode()[0]
     model, _, _ = load_model(checkpoint, device)
+    if model.cfg.vocab_size != 256:
+        raise ValueError(f"checkpoint: generate_text decodes bytes, so vocab_size must be 256, got "
+                         f"{model.cfg.vocab_size}")
     model.eval()
     lengths = torch.tensor([len(d) for d in data])
     prompt = torch.zeros(len(data), int(lengths.max()), dtype=torch.long)

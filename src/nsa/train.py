@@ -345,8 +345,11 @@ def checkpoint_config(path: str | Path) -> TrainConfig:
 
 def _check_resumable(ckpt: Path, cfg: TrainConfig) -> None:
     """Resuming continues the same model: its settings must equal the checkpoint's (the schedule may change)."""
-    saved = checkpoint_config(ckpt)
-    old, new = ModelConfig.from_dict(saved.model).to_dict(), ModelConfig.from_dict(cfg.model).to_dict()
+    def settings(model: dict) -> dict:  # the NSA geometry with its defaults filled in; the backend may change
+        m = ModelConfig.from_dict(model)
+        return {**m.to_dict(), "nsa": dataclasses.asdict(m.nsa_config()), "backend": None}
+
+    old, new = settings(checkpoint_config(ckpt).model), settings(cfg.model)
     diff = sorted(k for k in old if old[k] != new[k])
     if diff:
         details = ", ".join(f"model.{k}: {old[k]!r} in the checkpoint, {new[k]!r} now" for k in diff)
@@ -355,7 +358,8 @@ def _check_resumable(ckpt: Path, cfg: TrainConfig) -> None:
 
 def _prepare_out_dir(out_dir: Path, start: int, resume, overwrite: bool) -> None:
     """A fresh run refuses a folder holding another run's checkpoints or metrics (unless overwrite, which
-    deletes them); a resumed run drops the metrics rows logged after the step it resumes from."""
+    deletes them); a resumed run drops the checkpoints and metrics rows after the step it resumes from (the
+    abandoned continuation's: a later `--resume` or `nsa eval` of the folder would pick them)."""
     metrics = out_dir / "metrics.jsonl"
     old = sorted(out_dir.glob("ckpt_*.safetensors")) + ([metrics] if metrics.exists() else [])
     if not resume and old:
@@ -364,6 +368,10 @@ def _prepare_out_dir(out_dir: Path, start: int, resume, overwrite: bool) -> None
                              f"folder, or overwrite it (nsa train --overwrite)")
         for f in old:
             f.unlink()
+    if resume:
+        for f in out_dir.glob("ckpt_*.safetensors"):
+            if int(f.stem.split("_")[1]) > start:
+                f.unlink()
     if resume and metrics.exists():
         rows = [line for line in metrics.read_text().splitlines() if line.strip()]
         metrics.write_text("".join(line + "\n" for line in rows if json.loads(line)["step"] <= start))

@@ -7,6 +7,7 @@ Generation keeps a cache: `nsa.NSACache` for NSA, the small `KVCache` below for 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -110,6 +111,8 @@ class KVCache:
         old_b + i) may read slots 0 .. old_b + i."""
         old = self.host_lengths[layer_idx]
         T = k.shape[1]
+        if old.numel() == 0:  # an empty batch
+            return self.k[layer_idx][:, :T], self.v[layer_idx][:, :T]
         n = torch.full_like(old, T) if new_lengths is None else new_lengths
         if int((old + n).max()) > self.max_length:
             raise ValueError(f"cache holds at most {self.max_length} tokens, got {int((old + n).max())}")
@@ -124,6 +127,14 @@ class KVCache:
         self.host_lengths[layer_idx] = old + n
         S = min(int(old.max()) + T, self.max_length)
         return self.k[layer_idx][:, :S], self.v[layer_idx][:, :S]
+
+    def check_room(self, new_tokens) -> None:
+        """ValueError unless every layer can take `new_tokens` more tokens per row (an int, or host [B])."""
+        n = torch.as_tensor(new_tokens, dtype=torch.long)
+        for lengths in self.host_lengths:
+            need = int((lengths + n).max()) if lengths.numel() else 0
+            if need > self.max_length:
+                raise ValueError(f"cache holds at most {self.max_length} tokens, got {need}")
 
     def reset(self) -> None:
         for lengths in self.host_lengths:
@@ -184,7 +195,7 @@ class FullAttention(nn.Module):
                 for _, s, e in sequence_spans(B, T, cu_seqlens):
                     if e > s:
                         o[:, s:e] = _attend(q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True)
-        return self.o_proj(o.reshape(B, T, -1))
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 
 
 class SwiGLU(nn.Module):
@@ -299,11 +310,13 @@ class LlamaLM(nn.Module):
                 raise ValueError("new_lengths is only used with cache")
             B, T = input_ids.shape
             if (not isinstance(new_lengths, torch.Tensor) or new_lengths.shape != (B,)
-                    or new_lengths.is_floating_point() or new_lengths.is_complex()):
+                    or new_lengths.is_floating_point() or new_lengths.is_complex() or new_lengths.dtype == torch.bool):
                 raise ValueError(f"new_lengths must be an integer tensor of shape [{B}]")
             new_lengths = new_lengths.detach().cpu().long()
             if new_lengths.numel() and (int(new_lengths.min()) < 0 or int(new_lengths.max()) > T):
                 raise ValueError(f"new_lengths must lie in [0, {T}], got {new_lengths.tolist()}")
+        if cache is not None:  # before any layer (or token-shift state) changes
+            cache.check_room(new_lengths if new_lengths is not None else input_ids.shape[1])
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, cu_seqlens=cu_seqlens, position_ids=position_ids, cache=cache, layer_idx=i,
@@ -338,8 +351,8 @@ class LlamaLM(nn.Module):
         prompt [B, T0]; `prompt_lengths` [B] (optional, each in [1, T0]): row b's prompt is its first
         prompt_lengths[b] tokens (right padding), and its new tokens follow right after them. A row stops after
         emitting `eos_token_id` (kept); generation ends when every row has stopped or after max_new_tokens steps.
-        Row b of the result is its prompt, its new tokens, then `pad_token_id` up to T_out, the longest row's length
-        (T0 + max_new_tokens for equal prompts without eos).
+        Row b of the result is its prompt, its new tokens (eos included), then `pad_token_id` up to T_out, the
+        longest row's length (T0 + max_new_tokens for equal prompts without eos).
         temperature 0 is greedy; otherwise nucleus sampling keeps the smallest set of tokens with mass >= top_p.
         With `use_cache` (and a cache available for this attention type) each step feeds one token; without, the
         whole prefix is recomputed every step.
@@ -347,26 +360,33 @@ class LlamaLM(nn.Module):
         if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[1] == 0:
             shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
             raise ValueError(f"prompt must be [B, T0] with T0 >= 1, got shape {shape}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if not temperature >= 0:  # NaN too
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        for name, tok in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
-            if tok is not None and not (isinstance(tok, int) and 0 <= tok < self.cfg.vocab_size):
+        for name, tok, optional in (("eos_token_id", eos_token_id, True), ("pad_token_id", pad_token_id, False)):
+            if tok is None and optional:
+                continue
+            if not (isinstance(tok, numbers.Integral) and not isinstance(tok, bool) and 0 <= tok < self.cfg.vocab_size):
                 raise ValueError(f"{name} must be a token id in [0, {self.cfg.vocab_size}), got {tok!r}")
+        eos_token_id = None if eos_token_id is None else int(eos_token_id)
+        pad_token_id = int(pad_token_id)
         B, T0 = prompt.shape
         dev = prompt.device
         if prompt_lengths is None:
             lengths = torch.full((B,), T0, dtype=torch.long)
         else:
             if (not isinstance(prompt_lengths, torch.Tensor) or prompt_lengths.shape != (B,)
-                    or prompt_lengths.is_floating_point() or prompt_lengths.is_complex()):
+                    or prompt_lengths.is_floating_point() or prompt_lengths.is_complex()
+                    or prompt_lengths.dtype == torch.bool):
                 raise ValueError(f"prompt_lengths must be an integer tensor of shape [{B}]")
             lengths = prompt_lengths.detach().cpu().long()
             if B and (int(lengths.min()) < 1 or int(lengths.max()) > T0):
                 raise ValueError(f"prompt_lengths must lie in [1, {T0}], got {lengths.tolist()}")
+        if B == 0:
+            return prompt.new_zeros(0, T0 + max_new_tokens)
         ragged = bool((lengths != T0).any())
         rows = torch.arange(B, device=dev)
         out = torch.full((B, T0 + max_new_tokens), pad_token_id, dtype=prompt.dtype, device=dev)
@@ -375,7 +395,7 @@ class LlamaLM(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         cache = self.make_cache(B, T0 + max_new_tokens) if use_cache else None
         shift_state = {} if cache is not None else None
-        steps, nxt = 0, None
+        steps, nxt, produced = 0, None, torch.zeros(B, dtype=torch.long, device=dev)
         for step in range(max_new_tokens):
             cur = lengths + step  # host: tokens of each row so far
             if cache is not None and step == 0:
@@ -392,12 +412,13 @@ class LlamaLM(nn.Module):
             nxt = sample(logits.float(), temperature, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt.to(out.dtype))
             out[rows, cur.to(dev)] = nxt
+            produced += ~done
             steps += 1
             if eos_token_id is not None:
                 done |= nxt == eos_token_id
                 if bool(done.all()):
                     break
-        return out[:, :(int(lengths.max()) if B else T0) + steps]
+        return out[:, :int((lengths.to(dev) + produced).max())]
 
     @staticmethod
     def reorder_cache(cache, beam_idx: torch.Tensor, shift_state: dict | None = None) -> None:

@@ -61,28 +61,31 @@ class _threads_for:
     """Context manager: run the op's torch calls single-threaded and spread its query chunks over Python worker
     threads instead (one per intra-op thread; just one for a small q). Many mid-sized ops each paying an OpenMP
     barrier cost far more than one independent stream of ops per core, above all on a busy machine.
-    Yields the number of workers. The count is read when no op is running and kept while any runs: ops started
-    from several threads at once read the 1 an earlier op set, so they ran with one worker (another grouping of
-    the chunks, so not bitwise equal to a serial call) and then left their thread at 1 thread. Each op restores
-    that count on exit (ATen's OpenMP backend partly shares the setting between threads, so threads that each set
-    a *different* count of their own while ops run concurrently can see one another's)."""
+    Yields the number of workers: the thread count read when no op was running, kept while any runs. (ATen's
+    OpenMP backend partly shares the setting between threads, so an op started while another runs may read the 1
+    that one set; taking that 1 as its count gave it one worker, another grouping of the chunks and so results not
+    bitwise equal to a serial call, and left its thread at 1.) On exit each op restores its own thread's count,
+    taking a 1 read while another op ran for the shared count."""
 
     def __init__(self, q):
         self.small = q.numel() <= SMALL_NUMEL
 
     def __enter__(self):
         with _THREADS_LOCK:
+            self.own = torch.get_num_threads()
             if _THREADS_STATE["active"] == 0:
-                _THREADS_STATE["count"] = torch.get_num_threads()
+                _THREADS_STATE["count"] = self.own
+            elif self.own == 1:  # most likely the 1 a running op set
+                self.own = _THREADS_STATE["count"]
             _THREADS_STATE["active"] += 1
-            self.n = _THREADS_STATE["count"]
-        torch.set_num_threads(1)
-        return 1 if self.small else (NUM_WORKERS or self.n)
+            n = _THREADS_STATE["count"]
+            torch.set_num_threads(1)
+        return 1 if self.small else (NUM_WORKERS or n)
 
     def __exit__(self, *exc):
         with _THREADS_LOCK:
             _THREADS_STATE["active"] -= 1
-        torch.set_num_threads(self.n)
+            torch.set_num_threads(self.own)
 
 
 _THREADS_LOCK = threading.Lock()
