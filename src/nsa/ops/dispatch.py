@@ -235,14 +235,20 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None, cu_
     return _branch_op("cmp", q, k_cmp, v_cmp, None, (block_size, stride), scale, cu_seqlens, backend)
 
 
-def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=None, backend="auto"):
-    """Attention over the raw tokens of the blocks in `indices` [B,T,HKV,n] (Eq. 12), causal inside a block."""
-    return _branch_op("slc", q, k, v, indices, (block_size,), scale, cu_seqlens, backend)[0]
+def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=None, backend="auto",
+                       return_lse=False):
+    """Attention over the raw tokens of the blocks in `indices` [B,T,HKV,n] (Eq. 12), causal inside a block.
+    Returns o [B,T,HQ,Dv], or (o, lse [B,T,HQ] fp32/fp64, natural log, -inf where a query sees no key) with
+    `return_lse` (differentiable: e.g. to merge with attention computed elsewhere)."""
+    o, lse = _branch_op("slc", q, k, v, indices, (block_size,), scale, cu_seqlens, backend)
+    return (o, lse) if return_lse else o
 
 
-def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None, backend="auto"):
-    """Attention over keys in [t - window + 1, t] of the query's own sequence."""
-    return _branch_op("win", q, k, v, None, (window,), scale, cu_seqlens, backend)[0]
+def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None, backend="auto", return_lse=False):
+    """Attention over keys in [t - window + 1, t] of the query's own sequence. Returns o [B,T,HQ,Dv], or (o, lse)
+    with `return_lse`, as `selected_attention`."""
+    o, lse = _branch_op("win", q, k, v, None, (window,), scale, cu_seqlens, backend)
+    return (o, lse) if return_lse else o
 
 
 def _branch_op(branch, q, k, v, indices, geometry, scale, cu_seqlens, backend):
@@ -264,8 +270,9 @@ def _branch_op_eager(branch, q, k, v, indices, geometry, scale, cu_seqlens, back
                                          cu_seqlens=cu_seqlens)
     if branch == "slc":
         return impl.selected_attention(q, k, v, indices, block_size=geometry[0], scale=scale,
-                                       cu_seqlens=cu_seqlens), None
-    return impl.sliding_window_attention(q, k, v, window=geometry[0], scale=scale, cu_seqlens=cu_seqlens), None
+                                       cu_seqlens=cu_seqlens, return_lse=True)
+    return impl.sliding_window_attention(q, k, v, window=geometry[0], scale=scale, cu_seqlens=cu_seqlens,
+                                         return_lse=True)
 
 
 def _check_select_blocks(q, k_cmp, config, scale, cu_seqlens, backend, values=True):

@@ -158,8 +158,9 @@ def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None):
         return topn_blocks(scores, config=config, cu_seqlens=cu_seqlens)
 
 
-def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=None):
-    """Attention over the raw tokens of the selected blocks (Eq. 11-12). Returns o [B, T, HQ, Dv].
+def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=None, return_lse=False):
+    """Attention over the raw tokens of the selected blocks (Eq. 11-12). Returns o [B, T, HQ, Dv] (and lse
+    [B, T, HQ] in >= fp32 with `return_lse`; -inf where a query sees no key).
 
     indices [B, T, HKV, n]: block j covers positions [j*l', (j+1)*l' - 1] of the query's sequence; -1 is ignored,
     a repeated index counts once, and keys after t are masked (token-level causality inside a block).
@@ -168,6 +169,7 @@ def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=N
     B, T, HQ, _ = q.shape
     HKV = k.shape[2]
     o = q.new_zeros(B, T, HQ, v.shape[-1])
+    lse = torch.full((B, T, HQ), float("-inf"), dtype=_acc_dtype(q.dtype), device=q.device)
     for b, start, end in sequence_spans(B, T, cu_seqlens):
         L = end - start
         nb = math.ceil(L / block_size)
@@ -179,23 +181,29 @@ def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=N
         pos = torch.arange(L, device=q.device)
         mask = chosen[:, :, key_block] & (pos[None, :] <= pos[:, None])  # [HKV, L, L]
         mask = mask.repeat_interleave(HQ // HKV, dim=0)
-        o_s, _ = _masked_attention(q[b, start:end], k[b, start:end], v[b, start:end], mask, scale)
+        o_s, lse_s = _masked_attention(q[b, start:end], k[b, start:end], v[b, start:end], mask, scale)
         o[b, start:end] = o_s.to(o.dtype)
-    return _connected(o, q, k, v)
+        lse[b, start:end] = lse_s
+    o = _connected(o, q, k, v)
+    return (o, lse) if return_lse else o
 
 
-def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None):
-    """Attention over keys in [t - w + 1, t] of the query's own sequence (§3.3.3). Returns o [B, T, HQ, Dv]."""
+def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None, return_lse=False):
+    """Attention over keys in [t - w + 1, t] of the query's own sequence (§3.3.3). Returns o [B, T, HQ, Dv] (and
+    lse [B, T, HQ] with `return_lse`)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     B, T, HQ, _ = q.shape
     o = q.new_zeros(B, T, HQ, v.shape[-1])
+    lse = torch.full((B, T, HQ), float("-inf"), dtype=_acc_dtype(q.dtype), device=q.device)
     for b, start, end in sequence_spans(B, T, cu_seqlens):
         pos = torch.arange(end - start, device=q.device)
         delta = pos[:, None] - pos[None, :]
         mask = (delta >= 0) & (delta < window)
-        o_s, _ = _masked_attention(q[b, start:end], k[b, start:end], v[b, start:end], mask, scale)
+        o_s, lse_s = _masked_attention(q[b, start:end], k[b, start:end], v[b, start:end], mask, scale)
         o[b, start:end] = o_s.to(o.dtype)
-    return _connected(o, q, k, v)
+        lse[b, start:end] = lse_s
+    o = _connected(o, q, k, v)
+    return (o, lse) if return_lse else o
 
 
 def native_sparse_attention(

@@ -911,7 +911,7 @@ def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None, worker
                     delta = dgk * g[..., k_]
                 else:
                     delta = (dO * o_b).sum(-1)
-                if name == "cmp" and dlse is not None:
+                if dlse is not None:  # a branch op's lse gradient (the composed op has none)
                     delta = delta - dlse[b, rows].to(acc).view(C, HKV, G)
                 if fused is not None:  # the kernels scale dO by the gate and accumulate into dqc themselves
                     args = (dO, gk, delta.contiguous(), lse_b.contiguous())
@@ -1124,33 +1124,40 @@ def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None):
     return out
 
 
-def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=None):
-    """Attention over the raw tokens of the selected blocks (Eq. 12). Returns o [B, T, HQ, Dv]."""
+def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=None, return_lse=False):
+    """Attention over the raw tokens of the selected blocks (Eq. 12). Returns o [B, T, HQ, Dv] (and lse)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if cu_seqlens is not None and _use_groups(q, cu_seqlens):
         res = _grouped(cu_seqlens, None, None, lambda q_, k_, v_, i_: selected_attention(
-            q_, k_, v_, i_, block_size=block_size, scale=scale), (q, k, v, indices), (), (q.shape[2],))
+            q_, k_, v_, i_, block_size=block_size, scale=scale, return_lse=True), (q, k, v, indices), (),
+            (q.shape[2],) * 2)
         if res is not None:
-            return res
-    if _needs_grad(q, k, v):
-        return _BranchFn.apply("slc", q, k, v, indices, (block_size,), scale, cu_seqlens)[0]
-    q, k, v = _contig(q, k, v)
-    return _forward(q, None, (k, v, indices), None, None, _branch_geom("slc", (block_size,), scale, cu_seqlens),
-                    False)[0]
+            return res if return_lse else res[0]
+    return _single_branch("slc", q, k, v, indices, (block_size,), scale, cu_seqlens, return_lse)
 
 
-def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None):
-    """Attention over keys in [t - w + 1, t] of the query's own sequence. Returns o [B, T, HQ, Dv]."""
+def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None, return_lse=False):
+    """Attention over keys in [t - w + 1, t] of the query's own sequence. Returns o [B, T, HQ, Dv] (and lse)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if cu_seqlens is not None and _use_groups(q, cu_seqlens):
         res = _grouped(cu_seqlens, None, None, lambda q_, k_, v_: sliding_window_attention(
-            q_, k_, v_, window=window, scale=scale), (q, k, v), (), (q.shape[2],))
+            q_, k_, v_, window=window, scale=scale, return_lse=True), (q, k, v), (), (q.shape[2],) * 2)
         if res is not None:
-            return res
+            return res if return_lse else res[0]
+    return _single_branch("win", q, k, v, None, (window,), scale, cu_seqlens, return_lse)
+
+
+def _single_branch(branch, q, k, v, indices, geometry, scale, cu_seqlens, return_lse):
+    """o (and lse) of the "slc" or "win" branch alone, through the autograd Function when a gradient is needed."""
     if _needs_grad(q, k, v):
-        return _BranchFn.apply("win", q, k, v, None, (window,), scale, cu_seqlens)[0]
-    q, k, v = _contig(q, k, v)
-    return _forward(q, None, None, (k, v), None, _branch_geom("win", (window,), scale, cu_seqlens), False)[0]
+        o, lse = _BranchFn.apply(branch, q, k, v, indices, geometry, scale, cu_seqlens)
+    else:
+        q, k, v = _contig(q, k, v)
+        kv = (k, v, indices) if branch == "slc" else (k, v)
+        o, saved = _forward(q, None, kv if branch == "slc" else None, kv if branch == "win" else None, None,
+                            _branch_geom(branch, geometry, scale, cu_seqlens), False)
+        lse = saved["lse_" + branch]
+    return (o, lse) if return_lse else o
 
 
 def native_sparse_attention(

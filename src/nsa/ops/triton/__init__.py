@@ -48,19 +48,22 @@ def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None):
     return fn(q, k_cmp, config=config, scale=scale, cu_seqlens=cu_seqlens)
 
 
-def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=None):
-    """o [B,T,HQ,Dv] over the raw tokens of the selected blocks (Eq. 12)."""
+def selected_attention(q, k, v, indices, *, block_size, scale=None, cu_seqlens=None, return_lse=False):
+    """o [B,T,HQ,Dv] (and lse [B,T,HQ] fp32) over the raw tokens of the selected blocks (Eq. 12)."""
     if _use_reference(q):
         return _reference.selected_attention(q, k, v, indices, block_size=block_size, scale=scale,
-                                             cu_seqlens=cu_seqlens)
-    return _branch("slc", q, k, v, indices, (block_size,), scale, cu_seqlens)[0]
+                                             cu_seqlens=cu_seqlens, return_lse=return_lse)
+    o, lse = _branch("slc", q, k, v, indices, (block_size,), scale, cu_seqlens)
+    return (o, lse) if return_lse else o
 
 
-def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None):
-    """o [B,T,HQ,Dv] over keys [t - window + 1, t] of the query's own sequence (§3.3.3)."""
+def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None, return_lse=False):
+    """o [B,T,HQ,Dv] (and lse [B,T,HQ] fp32) over keys [t - window + 1, t] of the query's own sequence."""
     if _use_reference(q):
-        return _reference.sliding_window_attention(q, k, v, window=window, scale=scale, cu_seqlens=cu_seqlens)
-    return _branch("win", q, k, v, None, (window,), scale, cu_seqlens)[0]
+        return _reference.sliding_window_attention(q, k, v, window=window, scale=scale, cu_seqlens=cu_seqlens,
+                                                   return_lse=return_lse)
+    o, lse = _branch("win", q, k, v, None, (window,), scale, cu_seqlens)
+    return (o, lse) if return_lse else o
 
 
 # ----------------------------------------------------------------------------------- branch ops
@@ -115,7 +118,8 @@ def _branch_backward(branch, do, dlse, q, k, v, o, lse, indices, geometry, scale
         if plan is None:
             idx = indices.to(q.device).reshape(B * T, HKV, indices.shape[-1])
             plan = SelectionPlan(idx, cu, geometry[0], HQ // HKV, None)
-        dq, dk, dv = selected_bwd(qp, kp, vp, o, lse, cu, do, plan, geometry[0], sc)
+        dlse = None if dlse is None else dlse.reshape(B * T, HQ)
+        dq, dk, dv = selected_bwd(qp, kp, vp, o, lse, cu, do, plan, geometry[0], sc, dlse)
     else:
         dlse = None if dlse is None else dlse.reshape(B * T, HQ)
         mode, window, cmp_l, cmp_d = _mask(branch, geometry)

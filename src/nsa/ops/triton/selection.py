@@ -432,15 +432,19 @@ def selected_fwd(q, k, v, indices, cu, block_size, scale, packed=None):
     return o, lse, plan
 
 
-def selected_bwd(q, k, v, o, lse, cu, do, plan, block_size, scale):
-    """Gradients (dq, dk, dv) of `selected_fwd`; `plan` is the forward's (its reverse index is built here)."""
+def selected_bwd(q, k, v, o, lse, cu, do, plan, block_size, scale, dlse=None):
+    """Gradients (dq, dk, dv) of `selected_fwd`; `plan` is the forward's (its reverse index is built here); dlse,
+    the gradient of lse (None: zero), enters through delta = rowsum(dO * O) - dlse."""
     plan = plan.build_reverse()
     Tt, HQ, Dk = q.shape
     HKV, Dv = k.shape[1], v.shape[2]
     G = HQ // HKV
     meta, nsub = _slc_meta(plan, block_size, Dk, Dv, q.dtype)
     do = do.contiguous()
-    delta = (do.float() * o.float()).sum(-1).contiguous()
+    delta = (do.float() * o.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(dlse), dlse.float())
+    delta = delta.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1), lse.stride(0), plan.idx.stride(0), plan.idx.stride(1))
