@@ -293,3 +293,18 @@ def test_failed_cached_call_changes_nothing(attention):
             return model(nxt, cache=cache, shift_state=state)
 
     assert torch.equal(run(False), run(True))
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_ragged_generation_ignores_what_the_padding_holds(attention):
+    """The slots after prompt_lengths[b] may hold anything (-1 here): the cached prefill reads the prompt with its
+    padding replaced (it embedded the raw -1 and failed), and cached equals recomputed."""
+    model = micro(attention)
+    prompt, n = ids(2, 9, seed=7), torch.tensor([9, 4])
+    padded = prompt.clone()
+    padded[1, 4:] = -1
+    with torch.no_grad():
+        cached = model.generate(padded, 5, temperature=0, prompt_lengths=n)
+        plain = model.generate(padded, 5, temperature=0, prompt_lengths=n, use_cache=False)
+        ref = model.generate(prompt, 5, temperature=0, prompt_lengths=n)
+    assert torch.equal(cached, plain) and torch.equal(cached, ref)

@@ -23,6 +23,11 @@ def test_unpad_pad_round_trip_and_layout():
         nsa.unpad_input(x[:2], mask)
     with pytest.raises(ValueError, match="x_packed"):
         nsa.pad_input(packed[0], indices, 3, 7)
+    with pytest.raises(ValueError, match="indices"):
+        nsa.pad_input(packed, indices, 1, 7)
+    assert torch.equal(nsa.pad_input(packed, indices.int(), 3, 7), back)  # int32 indices too
+    with pytest.raises(ValueError, match="NaN"):
+        nsa.unpad_input(x, torch.full((3, 7), float("nan")))
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -48,6 +53,7 @@ def test_cu_seqlens_from_position_ids():
     x = torch.randn(1, 101, 32, dtype=torch.float64)
     # the positions alone only rotate: boundaries need cu_seqlens (spec §9)
     assert_close(layer(x, cu_seqlens=cu)[:, 37:100], layer(x[:, 37:100]), atol=1e-12, rtol=1e-12, name="seq 2")
-    for bad in (torch.arange(1, 5), torch.tensor([0, 1, 3, 0]), torch.arange(4.0), torch.zeros(2, 3, dtype=torch.long)):
+    for bad in (torch.arange(1, 5), torch.tensor([0, 1, 3, 0]), torch.arange(4.0), torch.zeros(2, 3, dtype=torch.long),
+                torch.tensor([False, True, False])):
         with pytest.raises(ValueError, match="position_ids"):
             nsa.cu_seqlens_from_position_ids(bad)

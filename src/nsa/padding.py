@@ -22,6 +22,8 @@ def unpad_input(x: torch.Tensor, attention_mask: torch.Tensor):
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or tuple(x.shape[:2]) != tuple(attention_mask.shape):
         raise ValueError(f"x must be [B, T, ...] with [B, T] = {tuple(attention_mask.shape)}, "
                          f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if attention_mask.is_floating_point() and bool(torch.isnan(attention_mask).any()):
+        raise ValueError("attention_mask must not hold NaN")
     keep = attention_mask.to(x.device).bool()
     indices = keep.flatten().nonzero().flatten()
     lengths = keep.sum(1, dtype=torch.int32)
@@ -37,16 +39,19 @@ def pad_input(x_packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen:
             or x_packed.shape[1] != indices.numel():
         raise ValueError(f"x_packed must be [1, N, ...] with N = {indices.numel()} (len(indices)), "
                          f"got {tuple(getattr(x_packed, 'shape', ()))}")
+    if indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) < batch * seqlen:
+        raise ValueError(f"indices must lie in [0, batch * seqlen = {batch * seqlen})")
     x = x_packed[0]
     out = x.new_zeros(batch * seqlen, *x.shape[1:])
-    return out.index_copy(0, indices.to(x.device), x).view(batch, seqlen, *x.shape[1:])
+    return out.index_copy(0, indices.to(device=x.device, dtype=torch.long), x).view(batch, seqlen, *x.shape[1:])
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """int32 cu_seqlens of a packed row whose positions restart at 0 for each sequence (HF's packing with
     position_ids, e.g. `DataCollatorWithFlattening`): [T] or [1, T] -> [N+1]. Each sequence's positions must run
     0, 1, 2, ... (ValueError otherwise). Reads the positions on the host."""
-    if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or not (
+    if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() \
+            or position_ids.dtype == torch.bool or not (
             position_ids.dim() == 1 or (position_ids.dim() == 2 and position_ids.shape[0] == 1)):
         raise ValueError("position_ids must be an integer tensor [T] or [1, T]")
     pos = position_ids.reshape(-1).cpu().long()

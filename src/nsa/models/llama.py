@@ -399,7 +399,9 @@ class LlamaLM(nn.Module):
         for step in range(max_new_tokens):
             cur = lengths + step  # host: tokens of each row so far
             if cache is not None and step == 0:
-                logits = self(prompt, cache=cache, shift_state=shift_state, new_lengths=lengths if ragged else None)
+                # the prompt with its padding replaced by pad_token_id (any ids may sit there)
+                logits = self(out[:, :T0], cache=cache, shift_state=shift_state,
+                              new_lengths=lengths if ragged else None)
                 logits = logits[rows, (lengths - 1).to(dev)]
             elif cache is not None:
                 logits = self(nxt[:, None], cache=cache, shift_state=shift_state)[:, -1]
