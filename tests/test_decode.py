@@ -324,3 +324,31 @@ def test_decode_attention_ignores_slots_past_each_row(backend):
     out = run(*dirty)
     assert torch.isfinite(clean).all()
     assert_close(out, clean, atol=1e-6, rtol=1e-6, name="dirty cache")
+
+
+def test_serving_loop_with_own_caches_equals_the_full_forward():
+    """A serving engine keeping its own caches: per token `project_tokens`, a compressed token by `compress` when
+    a block completes, then `nsa.decode_attention`: equal to one full forward (float64)."""
+    cfg = nsa.NSAConfig(cmp_block_size=8, cmp_stride=4, slc_block_size=16, num_selected=4, window_size=16)
+    torch.manual_seed(0)
+    layer = nsa.NativeSparseAttention(64, 4, 2, 16, config=cfg, shared_kv=True).double().eval()
+    torch.nn.init.normal_(layer.compress_k.mlp[2].weight, std=0.1)
+    B, T, S, l, d = 2, 45, 64, cfg.cmp_block_size, cfg.cmp_stride
+    x = torch.randn(B, T, 64, dtype=torch.float64)
+    k_slc, v_slc = torch.zeros(B, S, 2, 16, dtype=torch.float64), torch.zeros(B, S, 2, 16, dtype=torch.float64)
+    k_cmp = torch.zeros(B, cfg.num_compressed(S), 2, 16, dtype=torch.float64)
+    v_cmp, raw_k, raw_v = torch.zeros_like(k_cmp), torch.zeros_like(k_slc), torch.zeros_like(k_slc)
+    outs = []
+    with torch.no_grad():
+        full = layer(x)
+        for t in range(T):
+            q, kc_raw, vc_raw, ks, vs, _, _, g = layer.project_tokens(x[:, t:t + 1], torch.full((B, 1), t))
+            k_slc[:, t], v_slc[:, t], raw_k[:, t], raw_v[:, t] = ks[:, 0], vs[:, 0], kc_raw[:, 0], vc_raw[:, 0]
+            if t + 1 >= l and (t + 1 - l) % d == 0:
+                i = (t + 1 - l) // d
+                kc, vc = layer.compress(raw_k[:, i * d:i * d + l], raw_v[:, i * d:i * d + l], torch.tensor([t]))
+                k_cmp[:, i], v_cmp[:, i] = kc[:, 0], vc[:, 0]
+            o = nsa.decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_slc, v_slc, g, lengths=torch.full((B,), t + 1),
+                                     config=cfg)
+            outs.append(layer.o_proj(o.reshape(B, 1, -1)))
+    assert_close(torch.cat(outs, 1), full, atol=1e-10, rtol=1e-10, name="serving loop")

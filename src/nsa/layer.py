@@ -99,8 +99,11 @@ class NativeSparseAttention(nn.Module):
                 f"l'={c.slc_block_size}, n={c.num_selected}, w={c.window_size}, shared_kv={self.shared_kv}, "
                 f"backend={self.backend!r}")
 
-    def _heads(self, x: torch.Tensor, position_ids: torch.Tensor):
-        """Rotated q, raw (un-rotated) cmp K/V, rotated slc/win K/V and gates for x [B, T, hidden]."""
+    def project_tokens(self, x: torch.Tensor, position_ids: torch.Tensor):
+        """Per-token projections of x [B, T, hidden] at positions [T] or [B, T], for callers that keep their own
+        caches (a serving engine; see `nsa.decode_attention`): (q [B,T,HQ,Dk] rotated, k_cmp_raw / v_cmp_raw
+        [B,T,HKV,Dk|Dv] un-rotated (φ's input: pass l of them to `compress` when a block completes), k_slc, v_slc,
+        k_win, v_win [B,T,HKV,Dk|Dv] (keys rotated), gates [B,T,HQ,3])."""
         B, T, _ = x.shape
         HQ, HKV, Dk, Dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
         q = apply_rope(self.q_proj(x).view(B, T, HQ, Dk), position_ids, self.rope_theta)
@@ -116,8 +119,10 @@ class NativeSparseAttention(nn.Module):
         gates = torch.sigmoid(self.g_proj(x)).view(B, T, HQ, 3)
         return q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win, gates
 
-    def _compress(self, k_raw, v_raw, last_positions, cu_seqlens=None, starts=None):
-        """φ over raw cmp K/V; each compressed key is rotated at its block's last position (spec §8)."""
+    def compress(self, k_raw, v_raw, last_positions, cu_seqlens=None, starts=None):
+        """Compressed tokens (k_cmp rotated, v_cmp) of the blocks of raw cmp K/V [B, L, HKV, D] (every l-token
+        block at stride d; exactly one block when L = l): φ, then each compressed key rotated at its block's last
+        position, `last_positions` [Tc] or [B, Tc] (spec §8)."""
         k_cmp = apply_rope(self.compress_k(k_raw, cu_seqlens, starts), last_positions, self.rope_theta)
         return k_cmp, self.compress_v(v_raw, cu_seqlens, starts)
 
@@ -133,11 +138,11 @@ class NativeSparseAttention(nn.Module):
             raise ValueError(f"position_ids must be an integer tensor [T] or [B, T] = [{B}, {T}], got {shape}")
         if position_ids is None:
             position_ids = token_positions(T, cu_seqlens, x.device)
-        q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win, gates = self._heads(x, position_ids)
+        q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win, gates = self.project_tokens(x, position_ids)
         l, d = self.config.cmp_block_size, self.config.cmp_stride
         # once per call: under compile a packed batch's Tc is one size symbol for K and V
         starts = block_starts(T, l, d, cu_seqlens, x.device, call_id=self._call_id, anchor=x)
-        k_cmp, v_cmp = self._compress(k_cmp_raw, v_cmp_raw, position_ids[..., starts + l - 1], cu_seqlens, starts)
+        k_cmp, v_cmp = self.compress(k_cmp_raw, v_cmp_raw, position_ids[..., starts + l - 1], cu_seqlens, starts)
         return q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
@@ -234,7 +239,7 @@ class NativeSparseAttention(nn.Module):
         ridx = (torch.arange(R, device=dev) if isinstance(rows, slice) else rows.to(dev))[:, None]
         L_old_d = lc.lengths[ridx[:, 0]]  # the same lengths on the device, for position arithmetic there
         pos = L_old_d[:, None] + torch.arange(T, device=dev)  # [R, T]
-        q, kc_raw, vc_raw, k_slc, v_slc, k_win, v_win, gates = self._heads(x, pos)
+        q, kc_raw, vc_raw, k_slc, v_slc, k_win, v_win, gates = self.project_tokens(x, pos)
         lc.k_slc[ridx, pos] = k_slc.detach().to(cdt)
         lc.v_slc[ridx, pos] = v_slc.detach().to(cdt)
         win_start = None
@@ -288,7 +293,7 @@ class NativeSparseAttention(nn.Module):
         dev = kc_raw.device
         if int(L_old.max()) == 0:
             n = num_compressed_tokens(T, l, d)
-            k_cmp, v_cmp = self._compress(kc_raw, vc_raw, torch.arange(n, device=dev) * d + l - 1)
+            k_cmp, v_cmp = self.compress(kc_raw, vc_raw, torch.arange(n, device=dev) * d + l - 1)
             lc.k_cmp[ridx, torch.arange(n, device=dev)] = k_cmp.detach().to(cdt)
             lc.v_cmp[ridx, torch.arange(n, device=dev)] = v_cmp.detach().to(cdt)
             if cap:
@@ -307,7 +312,7 @@ class NativeSparseAttention(nn.Module):
             if bool(emit.any()):  # φ over every row's candidate block; rows that complete none keep their entry
                 blk_k = torch.cat([lc.k_tail[ridx, slots].to(kc_raw.dtype), kc_raw], 1)  # [R, l, HKV, D]
                 blk_v = torch.cat([lc.v_tail[ridx, slots].to(vc_raw.dtype), vc_raw], 1)
-                k_new, v_new = self._compress(blk_k, blk_v, p_d[:, None])
+                k_new, v_new = self.compress(blk_k, blk_v, p_d[:, None])
                 i_new = ((p_d + 1 - l).clamp(min=0) // d)[:, None]
                 if not bool(emit.all()):
                     keep = ~completes(p_d)[:, None, None, None]
@@ -329,7 +334,7 @@ class NativeSparseAttention(nn.Module):
             seq_v = torch.cat([lc.v_tail[row, held % cap].to(vc_raw.dtype) if cap else vc_raw[r, :0], vc_raw[r]])
             if c_new > c_old:
                 idx = torch.arange(c_old, c_new, device=dev)
-                k_new, v_new = self._compress(seq_k[None], seq_v[None], idx * d + l - 1)
+                k_new, v_new = self.compress(seq_k[None], seq_v[None], idx * d + l - 1)
                 lc.k_cmp[row, idx] = k_new[0].detach().to(cdt)
                 lc.v_cmp[row, idx] = v_new[0].detach().to(cdt)
             if cap:
