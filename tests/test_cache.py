@@ -13,7 +13,7 @@ TOL64 = dict(atol=1e-10, rtol=1e-10)
 
 def raw_kv(layer, x):
     """Un-cached projections of x: raw cmp K/V and rotated slc/win K/V at positions 0..T-1."""
-    _, kc, vc, ks, vs, kw, vw, _ = layer._heads(x, torch.arange(x.shape[1]))
+    _, kc, vc, ks, vs, kw, vw, _ = layer.project_tokens(x, torch.arange(x.shape[1]))
     return kc, vc, ks, vs, kw, vw
 
 

@@ -57,7 +57,7 @@ def test_shared_kv_modes_route_the_projections():
     for mode, sets in ((True, 1), ("slc_win", 2), (False, 3)):
         layer = make_layer(shared_kv=mode)
         assert layer.num_kv_sets == sets and layer.kv_proj.out_features == sets * 2 * (8 + 8)
-        _, kc, vc, ks, vs, kw, vw, _ = layer._heads(x, torch.arange(20)[None])
+        _, kc, vc, ks, vs, kw, vw, _ = layer.project_tokens(x, torch.arange(20)[None])
         assert (kw is ks) == (mode is not False) and (vw is vs) == (mode is not False)
         assert torch.equal(vc, vs) == (mode is True)  # cmp has its own set unless everything is shared
 
@@ -72,7 +72,7 @@ def test_gate_bias_sets_the_initial_gates():
     layer = make_layer(gate_bias=(2.0, 0.0, -1.0))
     x = torch.randn(1, 5, 48, dtype=torch.float64)
     torch.nn.init.zeros_(layer.g_proj.weight)  # gates = sigmoid(bias) for every token and head
-    gates = layer._heads(x, torch.arange(5)[None])[-1]
+    gates = layer.project_tokens(x, torch.arange(5)[None])[-1]
     assert_close(gates, torch.sigmoid(torch.tensor([2.0, 0.0, -1.0], dtype=torch.float64)).expand_as(gates),
                  atol=1e-15, rtol=0)
     assert torch.equal(make_layer().g_proj.bias, torch.zeros(18, dtype=torch.float64))
