@@ -148,3 +148,24 @@ def test_gpu_decode_smoke_run(tmp_path):
     assert all(r["steps_appended"] >= 2 and r["nsa_layer_ms"] > 0 for r in res["layer_rows"])
     assert all(r["max_abs_diff_vs_torch"] < 1e-4 for r in res["rows"] + res["prefill_rows"])
     assert [(r["chunk"], r["batch"]) for r in res["prefill_rows"]] == [(9, 1)]
+
+
+@pytest.mark.parametrize("script,args", [
+    ("cpu_suite.py", ["--T", "512", "--mem-T", "--decode-T", "1024", "--repeat", "1"]),
+    ("cpu_decode.py", ["--contexts", "1024", "--batches", "1,2", "--repeats", "1"]),
+    ("cpu_short.py", ["--batches", "1", "--repeat", "1", "--steps", "1"]),
+])
+def test_cpu_benchmark_smoke_run(script, args, tmp_path):
+    """The CPU benchmarks run end to end at tiny sizes and write their JSON (they run rarely, so breakage would go
+    unnoticed); no timing is asserted."""
+    import json
+    import os
+
+    out = tmp_path / ("res.json" if script == "cpu_decode.py" else "res")
+    env = dict(os.environ, PYTHONPATH=str(BENCH.parent / "src"), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(BENCH / script), *args, "--out", str(out)], capture_output=True,
+                         text=True, env=env, timeout=600, cwd=BENCH.parent)
+    assert run.returncode == 0, run.stderr[-3000:]
+    path = out if script == "cpu_decode.py" else out.with_suffix(".json")
+    res = json.loads(path.read_text())
+    assert res, script
