@@ -395,7 +395,7 @@ class LlamaLM(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         cache = self.make_cache(B, T0 + max_new_tokens) if use_cache else None
         shift_state = {} if cache is not None else None
-        steps, nxt, produced = 0, None, torch.zeros(B, dtype=torch.long, device=dev)
+        nxt, produced = None, torch.zeros(B, dtype=torch.long, device=dev)
         for step in range(max_new_tokens):
             cur = lengths + step  # host: tokens of each row so far
             if cache is not None and step == 0:
@@ -415,7 +415,6 @@ class LlamaLM(nn.Module):
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt.to(out.dtype))
             out[rows, cur.to(dev)] = nxt
             produced += ~done
-            steps += 1
             if eos_token_id is not None:
                 done |= nxt == eos_token_id
                 if bool(done.all()):
