@@ -294,6 +294,7 @@ def test_public_decode_attention_rejects_bad_input():
         "head dims must be positive": ([q[:, -1:, :, :0], k_cmp[..., :0], *args[2:3], k_slc[..., :0], *args[4:5],
                                         k_win[..., :0], *args[6:]], {}),
         "both positive": ([q[:, -1:, :0], *args[1:7], gates[:, -1:, :0]], {}),
+        "lengths must be .* int32/int64": (args, dict(lengths=torch.tensor([20], dtype=torch.uint8))),
     }
     for match, (a, extra) in bad.items():
         with pytest.raises(ValueError, match=match):

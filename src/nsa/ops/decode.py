@@ -304,12 +304,13 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
         if k.shape[1] != v.shape[1]:
             raise ValueError(f"{vname} length {v.shape[1]} does not match {kname}'s {k.shape[1]}")
     if win_start is not None and (not isinstance(win_start, torch.Tensor) or win_start.shape != (B,)
-                                  or win_start.is_floating_point()):
-        raise ValueError(f"win_start must be None or a [B] = [{B}] integer tensor")
+                                  or win_start.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"win_start must be None or a [B] = [{B}] int32/int64 tensor")
     if tuple(gates.shape) != (B, Tq, HQ, 3):
         raise ValueError(f"gates must be [B, Tq, HQ, 3] = {(B, Tq, HQ, 3)}, got {tuple(gates.shape)}")
-    if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.is_floating_point():
-        raise ValueError(f"lengths must be a [B] = [{B}] integer tensor")
+    if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.dtype not in (torch.int32,
+                                                                                                torch.int64):
+        raise ValueError(f"lengths must be a [B] = [{B}] int32/int64 tensor (narrower types wrap)")
     if B == 0:
         return q.new_zeros(0, Tq, HQ, v_slc.shape[3])
     host = lengths.detach().cpu() if host_lengths is None else host_lengths
