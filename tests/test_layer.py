@@ -225,3 +225,22 @@ def test_return_aux_gives_the_selection_and_gates(backend, varlen):
     q, k_cmp, *_, gates = layer.project(x, cu)
     assert torch.equal(aux["block_indices"], nsa.select_blocks(q, k_cmp, config=CFG, cu_seqlens=cu, backend=backend))
     assert torch.equal(aux["gates"], gates) and aux["block_indices"].shape == (x.shape[0], 70, 2, CFG.num_selected)
+
+
+@pytest.mark.parametrize("shared_kv", [False, True, "slc_win"])
+def test_load_dense_attention(shared_kv):
+    """Dense weights copied in (every K/V set), the window gate open, the others shut, a window as long as the
+    sequence: the NSA layer computes the dense causal attention it came from (float64)."""
+    from nsa.models.llama import FullAttention
+
+    torch.manual_seed(0)
+    dense = FullAttention(48, 6, 2, 8, rope_theta=10000.0).double()
+    cfg = nsa.NSAConfig(cmp_block_size=8, cmp_stride=4, slc_block_size=16, num_selected=4, window_size=64)
+    layer = nsa.NativeSparseAttention(48, 6, 2, 8, config=cfg, shared_kv=shared_kv, gate_bias=(-60.0, -60.0, 60.0),
+                                      backend="reference").double()
+    k_w, v_w = dense.kv_proj.weight.view(2, 2 * 8, 48).unbind(0)
+    layer.load_dense_attention(dense.q_proj.weight, k_w, v_w, dense.o_proj.weight)
+    x = torch.randn(2, 40, 48, dtype=torch.float64)
+    assert_close(layer(x), dense(x), atol=1e-12, rtol=1e-12, name="dense equivalence")
+    with pytest.raises(ValueError, match="k_weight"):
+        layer.load_dense_attention(dense.q_proj.weight, k_w[:8], v_w, dense.o_proj.weight)

@@ -92,6 +92,23 @@ class NativeSparseAttention(nn.Module):
             m.reset_parameters()
         self._set_gate_bias()
 
+    @torch.no_grad()
+    def load_dense_attention(self, q_weight, k_weight, v_weight, o_weight) -> None:
+        """Start from a dense attention layer (uptraining dense -> NSA): copy its projection weights (nn.Linear
+        layouts, no biases: q [HQ·Dk, hidden], k [HKV·Dk, hidden], v [HKV·Dv, hidden], o [hidden, HQ·Dv]) into
+        q_proj, every K/V set of kv_proj, and o_proj. The gates and φ keep their initialisation; RoPE must use the
+        dense model's base (`rope_theta`)."""
+        HQ, HKV, Dk, Dv, H = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim, self.hidden_size
+        for name, w, shape in (("q_weight", q_weight, (HQ * Dk, H)), ("k_weight", k_weight, (HKV * Dk, H)),
+                               ("v_weight", v_weight, (HKV * Dv, H)), ("o_weight", o_weight, (H, HQ * Dv))):
+            if not isinstance(w, torch.Tensor) or tuple(w.shape) != shape:
+                got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+                raise ValueError(f"{name} must be {shape}, got {got}")
+        kv = torch.cat([k_weight.reshape(HKV, Dk, H), v_weight.reshape(HKV, Dv, H)], 1)  # per KV head: k rows, v rows
+        self.q_proj.weight.copy_(q_weight)
+        self.kv_proj.weight.copy_(kv.repeat(self.num_kv_sets, 1, 1).reshape(-1, H))
+        self.o_proj.weight.copy_(o_weight)
+
     def extra_repr(self) -> str:
         c = self.config
         return (f"hidden_size={self.hidden_size}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
