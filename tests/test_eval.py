@@ -122,6 +122,9 @@ def test_cli_train_eval_and_demo(tmp_path, capsys):
         assert (tmp_path / "demo" / name).stat().st_size > 0, name
     out = capsys.readouterr().out
     assert "| val loss" in out and "NIAH @ 64" in out
+    sample = summary["sample"]  # a needle beyond the window, asked of both models by greedy generation
+    assert "Sample needle" in out and sample["gap"] >= 16 and set(sample["answers"]) == {"nsa", "full"}
+    assert all(len(a.encode()) >= 1 for a in sample["answers"].values())
     n, f = summary["results"]["nsa"], summary["results"]["full"]
     assert n["train"]["num_params"] > f["train"]["num_params"] and n["train"]["final_step"] == 2
     with pytest.raises(SystemExit):

@@ -224,6 +224,36 @@ def _demo_run(attention: str, run_dir: str, preset: str, overrides: dict, progre
     return res
 
 
+@torch.no_grad()
+def _needle_sample(out: Path, names, T: int, window: int, seed: int = 7) -> dict | None:
+    """One validation needle beyond the window, at the trained length, asked of each trained model by greedy
+    generation (with its decoding cache): what a reader can look at besides the accuracies."""
+    from .train import checkpoint_config, load_model
+
+    cfg = checkpoint_config(out / names[0])
+    val = stdlib_corpus("val", cfg.val_fraction)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(50):
+        ex = niah_example(val, T, float(torch.rand((), generator=g)), g)
+        if ex.info["gap"] >= window:
+            break
+    else:
+        return None
+    value = ex.info["value"]
+    question_end = len(ex.tokens) - len(value) - 1  # the last prompt token ("$"); the answer follows it
+    prompt = torch.tensor([ex.tokens[:question_end + 1]])
+    answers = {}
+    for name in names:
+        model, _, _ = load_model(out / name)
+        model.eval()
+        new = model.generate(prompt, len(value), temperature=0)[0, prompt.shape[1]:].tolist()
+        answers[name] = bytes(new).decode(errors="replace")
+    said = ", ".join(f"{'NSA' if a == 'nsa' else 'full attention'} answers {answers[a]!r}" for a in names)
+    text = (f"Sample needle beyond the window: the line {ex.info['needle'].strip()!r} sits {ex.info['gap']} tokens "
+            f"before the question {ex.info['key'] + '=$'!r} (window {window}); {said}.")
+    return dict(key=ex.info["key"], value=value, gap=ex.info["gap"], answers=answers, text=text)
+
+
 def run_demo(out_dir: str | Path = "runs/demo", preset: str = "tiny-cpu", overrides: dict | None = None,
              progress: bool = True, niah_samples: int = 16, mqar_samples: int = 32, jobs: int = 1) -> dict:
     """Train an NSA and a full-attention model with the same preset (same seed, data, steps and, up to the NSA
@@ -289,9 +319,13 @@ def run_demo(out_dir: str | Path = "runs/demo", preset: str = "tiny-cpu", overri
     table = "\n".join(lines + ["", counts])
     print("\n" + table)
     (out / "table.md").write_text(table + "\n")
+    sample = _needle_sample(out, names, T, w)
+    if sample is not None:
+        print("\n" + sample["text"])
     for res in results.values():
         res["niah"].pop("records")
-    summary = dict(results=results, machine=machine, preset=preset, overrides=overrides, jobs=jobs, wall_s=wall)
+    summary = dict(results=results, machine=machine, preset=preset, overrides=overrides, jobs=jobs, wall_s=wall,
+                   sample=sample)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"\nwrote {out}/loss_curves.png, niah_nsa.png, niah_full.png, table.md, summary.json")
     return summary
