@@ -68,6 +68,19 @@ def test_mqar_scoring_against_oracle():
     assert res["queries"] == 30 and res["accuracy"] == pytest.approx(29 / 30)
 
 
+def test_eval_of_a_model_trained_shorter_than_one_mqar_pair(tmp_path):
+    """seq_len 8 holds no MQAR pair: eval skips MQAR with a reason (it raised "too short for 1 pairs")."""
+    from nsa.evaluate import evaluate_checkpoint
+    from nsa.train import load_config, train
+
+    cfg = load_config("micro", overrides={"seq_len": 8, "data_weights": {"lm": 1.0}, "steps": 1})
+    train(cfg, tmp_path / "s", progress=False)
+    res = evaluate_checkpoint(tmp_path / "s", None, [32], [0.5], 1, 2, 1)
+    assert res["mqar"]["accuracy"] is None and "no MQAR pair" in res["mqar"]["skipped"]
+    with pytest.raises(ValueError, match="depths"):
+        evaluate_checkpoint(tmp_path / "s", None, [32], [2.0], 1, 2, 1)
+
+
 def test_val_loss_matches_model_loss():
     torch.manual_seed(0)
     model = LlamaLM(ModelConfig(hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=32,
@@ -113,6 +126,8 @@ def test_cli_train_eval_and_demo(tmp_path, capsys):
         evaluate_checkpoint(tmp_path / "nothing_here")
     with pytest.raises(ValueError, match="steps"):
         main(["train", "--preset", "micro", "--steps", "0", "--out", str(tmp_path / "z"), "--no-progress"])
+    with pytest.raises(ValueError, match="holds no checkpoint"):  # it started a 1000-step tiny-cpu run
+        main(["train", "--out", str(tmp_path / "empty"), "--resume", "--no-progress"])
     # --resume without --preset continues with the checkpoint's settings (micro, full attention), not tiny-cpu
     main(["train", "--out", str(tmp_path / "t"), "--resume", "--steps", "3", "--no-progress"])
     _, resumed_cfg, step = load_model(tmp_path / "t" / "ckpt_000003.safetensors")

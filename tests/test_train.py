@@ -160,3 +160,43 @@ def test_resume_from_an_earlier_checkpoint_drops_the_abandoned_continuation(tmp_
     train(again, out, resume=out / "ckpt_000002.safetensors", stop_at=3, progress=False, corpus=CORPUS)
     assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_000002.safetensors", "ckpt_000003.safetensors"]
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+
+
+def test_data_weights_order_does_not_change_the_batches():
+    """Equal settings give equal batches whatever order the data_weights dict was written in (a YAML dump sorts
+    its keys: a resumed run left the uninterrupted curve)."""
+    from nsa.data import DataMix
+
+    mixes = [DataMix(CORPUS, 64, 4, w, 0, (2, 4)) for w in ({"lm": .5, "niah": .3, "mqar": .2},
+                                                           {"mqar": .2, "lm": .5, "niah": .3})]
+    for s in range(3):
+        a, b = (m.batch(s) for m in mixes)
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.cu_seqlens, b.cu_seqlens)
+
+
+def test_model_settings_checked_for_either_attention():
+    for override, field in (({"model.attention": "full", "model.compression": "foo"}, "compression"),
+                            ({"model.attention": "full", "model.shared_kv": "maybe"}, "shared_kv"),
+                            ({"model.gate_bias": "oops"}, "gate_bias"), ({"model.gate_bias": [1, 2]}, "gate_bias")):
+        with pytest.raises(ValueError, match=field):
+            load_config("micro", overrides=override)
+    assert load_config("micro", overrides={"model.gate_bias": ["2e0", 0, 0]}).model["gate_bias"] == (2.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="config"):
+        load_config("micro", "/nonexistent/cfg.yaml")
+
+
+def test_resuming_another_folders_checkpoint_into_a_used_folder_is_refused(tmp_path):
+    """`--resume FILE` from run A into folder B that holds run B: refused (it spliced B's early checkpoints and
+    metrics with A's continuation), unless overwrite; into an empty folder it continues A there."""
+    cfg = load_config("micro", overrides={"steps": 4, "ckpt_every": 2})
+    train(cfg, tmp_path / "a", progress=False, corpus=CORPUS, stop_at=2)
+    train(load_config("micro", overrides={"steps": 4, "ckpt_every": 2, "seed": 3}), tmp_path / "b", progress=False,
+          corpus=CORPUS, stop_at=2)
+    source = tmp_path / "a" / "ckpt_000002.safetensors"
+    with pytest.raises(ValueError, match="previous run"):
+        train(cfg, tmp_path / "b", resume=source, progress=False, corpus=CORPUS)
+    train(cfg, tmp_path / "b", resume=source, progress=False, corpus=CORPUS, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "b").glob("ckpt_*")) == ["ckpt_000004.safetensors"]
+    assert [m["step"] for m in read_metrics(tmp_path / "b")] == [3, 4]
+    train(cfg, tmp_path / "c", resume=source, progress=False, corpus=CORPUS)
+    assert (tmp_path / "c" / "ckpt_000004.safetensors").exists()

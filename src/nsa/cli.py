@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> None:
         base = None
         if args.resume and not (args.preset or args.config):  # continue with the checkpoint's own settings
             ckpt = latest_checkpoint(args.out) if args.resume is True else args.resume
-            base = None if ckpt is None else checkpoint_config(ckpt).to_dict()
+            if ckpt is None:
+                raise ValueError(f"--resume: {args.out} holds no checkpoint (give --preset or --config to start a "
+                                 f"run there)")
+            base = checkpoint_config(ckpt).to_dict()
         preset = args.preset or (None if args.config or base else "tiny-cpu")
         cfg = load_config(preset, args.config, over, base=base)
         summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)

@@ -65,6 +65,8 @@ def niah_grid(model, corpus: Corpus, lengths=(128, 256, 512), depths=(0.0, 0.25,
     check_int("niah samples", samples, 1)
     if not lengths or not depths:
         raise ValueError(f"niah lengths and depths must be non-empty, got {lengths!r} and {depths!r}")
+    if not all(isinstance(d, (int, float)) and 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"niah depths must lie in [0, 1], got {list(depths)}")
     grid, records = [], []
     for L in lengths:
         row = []
@@ -115,6 +117,14 @@ def mqar_accuracy(model, length: int, num_pairs: int, samples: int = 32, seed: i
     return dict(accuracy=right / max(total, 1), queries=total, length=length, num_pairs=num_pairs)
 
 
+def _mqar_at(model, T: int, max_pairs: int, samples: int) -> dict:
+    """MQAR at the trained length with as many pairs as fit (up to max_pairs); skipped when none fits."""
+    fit = mqar_max_pairs(T)
+    if fit < 1:
+        return dict(accuracy=None, skipped=f"seq_len {T} holds no MQAR pair (at least 11 tokens)", length=T)
+    return mqar_accuracy(model, T, min(max_pairs, fit), samples)
+
+
 def plot_niah(result: dict, path: str | Path, title: str = "") -> None:
     """Heatmap of a `niah_grid` result (rows: context length, columns: needle depth)."""
     import matplotlib
@@ -154,11 +164,10 @@ def evaluate_checkpoint(path: str | Path, out_dir: str | Path | None = None, len
     window = model.cfg.nsa_config().window_size
     lengths = lengths or sorted({max(64, T // 4), max(64, T // 2), T})
     depths = depths or (0.0, 0.25, 0.5, 0.75, 1.0)
-    pairs = max(1, min(cfg.mqar_pairs[1], mqar_max_pairs(T)))
     res = dict(checkpoint=str(path), step=step, attention=model.cfg.attention, num_params=model.num_params(),
                val=val_loss(model, val, T, val_batches),
                niah=niah_grid(model, val, lengths, depths, niah_samples, window=window),
-               mqar=mqar_accuracy(model, T, pairs, mqar_samples))
+               mqar=_mqar_at(model, T, cfg.mqar_pairs[1], mqar_samples))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -215,9 +224,9 @@ def _demo_run(attention: str, run_dir: str, preset: str, overrides: dict, progre
     window = model.cfg.nsa_config().window_size
     lengths = sorted({max(64, T // 4), max(64, T // 2), T})
     niah = niah_grid(model, val, lengths, (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0), niah_samples, window=window)
-    pairs = max(1, min(cfg.mqar_pairs[1], mqar_max_pairs(T)))
     res = dict(train=summary, val=val_loss(model, val, T, 8), niah=niah,
-               niah_at_T=window_split(niah["records"], window, T), mqar=mqar_accuracy(model, T, pairs, mqar_samples),
+               niah_at_T=window_split(niah["records"], window, T),
+               mqar=_mqar_at(model, T, cfg.mqar_pairs[1], mqar_samples),
                seq_len=T, window=window)
     plot_niah(niah, run_dir / "niah.png", f"NIAH, {attention} attention ({step} steps)")
     (run_dir / "eval.json").write_text(json.dumps(res, indent=1))

@@ -178,6 +178,8 @@ def load_config(preset: str | None = None, path: str | Path | None = None, overr
     if path is not None:
         import yaml
 
+        if not Path(path).is_file():
+            raise ValueError(f"config: no such file {path}")
         with open(path) as f:
             loaded = yaml.safe_load(f) or {}
         if not isinstance(loaded, dict):
@@ -356,12 +358,15 @@ def _check_resumable(ckpt: Path, cfg: TrainConfig) -> None:
         raise ValueError(f"resume: {ckpt} was trained with another model ({details})")
 
 
-def _prepare_out_dir(out_dir: Path, start: int, resume, overwrite: bool) -> None:
-    """A fresh run refuses a folder holding another run's checkpoints or metrics (unless overwrite, which
-    deletes them); a resumed run drops the checkpoints and metrics rows after the step it resumes from (the
-    abandoned continuation's: a later `--resume` or `nsa eval` of the folder would pick them)."""
+def _prepare_out_dir(out_dir: Path, start: int, resume, overwrite: bool, ckpt: Path | None = None) -> None:
+    """A fresh run, or one resumed from another folder's checkpoint, refuses a folder holding another run's
+    checkpoints or metrics (unless overwrite, which deletes them); a run resumed from this folder drops the
+    checkpoints and metrics rows after the step it resumes from (the abandoned continuation's: a later `--resume`
+    or `nsa eval` of the folder would pick them)."""
     metrics = out_dir / "metrics.jsonl"
     old = sorted(out_dir.glob("ckpt_*.safetensors")) + ([metrics] if metrics.exists() else [])
+    if ckpt is not None and ckpt.resolve().parent != out_dir.resolve():
+        resume = False  # continuing another folder's run here: this folder's own run must not be spliced in
     if not resume and old:
         if not overwrite:
             raise ValueError(f"out_dir {out_dir} holds a previous run ({old[0].name}, ...): resume it, pick another "
@@ -428,7 +433,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, sto
                   cfg.niah_lengths)
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        _prepare_out_dir(out_dir, start, resume, overwrite)
+        _prepare_out_dir(out_dir, start, resume, overwrite, ckpt)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     log = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
     end = max(start, min(cfg.steps, stop_at if stop_at is not None else cfg.steps))

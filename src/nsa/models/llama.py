@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compression import COMPRESSORS
 from ..config import NSAConfig, check_bool, check_number
 from ..layer import NativeSparseAttention
 from ..ops.dispatch import check_backend_name, check_cu_seqlens
@@ -62,8 +63,13 @@ class ModelConfig:
         self.init_std = check_number("init_std", self.init_std, 0.0, lo_open=True, hi_open=True)
         check_bool("token_shift", self.token_shift)
         check_backend_name(self.backend)
-        if isinstance(self.gate_bias, list):  # as JSON/YAML give it back
-            self.gate_bias = tuple(self.gate_bias)
+        if self.compression not in COMPRESSORS:
+            raise ValueError(f"compression must be one of {sorted(COMPRESSORS)}, got {self.compression!r}")
+        if not (isinstance(self.shared_kv, bool) or self.shared_kv == "slc_win"):
+            raise ValueError(f"shared_kv must be true, false or 'slc_win', got {self.shared_kv!r}")
+        if not isinstance(self.gate_bias, (list, tuple)) or len(self.gate_bias) != 3:
+            raise ValueError(f"gate_bias must be 3 numbers (cmp, slc, win), got {self.gate_bias!r}")
+        self.gate_bias = tuple(check_number("gate_bias", b, hi_open=True, lo_open=True) for b in self.gate_bias)
         if not isinstance(self.nsa, (dict, NSAConfig)):
             raise ValueError(f"nsa must be a mapping of NSAConfig fields, got {self.nsa!r}")
         if isinstance(self.nsa, NSAConfig):
