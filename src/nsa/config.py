@@ -94,3 +94,17 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {value!r}")
     return value
+
+
+def check_lengths(name: str, value, batch: int, lo: int, hi: int):
+    """value as a host int64 [batch] tensor of per-row counts in [lo, hi] (an integer tensor, not bool), else
+    ValueError naming it. Reads the values on the host."""
+    import torch
+
+    if (not isinstance(value, torch.Tensor) or tuple(value.shape) != (batch,) or value.is_floating_point()
+            or value.is_complex() or value.dtype == torch.bool):
+        raise ValueError(f"{name} must be an integer tensor of shape [{batch}]")
+    host = value.detach().cpu().long()
+    if batch and (int(host.min()) < lo or int(host.max()) > hi):
+        raise ValueError(f"{name} must lie in [{lo}, {hi}], got {host.tolist()}")
+    return host

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .compression import block_starts, make_compressor
-from .config import NSAConfig, check_int, check_number, num_compressed_tokens
+from .config import NSAConfig, check_int, check_lengths, check_number, num_compressed_tokens
 from .ops import dispatch
 from .ops.varlen import token_positions
 from .rope import apply_rope
@@ -226,11 +226,7 @@ class NativeSparseAttention(nn.Module):
         if new_lengths is None:
             return self._cached_step(x, lc, slice(None)) if T else self.o_proj(x.new_zeros(B, 0, self.num_heads *
                                                                                             self.v_head_dim))
-        if not isinstance(new_lengths, torch.Tensor) or new_lengths.shape != (B,) or new_lengths.is_floating_point():
-            raise ValueError(f"new_lengths must be an integer tensor of shape [{B}]")
-        n_host = new_lengths.detach().cpu().long()
-        if B and (int(n_host.min()) < 0 or int(n_host.max()) > T):
-            raise ValueError(f"new_lengths must lie in [0, {T}], got {n_host.tolist()}")
+        n_host = check_lengths("new_lengths", new_lengths, B, 0, T)
         if B and int((lc.host_lengths + n_host).max()) > lc.max_length:  # before any row group is written
             raise ValueError(f"cache max_length {lc.max_length} exceeded: {int((lc.host_lengths + n_host).max())} "
                              f"tokens")

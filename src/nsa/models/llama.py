@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..compression import COMPRESSORS
-from ..config import NSAConfig, check_bool, check_number
+from ..config import NSAConfig, check_bool, check_lengths, check_number
 from ..layer import NativeSparseAttention
 from ..ops.dispatch import check_backend_name, check_cu_seqlens
 from ..ops.varlen import sequence_spans, token_positions
@@ -314,13 +314,7 @@ class LlamaLM(nn.Module):
         if new_lengths is not None:
             if cache is None:
                 raise ValueError("new_lengths is only used with cache")
-            B, T = input_ids.shape
-            if (not isinstance(new_lengths, torch.Tensor) or new_lengths.shape != (B,)
-                    or new_lengths.is_floating_point() or new_lengths.is_complex() or new_lengths.dtype == torch.bool):
-                raise ValueError(f"new_lengths must be an integer tensor of shape [{B}]")
-            new_lengths = new_lengths.detach().cpu().long()
-            if new_lengths.numel() and (int(new_lengths.min()) < 0 or int(new_lengths.max()) > T):
-                raise ValueError(f"new_lengths must lie in [0, {T}], got {new_lengths.tolist()}")
+            new_lengths = check_lengths("new_lengths", new_lengths, *input_ids.shape[:1], 0, input_ids.shape[1])
         if cache is not None:  # before any layer (or token-shift state) changes
             cache.check_room(new_lengths if new_lengths is not None else input_ids.shape[1])
         x = self.embed(input_ids)
@@ -384,13 +378,7 @@ class LlamaLM(nn.Module):
         if prompt_lengths is None:
             lengths = torch.full((B,), T0, dtype=torch.long)
         else:
-            if (not isinstance(prompt_lengths, torch.Tensor) or prompt_lengths.shape != (B,)
-                    or prompt_lengths.is_floating_point() or prompt_lengths.is_complex()
-                    or prompt_lengths.dtype == torch.bool):
-                raise ValueError(f"prompt_lengths must be an integer tensor of shape [{B}]")
-            lengths = prompt_lengths.detach().cpu().long()
-            if B and (int(lengths.min()) < 1 or int(lengths.max()) > T0):
-                raise ValueError(f"prompt_lengths must lie in [1, {T0}], got {lengths.tolist()}")
+            lengths = check_lengths("prompt_lengths", prompt_lengths, B, 1, T0)
         if B == 0:
             return prompt.new_zeros(0, T0 + max_new_tokens)
         ragged = bool((lengths != T0).any())
