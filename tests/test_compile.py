@@ -184,6 +184,87 @@ def test_layer_exports():
         assert_close(exported.module()(x), layer(x), atol=1e-6, rtol=1e-6, name="exported layer")
 
 
+def _randomise(module, seed=0):
+    """Every parameter moved off its initialisation (φ's MLP starts with a zero last layer, gates at 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return module
+
+
+@pytest.mark.parametrize("compression", ["mlp", "linear", "mean"])
+def test_layer_exports_with_a_dynamic_length(compression):
+    """torch.export with a dynamic T (min = l + d: one compressed token is a size-1 dimension, which export
+    specialises): one program for every length, equal to eager. φ's Linears run as column products while exporting
+    (`compression._per_block`); with Linear's own reshape the export failed on divisibility guards."""
+    torch.manual_seed(0)
+    layer = _randomise(nsa.NativeSparseAttention(48, 6, 2, 8, config=CFG, compression=compression,
+                                                 shared_kv="slc_win").float().eval())
+    g = torch.Generator().manual_seed(4)
+    lo = CFG.cmp_block_size + CFG.cmp_stride
+    T = torch.export.Dim("T", min=lo, max=4096)
+    exported = torch.export.export(layer, (torch.randn(2, 61, 48, generator=g),), dynamic_shapes=({1: T},))
+    for t in (lo, lo + 1, 37, 61, 130):
+        x = torch.randn(2, t, 48, generator=g)
+        with torch.no_grad():
+            assert_close(exported.module()(x), layer(x), atol=2e-6, rtol=2e-6, name=f"exported layer T={t}")
+
+
+def test_packed_layer_exports_with_dynamic_length_and_sequence_count():
+    """A packed layer exports with T and the number of offsets dynamic (at least two sequences: one is a size-1
+    dimension); new offsets of any count give eager's output, bad offsets still raise the op's ValueError."""
+    torch.manual_seed(0)
+    layer = _randomise(nsa.NativeSparseAttention(48, 6, 2, 8, config=CFG).float().eval())
+    g = torch.Generator().manual_seed(5)
+    Dim = torch.export.Dim
+    exported = torch.export.export(
+        layer, (torch.randn(1, 100, 48, generator=g),), kwargs={"cu_seqlens": torch.tensor([0, 40, 100])},
+        dynamic_shapes={"x": {1: Dim("T", min=CFG.cmp_block_size + CFG.cmp_stride, max=8192)},
+                        "cu_seqlens": {0: Dim("N", min=3, max=1024)}})
+    for offsets in ([0, 77, 100], [0, 5, 60, 100], [0, 3, 9, 250, 333], [0, 30, 64]):
+        x = torch.randn(1, offsets[-1], 48, generator=g)
+        cu = torch.tensor(offsets)
+        with torch.no_grad():
+            assert_close(exported.module()(x, cu_seqlens=cu), layer(x, cu_seqlens=cu), atol=2e-6, rtol=2e-6,
+                         name=f"exported packed layer {offsets}")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        exported.module()(torch.randn(1, 100, 48), cu_seqlens=torch.tensor([0, 70, 40, 100]))
+
+
+def test_model_exports_with_a_dynamic_length():
+    """The whole small model (NSA layers with token shift and separate K/V sets) exports with a dynamic T."""
+    from nsa.models.llama import LlamaLM, ModelConfig
+    torch.manual_seed(0)
+    geometry = {f.name: getattr(CFG, f.name) for f in dataclasses.fields(CFG)}
+    model = _randomise(LlamaLM(ModelConfig(nsa=geometry, token_shift=True, shared_kv=False)).eval(), seed=1)
+    g = torch.Generator().manual_seed(2)
+    T = torch.export.Dim("T", min=CFG.cmp_block_size + CFG.cmp_stride, max=8192)
+    exported = torch.export.export(model, (torch.randint(0, 256, (2, 40), generator=g),), dynamic_shapes=({1: T},))
+    for t in (12, 41, 99):
+        ids = torch.randint(0, 256, (2, t), generator=g)
+        with torch.no_grad():
+            assert_close(exported.module()(ids), model(ids), atol=1e-5, rtol=1e-5, name=f"exported model T={t}")
+
+
+@pytest.mark.parametrize("compression", ["mlp", "linear"])
+def test_column_products_equal_linear_rows(compression, monkeypatch):
+    """φ's export path (Linears as products over (B, H) with tokens as columns) equals its eager path, float64,
+    values and gradients (to x, the position embedding and every weight)."""
+    from nsa.compression import make_compressor
+    phi = _randomise(make_compressor(compression, 6, 8, 4, position_embedding=True).double())
+    x = torch.randn(3, 29, 2, 6, dtype=torch.float64, requires_grad=True)
+    wrt = [x, *phi.parameters()]
+    eager = phi(x)
+    eager_grads = _grads(eager, wrt)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    cols = phi(x)
+    assert cols.shape == eager.shape == (3, 6, 2, 6)
+    assert_close(cols, eager, atol=1e-12, rtol=1e-12, name="phi")
+    for a, b in zip(_grads(cols, wrt), eager_grads):
+        assert_close(a, b, atol=1e-12, rtol=1e-12, name="phi grad")
+
+
 def test_packed_layer_one_graph_with_dynamic_output_shapes():
     """With Dynamo's capture_dynamic_output_shape_ops, a packed batch traces to one graph too: the compressed-block
     starts come from a custom op whose length is a dynamic size; new offsets (same count) do not recompile."""

@@ -33,7 +33,9 @@ def compression_blocks(x: torch.Tensor, block_size: int, stride: int, cu_seqlens
     if starts is None:
         starts = block_starts(x.shape[1], block_size, stride, cu_seqlens, x.device)
     idx = starts[:, None] + torch.arange(block_size, device=x.device)  # [Tc, l]
-    return x[:, idx].permute(0, 1, 3, 2, 4)  # [B, Tc, l, H, D] -> [B, Tc, H, l, D]
+    # gathered straight into a contiguous [B, Tc, H, l, D], so φ's flatten is a view (no copy)
+    heads = torch.arange(x.shape[2], device=x.device)
+    return x[:, idx[:, None, :], heads[None, :, None]]
 
 
 class Compressor(nn.Module):
@@ -91,7 +93,7 @@ class LinearCompressor(Compressor):
         self._mean_pooling()
 
     def compress(self, blocks):
-        return self.proj(blocks.flatten(-2))
+        return _per_block(blocks, self.proj)
 
 
 class MLPCompressor(Compressor):
@@ -112,7 +114,28 @@ class MLPCompressor(Compressor):
         nn.init.zeros_(self.mlp[2].bias)
 
     def compress(self, blocks):
-        return blocks.mean(dim=-2) + self.mlp(blocks.flatten(-2))
+        return blocks.mean(dim=-2) + _per_block(blocks, self.mlp)
+
+
+def _per_block(blocks: torch.Tensor, layers: nn.Module) -> torch.Tensor:
+    """`layers` (a Linear, or a Sequential of Linears and elementwise modules) applied to each flattened block of
+    blocks [B, Tc, H, l, D] -> [B, Tc, H, out].
+
+    Under torch.export the Linears run as products over (B, H) with the compressed tokens as columns: Linear's own
+    reshape of [B, Tc, H, l*D] to rows and back makes export guard on divisibility by the derived size
+    Tc = (T - l)//d + 1, which fails a dynamic T. Eagerly, one product over all rows is faster."""
+    x = blocks.flatten(-2)
+    if not torch.compiler.is_exporting():
+        return layers(x)
+    B, Tc, H, K = x.shape
+    cols = x.permute(0, 2, 3, 1).reshape(B * H, K, Tc)
+    for m in layers if isinstance(layers, nn.Sequential) else (layers,):
+        if isinstance(m, nn.Linear):
+            out = torch.bmm(m.weight.expand(B * H, -1, -1), cols)
+            cols = out if m.bias is None else out + m.bias[:, None]
+        else:
+            cols = m(cols)
+    return cols.view(B, H, cols.shape[1], Tc).permute(0, 3, 1, 2).contiguous()
 
 
 COMPRESSORS: dict[str, type[Compressor]] = {"mlp": MLPCompressor, "linear": LinearCompressor, "mean": MeanCompressor}
