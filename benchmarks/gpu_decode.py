@@ -8,7 +8,9 @@ vs k [B, HKV, S, Dk], no mask: exactly the new token's causal attention, no K/V 
 (`nsa.ops.decode.torch_decode`) is timed too. Times: `triton.testing.do_bench` (ms) in one run on one GPU, so the
 printed ratios compare like with like. Each step is timed twice: eagerly (Python and kernel-launch overhead
 included; the Triton decode launches 4 kernels) and as the replay of a CUDA graph (kernel time, how a serving loop
-runs decode steps).
+runs decode steps). A serving loop captures one graph sized for its capacity (`decode_attention(...,
+max_length=capacity)`) and replays it as the lengths grow: `nsa_triton_graph_half_ms` is a step at context S/2 from a
+graph sized for S, to compare with the S/2 row's `nsa_triton_graph_ms`.
 
     python benchmarks/gpu_decode.py [--contexts ...] [--batches 1,16]
     python benchmarks/gpu_decode.py --smoke      # tiny shapes on CPU through the Triton interpreter (script check)
@@ -117,16 +119,21 @@ def run(contexts, batches, HQ, HKV, Dk, Dv, dtype, device, cfg, check=True):
                 t_dense, t_tri, t_torch = bench_ms(dense, device), bench_ms(nsa_triton, device), bench_ms(nsa_torch,
                                                                                                         device)
                 g_dense, g_tri = graph_ms(dense, device), graph_ms(nsa_triton, device)
+                # context S/2 from a graph sized for capacity S (decode_attention's max_length): what a serving loop
+                # that captured one graph at its capacity pays, against the S/2 row's nsa_triton_graph_ms
+                g_half = graph_ms(lambda: triton_decode(*args, **{**kw, "lengths": lengths // 2}), device)
             bound = nsa.decode_memory_access(S, cfg)["ratio"]
             traffic = traffic_ratio(S, cfg, G, Dk, Dv, k.element_size())
             rows.append(dict(context=S, batch=B, dense_ms=t_dense, nsa_triton_ms=t_tri, nsa_torch_ms=t_torch,
                              speedup=t_dense / t_tri, dense_graph_ms=g_dense, nsa_triton_graph_ms=g_tri,
-                             speedup_graph=None if g_tri is None else g_dense / g_tri, memory_bound=bound,
+                             speedup_graph=None if g_tri is None else g_dense / g_tri,
+                             nsa_triton_graph_half_ms=g_half, memory_bound=bound,
                              kernel_traffic_ratio=traffic,
                              max_abs_diff_vs_torch=err))
             print(f"{S:>8} {B:>5} {t_dense:>10.4f} {t_tri:>10.4f} {t_torch:>10.4f} {t_dense / t_tri:>8.2f}x "
                   f"{bound:>8.2f}x {traffic:>8.2f}x {err:>9.2e}"
-                  + ("" if g_tri is None else f" {g_dense:>9.4f} {g_tri:>9.4f} {g_dense / g_tri:>8.2f}x"), flush=True)
+                  + ("" if g_tri is None else f" {g_dense:>9.4f} {g_tri:>9.4f} {g_dense / g_tri:>8.2f}x"
+                         f" {g_half:>9.4f}"), flush=True)
             del args, q, k, v, kd, vd, k_cmp, v_cmp
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -256,7 +263,8 @@ def main(argv=None):
     print(f"# GPU decode step, attention only: NSA Triton decode vs SDPA (one query, dense cache)\n# {gpu}, "
           f"torch {torch.__version__}; HQ={args.heads} HKV={args.kv_heads} Dk={args.dk} Dv={args.dv} {dtype}")
     print(f"{'context':>8} {'batch':>5} {'dense ms':>10} {'triton ms':>10} {'torch ms':>10} {'speedup':>9} "
-          f"{'mem bound':>9} {'traffic':>9} {'max|diff|':>9} {'graph: dense':>9} {'triton':>9} {'speedup':>9}")
+          f"{'mem bound':>9} {'traffic':>9} {'max|diff|':>9} {'graph: dense':>9} {'triton':>9} {'speedup':>9} "
+          f"{'S/2 at cap S':>12}")
     rows = run(contexts, batches, args.heads, args.kv_heads, args.dk, args.dv, dtype, device, cfg)
     layer_contexts = [int(c) for c in args.layer_contexts.split(",") if c]
     layer_rows = layer_run(layer_contexts, batches, args.hidden, args.heads, args.kv_heads, args.dk, args.dv, dtype,

@@ -327,6 +327,107 @@ def test_decode_attention_ignores_slots_past_each_row(backend):
     assert_close(out, clean, atol=1e-6, rtol=1e-6, name="dirty cache")
 
 
+BOUNDED_BACKENDS = ["reference", "torch"] + (["triton"] if "triton" in nsa.available_backends() else [])
+
+
+def _capacity_cache(dtype, seed=21, S=64):
+    """A cache of capacity S slots for 2 rows of lengths 40 and 27, NaN past each row (as a reused buffer may be),
+    with the last Tq = 2 queries of each row and a window ring of 20 slots starting at win_start."""
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = make_inputs(2, S, 8, 2, 8, 6, CFG, dtype=dtype, seed=seed)
+    lengths, Tq = torch.tensor([40, 27]), 2
+    rows = [lengths[b] - Tq + torch.arange(Tq) for b in range(2)]
+    qd, gd = torch.stack([q[b, rows[b]] for b in range(2)]), torch.stack([gates[b, rows[b]] for b in range(2)])
+    for b, L in enumerate(lengths.tolist()):
+        tc = CFG.num_compressed(L)
+        k_cmp[b, tc:], v_cmp[b, tc:], k_slc[b, L:], v_slc[b, L:] = (float("nan"),) * 4
+    win_start = lengths - 20
+    slot = win_start[:, None] + torch.arange(20)
+    kw, vw = torch.stack([k_win[b, slot[b]] for b in range(2)]), torch.stack([v_win[b, slot[b]] for b in range(2)])
+    return (qd, k_cmp, v_cmp, k_slc, v_slc, gd), (kw, vw, win_start), lengths
+
+
+@pytest.mark.parametrize("backend", BOUNDED_BACKENDS)
+def test_decode_attention_sized_by_max_length(backend):
+    """max_length (a host bound, e.g. the cache capacity) in place of the lengths' values: the same output as the
+    exact call, with the window read from the selection cache and from a ring (win_start), ragged rows, Tq = 2."""
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    (qd, k_cmp, v_cmp, k_slc, v_slc, gd), (kw, vw, ws), lengths = _capacity_cache(dtype)
+    tol = TOL64 if dtype == torch.float64 else dict(atol=1e-6, rtol=1e-6)
+    for k_win, v_win, win_start in ((k_slc, v_slc, None), (kw, vw, ws)):
+        run = lambda **extra: nsa.decode_attention(qd, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gd,  # noqa: E731
+                                                   lengths=lengths, config=CFG, win_start=win_start,
+                                                   backend=backend, **extra)
+        exact = run()
+        assert torch.isfinite(exact).all()
+        for bound in (40, 41, 64):
+            assert_close(run(max_length=bound), exact, name=f"max_length={bound}", **tol)
+
+
+@pytest.mark.parametrize("backend", BOUNDED_BACKENDS)
+def test_decode_attention_max_length_marks_bad_rows_nan(backend):
+    """With max_length nothing is read back, so rows that cannot be served (length past max_length or below Tq, a
+    window ring that does not hold the row's window) come out NaN instead of raising; the other rows are exact."""
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    (qd, k_cmp, v_cmp, k_slc, v_slc, gd), (kw, vw, ws), lengths = _capacity_cache(dtype)
+    run = lambda lens, k_win, v_win, win_start, **extra: nsa.decode_attention(  # noqa: E731
+        qd, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gd, lengths=lens, config=CFG, win_start=win_start,
+        backend=backend, **extra)
+    exact = {False: run(lengths, k_slc, v_slc, None), True: run(lengths, kw, vw, ws)}
+    cases = [(torch.tensor([40, 50]), k_slc, v_slc, None, 45),   # row 1 past max_length
+             (torch.tensor([70, 27]), k_slc, v_slc, None, 64),   # row 0 past the cache's 64 slots
+             (torch.tensor([1, 27]), k_slc, v_slc, None, 64),    # row 0 shorter than its Tq = 2 queries
+             (lengths, kw, vw, ws - torch.tensor([0, 3]), 64),   # row 1's ring misses its newest 3 positions
+             (lengths, kw, vw, ws + torch.tensor([5, 0]), 64)]   # row 0's ring misses its oldest window positions
+    for lens, k_win, v_win, win_start, bound in cases:
+        out = run(lens, k_win, v_win, win_start, max_length=bound)
+        bad = (lens != lengths) | (win_start is not None and (win_start != ws))
+        for b in range(2):
+            if bad[b]:
+                assert torch.isnan(out[b]).all(), f"row {b} should be NaN"
+            else:
+                assert_close(out[b], exact[win_start is not None][b], atol=1e-6, rtol=1e-6, name=f"row {b}")
+
+
+def test_decode_attention_max_length_reads_no_values(monkeypatch):
+    """With max_length the entry point reads neither the lengths nor win_start on the host (a CUDA graph can capture
+    it), and sizes the kernels by max_length."""
+    from nsa.ops import decode
+
+    class Watched(torch.Tensor):  # any host read of these tensors or of tensors derived from them
+        reads = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("item", "tolist", "cpu", "__int__", "__bool__", "__index__",
+                                                  "__float__", "numpy", "_local_scalar_dense"):
+                cls.reads.append(func.__name__)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    seen = {}
+    monkeypatch.setitem(decode.IMPLS, "torch", lambda *a, **kw: seen.update(kw) or a[0][..., :6].clone())
+    (qd, k_cmp, v_cmp, k_slc, v_slc, gd), (kw, vw, ws), lengths = _capacity_cache(torch.float64)
+    out = nsa.decode_attention(qd, k_cmp, v_cmp, k_slc, v_slc, kw, vw, gd, lengths=lengths.as_subclass(Watched),
+                               win_start=ws.as_subclass(Watched), config=CFG, backend="torch", max_length=64)
+    assert Watched.reads == [] and seen["max_len"] == 64 and out.shape == (2, 2, 8, 6)
+    nsa.decode_attention(qd, k_cmp, v_cmp, k_slc, v_slc, kw, vw, gd, lengths=lengths.as_subclass(Watched),
+                         win_start=ws.as_subclass(Watched), config=CFG, backend="torch")
+    assert Watched.reads, "the exact call reads the lengths (the watch must see host reads)"
+
+
+def test_decode_attention_max_length_rejects_bad_bounds():
+    (qd, k_cmp, v_cmp, k_slc, v_slc, gd), (kw, vw, ws), lengths = _capacity_cache(torch.float64)
+    run = lambda bound, kc=k_cmp, vc=v_cmp, k_win=k_slc, v_win=v_slc: nsa.decode_attention(  # noqa: E731
+        qd, kc, vc, k_slc, v_slc, k_win, v_win, gd, lengths=lengths, config=CFG, max_length=bound)
+    for bound, match in ((1, "max_length must be an int >= 2"), (True, "max_length must be"),
+                         (40.0, "max_length must be"), (65, "k_slc to hold 65 slots")):
+        with pytest.raises(ValueError, match=match):
+            run(bound)
+    with pytest.raises(ValueError, match="k_win 64"):
+        run(64, k_win=kw, v_win=vw)  # no win_start: the window is indexed by position, up to max_length
+    with pytest.raises(ValueError, match="compressed tokens"):
+        run(64, kc=k_cmp[:, :CFG.num_compressed(60)], vc=v_cmp[:, :CFG.num_compressed(60)])
+
+
 def test_serving_loop_with_own_caches_equals_the_full_forward():
     """A serving engine keeping its own caches: per token `project_tokens`, a compressed token by `compress` when
     a block completes, then `nsa.decode_attention`: equal to one full forward (float64)."""

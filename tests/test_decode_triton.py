@@ -159,6 +159,43 @@ def test_gpu_decode_step_never_waits_for_the_gpu(shared_kv):
     assert cache.lengths.tolist() == [920, 727]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_decode_graph_captured_once_at_capacity():
+    """How a serving loop runs decode steps: `decode_attention(..., max_length=capacity)` captured once in a CUDA
+    graph, then replayed while the lengths grow in place (40 steps per row, across compressed-token emissions and
+    new selection blocks): every replay matches an eager call sized by the exact lengths (paper geometry, G = 16,
+    bf16)."""
+    cfg, S = nsa.NSAConfig(), 4096
+    q_full, *kv, g_full = make_inputs(2, S, 16, 1, 192, 128, cfg, dtype=torch.bfloat16, seed=3, device="cuda")
+    start = [1000, 2490]
+    lengths = torch.tensor(start, device="cuda")
+    q_buf, g_buf = torch.empty_like(q_full[:, :1]), torch.empty_like(g_full[:, :1])
+
+    def load(step):
+        lens = [L + step for L in start]
+        lengths.copy_(torch.tensor(lens))
+        for b, L in enumerate(lens):
+            q_buf[b], g_buf[b] = q_full[b, L - 1:L], g_full[b, L - 1:L]
+
+    def step_fn():
+        return nsa.decode_attention(q_buf, *kv, g_buf, lengths=lengths, config=cfg, backend="triton", max_length=S)
+
+    load(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compilation outside the capture
+        step_fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step_fn()
+    for step in range(40):
+        load(step)
+        graph.replay()
+        exact = nsa.decode_attention(q_buf, *kv, g_buf, lengths=lengths, config=cfg, backend="triton")
+        assert_close(out, exact, atol=2e-2, rtol=5e-2, name=f"replay {step}")
+
+
 def test_triton_decode_window_cache_in_another_dtype():
     """An fp16 window cache beside fp32 selection / compressed caches (allowed: caches may differ from q): the
     window is cast to the selection cache's dtype instead of failing in the kernel ("Both operands must be same

@@ -68,8 +68,8 @@ def num_compressed_tokens(seqlen: int, block_size: int, stride: int) -> int:
 def check_int(name: str, value, minimum: int) -> int:
     """value as an int >= minimum (bools refused), else ValueError naming the field."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        kind = "positive int" if minimum == 1 else f"int >= {minimum}"
-        raise ValueError(f"{name} must be a {kind}, got {value!r}")
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
     return value
 
 

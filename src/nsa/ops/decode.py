@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from ..config import NSAConfig, num_compressed_tokens
+from ..config import NSAConfig, check_int, num_compressed_tokens
 from .reference import cmp_to_slc_weights
 
 _NEG_INF = float("-inf")
@@ -264,12 +264,13 @@ def _check_window_cover(Tq, W, host_lengths, win_start, window):
 
 
 def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths, config, scale=None,
-                     win_start=None, impl="torch", host_lengths=None, check_window=False):
+                     win_start=None, impl="torch", host_lengths=None, check_window=False, max_length=None):
     """Checked entry point: NSA output [B, Tq, HQ, Dv] for the last Tq positions of each cached sequence.
 
     impl: "reference" | "torch" | "triton" (the Triton decode kernels, any Tq; torch where they do not apply).
     `host_lengths` (optional CPU copy of `lengths`) spares a device synchronisation. `check_window` also checks
     that the window tensors hold every position the windows read (reads win_start on the host).
+    `max_length` (host int): see `_bounded_rows`; the values of lengths and win_start are then never read on the host.
     """
     if not isinstance(config, NSAConfig):
         raise ValueError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
@@ -313,15 +314,25 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
         raise ValueError(f"lengths must be a [B] = [{B}] int32/int64 tensor (narrower types wrap)")
     if B == 0:
         return q.new_zeros(0, Tq, HQ, v_slc.shape[3])
-    host = lengths.detach().cpu() if host_lengths is None else host_lengths
-    lo, hi = int(host.min()), int(host.max())
-    if lo < Tq or hi > k_slc.shape[1]:
-        raise ValueError(f"lengths must lie in [Tq={Tq}, k_slc length {k_slc.shape[1]}], got [{lo}, {hi}]")
+    valid = None
+    if max_length is not None:
+        hi = check_int("max_length", max_length, max(Tq, 1))
+        lo = None
+        W_need = Tq if win_start is not None else hi
+        if hi > k_slc.shape[1] or k_win.shape[1] < W_need:
+            raise ValueError(f"max_length {hi} needs k_slc to hold {hi} slots (got {k_slc.shape[1]}) and k_win "
+                             f"{W_need} (got {k_win.shape[1]})")
+        lengths, win_start, valid = _bounded_rows(lengths, win_start, Tq, hi, k_win.shape[1], config.window_size)
+    else:
+        host = lengths.detach().cpu() if host_lengths is None else host_lengths
+        lo, hi = int(host.min()), int(host.max())
+        if lo < Tq or hi > k_slc.shape[1]:
+            raise ValueError(f"lengths must lie in [Tq={Tq}, k_slc length {k_slc.shape[1]}], got [{lo}, {hi}]")
+        if check_window:
+            _check_window_cover(Tq, k_win.shape[1], host, win_start, config.window_size)
     need_c = num_compressed_tokens(hi, config.cmp_block_size, config.cmp_stride)
     if k_cmp.shape[1] < need_c or v_cmp.shape[1] < need_c:
         raise ValueError(f"k_cmp/v_cmp must hold at least {need_c} compressed tokens, got {k_cmp.shape[1]}")
-    if check_window:
-        _check_window_cover(Tq, k_win.shape[1], host, win_start, config.window_size)
     kw = dict(lengths=lengths, config=config, scale=scale, win_start=win_start, max_len=hi)
     if impl == "triton":
         try:
@@ -330,10 +341,30 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
             impl = "torch"
         else:
             if triton_decode_supported(q, k_slc, v_slc):
-                return triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)
+                return _poison(triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw), valid)
             impl = "torch"
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {sorted(IMPLS) + ['triton']}, got {impl!r}")
     if impl == "torch":
         kw["min_len"] = lo
-    return IMPLS[impl](q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)
+    return _poison(IMPLS[impl](q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw), valid)
+
+
+def _bounded_rows(lengths, win_start, Tq, max_length, W, window):
+    """Decode sized by a host bound instead of the lengths' values, so nothing is read back from the device (a CUDA
+    graph captured once with max_length = the cache capacity replays every later step while the lengths grow on
+    the device). The kernels' work is sized by max_length; each row still attends over its own length. A row whose
+    length lies outside [Tq, max_length], or whose window reads a slot outside k_win (win_start given), cannot be
+    reported without a synchronisation: it is computed over safe stand-in lengths (nothing is read out of bounds) and
+    comes out NaN. Returns (lengths, win_start, valid [B] bool) for the kernels."""
+    valid = (lengths >= Tq) & (lengths <= max_length)
+    if win_start is not None:
+        first = (lengths - Tq - window + 1).clamp(min=0)  # the earliest position a window reads
+        valid &= (first >= win_start) & (lengths - 1 - win_start < W)
+        win_start = torch.where(valid, win_start, 0)
+    return torch.where(valid, lengths, Tq), win_start, valid
+
+
+def _poison(o, valid):
+    """NaN in the rows `_bounded_rows` found invalid (valid None: every row was checked on the host)."""
+    return o if valid is None else o.masked_fill(~valid.to(o.device)[:, None, None, None], float("nan"))

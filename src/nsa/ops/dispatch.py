@@ -340,7 +340,7 @@ def check_native_sparse_attention(
 
 @_eager_under_compile
 def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths, config, scale=None,
-                     win_start=None, backend="auto", host_lengths=None):
+                     win_start=None, backend="auto", host_lengths=None, max_length=None):
     """NSA output o [B,Tq,HQ,Dv] for the LAST Tq positions of each cached sequence: a decode step (Tq = 1) or a
     chunked prefill (Tq > 1), over caches the caller keeps (what `NSACache` and the layer do for you).
 
@@ -348,8 +348,13 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
     [B,Sc,HKV,Dk|Dv] compressed tokens (the first Tc(lengths[b]) are read); k_slc/v_slc [B,S,HKV,Dk|Dv] with slot p =
     position p; k_win/v_win [B,W,HKV,Dk|Dv] with slot s = position win_start[b] + s (win_start None: indexed by
     position, e.g. the selection tensors themselves); gates [B,Tq,HQ,3]. The checks read lengths (unless
-    `host_lengths`, a CPU copy, is given) and win_start on the host. backend: "auto" (triton decode kernels on CUDA, else torch), "triton", "torch",
-    "reference". Semantics: docs/spec.md §12.
+    `host_lengths`, a CPU copy, is given) and win_start on the host. backend: "auto" (triton decode kernels on CUDA,
+    else torch), "triton", "torch", "reference". Semantics: docs/spec.md §12.
+
+    `max_length` (host int, e.g. the cache capacity) sizes the work instead, and nothing is read from the device:
+    one CUDA graph captured with it replays every later step as the lengths grow in place. k_slc (and k_win when
+    win_start is None) must hold max_length slots. Rows whose lengths (or window slots) are out of range cannot
+    raise then: they come out NaN, and nothing is read out of bounds.
     """
     from .decode import decode_attention as _decode_attention
 
@@ -364,7 +369,7 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
         raise ValueError(f"backend must be 'auto' or one of {sorted(impls)}, got {backend!r}")
     return _decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths=lengths, config=config,
                              scale=scale, win_start=win_start, impl=impl, host_lengths=host_lengths,
-                             check_window=True)
+                             check_window=True, max_length=max_length)
 
 
 @torch.compiler.assume_constant_result
