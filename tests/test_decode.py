@@ -428,6 +428,99 @@ def test_decode_attention_max_length_rejects_bad_bounds():
         run(64, kc=k_cmp[:, :CFG.num_compressed(60)], vc=v_cmp[:, :CFG.num_compressed(60)])
 
 
+STATIC_GEOMETRIES = [CFG, NO_OVERLAP, small_config(cmp_block_size=4, cmp_stride=4, slc_block_size=4, window_size=8)]
+
+
+def _static_and_eager(G=4, config=CFG, shared_kv=False, S=70, backend="torch"):
+    """A layer, a static and an ordinary cache (3 rows, capacity S), both after the same ragged prefill."""
+    layer = make_layer(G=G, config=config, shared_kv=shared_kv, backend=backend)
+    x = torch.randn(3, 17, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    caches = nsa.NSACache(1, 3, S, static=True), nsa.NSACache(1, 3, S)
+    for cache in caches:
+        layer(x, cache=cache, new_lengths=torch.tensor([9, 0, 17]))
+    return layer, caches
+
+
+@pytest.mark.parametrize("shared_kv", [False, True, "slc_win"])
+@pytest.mark.parametrize("config", STATIC_GEOMETRIES, ids=["overlap", "no_overlap", "l_eq_lp"])
+@pytest.mark.parametrize("G", [1, 16])
+def test_static_cache_steps_equal_ordinary_steps(shared_kv, config, G):
+    """Decode steps on a static cache (no host lengths, every row's candidate block through φ, attention sized by
+    the capacity) give the ordinary steps' outputs and cache contents: ragged rows (one starting empty), 50 steps
+    across compressed-token emissions, window wrap-around and new selection blocks (float64)."""
+    layer, (static, eager) = _static_and_eager(G, config, shared_kv)
+    g = torch.Generator().manual_seed(2)
+    for step in range(50):
+        x = torch.randn(3, 1, 32, dtype=torch.float64, generator=g)
+        a, b = layer(x, cache=static), layer(x, cache=eager)
+        assert torch.isfinite(a).all(), f"step {step}"
+        assert_close(a, b, name=f"step {step}", **TOL64)
+    assert static.lengths.tolist() == eager.lengths.tolist() == [59, 50, 67]
+    for row in range(3):
+        mine, theirs = static.layers[0].live(row), eager.layers[0].live(row)
+        for name in theirs:
+            assert torch.equal(mine[name], theirs[name]), (row, name)
+
+
+def test_static_step_reads_no_lengths_on_the_host(monkeypatch):
+    """A static step never reads the lengths (or anything computed from them) on the host: no synchronisation, no
+    host decision, so a CUDA graph captured once replays every later step."""
+    from nsa.cache import LayerCache
+    from nsa.ops import decode
+
+    class Watched(torch.Tensor):
+        reads = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("item", "tolist", "cpu", "__int__", "__bool__", "__index__",
+                                                  "__float__", "numpy", "nonzero", "any", "all"):
+                cls.reads.append(func.__name__)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    layer, (static, _) = _static_and_eager()
+    lc = static.layers[0]
+    lc.lengths = lc.lengths.as_subclass(Watched)
+    real = decode.IMPLS["torch"]  # the CPU torch decode reads min(lengths) itself (free on the CPU, skipped on GPU)
+    unwrap = lambda a: a.as_subclass(torch.Tensor) if isinstance(a, torch.Tensor) else a  # noqa: E731
+    monkeypatch.setitem(decode.IMPLS, "torch", lambda *a, **kw: real(*map(unwrap, a),
+                                                                      **{k: unwrap(v) for k, v in kw.items()}))
+    monkeypatch.setattr(LayerCache, "host_lengths", property(lambda self: pytest.fail("host_lengths read")))
+    for _ in range(20):
+        layer(torch.randn(3, 1, 32, dtype=torch.float64), cache=static)
+    assert Watched.reads == []
+    assert torch.Tensor.tolist(lc.lengths) == [29, 20, 37]
+
+
+def test_static_cache_full_row_is_nan_and_keeps_its_cache():
+    """A row at capacity cannot take the step's token: its output is NaN (no ValueError without a sync), its cache
+    is unchanged; the other rows step on. Eager calls on a static cache read the lengths from the device."""
+    layer, (static, eager) = _static_and_eager(S=18)
+    x = torch.randn(3, 2, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for t in range(2):
+        out = layer(x[:, t:t + 1], cache=static)
+        if t == 0:
+            assert_close(out, layer(x[:, :1], cache=eager), name="first step", **TOL64)
+            before = {k: v.clone() for k, v in static.layers[0].tensors().items()}
+    assert static.lengths.tolist() == [11, 2, 18]
+    assert torch.isnan(out[2]).all() and torch.isfinite(out[:2]).all()
+    for name, t in static.layers[0].tensors().items():
+        assert torch.equal(t[2], before[name][2]), name
+    with pytest.raises(ValueError, match="max_length"):
+        layer(x, cache=static)  # an eager (2-token) call checks the room on the host
+
+
+def test_static_cache_chunk_after_steps():
+    """After static steps, a multi-token chunk (the eager path, reading the lengths from the device) continues
+    each row exactly as on an ordinary cache."""
+    layer, (static, eager) = _static_and_eager()
+    g = torch.Generator().manual_seed(4)
+    for T in (1, 1, 5, 1, 3):
+        x = torch.randn(3, T, 32, dtype=torch.float64, generator=g)
+        assert_close(layer(x, cache=static), layer(x, cache=eager), name=f"T={T}", **TOL64)
+    assert static.lengths.tolist() == eager.lengths.tolist()
+
+
 def test_serving_loop_with_own_caches_equals_the_full_forward():
     """A serving engine keeping its own caches: per token `project_tokens`, a compressed token by `compress` when
     a block completes, then `nsa.decode_attention`: equal to one full forward (float64)."""

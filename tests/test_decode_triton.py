@@ -196,6 +196,39 @@ def test_gpu_decode_graph_captured_once_at_capacity():
         assert_close(out, exact, atol=2e-2, rtol=5e-2, name=f"replay {step}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shared_kv", [False, True])
+def test_gpu_layer_step_captured_once_on_a_static_cache(shared_kv):
+    """A layer's decode step on a static NSACache, captured once in a CUDA graph and replayed 40 times over rows of
+    different lengths (across compressed-token emissions): each replay matches the same step on an ordinary cache,
+    run eagerly, and the lengths advance on the device (paper geometry, G = 16, bf16)."""
+    cfg = nsa.NSAConfig()
+    layer = nsa.NativeSparseAttention(512, 16, 1, 192, v_head_dim=128, config=cfg, shared_kv=shared_kv,
+                                      backend="triton").to("cuda", torch.bfloat16)
+    static, eager = nsa.NSACache(1, 2, 4096, static=True), nsa.NSACache(1, 2, 4096)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    steps = torch.randn(41, 2, 1, 512, device="cuda", dtype=torch.bfloat16, generator=g)
+    x_buf = steps[0].clone()
+    with torch.no_grad():
+        prompt = torch.randn(2, 900, 512, device="cuda", dtype=torch.bfloat16, generator=g)
+        for cache in (static, eager):
+            layer(prompt, cache=cache, new_lengths=torch.tensor([900, 707]))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compilation and cuBLAS set-up outside the capture: one real step
+            first = layer(x_buf, cache=static)
+        torch.cuda.current_stream().wait_stream(side)
+        assert_close(first, layer(steps[0], cache=eager), atol=2e-2, rtol=5e-2, name="warm-up step")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x_buf, cache=static)
+        for i in range(1, 41):
+            x_buf.copy_(steps[i])
+            graph.replay()
+            assert_close(out, layer(steps[i], cache=eager), atol=2e-2, rtol=5e-2, name=f"replay {i}")
+    assert static.lengths.tolist() == eager.lengths.tolist() == [941, 748]
+
+
 def test_triton_decode_window_cache_in_another_dtype():
     """An fp16 window cache beside fp32 selection / compressed caches (allowed: caches may differ from q): the
     window is cast to the selection cache's dtype instead of failing in the kernel ("Both operands must be same

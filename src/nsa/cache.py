@@ -21,10 +21,12 @@ from .config import NSAConfig, num_compressed_tokens
 
 class LayerCache:
     """One layer's storage; see the module docstring. `lengths` [B] int64 lives on the cache device, with a CPU
-    mirror `host_lengths` so that the layer never has to synchronise with the device to slice or index."""
+    mirror `host_lengths` so that the layer never has to synchronise with the device to slice or index. A static
+    cache keeps no mirror (its decode steps advance the lengths on the device only, also as CUDA-graph replays):
+    `host_lengths` then reads them from the device."""
 
     def __init__(self, batch_size, max_length, num_kv_heads, head_dim, v_head_dim, config: NSAConfig, shared_kv,
-                 device, dtype):
+                 device, dtype, static: bool = False):
         B, S, H = batch_size, max_length, num_kv_heads
         l, w = config.cmp_block_size, config.window_size
 
@@ -43,7 +45,13 @@ class LayerCache:
         self.tail_capacity = l - 1
         self.k_tail, self.v_tail = buf(l - 1, head_dim), buf(l - 1, v_head_dim)
         self.lengths = torch.zeros(B, dtype=torch.long, device=device)
-        self.host_lengths = torch.zeros(B, dtype=torch.long)
+        self.static = static
+        self._host_lengths = torch.zeros(B, dtype=torch.long)
+
+    @property
+    def host_lengths(self) -> torch.Tensor:
+        """[B] int64 on the CPU: the mirror, or for a static cache a copy read from the device (a synchronisation)."""
+        return self.lengths.to("cpu", copy=True) if self.static else self._host_lengths
 
     def tensors(self) -> dict[str, torch.Tensor]:
         names = ("k_slc", "v_slc", "k_win", "v_win", "k_cmp", "v_cmp", "k_tail", "v_tail")
@@ -75,7 +83,8 @@ class LayerCache:
         """Rows' new lengths: the host mirror from `new_lengths_host`, the device copy from `new_lengths_device`
         (the same values computed on the device: no host-to-device copy, which would wait for the device) or else
         a copy of the host values."""
-        self.host_lengths[rows] = new_lengths_host
+        if not self.static:
+            self._host_lengths[rows] = new_lengths_host
         if new_lengths_device is None:
             new_lengths_device = new_lengths_host.to(self.lengths.device)
         self.lengths[rows.to(self.lengths.device) if isinstance(rows, torch.Tensor) else rows] = new_lengths_device
@@ -88,14 +97,22 @@ class NSACache:
     y = layer(x, cache=cache, layer_idx=i)   # continues each cached sequence; updates layer i only
 
     Each layer tracks its own fill; `lengths` reports the first used layer's ([B] int64). `device`/`dtype`
-    default to those of
-    the first input a layer sees. Storage for a layer is `memory_bytes()`-accounted from its allocation on.
+    default to those of the first input a layer sees. Storage for a layer is `memory_bytes()`-accounted from its
+    allocation on.
+
+    `static=True`: one-token decode steps (`layer(x [B, 1, hidden], cache=cache)`) read nothing from the device and
+    take no host decision on the lengths, so a CUDA graph captured once replays every later step (see
+    `NativeSparseAttention`); prefill and chunks still run eagerly, reading the lengths from the device once per call.
     """
 
-    def __init__(self, num_layers: int, batch_size: int, max_length: int, device=None, dtype=None):
+    def __init__(self, num_layers: int, batch_size: int, max_length: int, device=None, dtype=None,
+                 static: bool = False):
         for name, value in (("num_layers", num_layers), ("batch_size", batch_size), ("max_length", max_length)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(static, bool):
+            raise ValueError(f"static must be a bool, got {static!r}")
+        self.static = static
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         self.num_layers, self.batch_size, self.max_length = num_layers, batch_size, max_length
@@ -110,7 +127,7 @@ class NSACache:
         lc = self.layers[layer_idx]
         if lc is None:
             lc = LayerCache(self.batch_size, self.max_length, num_kv_heads, head_dim, v_head_dim, config, shared_kv,
-                            self.device or device, self.dtype or dtype)
+                            self.device or device, self.dtype or dtype, static=self.static)
             self.layers[layer_idx] = lc
         elif (lc.num_kv_heads, lc.head_dim, lc.v_head_dim, lc.config, lc.shared_kv) != (
                 num_kv_heads, head_dim, v_head_dim, config, shared_kv):
@@ -140,7 +157,7 @@ class NSACache:
         for lc in self.layers:
             if lc is not None:
                 lc.lengths.zero_()
-                lc.host_lengths.zero_()
+                lc._host_lengths.zero_()
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Row b becomes old row beam_idx[b] in every layer (beam search); beam_idx [B] int64."""
@@ -157,7 +174,7 @@ class NSACache:
             for name, t in lc.tensors().items():
                 t.copy_(t.index_select(0, idx))
             lc.lengths.copy_(lc.lengths.index_select(0, idx))
-            lc.host_lengths.copy_(lc.host_lengths.index_select(0, host))
+            lc._host_lengths.copy_(lc._host_lengths.index_select(0, host))
 
     def memory_bytes(self) -> int:
         """Bytes of allocated storage over all layers (K/V buffers and lengths)."""

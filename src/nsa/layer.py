@@ -223,6 +223,8 @@ class NativeSparseAttention(nn.Module):
         lc = cache.layer(layer_idx, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                          v_head_dim=self.v_head_dim, config=self.config, shared_kv=self.window_reads_slc,
                          device=x.device, dtype=x.dtype)
+        if new_lengths is None and T == 1 and cache.static:
+            return self._static_step(x, lc)
         if new_lengths is None:
             return self._cached_step(x, lc, slice(None)) if T else self.o_proj(x.new_zeros(B, 0, self.num_heads *
                                                                                             self.v_head_dim))
@@ -285,6 +287,60 @@ class NativeSparseAttention(nn.Module):
         o = decode_attention(q, k_cmp, v_cmp, k_s, v_s, k_win_all, v_win_all, gates, lengths=L_new_d,
                              config=self.config, win_start=win_start, impl=self._decode_impl(dev), host_lengths=L_new)
         return self.o_proj(o.reshape(R, T, -1))
+
+    def _static_step(self, x, lc):
+        """One-token decode step of every row of a static cache, x [B, 1, hidden]: no value is read from the device
+        and no decision depends on the lengths, so a CUDA graph captured once replays every later step. The same
+        output and cache contents as `_cached_step`: every row's candidate compressed block goes through φ, and
+        is kept where the new token completes it (Eq. 7); the attention is sized by the capacity
+        (`decode_attention(max_length=)`). A row already at capacity stores nothing and comes out NaN."""
+        from .ops.decode import decode_attention
+
+        B = x.shape[0]
+        dev, cdt, S = x.device, lc.k_slc.dtype, lc.max_length
+        l, d = self.config.cmp_block_size, self.config.cmp_stride
+        p = lc.lengths.clone()  # [B] the new token's position (lengths advance in place below)
+        room = p < S
+        p_w = p.clamp(max=S - 1)  # a full row's writes put back what the slot holds
+        rows = torch.arange(B, device=dev)
+
+        def put(buf, slot, new):  # buf[b, slot[b]] = new[b] where the row has room
+            old = buf[rows, slot]
+            buf[rows, slot] = torch.where(room.view(-1, *(1,) * (old.dim() - 1)), new.to(cdt), old)
+
+        q, kc_raw, vc_raw, k_slc, v_slc, k_win, v_win, gates = self.project_tokens(x, p_w[:, None])
+        put(lc.k_slc, p_w, k_slc[:, 0].detach())
+        put(lc.v_slc, p_w, v_slc[:, 0].detach())
+        win_start = None
+        if not self.window_reads_slc:  # the ring, then unrolled: slot s holds position L + 1 - cap + s
+            cap = lc.window_capacity
+            put(lc.k_win, p_w % cap, k_win[:, 0].detach())
+            put(lc.v_win, p_w % cap, v_win[:, 0].detach())
+            win_start = p_w + 1 - cap
+            ring = (win_start[:, None] + torch.arange(cap, device=dev)) % cap
+            k_win_all, v_win_all = lc.k_win[rows[:, None], ring], lc.v_win[rows[:, None], ring]
+        cap_t = lc.tail_capacity
+        if lc.k_cmp.shape[1]:  # φ over the block ending at p (positions p - l + 1 .. p)
+            tail = (p_w[:, None] - cap_t + torch.arange(cap_t, device=dev)) % max(cap_t, 1)
+            blk_k = torch.cat([lc.k_tail[rows[:, None], tail].to(kc_raw.dtype), kc_raw], 1)  # [B, l, HKV, D]
+            blk_v = torch.cat([lc.v_tail[rows[:, None], tail].to(vc_raw.dtype), vc_raw], 1)
+            k_new, v_new = self.compress(blk_k, blk_v, p_w[:, None])
+            i_new = (p_w + 1 - l).clamp(min=0) // d
+            completes = (p_w + 1 >= l) & ((p_w + 1 - l) % d == 0)
+            keep = ~completes[:, None, None]
+            put(lc.k_cmp, i_new, torch.where(keep, lc.k_cmp[rows, i_new].to(k_new.dtype), k_new[:, 0]).detach())
+            put(lc.v_cmp, i_new, torch.where(keep, lc.v_cmp[rows, i_new].to(v_new.dtype), v_new[:, 0]).detach())
+        if cap_t:
+            put(lc.k_tail, p_w % cap_t, kc_raw[:, 0].detach())
+            put(lc.v_tail, p_w % cap_t, vc_raw[:, 0].detach())
+        lc.lengths += room.long()
+        lengths = torch.where(room, p + 1, S + 1)  # a full row lies past max_length: NaN
+        k_s, v_s = lc.k_slc, lc.v_slc
+        if self.window_reads_slc:
+            k_win_all, v_win_all = k_s, v_s
+        o = decode_attention(q, lc.k_cmp, lc.v_cmp, k_s, v_s, k_win_all, v_win_all, gates, lengths=lengths,
+                             config=self.config, win_start=win_start, impl=self._decode_impl(dev), max_length=S)
+        return self.o_proj(o.reshape(B, 1, -1))
 
     def _full_backend_available(self, device) -> bool:
         try:
