@@ -168,11 +168,11 @@ class DenseLayerStep:
         return self.o_proj(o.reshape(B, 1, HQ * Dv))
 
 
-def filled_layer(hidden, HQ, HKV, Dk, Dv, B, S, S_max, dtype, device, cfg):
+def filled_layer(hidden, HQ, HKV, Dk, Dv, B, S, S_max, dtype, device, cfg, static=False):
     """An NSA layer (triton) and an NSACache holding S random tokens per row (room for S_max)."""
     layer = nsa.NativeSparseAttention(hidden, HQ, HKV, Dk, v_head_dim=Dv, config=cfg,
                                       backend="triton").to(device=device, dtype=dtype)
-    cache = nsa.NSACache(1, B, S_max, device=device, dtype=dtype)
+    cache = nsa.NSACache(1, B, S_max, device=device, dtype=dtype, static=static)
     lc = cache.layer(0, num_kv_heads=HKV, head_dim=Dk, v_head_dim=Dv, config=cfg, shared_kv=layer.window_reads_slc,
                      device=device, dtype=dtype)
     for t in lc.tensors().values():
@@ -184,7 +184,9 @@ def filled_layer(hidden, HQ, HKV, Dk, Dv, B, S, S_max, dtype, device, cfg):
 def layer_run(contexts, batches, hidden, HQ, HKV, Dk, Dv, dtype, device, cfg):
     """Eager one-token steps of the whole `NativeSparseAttention` layer over a filled `NSACache` (projections,
     cache append, compressed-token emission every d steps, the Triton decode) against `DenseLayerStep`: what an
-    eager generation loop pays per layer and token. Timed steps keep appending, so lengths grow by a few hundred."""
+    eager generation loop pays per layer and token. Timed steps keep appending, so lengths grow by a few hundred.
+    Then both as CUDA-graph replays: the NSA step over a static cache (`NSACache(static=True)`, one capture serving
+    every step) and the dense step (captured at its length)."""
     rows = []
     for B in batches:
         for S in contexts:
@@ -196,11 +198,18 @@ def layer_run(contexts, batches, hidden, HQ, HKV, Dk, Dv, dtype, device, cfg):
             with torch.no_grad():
                 t_nsa = bench_ms(lambda: layer(x, cache=cache, layer_idx=0), device)
                 t_dense = bench_ms(lambda: dense(x), device)
+                torch.manual_seed(0)
+                layer_s, static = filled_layer(hidden, HQ, HKV, Dk, Dv, B, S, S_max, dtype, device, cfg, static=True)
+                g_nsa = graph_ms(lambda: layer_s(x, cache=static, layer_idx=0), device)
+                g_dense = graph_ms(lambda: dense(x), device)
             rows.append(dict(context=S, batch=B, hidden=hidden, dense_layer_ms=t_dense, nsa_layer_ms=t_nsa,
-                             speedup=t_dense / t_nsa, steps_appended=int(cache.layers[0].host_lengths[0]) - S))
-            print(f"layer step {S:>8} {B:>5} dense {t_dense:.4f} ms  NSA {t_nsa:.4f} ms  {t_dense / t_nsa:.2f}x",
-                  flush=True)
-            del layer, cache, dense
+                             speedup=t_dense / t_nsa, steps_appended=int(cache.layers[0].host_lengths[0]) - S,
+                             dense_layer_graph_ms=g_dense, nsa_static_layer_graph_ms=g_nsa,
+                             speedup_graph=None if g_nsa is None else g_dense / g_nsa))
+            print(f"layer step {S:>8} {B:>5} dense {t_dense:.4f} ms  NSA {t_nsa:.4f} ms  {t_dense / t_nsa:.2f}x"
+                  + ("" if g_nsa is None else f"  graphs: dense {g_dense:.4f} ms  NSA (static cache) {g_nsa:.4f} ms"
+                                               f"  {g_dense / g_nsa:.2f}x"), flush=True)
+            del layer, cache, dense, layer_s, static
             if device == "cuda":
                 torch.cuda.empty_cache()
     return rows

@@ -53,7 +53,8 @@ opts=""
 # one launch config per kernel (no autotuning): the tests check numbers, not speed, and compile 3x less
 NSA_TRITON_AUTOTUNE=0 stage tests "${TESTS_S:-120}" "$PY" -m pytest -v -rfE --durations=10 -p no:cacheprovider $opts tests/test_triton_nsa.py \
   tests/test_triton_kernels.py tests/test_decode_triton.py tests/test_compile.py::test_compiled_triton_op_matches_reference \
-  tests/test_compile.py::test_compiled_triton_op_bf16_matches_eager_on_gpu
+  tests/test_compile.py::test_compiled_triton_op_bf16_matches_eager_on_gpu \
+  tests/test_model.py::test_gpu_generate_with_a_cuda_graph_equals_eager
 [ -n "${SKIP_TRAIN:-}" ] || for att in nsa full; do
   rm -rf "/tmp/gpu_train_$att"
   stage "train_$att" 45 "$PY" -m nsa.cli train --preset small-gpu --attention "$att" --steps 20 --set log_every=5 --no-progress \

@@ -209,6 +209,56 @@ def test_generation_bad_arguments():
         model(p, new_lengths=torch.tensor([5, 5]))
 
 
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("shared_kv", [True, False])
+def test_static_cache_decode_equals_ordinary(shift, shared_kv):
+    """The model's decode steps over a static cache (what `generate(cuda_graph=True)` captures) give the ordinary
+    cache's logits after a ragged prefill; the token-shift states are updated in place (a captured graph keeps
+    reading and writing the same buffers), and beam reordering keeps them in place too."""
+    model = micro("nsa", token_shift=shift, shared_kv=shared_kv)
+    x, n = ids(3, 23, seed=4), torch.tensor([23, 9, 17])
+    static, ordinary = model.make_cache(3, 60, static=True), model.make_cache(3, 60)
+    s_state, o_state = {}, {}
+    with torch.no_grad():
+        assert_close(model(x, cache=static, shift_state=s_state, new_lengths=n),
+                     model(x, cache=ordinary, shift_state=o_state, new_lengths=n), atol=1e-10, rtol=1e-10)
+        buffers = {i: t.data_ptr() for i, t in s_state.items()}
+        for t in range(25):
+            tok = ids(3, 1, seed=10 + t)
+            got = model(tok, cache=static, shift_state=s_state)
+            assert torch.isfinite(got).all()
+            assert_close(got, model(tok, cache=ordinary, shift_state=o_state), atol=1e-10, rtol=1e-10,
+                         name=f"step {t}")
+            if t == 12:
+                beams = torch.tensor([2, 0, 0])
+                LlamaLM.reorder_cache(static, beams, s_state)
+                LlamaLM.reorder_cache(ordinary, beams, o_state)
+    assert {i: t.data_ptr() for i, t in s_state.items()} == buffers
+    assert static.lengths.tolist() == ordinary.lengths.tolist()
+
+
+def test_generate_cuda_graph_needs_cuda_and_nsa():
+    for attention, kw in (("nsa", {}), ("nsa", dict(use_cache=False)), ("full", {})):
+        with pytest.raises(ValueError, match="cuda_graph"):
+            micro(attention).generate(ids(2, 5), 3, cuda_graph=True, **kw)
+    with pytest.raises(ValueError, match="cuda_graph must be a bool"):
+        micro("nsa").generate(ids(2, 5), 3, cuda_graph=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shift", [False, True])
+def test_gpu_generate_with_a_cuda_graph_equals_eager(shift):
+    """generate(cuda_graph=True): one captured decode step replayed for every token, over ragged prompts; the same
+    greedy tokens as eager generation (float32, Triton backend)."""
+    model = micro("nsa", token_shift=shift).float().cuda()
+    prompt = ids(3, 21).cuda()
+    lengths = torch.tensor([21, 8, 15])
+    with torch.no_grad():
+        eager = model.generate(prompt, 40, temperature=0, prompt_lengths=lengths)
+        graph = model.generate(prompt, 40, temperature=0, prompt_lengths=lengths, cuda_graph=True)
+    assert torch.equal(graph, eager)
+
+
 def test_sampling():
     logits = torch.tensor([[0.0, 3.0, 1.0, -1.0], [2.0, 0.0, 0.0, 0.0]])
     assert sample(logits, 0, 1.0).tolist() == [1, 0]

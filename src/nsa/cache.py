@@ -145,7 +145,10 @@ class NSACache:
 
     def check_room(self, new_tokens) -> None:
         """ValueError unless every layer can take `new_tokens` more tokens per row (an int, or host [B]): a model
-        checks this before its first layer runs, so that a call that fails changes no layer."""
+        checks this before its first layer runs, so that a call that fails changes no layer. A static cache's
+        one-token step is not checked here (that would read the lengths back): a full row comes out NaN."""
+        if self.static and isinstance(new_tokens, int) and new_tokens == 1:
+            return
         n = torch.as_tensor(new_tokens, dtype=torch.long)
         for lc in self.layers:
             need = int((n + (lc.host_lengths if lc is not None else 0)).max()) if n.numel() else 0

@@ -237,13 +237,17 @@ class Block(nn.Module):
     def _shift(self, h, cu_seqlens, shift_state, layer_idx, new_lengths=None):
         """h [B, T, C] -> h + mix * h[t-1] (zero at every sequence start, or the cached last state)."""
         if shift_state is not None:  # decoding: continue from the state of the last cached token
-            prev = shift_state.get(layer_idx, torch.zeros_like(h[:, :1]))
+            state = shift_state.get(layer_idx)
+            prev = torch.cat([torch.zeros_like(h[:, :1]) if state is None else state, h[:, :-1]], dim=1)
             if new_lengths is None:
-                shift_state[layer_idx] = h[:, -1:]
+                last = h[:, -1:]
             else:  # row b's last valid token; a row without new tokens keeps its state
                 last = h.gather(1, (new_lengths.to(h.device) - 1).clamp(min=0)[:, None, None].expand(-1, 1, h.shape[2]))
-                shift_state[layer_idx] = torch.where(new_lengths.to(h.device)[:, None, None] > 0, last, prev)
-            prev = torch.cat([prev, h[:, :-1]], dim=1)
+                last = torch.where(new_lengths.to(h.device)[:, None, None] > 0, last, prev[:, :1])
+            if state is None or state.shape != last.shape or state.dtype != last.dtype:
+                shift_state[layer_idx] = last.detach().clone()
+            else:  # in place: a CUDA graph of a decode step reads and writes this very buffer
+                state.copy_(last.detach())
         else:
             prev = F.pad(h[:, :-1], (0, 0, 1, 0))
             if cu_seqlens is not None:
@@ -328,8 +332,8 @@ class LlamaLM(nn.Module):
         logits = self(input_ids, cu_seqlens=cu_seqlens)
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction=reduction)
 
-    def make_cache(self, batch_size: int, max_length: int, device=None, dtype=None):
-        """nsa.NSACache for NSA models, KVCache for full attention."""
+    def make_cache(self, batch_size: int, max_length: int, device=None, dtype=None, static: bool = False):
+        """nsa.NSACache for NSA models (`static`: graph-capturable decode steps), KVCache for full attention."""
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
         if self.cfg.attention == "full":
@@ -339,13 +343,13 @@ class LlamaLM(nn.Module):
 
         if not hasattr(nsa, "NSACache"):
             return None
-        return nsa.NSACache(self.cfg.num_layers, batch_size, max_length, device=device, dtype=dtype)
+        return nsa.NSACache(self.cfg.num_layers, batch_size, max_length, device=device, dtype=dtype, static=static)
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  use_cache: bool = True, generator: torch.Generator | None = None,
                  prompt_lengths: torch.Tensor | None = None, eos_token_id: int | None = None,
-                 pad_token_id: int = 0) -> torch.Tensor:
+                 pad_token_id: int = 0, cuda_graph: bool = False) -> torch.Tensor:
         """Extend each prompt by up to max_new_tokens tokens -> [B, T_out].
 
         prompt [B, T0]; `prompt_lengths` [B] (optional, each in [1, T0]): row b's prompt is its first
@@ -355,7 +359,8 @@ class LlamaLM(nn.Module):
         longest row's length (T0 + max_new_tokens for equal prompts without eos).
         temperature 0 is greedy; otherwise nucleus sampling keeps the smallest set of tokens with mass >= top_p.
         With `use_cache` (and a cache available for this attention type) each step feeds one token; without, the
-        whole prefix is recomputed every step.
+        whole prefix is recomputed every step. `cuda_graph` (NSA attention on a CUDA device): the one-token step
+        is captured once in a CUDA graph over a static cache and replayed (no Python or launch gaps between kernels).
         """
         if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[1] == 0:
             shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
@@ -371,6 +376,12 @@ class LlamaLM(nn.Module):
                 continue
             if not (isinstance(tok, numbers.Integral) and not isinstance(tok, bool) and 0 <= tok < self.cfg.vocab_size):
                 raise ValueError(f"{name} must be a token id in [0, {self.cfg.vocab_size}), got {tok!r}")
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+        if cuda_graph and not (use_cache and self.cfg.attention == "nsa" and prompt.device.type == "cuda"
+                               and self.embed.weight.device.type == "cuda"):
+            raise ValueError("cuda_graph needs use_cache=True, attention='nsa' and the model and prompt on a CUDA "
+                             "device")
         eos_token_id = None if eos_token_id is None else int(eos_token_id)
         pad_token_id = int(pad_token_id)
         B, T0 = prompt.shape
@@ -387,9 +398,10 @@ class LlamaLM(nn.Module):
         out[:, :T0] = prompt.masked_fill(torch.arange(T0, device=dev)[None, :] >= lengths.to(dev)[:, None],
                                          pad_token_id)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
-        cache = self.make_cache(B, T0 + max_new_tokens) if use_cache else None
+        cache = self.make_cache(B, T0 + max_new_tokens, static=cuda_graph) if use_cache else None
         shift_state = {} if cache is not None else None
         nxt, produced = None, torch.zeros(B, dtype=torch.long, device=dev)
+        step_fn = _GraphStep(self, cache, shift_state) if cuda_graph else None
         for step in range(max_new_tokens):
             cur = lengths + step  # host: tokens of each row so far
             if cache is not None and step == 0:
@@ -397,6 +409,8 @@ class LlamaLM(nn.Module):
                 logits = self(out[:, :T0], cache=cache, shift_state=shift_state,
                               new_lengths=lengths if ragged else None)
                 logits = logits[rows, (lengths - 1).to(dev)]
+            elif step_fn is not None:
+                logits = step_fn(nxt[:, None])
             elif cache is not None:
                 logits = self(nxt[:, None], cache=cache, shift_state=shift_state)[:, -1]
             elif ragged:  # recompute: the rows' prefixes packed back to back
@@ -420,11 +434,40 @@ class LlamaLM(nn.Module):
         """Beam search: row b of the cache (and of the token-shift states that `forward` keeps in `shift_state`)
         becomes old row beam_idx[b]. Reordering the cache alone leaves token shift reading the old rows."""
         cache.reorder(beam_idx)
-        for layer_idx, state in (shift_state or {}).items():
-            shift_state[layer_idx] = state.index_select(0, beam_idx.to(state.device))
+        for state in (shift_state or {}).values():  # in place, as the cache: captured graphs keep their buffers
+            state.copy_(state.index_select(0, beam_idx.to(state.device)))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class _GraphStep:
+    """A one-token decode step of `model` over a static cache as a CUDA graph: the first call runs the step on a
+    side stream (compilation, cuBLAS set-up) and captures it; later calls copy the tokens into the captured input
+    buffer and replay. Returns the step's last logits [B, V] (a fresh tensor)."""
+
+    def __init__(self, model, cache, shift_state):
+        self.model, self.cache, self.shift_state = model, cache, shift_state
+        self.graph = self.tokens = self.logits = None
+
+    def _step(self):
+        return self.model(self.tokens, cache=self.cache, shift_state=self.shift_state)[:, -1]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.graph is not None:
+            self.tokens.copy_(tokens)
+            self.graph.replay()
+            return self.logits.clone()
+        self.tokens = tokens.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self._step()  # this call's step, for real
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # recorded, not run
+            self.logits = self._step()
+        return logits
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
