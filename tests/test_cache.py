@@ -122,6 +122,8 @@ def test_cache_errors_name_the_argument():
         nsa.NSACache(1, 2, -1)
     with pytest.raises(ValueError, match="dtype"):
         nsa.NSACache(1, 2, 10, dtype=torch.int32)
+    with pytest.raises(ValueError, match="static"):
+        nsa.NSACache(1, 2, 10, static=1)
     cache = nsa.NSACache(1, 2, 10)
     with pytest.raises(ValueError, match="batch size"):
         layer(x[:1], cache=cache)
