@@ -42,16 +42,19 @@ def test_triton_decode_matches_reference(G, window):
     assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
 
 
-def test_triton_decode_many_partials():
+@pytest.mark.parametrize("max_len", [None, 8400])
+def test_triton_decode_many_partials(max_len):
     """Long contexts split over many programs: 17 compressed-token partials and 13 window chunks, so the lse pass
-    and the merge take several steps of partials, the last one partly empty; rows of different lengths."""
+    and the merge take several steps of partials, the last one partly empty; rows of different lengths. With
+    max_len = 2x the longest row (a grid sized for a capacity) each row spreads its own compressed tokens over the
+    66 programs."""
     cfg = small_config(window_size=200)
     lengths = torch.tensor([4200, 3001])
     inputs = make_inputs(2, 4200, 4, 1, 16, 8, cfg, dtype=torch.float32, seed=3, device=DEVICE)
     qd, gd = last_queries(inputs, lengths)
     _, *kv, _ = inputs
     kw = dict(lengths=lengths.to(DEVICE), config=cfg, return_indices=True)
-    o, idx = triton_decode_mod.triton_decode(qd, *kv, gd, target_programs=10_000, **kw)
+    o, idx = triton_decode_mod.triton_decode(qd, *kv, gd, target_programs=10_000, max_len=max_len, **kw)
     o_ref, idx_ref = reference_decode(qd, *kv, gd, **kw)
     assert torch.equal(idx.cpu(), idx_ref.cpu())
     assert_close(o, o_ref, atol=1e-5, rtol=1e-5)

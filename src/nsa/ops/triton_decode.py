@@ -101,8 +101,10 @@ def _attn_partial(
     """Online-softmax partial of one unit u of keys for the G heads of one (b, kv head). Query row b reads the
     cache row b // TQ (TQ queries per cached sequence: chunked prefill; 1 for decode).
 
-    MODE 0: compressed tokens [u*CHUNK, (u+1)*CHUNK) ∩ [0, Tc(L)) of K/V; also keeps the scaled scores in
-    SC[b*HKV + h, g, i] (fp32) for the selection, so the compressed keys are read only once.
+    MODE 0: the u-th of NU equal shares (whole BK tiles) of the row's compressed tokens [0, Tc(L)) of K/V, so
+    every program has work whatever the grid was sized for (a CUDA graph sized by the capacity, ragged rows); also
+    keeps the scaled scores in SC[b*HKV + h, g, i] (fp32) for the selection, so the compressed keys are read only
+    once.
     MODE 1, u < NSEL: selected block IDX[b, h, u] ∩ [0, t] of K/V; u >= NSEL: window positions
     [max(0, t-WIN+1) + (u-NSEL)*CHUNK, ... + CHUNK) ∩ [.., t] of K2/V2, read at slot pos - WSTART[b].
     Writes acc [BG, BDV], running max m and sum l to PO/PM/PL[(b*HKV + h)*NU + u].
@@ -126,8 +128,10 @@ def _attn_partial(
     Vb = V + kb * svb + h * svh
     if MODE == 0:
         tc = tl.where(L >= CMP_L, (L - CMP_L) // CMP_D + 1, 0)
-        lo = u * CHUNK
-        hi = tl.minimum(lo + CHUNK, tc)
+        chunk = (tc + NU - 1) // NU  # the row's own compressed tokens over the NU programs, in whole key tiles
+        chunk = (chunk + BK - 1) // BK * BK
+        lo = u * chunk
+        hi = tl.minimum(lo + chunk, tc)
         m, lsum, acc = _partial(q, Kb, Vb, skt, svt, lo, hi, 0, scale, SC + (bh * BG + g)[:, None] * S_SC, gm,
                                 dk, dv, km_d, vm_d, True, PREC, BG, BDV, BK)
     elif u < NSEL:
@@ -322,9 +326,8 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
     # 1. compressed attention, split over the compressed tokens
     warps, bk_c, bk_s = partial_tiles(BD, lp, k_slc.dtype)
     nsplit = max(1, min(triton.cdiv(max(tc_max, 1), bk_c), triton.cdiv(target_programs, BH)))
-    chunk = triton.cdiv(triton.cdiv(max(tc_max, 1), nsplit), bk_c) * bk_c
     scores = torch.empty(BH, BG, s_pc, **f32)  # scaled q.k_cmp of every head, kept for the selection
-    cmp_parts = partial(0, (k_cmp, v_cmp), (k_cmp, v_cmp), nsplit, chunk, bk_c, sc=scores)
+    cmp_parts = partial(0, (k_cmp, v_cmp), (k_cmp, v_cmp), nsplit, 0, bk_c, sc=scores)  # shares sized per row
 
     # 2. selection: group-summed probabilities, block scores, top-n per (b, kv head)
     pc = torch.empty(BH, s_pc, **f32)
