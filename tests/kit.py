@@ -12,6 +12,25 @@ from nsa.ops.varlen import num_compressed_total
 CPU_BACKENDS = [b for b in nsa.available_backends() if b != "triton"]
 
 
+HOST_READS = {"item", "tolist", "cpu", "numpy", "nonzero", "_local_scalar_dense", "__int__", "__bool__", "__index__",
+              "__float__"}
+
+
+def host_read_watch():
+    """A fresh torch.Tensor subclass recording (in `.reads`) every host read (`HOST_READS`: what would wait for a
+    GPU) of its tensors and of every tensor computed from them: wrap with `t.as_subclass(Watched)`."""
+    class Watched(torch.Tensor):
+        reads: list[str] = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in HOST_READS:
+                cls.reads.append(func.__name__)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    return Watched
+
+
 def assert_close(actual, expected, *, atol, rtol, name="tensor"):
     """NaN/inf positions must match exactly; finite values within atol + rtol*|expected|.
 

@@ -5,7 +5,7 @@ import torch
 import nsa
 from nsa.ops import reference as ref
 from nsa.ops.decode import decode_attention
-from tests.kit import assert_close, make_inputs, small_config
+from tests.kit import assert_close, host_read_watch, make_inputs, small_config
 
 CFG = small_config()  # l=8, d=4, l'=16, n=4, w=16
 NO_OVERLAP = small_config(cmp_stride=8, window_size=12, num_selected=5)  # l = d, w not a multiple of l'
@@ -393,16 +393,7 @@ def test_decode_attention_max_length_reads_no_values(monkeypatch):
     it), and sizes the kernels by max_length."""
     from nsa.ops import decode
 
-    class Watched(torch.Tensor):  # any host read of these tensors or of tensors derived from them
-        reads = []
-
-        @classmethod
-        def __torch_function__(cls, func, types, args=(), kwargs=None):
-            if getattr(func, "__name__", "") in ("item", "tolist", "cpu", "__int__", "__bool__", "__index__",
-                                                  "__float__", "numpy", "_local_scalar_dense"):
-                cls.reads.append(func.__name__)
-            return super().__torch_function__(func, types, args, kwargs or {})
-
+    Watched = host_read_watch()
     seen = {}
     monkeypatch.setitem(decode.IMPLS, "torch", lambda *a, **kw: seen.update(kw) or a[0][..., :6].clone())
     (qd, k_cmp, v_cmp, k_slc, v_slc, gd), (kw, vw, ws), lengths = _capacity_cache(torch.float64)
@@ -468,16 +459,7 @@ def test_static_step_reads_no_lengths_on_the_host(monkeypatch):
     from nsa.cache import LayerCache
     from nsa.ops import decode
 
-    class Watched(torch.Tensor):
-        reads = []
-
-        @classmethod
-        def __torch_function__(cls, func, types, args=(), kwargs=None):
-            if getattr(func, "__name__", "") in ("item", "tolist", "cpu", "__int__", "__bool__", "__index__",
-                                                  "__float__", "numpy", "nonzero", "any", "all"):
-                cls.reads.append(func.__name__)
-            return super().__torch_function__(func, types, args, kwargs or {})
-
+    Watched = host_read_watch()
     layer, (static, _) = _static_and_eager()
     lc = static.layers[0]
     lc.lengths = lc.lengths.as_subclass(Watched)
