@@ -240,6 +240,26 @@ def prefill_run(contexts, batches, chunk, HQ, HKV, Dk, Dv, dtype, device, cfg):
     return rows
 
 
+def split_run(contexts, batches, programs, HQ, HKV, Dk, Dv, dtype, device, cfg):
+    """The decode step's graph-replay time against `target_programs` (how many programs the compressed-token pass
+    aims for: at batch 16 the default 264 gives each (row, KV head) only 5 splits), to pick the default from data."""
+    rows = []
+    for B in batches:
+        for S in contexts:
+            args = random_step(B, S, 1, HQ, HKV, Dk, Dv, dtype, device, cfg)
+            kw = dict(lengths=torch.full((B,), S, dtype=torch.long, device=device), config=cfg, max_len=S)
+            with torch.no_grad():
+                times = {p: graph_ms(lambda: triton_decode(*args, **kw, target_programs=p), device) for p in programs}
+            rows.append(dict(context=S, batch=B, graph_ms_by_target_programs=times))
+            if device == "cuda":
+                print(f"target_programs at {S:>8} {B:>5}: "
+                      + "  ".join(f"{p}: {t:.4f} ms" for p, t in times.items()), flush=True)
+            del args
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="8192,16384,32768,65536,131072")
@@ -253,6 +273,8 @@ def main(argv=None):
     ap.add_argument("--hidden", type=int, default=2560, help="hidden size of the layer step (paper's 27B: 2560)")
     ap.add_argument("--prefill-chunk", type=int, default=512, help="queries of the chunked-prefill rows (0 skips)")
     ap.add_argument("--prefill-contexts", default="65536")
+    ap.add_argument("--split-contexts", default="65536", help="contexts of the target_programs sweep ('' skips it)")
+    ap.add_argument("--target-programs", default="132,264,528,1056")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU via the Triton interpreter")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -262,6 +284,7 @@ def main(argv=None):
         cfg = nsa.NSAConfig(window_size=128, num_selected=4)
         args.heads, args.kv_heads, args.dk, args.dv, args.hidden = 16, 1, 32, 16, 64
         args.layer_contexts, args.prefill_contexts, args.prefill_chunk = "700", "700", 9
+        args.split_contexts, args.target_programs = "700", "8,264"
     else:
         if not torch.cuda.is_available():
             sys.exit("gpu_decode.py needs a CUDA GPU (or --smoke)")
@@ -281,13 +304,16 @@ def main(argv=None):
     prefill_rows = [] if not args.prefill_chunk else prefill_run(
         [int(c) for c in args.prefill_contexts.split(",") if c], [batches[0]], args.prefill_chunk, args.heads,
         args.kv_heads, args.dk, args.dv, dtype, device, cfg)
+    split_rows = split_run([int(c) for c in args.split_contexts.split(",") if c], batches,
+                           [int(p) for p in args.target_programs.split(",")], args.heads, args.kv_heads, args.dk,
+                           args.dv, dtype, device, cfg)
     out = args.out or (None if args.smoke else str(Path(__file__).parent / "results" / "gpu_decode.json"))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(dict(benchmark="gpu_decode", device=gpu, heads=args.heads,
                                              kv_heads=args.kv_heads, dk=args.dk, dv=args.dv, dtype=str(dtype),
                                              config=cfg.__dict__, rows=rows, layer_rows=layer_rows,
-                                             prefill_rows=prefill_rows), indent=1))
+                                             prefill_rows=prefill_rows, split_rows=split_rows), indent=1))
         print(f"wrote {out}")
 
 
