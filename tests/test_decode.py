@@ -378,9 +378,11 @@ def test_decode_attention_max_length_marks_bad_rows_nan(backend):
              (torch.tensor([1, 27]), k_slc, v_slc, None, 64),    # row 0 shorter than its Tq = 2 queries
              (lengths, kw, vw, ws - torch.tensor([0, 3]), 64),   # row 1's ring misses its newest 3 positions
              (lengths, kw, vw, ws + torch.tensor([5, 0]), 64)]   # row 0's ring misses its oldest window positions
+    far = torch.tensor([0, -2**31 + 1], dtype=torch.int32)  # int32 arithmetic on these would wrap and pass row 1
+    cases.append((lengths.int(), kw, vw, torch.where(far < 0, far, ws.int()), 64))
     for lens, k_win, v_win, win_start, bound in cases:
         out = run(lens, k_win, v_win, win_start, max_length=bound)
-        bad = (lens != lengths) | (win_start is not None and (win_start != ws))
+        bad = (lens != lengths) | (win_start is not None and (win_start.long() != ws))
         for b in range(2):
             if bad[b]:
                 assert torch.isnan(out[b]).all(), f"row {b} should be NaN"
@@ -405,6 +407,16 @@ def test_decode_attention_max_length_reads_no_values(monkeypatch):
     assert Watched.reads, "the exact call reads the lengths (the watch must see host reads)"
 
 
+@pytest.mark.parametrize("backend", BOUNDED_BACKENDS)
+def test_decode_attention_empty_chunk(backend):
+    """Tq = 0 (no new queries) gives an empty output on every backend (the torch decode indexed an empty list)."""
+    (qd, k_cmp, v_cmp, k_slc, v_slc, gd), _, lengths = _capacity_cache(torch.float32)
+    for bound in (None, 64):
+        out = nsa.decode_attention(qd[:, :0], k_cmp, v_cmp, k_slc, v_slc, k_slc, v_slc, gd[:, :0], lengths=lengths,
+                                   config=CFG, backend=backend, max_length=bound)
+        assert out.shape == (2, 0, 8, 6)
+
+
 def test_decode_attention_max_length_rejects_bad_bounds():
     (qd, k_cmp, v_cmp, k_slc, v_slc, gd), (kw, vw, ws), lengths = _capacity_cache(torch.float64)
     run = lambda bound, kc=k_cmp, vc=v_cmp, k_win=k_slc, v_win=v_slc: nsa.decode_attention(  # noqa: E731
@@ -417,6 +429,12 @@ def test_decode_attention_max_length_rejects_bad_bounds():
         run(64, k_win=kw, v_win=vw)  # no win_start: the window is indexed by position, up to max_length
     with pytest.raises(ValueError, match="compressed tokens"):
         run(64, kc=k_cmp[:, :CFG.num_compressed(60)], vc=v_cmp[:, :CFG.num_compressed(60)])
+    with pytest.raises(ValueError, match="max_length must be"):  # checked for an empty batch too
+        nsa.decode_attention(*[x[:0] for x in (qd, k_cmp, v_cmp, k_slc, v_slc, k_slc, v_slc, gd)],
+                             lengths=lengths[:0], config=CFG, max_length=0)
+    with pytest.raises(ValueError, match="host_lengths"):
+        nsa.decode_attention(qd, k_cmp, v_cmp, k_slc, v_slc, k_slc, v_slc, gd, lengths=lengths, config=CFG,
+                             max_length=64, host_lengths=lengths)
 
 
 STATIC_GEOMETRIES = [CFG, NO_OVERLAP, small_config(cmp_block_size=4, cmp_stride=4, slc_block_size=4, window_size=8)]
@@ -463,6 +481,7 @@ def test_static_step_reads_no_lengths_on_the_host(monkeypatch):
     layer, (static, _) = _static_and_eager()
     lc = static.layers[0]
     lc.lengths = lc.lengths.as_subclass(Watched)
+    monkeypatch.setattr("nsa.cache.capturing", lambda: True)  # as under CUDA-graph capture: no room check either
     real = decode.IMPLS["torch"]  # the CPU torch decode reads min(lengths) itself (free on the CPU, skipped on GPU)
     unwrap = lambda a: a.as_subclass(torch.Tensor) if isinstance(a, torch.Tensor) else a  # noqa: E731
     monkeypatch.setitem(decode.IMPLS, "torch", lambda *a, **kw: real(*map(unwrap, a),
@@ -474,10 +493,16 @@ def test_static_step_reads_no_lengths_on_the_host(monkeypatch):
     assert torch.Tensor.tolist(lc.lengths) == [29, 20, 37]
 
 
-def test_static_cache_full_row_is_nan_and_keeps_its_cache():
-    """A row at capacity cannot take the step's token: its output is NaN (no ValueError without a sync), its cache
-    is unchanged; the other rows step on. Eager calls on a static cache read the lengths from the device."""
+def test_static_cache_full_row_is_nan_and_keeps_its_cache(monkeypatch):
+    """Eagerly, a static step into a full row raises like an ordinary one. While a CUDA graph is captured it cannot
+    (no read of the lengths): a row at capacity keeps its cache and its output is NaN; the other rows step on."""
     layer, (static, eager) = _static_and_eager(S=18)
+    step = torch.randn(3, 1, 32, dtype=torch.float64)
+    layer(step, cache=static)
+    with pytest.raises(ValueError, match="max_length 18 exceeded: 19"):
+        layer(step, cache=static)
+    layer, (static, eager) = _static_and_eager(S=18)
+    monkeypatch.setattr("nsa.cache.capturing", lambda: True)
     x = torch.randn(3, 2, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     for t in range(2):
         out = layer(x[:, t:t + 1], cache=static)
@@ -489,7 +514,24 @@ def test_static_cache_full_row_is_nan_and_keeps_its_cache():
     for name, t in static.layers[0].tensors().items():
         assert torch.equal(t[2], before[name][2]), name
     with pytest.raises(ValueError, match="max_length"):
-        layer(x, cache=static)  # an eager (2-token) call checks the room on the host
+        layer(x, cache=static)  # a 2-token call takes the eager path, which checks the room on the host
+
+
+@pytest.mark.skipif("triton" not in nsa.available_backends(), reason="needs triton")
+def test_static_cache_steps_with_the_triton_decode():
+    """The static step through the Triton decode kernels (interpreter on CPU, float32): the ordinary steps' output."""
+    layer, (static, eager) = _static_and_eager(G=4, shared_kv="slc_win", backend="triton")
+    layer.float()
+    static, eager = nsa.NSACache(1, 3, 40, static=True), nsa.NSACache(1, 3, 40)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 17, 32, generator=g)
+    for cache in (static, eager):
+        layer(x, cache=cache, new_lengths=torch.tensor([9, 0, 17]))
+    for step in range(6):
+        x = torch.randn(3, 1, 32, generator=g)
+        a, b = layer(x, cache=static), layer(x, cache=eager)
+        assert torch.isfinite(a).all()
+        assert_close(a, b, atol=1e-5, rtol=1e-5, name=f"step {step}")
 
 
 def test_static_cache_chunk_after_steps():

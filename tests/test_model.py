@@ -243,6 +243,19 @@ def test_generate_cuda_graph_needs_cuda_and_nsa():
             micro(attention).generate(ids(2, 5), 3, cuda_graph=True, **kw)
     with pytest.raises(ValueError, match="cuda_graph must be a bool"):
         micro("nsa").generate(ids(2, 5), 3, cuda_graph=1)
+    with pytest.raises(ValueError, match="static caches are for attention='nsa'"):
+        micro("full").make_cache(2, 10, static=True)
+
+
+def test_static_cache_eager_step_past_capacity_raises():
+    """Outside graph capture a static cache's step checks the room like an ordinary one (before any layer runs)."""
+    model = micro("nsa", token_shift=True)
+    cache, state = model.make_cache(2, 6, static=True), {}
+    with torch.no_grad():
+        model(ids(2, 6), cache=cache, shift_state=state)
+        with pytest.raises(ValueError, match="max_length 6 exceeded: 7"):
+            model(ids(2, 1), cache=cache, shift_state=state)
+    assert cache.lengths.tolist() == [6, 6]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -19,6 +19,11 @@ import torch
 from .config import NSAConfig, num_compressed_tokens
 
 
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (then nothing may be read back from the device)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class LayerCache:
     """One layer's storage; see the module docstring. `lengths` [B] int64 lives on the cache device, with a CPU
     mirror `host_lengths` so that the layer never has to synchronise with the device to slice or index. A static
@@ -100,9 +105,10 @@ class NSACache:
     default to those of the first input a layer sees. Storage for a layer is `memory_bytes()`-accounted from its
     allocation on.
 
-    `static=True`: one-token decode steps (`layer(x [B, 1, hidden], cache=cache)`) read nothing from the device and
-    take no host decision on the lengths, so a CUDA graph captured once replays every later step (see
-    `NativeSparseAttention`); prefill and chunks still run eagerly, reading the lengths from the device once per call.
+    `static=True`: one-token decode steps (`layer(x [B, 1, hidden], cache=cache)`) take no host decision on the
+    lengths, so a CUDA graph captured once replays every later step (see `NativeSparseAttention`). Run eagerly, a
+    step reads the lengths back once to check the room (ValueError when a row is full); while a graph is captured it
+    reads nothing, and a full row comes out NaN. Prefill and chunks run eagerly, reading the lengths from the device.
     """
 
     def __init__(self, num_layers: int, batch_size: int, max_length: int, device=None, dtype=None,
@@ -145,9 +151,10 @@ class NSACache:
 
     def check_room(self, new_tokens) -> None:
         """ValueError unless every layer can take `new_tokens` more tokens per row (an int, or host [B]): a model
-        checks this before its first layer runs, so that a call that fails changes no layer. A static cache's
-        one-token step is not checked here (that would read the lengths back): a full row comes out NaN."""
-        if self.static and isinstance(new_tokens, int) and new_tokens == 1:
+        checks this before its first layer runs, so that a call that fails changes no layer. While a CUDA graph is
+        being captured, a static cache's one-token step is not checked (that would read the lengths back): a full
+        row comes out NaN on each replay."""
+        if self.static and isinstance(new_tokens, int) and new_tokens == 1 and capturing():
             return
         n = torch.as_tensor(new_tokens, dtype=torch.long)
         for lc in self.layers:

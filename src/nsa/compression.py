@@ -123,7 +123,8 @@ def _per_block(blocks: torch.Tensor, layers: nn.Module) -> torch.Tensor:
 
     Under torch.export the Linears run as products over (B, H) with the compressed tokens as columns: Linear's own
     reshape of [B, Tc, H, l*D] to rows and back makes export guard on divisibility by the derived size
-    Tc = (T - l)//d + 1, which fails a dynamic T. Eagerly, one product over all rows is faster."""
+    Tc = (T - l)//d + 1, which fails a dynamic T. Eagerly, one product over all rows is faster. (The export path
+    reads each Linear's weight and bias: hooks or Linear subclasses with their own forward are not supported there.)"""
     x = blocks.flatten(-2)
     if not torch.compiler.is_exporting():
         return layers(x)

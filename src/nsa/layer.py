@@ -289,15 +289,22 @@ class NativeSparseAttention(nn.Module):
         return self.o_proj(o.reshape(R, T, -1))
 
     def _static_step(self, x, lc):
-        """One-token decode step of every row of a static cache, x [B, 1, hidden]: no value is read from the device
-        and no decision depends on the lengths, so a CUDA graph captured once replays every later step. The same
-        output and cache contents as `_cached_step`: every row's candidate compressed block goes through φ, and
-        is kept where the new token completes it (Eq. 7); the attention is sized by the capacity
-        (`decode_attention(max_length=)`). A row already at capacity stores nothing and comes out NaN."""
+        """One-token decode step of every row of a static cache, x [B, 1, hidden]: no decision depends on the
+        lengths, so a CUDA graph captured once replays every later step. The same output and cache contents as
+        `_cached_step`: every row's candidate compressed block goes through φ, and is kept where the new token
+        completes it (Eq. 7); the attention is sized by the capacity (`decode_attention(max_length=)`). Eagerly, a
+        full row raises (one read of the lengths); while a graph is captured nothing is read back (the reference
+        decode excepted: it reads the lengths, so it cannot be captured), and a row already at capacity stores
+        nothing and comes out NaN."""
+        from .cache import capturing
         from .ops.decode import decode_attention
 
         B = x.shape[0]
         dev, cdt, S = x.device, lc.k_slc.dtype, lc.max_length
+        if not capturing():
+            need = int(lc.lengths.max()) + 1 if B else 0
+            if need > S:
+                raise ValueError(f"cache max_length {S} exceeded: {need} tokens")
         l, d = self.config.cmp_block_size, self.config.cmp_stride
         p = lc.lengths.clone()  # [B] the new token's position (lengths advance in place below)
         room = p < S

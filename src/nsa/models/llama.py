@@ -234,8 +234,10 @@ class Block(nn.Module):
         # so a key can say "I follow token X" without a previous-token head; speeds up learning recall (induction)
         self.shift_mix = nn.Parameter(torch.full((cfg.hidden_size,), 0.5)) if cfg.token_shift else None
 
-    def _shift(self, h, cu_seqlens, shift_state, layer_idx, new_lengths=None):
-        """h [B, T, C] -> h + mix * h[t-1] (zero at every sequence start, or the cached last state)."""
+    def _shift(self, h, cu_seqlens, shift_state, layer_idx, new_lengths=None, in_place=False):
+        """h [B, T, C] -> h + mix * h[t-1] (zero at every sequence start, or the cached last state). `in_place`
+        (a static cache): the state tensor is overwritten instead of replaced, so a captured CUDA graph keeps
+        reading and writing the same buffer."""
         if shift_state is not None:  # decoding: continue from the state of the last cached token
             state = shift_state.get(layer_idx)
             prev = torch.cat([torch.zeros_like(h[:, :1]) if state is None else state, h[:, :-1]], dim=1)
@@ -244,10 +246,10 @@ class Block(nn.Module):
             else:  # row b's last valid token; a row without new tokens keeps its state
                 last = h.gather(1, (new_lengths.to(h.device) - 1).clamp(min=0)[:, None, None].expand(-1, 1, h.shape[2]))
                 last = torch.where(new_lengths.to(h.device)[:, None, None] > 0, last, prev[:, :1])
-            if state is None or state.shape != last.shape or state.dtype != last.dtype:
-                shift_state[layer_idx] = last.detach().clone()
-            else:  # in place: a CUDA graph of a decode step reads and writes this very buffer
+            if in_place and state is not None and state.shape == last.shape and state.dtype == last.dtype:
                 state.copy_(last.detach())
+            else:
+                shift_state[layer_idx] = last.detach().clone() if in_place else last
         else:
             prev = F.pad(h[:, :-1], (0, 0, 1, 0))
             if cu_seqlens is not None:
@@ -259,7 +261,8 @@ class Block(nn.Module):
                 new_lengths=None):
         h = self.attn_norm(x)
         if self.shift_mix is not None:
-            h = self._shift(h, cu_seqlens, shift_state if cache is not None else None, layer_idx, new_lengths)
+            h = self._shift(h, cu_seqlens, shift_state if cache is not None else None, layer_idx, new_lengths,
+                            in_place=getattr(cache, "static", False))
         if cache is None:
             h = self.attn(h, cu_seqlens=cu_seqlens, position_ids=position_ids)
         else:
@@ -337,6 +340,8 @@ class LlamaLM(nn.Module):
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
         if self.cfg.attention == "full":
+            if static:
+                raise ValueError("static caches are for attention='nsa' (the full-attention KVCache is not static)")
             return KVCache(self.cfg.num_layers, batch_size, max_length, self.cfg.num_kv_heads, self.cfg.head_dim,
                            device=device, dtype=dtype)
         import nsa
@@ -378,10 +383,10 @@ class LlamaLM(nn.Module):
                 raise ValueError(f"{name} must be a token id in [0, {self.cfg.vocab_size}), got {tok!r}")
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"cuda_graph must be a bool, got {cuda_graph!r}")
-        if cuda_graph and not (use_cache and self.cfg.attention == "nsa" and prompt.device.type == "cuda"
-                               and self.embed.weight.device.type == "cuda"):
-            raise ValueError("cuda_graph needs use_cache=True, attention='nsa' and the model and prompt on a CUDA "
-                             "device")
+        if cuda_graph and not (use_cache and self.cfg.attention == "nsa" and self.cfg.backend != "reference"
+                               and prompt.device.type == "cuda" and self.embed.weight.device.type == "cuda"):
+            raise ValueError("cuda_graph needs use_cache=True, attention='nsa' with a backend other than 'reference' "
+                             "(whose decode reads the lengths back) and the model and prompt on a CUDA device")
         eos_token_id = None if eos_token_id is None else int(eos_token_id)
         pad_token_id = int(pad_token_id)
         B, T0 = prompt.shape
@@ -432,7 +437,8 @@ class LlamaLM(nn.Module):
     @staticmethod
     def reorder_cache(cache, beam_idx: torch.Tensor, shift_state: dict | None = None) -> None:
         """Beam search: row b of the cache (and of the token-shift states that `forward` keeps in `shift_state`)
-        becomes old row beam_idx[b]. Reordering the cache alone leaves token shift reading the old rows."""
+        becomes old row beam_idx[b]. Reordering the cache alone leaves token shift reading the old rows. Both are
+        reordered in place (a captured CUDA graph keeps its buffers)."""
         cache.reorder(beam_idx)
         for state in (shift_state or {}).values():  # in place, as the cache: captured graphs keep their buffers
             state.copy_(state.index_select(0, beam_idx.to(state.device)))
@@ -464,6 +470,7 @@ class _GraphStep:
         with torch.cuda.stream(side):
             logits = self._step()  # this call's step, for real
         torch.cuda.current_stream().wait_stream(side)
+        logits.record_stream(torch.cuda.current_stream())  # allocated on the side stream, read on this one
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # recorded, not run
             self.logits = self._step()

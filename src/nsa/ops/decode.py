@@ -270,7 +270,9 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
     impl: "reference" | "torch" | "triton" (the Triton decode kernels, any Tq; torch where they do not apply).
     `host_lengths` (optional CPU copy of `lengths`) spares a device synchronisation. `check_window` also checks
     that the window tensors hold every position the windows read (reads win_start on the host).
-    `max_length` (host int): see `_bounded_rows`; the values of lengths and win_start are then never read on the host.
+    `max_length` (host int): see `_bounded_rows`; the values of lengths and win_start are then never read on the host
+    (the reference implementation excepted: it loops over rows in Python), and the window cover is checked on the
+    device instead of by `check_window`.
     """
     if not isinstance(config, NSAConfig):
         raise ValueError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
@@ -312,8 +314,6 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
     if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.dtype not in (torch.int32,
                                                                                                 torch.int64):
         raise ValueError(f"lengths must be a [B] = [{B}] int32/int64 tensor (narrower types wrap)")
-    if B == 0:
-        return q.new_zeros(0, Tq, HQ, v_slc.shape[3])
     valid = None
     if max_length is not None:
         hi = check_int("max_length", max_length, max(Tq, 1))
@@ -322,6 +322,11 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
         if hi > k_slc.shape[1] or k_win.shape[1] < W_need:
             raise ValueError(f"max_length {hi} needs k_slc to hold {hi} slots (got {k_slc.shape[1]}) and k_win "
                              f"{W_need} (got {k_win.shape[1]})")
+        if host_lengths is not None:
+            raise ValueError("host_lengths cannot be combined with max_length (which reads no lengths)")
+    if B == 0 or Tq == 0:
+        return q.new_zeros(B, Tq, HQ, v_slc.shape[3])
+    if max_length is not None:
         lengths, win_start, valid = _bounded_rows(lengths, win_start, Tq, hi, k_win.shape[1], config.window_size)
     else:
         host = lengths.detach().cpu() if host_lengths is None else host_lengths
@@ -357,8 +362,10 @@ def _bounded_rows(lengths, win_start, Tq, max_length, W, window):
     length lies outside [Tq, max_length], or whose window reads a slot outside k_win (win_start given), cannot be
     reported without a synchronisation: it is computed over safe stand-in lengths (nothing is read out of bounds) and
     comes out NaN. Returns (lengths, win_start, valid [B] bool) for the kernels."""
+    lengths = lengths.long()  # int64: int32 arithmetic below could wrap (a far-off win_start) and pass a bad row
     valid = (lengths >= Tq) & (lengths <= max_length)
     if win_start is not None:
+        win_start = win_start.to(lengths.device, torch.long)
         first = (lengths - Tq - window + 1).clamp(min=0)  # the earliest position a window reads
         valid &= (first >= win_start) & (lengths - 1 - win_start < W)
         win_start = torch.where(valid, win_start, 0)

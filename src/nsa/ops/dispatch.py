@@ -351,9 +351,10 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
     `host_lengths`, a CPU copy, is given) and win_start on the host. backend: "auto" (triton decode kernels on CUDA,
     else torch), "triton", "torch", "reference". Semantics: docs/spec.md §12.
 
-    `max_length` (host int, e.g. the cache capacity) sizes the work instead, and nothing is read from the device:
-    one CUDA graph captured with it replays every later step as the lengths grow in place. k_slc (and k_win when
-    win_start is None) must hold max_length slots. Rows whose lengths (or window slots) are out of range cannot
+    `max_length` (host int, e.g. the cache capacity) sizes the work instead, and nothing is read from the device
+    (with the torch and triton backends; "reference" loops over rows on the host): one CUDA graph captured with it
+    replays every later step as the lengths grow in place. k_slc (and k_win when win_start is None) must hold
+    max_length slots; host_lengths is not taken then. Rows whose lengths (or window slots) are out of range cannot
     raise then: they come out NaN, and nothing is read out of bounds.
     """
     from .decode import decode_attention as _decode_attention
