@@ -244,3 +244,15 @@ def test_load_dense_attention(shared_kv):
     assert_close(layer(x), dense(x), atol=1e-12, rtol=1e-12, name="dense equivalence")
     with pytest.raises(ValueError, match="k_weight"):
         layer.load_dense_attention(dense.q_proj.weight, k_w[:8], v_w, dense.o_proj.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rope_tables_rotate_like_positions(dtype):
+    """One rope table shared by q and the keys (the layer builds it once per call) rotates exactly as positions."""
+    from nsa.rope import apply_rope, rope_dtype, rope_tables
+    x = torch.randn(2, 5, 3, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for pos in (torch.tensor([0, 3, 7, 70000, 9]), torch.tensor([[1, 2, 3, 4, 5], [9, 8, 7, 6, 100000]])):
+        tables = rope_tables(pos, 8, 500.0, x.device, rope_dtype(dtype))
+        assert torch.equal(apply_rope(x, None, tables=tables), apply_rope(x, pos, 500.0))
+    with pytest.raises(ValueError, match="exactly one"):
+        apply_rope(x, None)

@@ -10,7 +10,7 @@ from .compression import block_starts, make_compressor
 from .config import NSAConfig, check_int, check_lengths, check_number, num_compressed_tokens
 from .ops import dispatch
 from .ops.varlen import token_positions
-from .rope import apply_rope
+from .rope import apply_rope, rope_dtype, rope_tables
 
 _LAYER_IDS = itertools.count()
 
@@ -123,7 +123,10 @@ class NativeSparseAttention(nn.Module):
         k_win, v_win [B,T,HKV,Dk|Dv] (keys rotated), gates [B,T,HQ,3])."""
         B, T, _ = x.shape
         HQ, HKV, Dk, Dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
-        q = apply_rope(self.q_proj(x).view(B, T, HQ, Dk), position_ids, self.rope_theta)
+        q = self.q_proj(x).view(B, T, HQ, Dk)
+        # one table for q, k_slc and k_win (same positions)
+        tables = rope_tables(position_ids, Dk, self.rope_theta, x.device, rope_dtype(q.dtype))
+        q = apply_rope(q, None, tables=tables)
         kv = self.kv_proj(x).view(B, T, self.num_kv_sets, HKV, Dk + Dv)
         ks, vs = kv[..., :Dk].unbind(2), kv[..., Dk:].unbind(2)
         if self.num_kv_sets == 1:
@@ -131,8 +134,8 @@ class NativeSparseAttention(nn.Module):
         elif self.num_kv_sets == 2:
             ks, vs = (ks[0], ks[1], ks[1]), (vs[0], vs[1], vs[1])
         (k_cmp_raw, k_slc, k_win), (v_cmp_raw, v_slc, v_win) = ks, vs
-        k_slc = apply_rope(k_slc, position_ids, self.rope_theta)
-        k_win = k_slc if self.window_reads_slc else apply_rope(k_win, position_ids, self.rope_theta)
+        k_slc = apply_rope(k_slc, None, tables=tables)
+        k_win = k_slc if self.window_reads_slc else apply_rope(k_win, None, tables=tables)
         gates = torch.sigmoid(self.g_proj(x)).view(B, T, HQ, 3)
         return q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win, gates
 

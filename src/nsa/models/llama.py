@@ -19,7 +19,7 @@ from ..config import NSAConfig, check_bool, check_lengths, check_number
 from ..layer import NativeSparseAttention
 from ..ops.dispatch import check_backend_name, check_cu_seqlens
 from ..ops.varlen import sequence_spans, token_positions
-from ..rope import apply_rope
+from ..rope import apply_rope, rope_dtype, rope_tables
 
 ATTENTIONS = ("nsa", "full")
 
@@ -183,7 +183,8 @@ class FullAttention(nn.Module):
         k, v = self.kv_proj(x).view(B, T, 2, self.num_kv_heads, self.head_dim).unbind(2)
         if cache is not None:
             pos = (cache.host_lengths[layer_idx][:, None] + torch.arange(T)).to(x.device)  # [B, T]
-            q, k = apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta)
+            tables = rope_tables(pos, self.head_dim, self.rope_theta, x.device, rope_dtype(q.dtype))
+            q, k = apply_rope(q, None, tables=tables), apply_rope(k, None, tables=tables)
             k, v = cache.append(layer_idx, k, v, new_lengths)
             # row b's query i (position old_b + i) sees keys 0 .. old_b + i
             mask = torch.arange(k.shape[1], device=x.device)[None, None, :] <= pos[:, :, None]
@@ -193,7 +194,8 @@ class FullAttention(nn.Module):
         else:
             if position_ids is None:
                 position_ids = token_positions(T, cu_seqlens, x.device)
-            q, k = apply_rope(q, position_ids, self.rope_theta), apply_rope(k, position_ids, self.rope_theta)
+            tables = rope_tables(position_ids, self.head_dim, self.rope_theta, x.device, rope_dtype(q.dtype))
+            q, k = apply_rope(q, None, tables=tables), apply_rope(k, None, tables=tables)
             if cu_seqlens is None:
                 o = _attend(q, k, v, is_causal=True)
             else:  # one causal attention per packed sequence: nothing crosses a boundary
