@@ -7,6 +7,7 @@
 #            step vs a dense layer step (64k); a chunked prefill, Triton vs torch
 #   profile - gpu_profile.py: kernel-by-kernel GPU time and host idle share of a forward, a fwd+bwd (4k, 64k) and a
 #            decode step (64k, batch 1 and 16)
+#   generate - gpu_generate.py: ms per generated token after an 8k prompt, NSA eager and CUDA graph vs full
 #   tests  - the Triton test files compiled on the GPU (GPU-only bf16 / large-shape cases included)
 #   train  - a 20-step small-gpu training run, NSA then full attention (bf16 autocast, tokens/s in metrics.jsonl)
 # From the source tree (PYTHONPATH=src, no install). Logs and results go to benchmarks/results/<card>_* and, when $OUT
@@ -46,6 +47,8 @@ suite_s=${SUITE_S:-185}
 stage suite "$suite_s" "$PY" benchmarks/gpu_suite.py --out "$res/${card}_suite" --budget-s $((suite_s - 35)) ${SUITE_ARGS:-}
 stage decode "${DECODE_S:-80}" "$PY" benchmarks/gpu_decode.py --out "$res/${card}_decode.json"
 stage profile "${PROFILE_S:-70}" "$PY" benchmarks/gpu_profile.py --out "$res/${card}_profile"
+# end-to-end generation, NSA eager and as a replayed CUDA graph vs full attention (its table is in the log)
+stage generate "${GENERATE_S:-60}" "$PY" benchmarks/gpu_generate.py --out "$res/${card}_generate.json"
 opts=""
 "$PY" -c "import xdist" 2>/dev/null && opts="-n 8"
 "$PY" -c "import pytest_timeout" 2>/dev/null && opts="$opts --timeout 45"  # a stuck test fails with its stack

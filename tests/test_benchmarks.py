@@ -150,6 +150,20 @@ def test_gpu_decode_smoke_run(tmp_path):
     assert [(r["chunk"], r["batch"]) for r in res["prefill_rows"]] == [(9, 1)]
 
 
+def test_gpu_generate_smoke_run(tmp_path):
+    """gpu_generate.py --smoke: NSA and full-attention generation timed end to end on CPU (no graph there)."""
+    import json
+    import os
+
+    out = tmp_path / "generate.json"
+    env = dict(os.environ, PYTHONPATH=str(BENCH.parent / "src"))
+    run = subprocess.run([sys.executable, str(BENCH / "gpu_generate.py"), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["nsa_ms_per_token"] > 0 and row["full_ms_per_token"] > 0 and "nsa_graph_ms_per_token" not in row
+
+
 @pytest.mark.parametrize("script,args", [
     ("cpu_suite.py", ["--T", "512", "--mem-T", "--decode-T", "1024", "--repeat", "1"]),
     ("cpu_decode.py", ["--contexts", "1024", "--batches", "1,2", "--repeats", "1"]),
