@@ -116,6 +116,8 @@ def test_cli_train_eval_and_demo(tmp_path, capsys):
     assert alone == texts[1:]  # a prompt's continuation does not depend on the rest of the batch
     with pytest.raises(ValueError, match="stop"):
         generate_text(str(ckpt), ["x"], stop="ab")
+    with pytest.raises(ValueError, match="cuda_graph"):  # a full-attention checkpoint on the CPU
+        main(["generate", str(ckpt), "--prompt", "x", "--cuda-graph"])
     # a run folder stands for its latest checkpoint; zero samples or batches are refused
     res_dir = evaluate_checkpoint(tmp_path / "t", None, [64], [0.5], 1, 1, 1)
     assert res_dir["checkpoint"] == str(ckpt)

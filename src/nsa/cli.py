@@ -29,9 +29,11 @@ def _overrides(pairs: list[str] | None) -> dict:
 
 
 def generate_text(checkpoint: str, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-                  top_p: float = 1.0, stop: str | None = None, seed: int = 0, device: str = "cpu") -> list[str]:
+                  top_p: float = 1.0, stop: str | None = None, seed: int = 0, device: str = "cpu",
+                  cuda_graph: bool = False) -> list[str]:
     """Continue each prompt with a trained byte-level checkpoint, all prompts in one ragged batch; the
-    continuations (stop byte included) as text."""
+    continuations (stop byte included) as text. `cuda_graph`: decode steps replayed from one CUDA graph (NSA
+    checkpoints on a CUDA device; see `LlamaLM.generate`)."""
     import torch
 
     from .train import load_model
@@ -56,7 +58,7 @@ def generate_text(checkpoint: str, prompts: list[str], max_new_tokens: int = 64,
     gen = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         out = model.generate(prompt.to(device), max_new_tokens, temperature, top_p, generator=gen,
-                             prompt_lengths=lengths, eos_token_id=eos).cpu()
+                             prompt_lengths=lengths, eos_token_id=eos, cuda_graph=cuda_graph).cpu()
     texts = []
     for i, n in enumerate(lengths.tolist()):
         new = out[i, n:n + max_new_tokens].tolist()
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--stop", default=None, help="stop a row after this byte, e.g. $'\\n'")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cpu")
+    gen.add_argument("--cuda-graph", action="store_true", help="replay decode steps from one CUDA graph (NSA, CUDA)")
 
     demo = sub.add_parser("demo", help="train tiny NSA and full-attention models, compare them side by side")
     demo.add_argument("--out", default="runs/demo")
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{res['niah'].get('beyond_window')}; wrote {out}/eval.json and {out}/niah.png")
     elif args.command == "generate":
         texts = generate_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
-                              args.stop, args.seed, args.device)
+                              args.stop, args.seed, args.device, args.cuda_graph)
         for prompt, text in zip(args.prompt, texts):
             print(f"{prompt}{text}")
     elif args.command == "demo":
