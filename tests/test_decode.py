@@ -517,6 +517,19 @@ def test_static_cache_full_row_is_nan_and_keeps_its_cache(monkeypatch):
         layer(x, cache=static)  # a 2-token call takes the eager path, which checks the room on the host
 
 
+def test_static_cache_first_call_under_capture_is_refused(monkeypatch):
+    """Storage allocated inside a CUDA graph would be zeroed by every replay: a static cache's first call for a
+    layer must run before capture (a ValueError says so)."""
+    layer = make_layer()
+    cache = nsa.NSACache(1, 2, 30, static=True)
+    monkeypatch.setattr("nsa.cache.capturing", lambda: True)
+    with pytest.raises(ValueError, match="before capturing"):
+        layer(torch.randn(2, 1, 32, dtype=torch.float64), cache=cache)
+    monkeypatch.setattr("nsa.cache.capturing", lambda: False)
+    layer(torch.randn(2, 1, 32, dtype=torch.float64), cache=cache)
+    assert cache.lengths.tolist() == [1, 1]
+
+
 @pytest.mark.skipif("triton" not in nsa.available_backends(), reason="needs triton")
 def test_static_cache_steps_with_the_triton_decode():
     """The static step through the Triton decode kernels (interpreter on CPU, float32): the ordinary steps' output."""

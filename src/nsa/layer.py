@@ -223,6 +223,12 @@ class NativeSparseAttention(nn.Module):
         B, T, _ = x.shape
         if B != cache.batch_size:
             raise ValueError(f"x batch size {B} does not match the cache's batch_size {cache.batch_size}")
+        if cache.static and layer_idx in range(cache.num_layers) and cache.layers[layer_idx] is None:
+            from .cache import capturing
+
+            if capturing():  # allocated inside the graph, the storage would be zeroed again by every replay
+                raise ValueError("a static cache's storage is allocated on a layer's first call: run one call "
+                                 "(prefill or step) before capturing a CUDA graph")
         lc = cache.layer(layer_idx, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                          v_head_dim=self.v_head_dim, config=self.config, shared_kv=self.window_reads_slc,
                          device=x.device, dtype=x.dtype)
