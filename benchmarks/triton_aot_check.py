@@ -96,7 +96,7 @@ def check_decode(P, prec, dims, groups):
                     geo, WIN=cfg.window_size, MODE=mode, HAS_WST=has_wst, PREC=prec, BG=bg, BD=bd, BDV=bdv,
                     BK=bk_c if mode == 0 else bk_s), num_warps=warps, num_stages=dec.PARTIAL_STAGES[mode])
             ok &= compile_one(dec._select, types, dict(geo, INIT=cfg.num_init_blocks, LOCAL=cfg.num_local_blocks,
-                                                       UB=16, BG=bg, BK=dec.SELECT_TILE, BNB=2048, BN=16),
+                                                       UB=16, BG=bg, BK=dec.SELECT_TILE, BNB=dec.SELECT_BLOCKS, BN=16),
                               num_warps=8, num_stages=1)
             ok &= compile_one(dec._merge_gate, types, dict(UB=dec.MERGE_STEP, BG=bg, BDV=bdv), num_warps=8,
                               num_stages=1)

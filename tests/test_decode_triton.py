@@ -42,12 +42,13 @@ def test_triton_decode_matches_reference(G, window):
     assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("max_len", [None, 8400])
-def test_triton_decode_many_partials(max_len):
+@pytest.mark.parametrize("max_len,select_blocks", [(None, 1024), (8400, 1024), (8400, 8)])
+def test_triton_decode_many_partials(max_len, select_blocks, monkeypatch):
     """Long contexts split over many programs: 17 compressed-token partials and 13 window chunks, so the lse pass
     and the merge take several steps of partials, the last one partly empty; rows of different lengths. With
     max_len = 2x the longest row (a grid sized for a capacity) each row spreads its own compressed tokens over the
-    66 programs."""
+    66 programs; with 8 blocks per top-n chunk the selection merges 33 and 24 chunks per row."""
+    monkeypatch.setattr(triton_decode_mod, "SELECT_BLOCKS", select_blocks)
     cfg = small_config(window_size=200)
     lengths = torch.tensor([4200, 3001])
     inputs = make_inputs(2, 4200, 4, 1, 16, 8, cfg, dtype=torch.float32, seed=3, device=DEVICE)

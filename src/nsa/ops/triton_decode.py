@@ -6,8 +6,8 @@ launches (eager decode pays each one's host overhead), all statistics in fp32:
   1. `_attn_partial` (MODE 0) over compressed tokens, split over Tc: online-softmax partials         (Eq. 7)
      (it also keeps the scaled scores, G x Tc fp32, so the compressed keys are read once)
   2. `_select`       one program per (b, kv head): lse from those partials, p = exp(s - lse) summed over the G
-                     heads (Eq. 8, 10), the Eq. 9 overlap remap, forced blocks, a bitonic top-n (ties -> lower
-                     block)
+                     heads (Eq. 8, 10), the Eq. 9 overlap remap, forced blocks, a bitonic top-n per chunk of
+                     blocks merged into a running top-n (ties -> lower block)
   3. `_attn_partial` (MODE 1) over the n selected blocks, one block per program (Eq. 12), and the window in
                      chunks of l' tokens (§3.3.3), in the same grid
   4. `_merge_gate`   merges every branch's partials and applies the gates                          (Eq. 5)
@@ -33,6 +33,7 @@ PARTIAL_STAGES = (3, 2)  # num_stages of `_attn_partial` by MODE: the compressed
 SCORES_BUDGET = 256 << 20  # bytes of fp32 scores per pass: a long chunked prefill runs in passes of queries
 SELECT_TILE = 512  # compressed tokens per step of `_select`'s probability pass: few, wide steps (one program per
 # (b, kv head) walks all Tc, so its latency is the number of steps)
+SELECT_BLOCKS = 512  # selection blocks per top-n chunk of `_select` (32k tokens at l' = 64); 1024 spills on sm_90
 
 
 def _interpreting() -> bool:
@@ -181,26 +182,30 @@ def _select(
     tl.debug_barrier()  # PC written by every thread of the program before it is gathered below
 
     own = t // SLC
-    j = tl.arange(0, BNB).to(tl.int64)
-    valid = j <= own
-    score = tl.zeros([BNB], tl.float32)
-    # the l'/d + l/d - 1 compressed blocks that can overlap selection block j
-    for r in tl.static_range(SLC // CMP_D + CMP_L // CMP_D - 1):
-        i = j * (SLC // CMP_D) - (CMP_L // CMP_D - 1) + r
-        lo = tl.maximum(i * CMP_D, j * SLC)
-        hi = tl.minimum(i * CMP_D + CMP_L, (j + 1) * SLC)
-        w = tl.maximum(hi - lo, 0).to(tl.float32) / CMP_D
-        pc = tl.load(PC + bh * S_SC + i, mask=valid & (i >= 0) & (i < tc), other=0.0)
-        score += pc * w
-    forced = (j < INIT) | (j > own - LOCAL)
-    # Eq. 11 with one bitonic top-BN over int64 keys (score desc, then block index asc: ties -> lower block), in
-    # place of NSEL serial arg-max rounds (two cross-warp reductions each)
-    key = tl.where(valid, _block_key(tl.where(forced, float("inf"), score), j), -1)
-    top = _block_of_key(tl.topk(key, BN))  # [BN] chosen blocks by rank, -1 where fewer are valid
+    # Eq. 11 over the row's own blocks in chunks of BNB: a bitonic top-BN of each chunk's int64 keys (score desc,
+    # then block index asc: ties -> lower block), merged into the running top-BN. The work follows the row's
+    # length, not the grid's (a CUDA graph sized for a capacity), and no chunk outgrows the registers at 1M tokens.
+    best = tl.full([BN], -1, tl.int64)
+    for j0 in range(0, own + 1, BNB):
+        j = j0 + tl.arange(0, BNB).to(tl.int64)
+        valid = j <= own
+        score = tl.zeros([BNB], tl.float32)
+        # the l'/d + l/d - 1 compressed blocks that can overlap selection block j
+        for r in tl.static_range(SLC // CMP_D + CMP_L // CMP_D - 1):
+            i = j * (SLC // CMP_D) - (CMP_L // CMP_D - 1) + r
+            lo = tl.maximum(i * CMP_D, j * SLC)
+            hi = tl.minimum(i * CMP_D + CMP_L, (j + 1) * SLC)
+            w = tl.maximum(hi - lo, 0).to(tl.float32) / CMP_D
+            pc = tl.load(PC + bh * S_SC + i, mask=valid & (i >= 0) & (i < tc), other=0.0)
+            score += pc * w
+        forced = (j < INIT) | (j > own - LOCAL)
+        key = tl.where(valid, _block_key(tl.where(forced, float("inf"), score), j), -1)
+        best = tl.topk(tl.reshape(tl.join(best, tl.topk(key, BN)), [2 * BN]), BN)
+    top = _block_of_key(best)  # [BN] chosen blocks by rank, -1 where fewer are valid
     r = tl.arange(0, BN)
-    top = tl.where((r < NSEL) & (top >= 0), top, BNB)  # BNB sorts after every block
+    top = tl.where((r < NSEL) & (top >= 0), top, own + 1)  # own + 1 sorts after every block the row can choose
     top = tl.sort(top, 0)
-    tl.store(IDX + bh * NSEL + r, tl.where(top < BNB, top, -1), mask=r < NSEL)
+    tl.store(IDX + bh * NSEL + r, tl.where(top <= own, top, -1), mask=r < NSEL)
 
 
 @device_jit
@@ -334,7 +339,8 @@ def triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths
     idx = torch.empty(BH, n, dtype=torch.int64, device=dev)
     _select[(BH,)](scores, lens, cmp_parts[1], cmp_parts[2], pc, idx, HKV, G, s_pc, nsplit, CMP_L=l, CMP_D=d,
                    SLC=lp, NSEL=n, INIT=config.num_init_blocks, LOCAL=config.num_local_blocks, UB=16, BG=BG,
-                   BK=SELECT_TILE, BNB=max(_pow2(math.ceil(L_max / lp), 2), _pow2(n, 2)), BN=_pow2(n, 2), num_warps=8)
+                   BK=SELECT_TILE, BNB=max(min(_pow2(math.ceil(L_max / lp), 2), SELECT_BLOCKS), _pow2(n, 2)),
+                   BN=_pow2(n, 2), num_warps=8)
 
     # 3. selected blocks (one per program) and the window (in chunks of l' tokens) in one launch
     nw = triton.cdiv(min(w, L_max), lp)
