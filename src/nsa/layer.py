@@ -320,9 +320,9 @@ class NativeSparseAttention(nn.Module):
         p_w = p.clamp(max=S - 1)  # a full row's writes put back what the slot holds
         rows = torch.arange(B, device=dev)
 
-        def put(buf, slot, new):  # buf[b, slot[b]] = new[b] where the row has room
+        def put(buf, slot, new, write=room):  # buf[b, slot[b]] = new[b] where write[b] (default: the row has room)
             old = buf[rows, slot]
-            buf[rows, slot] = torch.where(room.view(-1, *(1,) * (old.dim() - 1)), new.to(cdt), old)
+            buf[rows, slot] = torch.where(write.view(-1, *(1,) * (old.dim() - 1)), new.to(cdt), old)
 
         q, kc_raw, vc_raw, k_slc, v_slc, k_win, v_win, gates = self.project_tokens(x, p_w[:, None])
         put(lc.k_slc, p_w, k_slc[:, 0].detach())
@@ -342,10 +342,9 @@ class NativeSparseAttention(nn.Module):
             blk_v = torch.cat([lc.v_tail[rows[:, None], tail].to(vc_raw.dtype), vc_raw], 1)
             k_new, v_new = self.compress(blk_k, blk_v, p_w[:, None])
             i_new = (p_w + 1 - l).clamp(min=0) // d
-            completes = (p_w + 1 >= l) & ((p_w + 1 - l) % d == 0)
-            keep = ~completes[:, None, None]
-            put(lc.k_cmp, i_new, torch.where(keep, lc.k_cmp[rows, i_new].to(k_new.dtype), k_new[:, 0]).detach())
-            put(lc.v_cmp, i_new, torch.where(keep, lc.v_cmp[rows, i_new].to(v_new.dtype), v_new[:, 0]).detach())
+            completes = room & (p_w + 1 >= l) & ((p_w + 1 - l) % d == 0)
+            put(lc.k_cmp, i_new, k_new[:, 0].detach(), completes)
+            put(lc.v_cmp, i_new, v_new[:, 0].detach(), completes)
         if cap_t:
             put(lc.k_tail, p_w % cap_t, kc_raw[:, 0].detach())
             put(lc.v_tail, p_w % cap_t, vc_raw[:, 0].detach())
