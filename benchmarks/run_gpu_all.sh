@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a GPU session has to check, in one call of at most ~7.5 minutes (the device budget is 15 minutes per
+# Everything a GPU session has to check, in one call of at most ~8 minutes (the device budget is 15 minutes per
 # session, start-up included). Stages, most valuable first, each with its own time limit so a slow stage cannot
 # starve the others:
 #   suite  - gpu_suite.py: bf16 correctness vs the reference, packed vs padded tiles, paper config and G sweep timings
@@ -46,9 +46,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,
 suite_s=${SUITE_S:-185}
 stage suite "$suite_s" "$PY" benchmarks/gpu_suite.py --out "$res/${card}_suite" --budget-s $((suite_s - 35)) ${SUITE_ARGS:-}
 stage decode "${DECODE_S:-80}" "$PY" benchmarks/gpu_decode.py --out "$res/${card}_decode.json"
-stage profile "${PROFILE_S:-70}" "$PY" benchmarks/gpu_profile.py --out "$res/${card}_profile"
+stage profile "${PROFILE_S:-60}" "$PY" benchmarks/gpu_profile.py --out "$res/${card}_profile"
 # end-to-end generation, NSA eager and as a replayed CUDA graph vs full attention (its table is in the log)
-stage generate "${GENERATE_S:-60}" "$PY" benchmarks/gpu_generate.py --out "$res/${card}_generate.json"
+stage generate "${GENERATE_S:-45}" "$PY" benchmarks/gpu_generate.py --out "$res/${card}_generate.json"
 opts=""
 "$PY" -c "import xdist" 2>/dev/null && opts="-n 8"
 "$PY" -c "import pytest_timeout" 2>/dev/null && opts="$opts --timeout 45"  # a stuck test fails with its stack
