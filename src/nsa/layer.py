@@ -392,8 +392,8 @@ class NativeSparseAttention(nn.Module):
                 return ((pos + 1 - l) >= 0) & ((pos + 1 - l) % d == 0)
 
             emit = completes(p)
-            slots = (p_d[:, None] - cap + torch.arange(cap, device=dev)) % cap
             if bool(emit.any()):  # φ over every row's candidate block; rows that complete none keep their entry
+                slots = (p_d[:, None] - cap + torch.arange(cap, device=dev)) % cap
                 blk_k = torch.cat([lc.k_tail[ridx, slots].to(kc_raw.dtype), kc_raw], 1)  # [R, l, HKV, D]
                 blk_v = torch.cat([lc.v_tail[ridx, slots].to(vc_raw.dtype), vc_raw], 1)
                 k_new, v_new = self.compress(blk_k, blk_v, p_d[:, None])
