@@ -1,9 +1,10 @@
 """End-to-end generation speed: the small-gpu model (12 layers, hidden 768, 12 query / 4 KV heads, paper geometry)
-decoding after a long prompt, NSA eagerly and with `generate(cuda_graph=True)` (one captured step over a static
-cache, replayed per token) against full attention (eager, KV cache). Random weights and prompt, greedy, bf16.
+decoding after a long prompt, NSA and full attention, each eagerly and with `generate(cuda_graph=True)` (one
+captured step over a static cache, replayed per token; for full attention each step attends over the whole static
+cache under a mask, as HF's StaticCache does). Random weights and prompt, greedy, bf16.
 
 Each row times `generate(prompt, 1 + N)` minus `generate(prompt, 1)` (the same prefill and first token; the faster
-of two runs each), so the difference is N decode steps: ms per token. Also whether the graph's tokens equal the
+of two runs each), so the difference is N decode steps: ms per token. Also whether each graph's tokens equal the
 eager ones (they may part after a near-tie: the two size their kernels differently, bf16).
 
     python benchmarks/gpu_generate.py [--contexts 8192] [--batches 1,8] [--tokens 64]
@@ -40,7 +41,7 @@ def build(attention, model_kw, device, dtype):
 def run(contexts, batches, tokens, model_kw, device, dtype):
     rows = []
     models = {a: build(a, model_kw, device, dtype) for a in ("nsa", "full")}
-    variants = [("nsa", False), ("full", False)] + ([("nsa", True)] if device == "cuda" else [])
+    variants = [("nsa", False), ("full", False)] + ([("nsa", True), ("full", True)] if device == "cuda" else [])
     for B in batches:
         for S in contexts:
             g = torch.Generator().manual_seed(S + B)
@@ -58,12 +59,13 @@ def run(contexts, batches, tokens, model_kw, device, dtype):
                 name = attention + ("_graph" if graph else "")
                 row[f"{name}_ms_per_token"] = 1e3 * (tn - t1) / tokens
                 outs[name] = out
-            if "nsa_graph" in outs:
-                row["graph_tokens_equal_eager"] = bool(torch.equal(outs["nsa_graph"], outs["nsa"]))
+            for a in ("nsa", "full"):
+                if f"{a}_graph" in outs:
+                    row[f"{a}_graph_tokens_equal_eager"] = bool(torch.equal(outs[f"{a}_graph"], outs[a]))
             rows.append(row)
             print(f"context {S:>7} batch {B:>3}: " + "  ".join(
                 f"{k[:-13]} {v:.3f} ms/token" for k, v in row.items() if k.endswith("_ms_per_token"))
-                + (f"  graph tokens == eager: {row['graph_tokens_equal_eager']}" if "nsa_graph" in outs else ""),
+                + "".join(f"  {k[:-19]} tokens == eager: {v}" for k, v in row.items() if k.endswith("equal_eager")),
                 flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()

@@ -6,7 +6,7 @@ import torch
 
 import nsa
 from nsa.models import KVCache, LlamaLM, ModelConfig, sample
-from tests.kit import assert_close, small_config
+from tests.kit import assert_close, host_read_watch, small_config
 
 GEOM = dataclasses.asdict(small_config())  # l=8, d=4, l'=16, n=4, w=16
 
@@ -210,12 +210,12 @@ def test_generation_bad_arguments():
 
 
 @pytest.mark.parametrize("shift", [False, True])
-@pytest.mark.parametrize("shared_kv", [True, False])
-def test_static_cache_decode_equals_ordinary(shift, shared_kv):
+@pytest.mark.parametrize("attention,shared_kv", [("nsa", True), ("nsa", False), ("full", True)])
+def test_static_cache_decode_equals_ordinary(shift, attention, shared_kv):
     """The model's decode steps over a static cache (what `generate(cuda_graph=True)` captures) give the ordinary
     cache's logits after a ragged prefill; the token-shift states are updated in place (a captured graph keeps
     reading and writing the same buffers), and beam reordering keeps them in place too."""
-    model = micro("nsa", token_shift=shift, shared_kv=shared_kv)
+    model = micro(attention, token_shift=shift, shared_kv=shared_kv)
     x, n = ids(3, 23, seed=4), torch.tensor([23, 9, 17])
     static, ordinary = model.make_cache(3, 60, static=True), model.make_cache(3, 60)
     s_state, o_state = {}, {}
@@ -237,14 +237,46 @@ def test_static_cache_decode_equals_ordinary(shift, shared_kv):
     assert static.lengths.tolist() == ordinary.lengths.tolist()
 
 
-def test_generate_cuda_graph_needs_cuda_and_nsa():
-    for attention, kw in (("nsa", {}), ("nsa", dict(use_cache=False)), ("full", {})):
+def test_generate_cuda_graph_needs_cuda():
+    for attention, kw in (("nsa", {}), ("nsa", dict(use_cache=False)), ("full", {}), ("nsa", dict(backend="reference"))):
+        model = micro(attention, **{k: v for k, v in kw.items() if k == "backend"})
         with pytest.raises(ValueError, match="cuda_graph"):
-            micro(attention).generate(ids(2, 5), 3, cuda_graph=True, **kw)
+            model.generate(ids(2, 5), 3, cuda_graph=True, **{k: v for k, v in kw.items() if k != "backend"})
     with pytest.raises(ValueError, match="cuda_graph must be a bool"):
         micro("nsa").generate(ids(2, 5), 3, cuda_graph=1)
-    with pytest.raises(ValueError, match="static caches are for attention='nsa'"):
-        micro("full").make_cache(2, 10, static=True)
+    with pytest.raises(ValueError, match="static"):
+        micro("full").make_cache(2, 10, static=1)
+
+
+def test_full_attention_static_step_reads_nothing_on_the_host(monkeypatch):
+    """The full-attention baseline's static step (what its CUDA graph captures) reads no length on the host, and
+    under capture a row at capacity stores nothing and comes out NaN while the other rows step on; eagerly that
+    step raises like an ordinary cache's."""
+    Watched = host_read_watch()
+    model = micro("full")
+    cache = model.make_cache(3, 12, static=True)
+    with torch.no_grad():
+        model(ids(3, 9), cache=cache, new_lengths=torch.tensor([9, 4, 7]))
+        ordinary = model.make_cache(3, 12)
+        model(ids(3, 9), cache=ordinary, new_lengths=torch.tensor([9, 4, 7]))
+        monkeypatch.setattr("nsa.cache.capturing", lambda: True)
+        cache._lengths = [n.as_subclass(Watched) for n in cache._lengths]
+        for t in range(4):
+            tok = ids(3, 1, seed=20 + t)
+            got = model(tok, cache=cache).as_subclass(torch.Tensor)
+            if t < 3:
+                assert_close(got, model(tok, cache=ordinary), atol=1e-10, rtol=1e-10, name=f"step {t}")
+        assert torch.isnan(got[0]).all() and torch.isfinite(got[1:]).all()  # row 0 reached 12 after 3 steps
+        assert [n.as_subclass(torch.Tensor).tolist() for n in cache._lengths] == [[12, 8, 11]] * 2
+        kept = [torch.Tensor.clone(t[0]) for t in cache.k + cache.v]
+        model(ids(3, 1), cache=cache)
+        assert Watched.reads == []
+        assert all(torch.equal(t[0], old) for t, old in zip(cache.k + cache.v, kept))  # the full row kept its K/V
+        assert [n.as_subclass(torch.Tensor).tolist() for n in cache._lengths] == [[12, 9, 12]] * 2
+        monkeypatch.setattr("nsa.cache.capturing", lambda: False)
+        cache._lengths = [n.as_subclass(torch.Tensor) for n in cache._lengths]
+        with pytest.raises(ValueError, match="at most 12 tokens"):
+            model(ids(3, 1), cache=cache)
 
 
 def test_static_cache_eager_step_past_capacity_raises():
@@ -259,11 +291,11 @@ def test_static_cache_eager_step_past_capacity_raises():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("shift", [False, True])
-def test_gpu_generate_with_a_cuda_graph_equals_eager(shift):
+@pytest.mark.parametrize("attention,shift", [("nsa", False), ("nsa", True), ("full", True)])
+def test_gpu_generate_with_a_cuda_graph_equals_eager(attention, shift):
     """generate(cuda_graph=True): one captured decode step replayed for every token, over ragged prompts; the same
-    greedy tokens as eager generation (float32, Triton backend)."""
-    model = micro("nsa", token_shift=shift).float().cuda()
+    greedy tokens as eager generation (float32, Triton backend for NSA)."""
+    model = micro(attention, token_shift=shift).float().cuda()
     prompt = ids(3, 21).cuda()
     lengths = torch.tensor([21, 8, 15])
     with torch.no_grad():
@@ -319,7 +351,8 @@ def test_meta_device_model_initialisation(attention):
         if name.endswith(("g_proj.bias", "mlp.2.weight", "mlp.2.bias", "norm.weight", "shift_mix")):
             assert torch.equal(p, ref[name]), name
         elif p.numel() > 100:
-            assert abs(float(p.std()) - float(ref[name].std())) < 0.3 * float(ref[name].std()), name
+            std, ref_std = float(p.detach().std()), float(ref[name].detach().std())
+            assert abs(std - ref_std) < 0.3 * ref_std, name
     assert torch.isfinite(model(ids(2, 20))).all()
 
 

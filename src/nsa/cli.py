@@ -32,8 +32,8 @@ def generate_text(checkpoint: str, prompts: list[str], max_new_tokens: int = 64,
                   top_p: float = 1.0, stop: str | None = None, seed: int = 0, device: str = "cpu",
                   cuda_graph: bool = False) -> list[str]:
     """Continue each prompt with a trained byte-level checkpoint, all prompts in one ragged batch; the
-    continuations (stop byte included) as text. `cuda_graph`: decode steps replayed from one CUDA graph (NSA
-    checkpoints on a CUDA device; see `LlamaLM.generate`)."""
+    continuations (stop byte included) as text. `cuda_graph`: decode steps replayed from one CUDA graph (on a
+    CUDA device; see `LlamaLM.generate`)."""
     import torch
 
     from .train import load_model
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--stop", default=None, help="stop a row after this byte, e.g. $'\\n'")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cpu")
-    gen.add_argument("--cuda-graph", action="store_true", help="replay decode steps from one CUDA graph (NSA, CUDA)")
+    gen.add_argument("--cuda-graph", action="store_true", help="replay decode steps from one CUDA graph (CUDA only)")
 
     demo = sub.add_parser("demo", help="train tiny NSA and full-attention models, compare them side by side")
     demo.add_argument("--out", default="runs/demo")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import cache as nsa_cache
 from ..compression import COMPRESSORS
 from ..config import NSAConfig, check_bool, check_lengths, check_number
 from ..layer import NativeSparseAttention
@@ -97,19 +98,37 @@ class KVCache:
     k[i], v[i]: [B, max_length, HKV, D]. Row b of layer i holds its first `host_lengths[i][b]` positions (host
     int64 [B]; rows may differ after a ragged prefill). Same calling convention as nsa.NSACache: each attention
     layer reads and extends its own slot, and `lengths` reports layer 0's ([B] int64).
+
+    `static=True` (as HF's StaticCache): the lengths live on the device only, and a one-token step (`step`) stores
+    at each row's length and advances it there, attending over all `max_length` slots under a mask. Nothing is read
+    back, so one CUDA graph captured once replays every later step (`LlamaLM.generate(cuda_graph=True)`). Other calls
+    (prefill, chunks) read the lengths back once. Eagerly a step into a full row raises ValueError; under capture
+    that row stores nothing and its output is NaN (as for NSACache).
     """
 
     def __init__(self, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
-                 device=None, dtype=None):
+                 device=None, dtype=None, static: bool = False):
+        for name, value in (("num_layers", num_layers), ("batch_size", batch_size), ("max_length", max_length),
+                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_bool("static", static)
         shape = (batch_size, max_length, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.host_lengths = [torch.zeros(batch_size, dtype=torch.long) for _ in range(num_layers)]
+        self.static = static
+        where = self.k[0].device if static else "cpu"
+        self._lengths = [torch.zeros(batch_size, dtype=torch.long, device=where) for _ in range(num_layers)]
         self.batch_size, self.max_length = batch_size, max_length
 
     @property
+    def host_lengths(self) -> list[torch.Tensor]:
+        """Per layer [B] int64 on the CPU (a static cache reads them from the device: a synchronisation)."""
+        return [n.to("cpu", copy=True) for n in self._lengths] if self.static else self._lengths
+
+    @property
     def lengths(self) -> torch.Tensor:
-        return self.host_lengths[0].clone()
+        return self._lengths[0].clone()
 
     def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, new_lengths: torch.Tensor | None = None):
         """Store k/v [B, T, HKV, D] after each row's cached ones (only the first new_lengths[b] of row b, default
@@ -130,12 +149,32 @@ class KVCache:
             dest = (rows.to(k.device), (old[rows] + t).to(k.device))
             self.k[layer_idx][dest] = k[rows.to(k.device), t.to(k.device)]
             self.v[layer_idx][dest] = v[rows.to(k.device), t.to(k.device)]
-        self.host_lengths[layer_idx] = old + n
+        self._lengths[layer_idx].copy_(old + n)
         S = min(int(old.max()) + T, self.max_length)
         return self.k[layer_idx][:, :S], self.v[layer_idx][:, :S]
 
+    def step(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """A static cache's one-token step, with no host read: k/v [B, 1, HKV, D] go to slot lengths[b] of each row
+        that has room, whose length then advances on the device. Returns every slot's keys/values
+        [B, max_length, HKV, D], the positions of the new tokens [B] (the old lengths, on the device) and `room`
+        [B] bool (False: the row was full and stored nothing). Eagerly, a full row raises ValueError instead."""
+        lengths = self._lengths[layer_idx]
+        pos = lengths.clone()
+        room = pos < self.max_length
+        if not nsa_cache.capturing() and not bool(room.all()):
+            raise ValueError(f"cache holds at most {self.max_length} tokens, got {int(pos.max()) + 1}")
+        slot = pos.clamp(max=self.max_length - 1)
+        rows = torch.arange(pos.shape[0], device=pos.device)
+        for store, new in ((self.k[layer_idx], k), (self.v[layer_idx], v)):
+            store[rows, slot] = torch.where(room[:, None, None], new[:, 0].to(store.dtype), store[rows, slot])
+        lengths.add_(room.long())
+        return self.k[layer_idx], self.v[layer_idx], pos, room
+
     def check_room(self, new_tokens) -> None:
-        """ValueError unless every layer can take `new_tokens` more tokens per row (an int, or host [B])."""
+        """ValueError unless every layer can take `new_tokens` more tokens per row (an int, or host [B]). Not
+        checked for a static cache's one-token step under CUDA-graph capture (that would read the lengths back)."""
+        if self.static and isinstance(new_tokens, int) and new_tokens == 1 and nsa_cache.capturing():
+            return
         n = torch.as_tensor(new_tokens, dtype=torch.long)
         for lengths in self.host_lengths:
             need = int((lengths + n).max()) if lengths.numel() else 0
@@ -143,13 +182,19 @@ class KVCache:
                 raise ValueError(f"cache holds at most {self.max_length} tokens, got {need}")
 
     def reset(self) -> None:
-        for lengths in self.host_lengths:
+        for lengths in self._lengths:
             lengths.zero_()
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
-        self.k = [k.index_select(0, beam_idx.to(k.device)) for k in self.k]
-        self.v = [v.index_select(0, beam_idx.to(v.device)) for v in self.v]
-        self.host_lengths = [n.index_select(0, beam_idx.cpu()) for n in self.host_lengths]
+        """Row b becomes old row beam_idx[b] in every layer (beam search), in place (captured graphs keep their
+        buffers)."""
+        if not isinstance(beam_idx, torch.Tensor) or beam_idx.shape != (self.batch_size,) or \
+                beam_idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"beam_idx must be an integer tensor of shape [{self.batch_size}]")
+        if beam_idx.numel() and (int(beam_idx.min()) < 0 or int(beam_idx.max()) >= self.batch_size):
+            raise ValueError(f"beam_idx must lie in [0, {self.batch_size}), got {beam_idx.tolist()}")
+        for t in self.k + self.v + self._lengths:
+            t.copy_(t.index_select(0, beam_idx.to(t.device).long()))
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -162,6 +207,17 @@ def _attend(q, k, v, mask=None, is_causal=False):
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                        is_causal=is_causal)
     return o.transpose(1, 2)
+
+
+def _attend_step(q, k, v, visible):
+    """One new query per row, q [B, 1, HQ, D], over a cache's k/v [B, S, HKV, D] with `visible` [B, S] bool ->
+    [B, 1, HQ, D]. The G query heads of a KV group become G query rows of that KV head, so the cache is read in
+    place, once per KV head (no copy per query head)."""
+    B, _, HQ, D = q.shape
+    HKV = k.shape[2]
+    qg = q.reshape(B, HKV, HQ // HKV, D)
+    o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=visible[:, None, None])
+    return o.reshape(B, 1, HQ, -1)
 
 
 class FullAttention(nn.Module):
@@ -181,14 +237,25 @@ class FullAttention(nn.Module):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k, v = self.kv_proj(x).view(B, T, 2, self.num_kv_heads, self.head_dim).unbind(2)
-        if cache is not None:
-            pos = (cache.host_lengths[layer_idx][:, None] + torch.arange(T)).to(x.device)  # [B, T]
+        if cache is not None and cache.static and T == 1 and new_lengths is None:  # no host read: graph-capturable
+            pos = cache._lengths[layer_idx][:, None]  # [B, 1] on the device
+            tables = rope_tables(pos, self.head_dim, self.rope_theta, x.device, rope_dtype(q.dtype))
+            q, k = apply_rope(q, None, tables=tables), apply_rope(k, None, tables=tables)
+            k, v, pos, room = cache.step(layer_idx, k, v)
+            o = _attend_step(q, k, v, torch.arange(k.shape[1], device=x.device)[None, :] <= pos[:, None])
+            o = torch.where(room[:, None, None, None], o, torch.full_like(o, float("nan")))
+        elif cache is not None:
+            old = cache.host_lengths[layer_idx]
+            pos = (old[:, None] + torch.arange(T)).to(x.device)  # [B, T]
             tables = rope_tables(pos, self.head_dim, self.rope_theta, x.device, rope_dtype(q.dtype))
             q, k = apply_rope(q, None, tables=tables), apply_rope(k, None, tables=tables)
             k, v = cache.append(layer_idx, k, v, new_lengths)
-            # row b's query i (position old_b + i) sees keys 0 .. old_b + i
-            mask = torch.arange(k.shape[1], device=x.device)[None, None, :] <= pos[:, :, None]
-            o = _attend(q, k, v, mask=mask[:, None])
+            if T == 1:
+                o = _attend_step(q, k, v, torch.arange(k.shape[1], device=x.device)[None, :] <= pos)
+            elif old.numel() and int(old.max()) == 0:  # a prefill: plain causal attention over the T new tokens
+                o = _attend(q, k, v, is_causal=True)
+            else:  # row b's query i (position old_b + i) sees keys 0 .. old_b + i
+                o = _attend(q, k, v, mask=(torch.arange(k.shape[1], device=x.device) <= pos[..., None])[:, None])
             if new_lengths is not None:
                 o = o * (torch.arange(T, device=x.device)[None, :] < new_lengths.to(x.device)[:, None])[..., None, None]
         else:
@@ -338,14 +405,12 @@ class LlamaLM(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction=reduction)
 
     def make_cache(self, batch_size: int, max_length: int, device=None, dtype=None, static: bool = False):
-        """nsa.NSACache for NSA models (`static`: graph-capturable decode steps), KVCache for full attention."""
+        """nsa.NSACache for NSA models, KVCache for full attention (`static`: graph-capturable decode steps)."""
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
         if self.cfg.attention == "full":
-            if static:
-                raise ValueError("static caches are for attention='nsa' (the full-attention KVCache is not static)")
             return KVCache(self.cfg.num_layers, batch_size, max_length, self.cfg.num_kv_heads, self.cfg.head_dim,
-                           device=device, dtype=dtype)
+                           device=device, dtype=dtype, static=static)
         import nsa
 
         if not hasattr(nsa, "NSACache"):
@@ -366,8 +431,9 @@ class LlamaLM(nn.Module):
         longest row's length (T0 + max_new_tokens for equal prompts without eos).
         temperature 0 is greedy; otherwise nucleus sampling keeps the smallest set of tokens with mass >= top_p.
         With `use_cache` (and a cache available for this attention type) each step feeds one token; without, the
-        whole prefix is recomputed every step. `cuda_graph` (NSA attention on a CUDA device): the one-token step
-        is captured once in a CUDA graph over a static cache and replayed (no Python or launch gaps between kernels).
+        whole prefix is recomputed every step. `cuda_graph` (on a CUDA device): the one-token step is captured once
+        in a CUDA graph over a static cache and replayed (no Python or launch gaps between kernels); for full
+        attention each step then attends over every slot of the cache, masked, as HF's StaticCache does.
         """
         if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[1] == 0:
             shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
@@ -385,10 +451,10 @@ class LlamaLM(nn.Module):
                 raise ValueError(f"{name} must be a token id in [0, {self.cfg.vocab_size}), got {tok!r}")
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"cuda_graph must be a bool, got {cuda_graph!r}")
-        if cuda_graph and not (use_cache and self.cfg.attention == "nsa" and self.cfg.backend != "reference"
+        if cuda_graph and not (use_cache and (self.cfg.attention == "full" or self.cfg.backend != "reference")
                                and prompt.device.type == "cuda" and self.embed.weight.device.type == "cuda"):
-            raise ValueError("cuda_graph needs use_cache=True, attention='nsa' with a backend other than 'reference' "
-                             "(whose decode reads the lengths back) and the model and prompt on a CUDA device")
+            raise ValueError("cuda_graph needs use_cache=True, an NSA backend other than 'reference' (whose decode "
+                             "reads the lengths back) and the model and prompt on a CUDA device")
         eos_token_id = None if eos_token_id is None else int(eos_token_id)
         pad_token_id = int(pad_token_id)
         B, T0 = prompt.shape
