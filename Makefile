@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# the CPU wheel: a plain `torch` requirement would pull a multi-GB CUDA build
-	$(BIN)/pip install -q torch==2.13.0
+	# the CPU wheel: a plain `torch` requirement would pull a multi-GB CUDA build. Where the configured index
+	# gives a CUDA build for this pin (plain PyPI on Linux x86_64): make TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+	$(BIN)/pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
