@@ -153,3 +153,86 @@ def test_layer_bad_position_ids_and_empty_input():
     assert layer(torch.randn(2, 0, 32)).shape == (2, 0, 32)
     assert layer(torch.randn(1, 0, 32), cu_seqlens=torch.tensor([0, 0])).shape == (1, 0, 32)
     assert layer(torch.randn(0, 5, 32)).shape == (0, 5, 32)
+
+
+def test_zero_query_heads_are_refused():
+    x = good()
+    q0 = x[0][:, :, :0]
+    for fn in (lambda: call([q0, *x[1:7], x[7][:, :, :0]]),
+               lambda: nsa.compressed_attention(q0, x[1], x[2], block_size=8, stride=4),
+               lambda: nsa.sliding_window_attention(q0, x[5], x[6], window=4),
+               lambda: nsa.select_blocks(q0, x[1], config=CFG)):
+        with pytest.raises(ValueError, match="heads"):
+            fn()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_window_longer_than_the_sequence_is_the_sequence(backend):
+    """w >= T reads every earlier key: any such w gives the same output as w = T, without buffers sized by w
+    (w = 2^31 allocated for 2^31 keys; 2^63 overflowed)."""
+    x = good()
+    T = x[0].shape[1]
+    want = nsa.sliding_window_attention(x[0], x[5], x[6], window=T, backend=backend)
+    for w in (T + 1, 2**31, 2**63 - 1):
+        got = nsa.sliding_window_attention(x[0], x[5], x[6], window=w, backend=backend)
+        assert torch.equal(got, want), w
+    import dataclasses
+
+    wide = dataclasses.replace(CFG, window_size=2**40)
+    assert torch.equal(call(x, config=wide, backend=backend), call(x, config=dataclasses.replace(CFG, window_size=T),
+                                                                   backend=backend))
+
+
+def test_decode_host_lengths_are_checked():
+    q, k_cmp, v_cmp, k, v, k_w, v_w, gates = make_inputs(2, 20, 4, 2, 8, 8, CFG, dtype=torch.float32)
+    inputs = (q[:, -1:], k_cmp, v_cmp, k, v, k_w, v_w, gates[:, -1:])
+    lengths = torch.tensor([20, 17])
+    B = lengths.shape[0]
+    for bad in (lengths.tolist(), lengths[:1], lengths.float(), lengths + 1):
+        with pytest.raises(ValueError, match="host_lengths"):
+            nsa.decode_attention(*inputs, lengths=lengths, config=CFG, host_lengths=bad)
+    out = nsa.decode_attention(*inputs, lengths=lengths, config=CFG, host_lengths=lengths.int())
+    assert out.shape[0] == B and torch.isfinite(out).all()
+
+
+def test_layer_checks_x_against_its_parameters_and_flags():
+    layer = nsa.NativeSparseAttention(32, 4, 2, 8, config=CFG)
+    for x in (torch.randn(2, 5, 32, dtype=torch.float64), torch.ones(2, 5, 32, dtype=torch.long)):
+        with pytest.raises(ValueError, match="x must have the layer's dtype"):
+            layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: x float32 into bf16 compute is fine
+        assert layer(torch.randn(2, 20, 32)).shape == (2, 20, 32)
+    with pytest.raises(ValueError, match="return_aux"):
+        layer(torch.randn(2, 5, 32), return_aux="no")
+    with pytest.raises(ValueError, match="position_ids"):
+        layer(torch.randn(2, 5, 32), position_ids=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="device"):
+        nsa.NSACache(1, 2, 10, device="nope")
+    with pytest.raises(ValueError, match="device"):
+        layer(torch.randn(2, 5, 32), cache=nsa.NSACache(1, 2, 10, device="meta"))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(shared_kv=["slc_win"]), "shared_kv"), (dict(backend=["torch"]), "backend"),
+    (dict(gate_bias=(True, 0, 0)), "gate_bias"), (dict(gate_bias=(float("nan"), 0, 0)), "gate_bias"),
+])
+def test_layer_refuses_unhashable_and_bool_options(kw, match):
+    with pytest.raises(ValueError, match=match):
+        nsa.NativeSparseAttention(32, 4, 2, 8, config=CFG, **kw)
+
+
+def test_numpy_scalars_are_accepted_like_floats():
+    np = pytest.importorskip("numpy")
+    x = good()
+    assert torch.equal(call(x, scale=np.float32(0.25)), call(x, scale=0.25))
+    layer = nsa.NativeSparseAttention(32, 4, 2, 8, config=CFG, gate_bias=(np.float32(1.0), 0, np.int64(-1)))
+    assert layer.g_proj.bias[:3].tolist() == [1.0, 0.0, -1.0]
+
+
+def test_block_indices_on_another_device_and_named():
+    x = good()
+    idx = torch.zeros(1, 20, 2, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="block_indices must be on q's device"):
+        call(x, block_indices=idx.to("meta"))
+    with pytest.raises(ValueError, match="block_indices must be int32"):
+        call(x, block_indices=idx.float())

@@ -122,7 +122,10 @@ class NSACache:
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         self.num_layers, self.batch_size, self.max_length = num_layers, batch_size, max_length
-        self.device = None if device is None else torch.device(device)
+        try:
+            self.device = None if device is None else torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must be a torch.device, a device string or None, got {device!r}") from exc
         self.dtype = dtype
         self.layers: list[LayerCache | None] = [None] * num_layers
 

@@ -1,6 +1,7 @@
 """NSAConfig: the geometry of Native Sparse Attention and its validation."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -62,6 +63,13 @@ def num_compressed_tokens(seqlen: int, block_size: int, stride: int) -> int:
     if seqlen < block_size:
         return 0
     return (seqlen - block_size) // stride + 1
+
+
+def bounded_window(config: NSAConfig, seqlen: int) -> NSAConfig:
+    """`config` with w = min(w, max(seqlen, 1)). A window longer than the sequence reads the same keys (every
+    earlier position), and the backends size buffers and gathers by w: w = 2^31 must not allocate for 2^31 keys."""
+    w = min(config.window_size, max(int(seqlen), 1))
+    return config if w == config.window_size else dataclasses.replace(config, window_size=w)
 
 
 # ---------------------------------------------------------------------------------- field checks for configs

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 
 import torch
 from torch import nn
 
 from .compression import block_starts, make_compressor
-from .config import NSAConfig, check_int, check_lengths, check_number, num_compressed_tokens
+from .config import NSAConfig, check_bool, check_int, check_lengths, check_number, num_compressed_tokens
 from .ops import dispatch
 from .ops.varlen import token_positions
 from .rope import apply_rope, rope_dtype, rope_tables
@@ -52,10 +53,11 @@ class NativeSparseAttention(nn.Module):
             raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
-        if not (isinstance(shared_kv, bool) or shared_kv == "slc_win"):
+        if not (isinstance(shared_kv, bool) or (isinstance(shared_kv, str) and shared_kv == "slc_win")):
             raise ValueError(f"shared_kv must be True, False or 'slc_win', got {shared_kv!r}")
         if not (isinstance(gate_bias, (tuple, list)) and len(gate_bias) == 3
-                and all(isinstance(b, (int, float)) and abs(b) < float("inf") for b in gate_bias)):
+                and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and abs(b) < float("inf")
+                        for b in gate_bias)):
             raise ValueError(f"gate_bias must be 3 finite numbers (cmp, slc, win), got {gate_bias!r}")
         if not isinstance(config, NSAConfig):
             raise ValueError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
@@ -153,7 +155,8 @@ class NativeSparseAttention(nn.Module):
         cu_seqlens = dispatch.check_cu_seqlens(cu_seqlens, x)
         if position_ids is not None and (not isinstance(position_ids, torch.Tensor)
                                          or tuple(position_ids.shape) not in ((T,), (B, T))
-                                         or position_ids.is_floating_point() or position_ids.is_complex()):
+                                         or position_ids.is_floating_point() or position_ids.is_complex()
+                                         or position_ids.dtype == torch.bool):
             shape = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
             raise ValueError(f"position_ids must be an integer tensor [T] or [B, T] = [{B}, {T}], got {shape}")
         if position_ids is None:
@@ -182,6 +185,12 @@ class NativeSparseAttention(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be [B, T, {self.hidden_size}], got {shape}")
+        w = self.q_proj.weight
+        if x.device != w.device:
+            raise ValueError(f"x must be on the layer's device {w.device}, got {x.device}")
+        if x.dtype != w.dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+            raise ValueError(f"x must have the layer's dtype {w.dtype} (or run under autocast), got {x.dtype}")
+        check_bool("return_aux", return_aux)
         if cache is not None:
             if cu_seqlens is not None:
                 raise ValueError("cu_seqlens cannot be combined with cache (use new_lengths for ragged rows)")
@@ -232,6 +241,8 @@ class NativeSparseAttention(nn.Module):
         lc = cache.layer(layer_idx, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                          v_head_dim=self.v_head_dim, config=self.config, shared_kv=self.window_reads_slc,
                          device=x.device, dtype=x.dtype)
+        if lc.k_slc.device != x.device:
+            raise ValueError(f"the cache's device {lc.k_slc.device} must match x's device {x.device}")
         if new_lengths is None and T == 1 and cache.static:
             return self._static_step(x, lc)
         if new_lengths is None:

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from ..config import NSAConfig, check_int, num_compressed_tokens
+from ..config import NSAConfig, bounded_window, check_int, num_compressed_tokens
 from .reference import cmp_to_slc_weights
 
 _NEG_INF = float("-inf")
@@ -314,6 +314,13 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
     if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.dtype not in (torch.int32,
                                                                                                 torch.int64):
         raise ValueError(f"lengths must be a [B] = [{B}] int32/int64 tensor (narrower types wrap)")
+    if host_lengths is not None:  # shape, dtype and device cost no synchronisation; values only on the CPU
+        if not isinstance(host_lengths, torch.Tensor) or host_lengths.shape != (B,) or \
+                host_lengths.dtype not in (torch.int32, torch.int64) or host_lengths.device.type != "cpu":
+            raise ValueError(f"host_lengths must be None or a CPU [B] = [{B}] int32/int64 tensor (a copy of lengths)")
+        if lengths.device.type == "cpu" and not torch.equal(host_lengths.long(), lengths.long()):
+            raise ValueError(f"host_lengths {host_lengths.tolist()} must equal lengths {lengths.tolist()}")
+    config = bounded_window(config, k_slc.shape[1])  # no row reads further back than k_slc holds
     valid = None
     if max_length is not None:
         hi = check_int("max_length", max_length, max(Tq, 1))

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 from types import ModuleType
 
 import torch
 
-from ..config import NSAConfig
+from ..config import NSAConfig, bounded_window
 from . import library
 from .varlen import host_offsets, num_compressed_total, remember_offsets
 
@@ -46,7 +47,7 @@ def _load(name: str) -> ModuleType:
 
 def check_backend_name(backend) -> str:
     """backend as given when it names one ('auto' or a registered backend), else ValueError naming it."""
-    if backend != "auto" and backend not in _BACKENDS:
+    if not isinstance(backend, str) or (backend != "auto" and backend not in _BACKENDS):
         raise ValueError(f"backend must be 'auto' or one of {sorted(_BACKENDS)}, got {backend!r}")
     return backend
 
@@ -99,8 +100,8 @@ def _check_qkv(q, k, v, kname="k", vname="v", same_time=True):
             raise ValueError(f"{name} batch size {x.shape[0]} does not match q's {q.shape[0]}")
         if same_time and x.shape[1] != q.shape[1]:
             raise ValueError(f"{name} length {x.shape[1]} does not match q's {q.shape[1]}")
-    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
-        raise ValueError(f"{kname} heads ({k.shape[2]}) must divide q heads ({q.shape[2]})")
+    if k.shape[2] == 0 or q.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"{kname} heads ({k.shape[2]}) must divide q heads ({q.shape[2]}), both positive")
     if v.shape[2] != k.shape[2]:
         raise ValueError(f"{vname} heads ({v.shape[2]}) must equal {kname} heads ({k.shape[2]})")
     if k.shape[3] != q.shape[3]:
@@ -152,10 +153,12 @@ def check_cu_seqlens(cu_seqlens, x: torch.Tensor):
 
 
 def _check_scale(scale):
+    """scale as a Python float (NumPy scalars accepted) or None, else ValueError."""
     if scale is None:
-        return
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+        return None
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    return float(scale)
 
 
 def _check_positive_int(name, value):
@@ -180,18 +183,20 @@ def _check_cmp(q, k_cmp, v_cmp, block_size, stride, cu_seqlens, kname="k_cmp", v
         )
 
 
-def _check_indices(indices, q, k, block_size, values=True):
-    _check_tensor("indices", indices)
+def _check_indices(indices, q, k, block_size, values=True, name="indices"):
+    _check_tensor(name, indices)
     if indices.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
+        raise ValueError(f"{name} must be int32 or int64, got {indices.dtype}")
+    if indices.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {indices.device}")
     B, T, HKV = q.shape[0], q.shape[1], k.shape[2]
     if tuple(indices.shape[:3]) != (B, T, HKV):
-        raise ValueError(f"indices must be [B, T, HKV, n] = [{B}, {T}, {HKV}, n], got {tuple(indices.shape)}")
+        raise ValueError(f"{name} must be [B, T, HKV, n] = [{B}, {T}, {HKV}, n], got {tuple(indices.shape)}")
     if values and indices.numel():
         lo, hi = int(indices.min()), int(indices.max())
         nb = math.ceil(T / block_size)
         if lo < -1 or hi >= nb:
-            raise ValueError(f"indices must lie in [-1, {nb - 1}] (block size {block_size}), got [{lo}, {hi}]")
+            raise ValueError(f"{name} must lie in [-1, {nb - 1}] (block size {block_size}), got [{lo}, {hi}]")
 
 
 def _check_backend_name(backend):
@@ -218,6 +223,11 @@ def check_branch(branch, q, k, v, indices, geometry, *, scale=None, cu_seqlens=N
     if branch == "slc":
         _check_indices(indices, q, k, geometry[0], values)
     return cu_seqlens
+
+
+def bounded_geometry(branch, geometry, seqlen):
+    """A window branch's (w,) as (min(w, max(seqlen, 1)),): see `bounded_window`."""
+    return (min(geometry[0], max(int(seqlen), 1)),) if branch == "win" else tuple(geometry)
 
 
 def _compiling_with(backend, q, split_pair):
@@ -252,6 +262,7 @@ def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None, ba
 
 
 def _branch_op(branch, q, k, v, indices, geometry, scale, cu_seqlens, backend):
+    scale = _check_scale(scale)
     if _compiling_with(backend, q, "branch_fwd"):
         check_branch(branch, q, k, v, indices, geometry, scale=scale, cu_seqlens=cu_seqlens, backend=backend,
                      values=False)
@@ -264,6 +275,7 @@ def _branch_op(branch, q, k, v, indices, geometry, scale, cu_seqlens, backend):
 def _branch_op_eager(branch, q, k, v, indices, geometry, scale, cu_seqlens, backend):
     cu_seqlens = check_branch(branch, q, k, v, indices, geometry, scale=scale, cu_seqlens=cu_seqlens,
                               backend=backend)
+    geometry = bounded_geometry(branch, geometry, q.shape[1])
     impl = resolve_backend(backend, q.device)
     if branch == "cmp":
         return impl.compressed_attention(q, k, v, block_size=geometry[0], stride=geometry[1], scale=scale,
@@ -287,6 +299,7 @@ def _check_select_blocks(q, k_cmp, config, scale, cu_seqlens, backend, values=Tr
 
 def select_blocks(q, k_cmp, *, config, scale=None, cu_seqlens=None, backend="auto"):
     """Selected block indices [B,T,HKV,n] (Eq. 8-11): ascending, -1 padded, forced init/local blocks included."""
+    scale = _check_scale(scale)
     if torch.compiler.is_compiling():
         _check_select_blocks(q, k_cmp, config, scale, cu_seqlens, backend, values=False)
         return library.select_blocks(q, k_cmp, config=config, scale=scale, cu_seqlens=cu_seqlens, backend=backend)
@@ -330,7 +343,7 @@ def check_native_sparse_attention(
     if gates.device != q.device:
         raise ValueError(f"gates must be on q's device {q.device}, got {gates.device}")
     if block_indices is not None:
-        _check_indices(block_indices, q, k_slc, config.slc_block_size, values)
+        _check_indices(block_indices, q, k_slc, config.slc_block_size, values, "block_indices")
         if block_indices.shape[3] != config.num_selected:
             raise ValueError(
                 f"block_indices must list config.num_selected={config.num_selected} blocks, got {block_indices.shape[3]}"
@@ -359,7 +372,7 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
     """
     from .decode import decode_attention as _decode_attention
 
-    _check_scale(scale)
+    scale = _check_scale(scale)
     _check_backend_name(backend)
     impls = {"reference": "reference", "torch": "torch", "triton": "triton"}
     if backend == "auto":
@@ -396,6 +409,7 @@ def native_sparse_attention(
     Under torch.compile the torch and triton backends run as custom ops (`nsa.ops.library`): no graph break.
     """
     args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
+    scale = _check_scale(scale)
     if _compiling_with(backend, q, "native_sparse_attention_fwd"):
         check_native_sparse_attention(*args, config=config, scale=scale, cu_seqlens=cu_seqlens,
                                       block_indices=block_indices, backend=backend, values=False)
@@ -412,4 +426,5 @@ def _native_sparse_attention_eager(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, 
     cu_seqlens = check_native_sparse_attention(*args, config=config, scale=scale, cu_seqlens=cu_seqlens,
                                                block_indices=block_indices, backend=backend)
     return resolve_backend(backend, q.device).native_sparse_attention(
-        *args, config=config, scale=scale, cu_seqlens=cu_seqlens, block_indices=block_indices)
+        *args, config=bounded_window(config, q.shape[1]), scale=scale, cu_seqlens=cu_seqlens,
+        block_indices=block_indices)

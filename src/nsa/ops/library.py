@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..config import NSAConfig
+from ..config import NSAConfig, bounded_window
 
 
 def _backend(backend: str, device: torch.device):
@@ -41,7 +41,8 @@ def _nsa_fwd(
     cu_seqlens = check_native_sparse_attention(*args, config=config, scale=scale, cu_seqlens=cu_seqlens,
                                                block_indices=block_indices, backend=backend)
     o, residuals = _backend(backend, q.device).native_sparse_attention_fwd(
-        *args, config=config, scale=scale, cu_seqlens=cu_seqlens, block_indices=block_indices)
+        *args, config=bounded_window(config, q.shape[1]), scale=scale, cu_seqlens=cu_seqlens,
+        block_indices=block_indices)
     return (o, *residuals)
 
 
@@ -66,7 +67,8 @@ def _nsa_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
     grads = _backend(backend, q.device).native_sparse_attention_bwd(
-        do, *args, residuals, config=NSAConfig(*geometry), scale=scale, cu_seqlens=cu_seqlens)
+        do, *args, residuals, config=bounded_window(NSAConfig(*geometry), q.shape[1]), scale=scale,
+        cu_seqlens=cu_seqlens)
     return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, args))
 
 
@@ -98,12 +100,13 @@ def _branch_fwd(
     branch: str, q: Tensor, k: Tensor, v: Tensor, indices: Optional[Tensor], cu_seqlens: Optional[Tensor],
     geometry: list[int], scale: Optional[float], backend: str,
 ) -> tuple[Tensor, Tensor]:
-    from .dispatch import check_branch
+    from .dispatch import bounded_geometry, check_branch
 
     cu_seqlens = check_branch(branch, q, k, v, indices, geometry, scale=scale, cu_seqlens=cu_seqlens,
                               backend=backend)
-    return _backend(backend, q.device).branch_fwd(branch, q, k, v, indices, geometry=tuple(geometry), scale=scale,
-                                                  cu_seqlens=cu_seqlens)
+    return _backend(backend, q.device).branch_fwd(branch, q, k, v, indices,
+                                                  geometry=bounded_geometry(branch, geometry, q.shape[1]),
+                                                  scale=scale, cu_seqlens=cu_seqlens)
 
 
 @_branch_fwd.register_fake
@@ -119,8 +122,11 @@ def _branch_bwd(
     indices: Optional[Tensor], cu_seqlens: Optional[Tensor], geometry: list[int], scale: Optional[float],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    from .dispatch import bounded_geometry
+
     grads = _backend(backend, q.device).branch_bwd(branch, do, dlse, q, k, v, o, lse, indices,
-                                                   geometry=tuple(geometry), scale=scale, cu_seqlens=cu_seqlens)
+                                                   geometry=bounded_geometry(branch, geometry, q.shape[1]),
+                                                   scale=scale, cu_seqlens=cu_seqlens)
     return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, (q, k, v)))
 
 
