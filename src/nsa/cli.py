@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def _value(text: str):
@@ -68,7 +69,28 @@ def generate_text(checkpoint: str, prompts: list[str], max_new_tokens: int = 64,
     return texts
 
 
+def _check_compare_args(args) -> None:
+    """`nsa compare`'s sizes, as ValueError naming the flag (before any tensor is made)."""
+    for flag in ("seqlen", "heads", "kv_heads", "head_dim"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive int, got {getattr(args, flag)}")
+    if args.heads % args.kv_heads:
+        raise ValueError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run a command. From the command line (argv None) a ValueError (a bad setting or flag) is reported as one
+    line on stderr, exit status 2, without a traceback; called with argv, it propagates."""
+    if argv is not None:
+        return _main(argv)
+    try:
+        _main(None)
+    except ValueError as exc:
+        print(f"ValueError: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="nsa", description="Native Sparse Attention")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -170,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "compare":
         from .compare import run_compare
 
+        _check_compare_args(args)
         run_compare(args.seqlen, args.heads, args.kv_heads, args.head_dim, backends=args.backend)
 
 

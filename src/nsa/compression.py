@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import num_compressed_tokens
+from .config import check_bool, num_compressed_tokens
 from .ops import library
-from .ops.varlen import packed_block_starts
+from .ops.varlen import as_int, packed_block_starts
 
 
 def block_starts(seqlen: int, block_size: int, stride: int, cu_seqlens: torch.Tensor | None, device=None,
@@ -43,6 +43,9 @@ class Compressor(nn.Module):
 
     def __init__(self, head_dim: int, block_size: int, stride: int, position_embedding: bool = False):
         super().__init__()
+        head_dim, block_size = as_int("head_dim", head_dim, 1), as_int("block_size", block_size, 1)
+        stride = as_int("stride", stride, 1)
+        check_bool("position_embedding", position_embedding)
         self.head_dim, self.block_size, self.stride = head_dim, block_size, stride
         # learned intra-block position embedding, added to the l tokens of a block (§3.3.1)
         self.pos_emb = nn.Parameter(torch.randn(block_size, head_dim) * 0.02) if position_embedding else None
@@ -56,6 +59,11 @@ class Compressor(nn.Module):
                 self.pos_emb.normal_(0.0, 0.02)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, starts=None) -> torch.Tensor:
+        """x [B, T, H, head_dim] -> [B, Tc, H, head_dim]. Checks x's rank and head dim only (static shapes: no
+        cost, nothing for torch.compile/export to guard on)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-1] != self.head_dim:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be [B, T, H, head_dim={self.head_dim}], got {got}")
         blocks = compression_blocks(x, self.block_size, self.stride, cu_seqlens, starts)
         if self.pos_emb is not None:
             blocks = blocks + self.pos_emb.to(blocks.dtype)
@@ -102,7 +110,7 @@ class MLPCompressor(Compressor):
 
     def __init__(self, head_dim, block_size, stride, position_embedding=True, hidden: int | None = None):
         super().__init__(head_dim, block_size, stride, position_embedding)
-        hidden = hidden or head_dim
+        hidden = self.head_dim if hidden is None else as_int("hidden", hidden, 1)
         self.mlp = nn.Sequential(nn.Linear(block_size * head_dim, hidden), nn.GELU(), nn.Linear(hidden, head_dim))
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
@@ -143,6 +151,8 @@ COMPRESSORS: dict[str, type[Compressor]] = {"mlp": MLPCompressor, "linear": Line
 
 
 def make_compressor(name: str, head_dim: int, block_size: int, stride: int, position_embedding: bool) -> Compressor:
-    if name not in COMPRESSORS:
+    """The compressor `name` (a key of COMPRESSORS) for the given geometry; ValueError naming a bad argument."""
+    if not isinstance(name, str) or name not in COMPRESSORS:
         raise ValueError(f"compression must be one of {sorted(COMPRESSORS)}, got {name!r}")
+    check_bool("position_embedding", position_embedding)  # "mean" ignores it
     return COMPRESSORS[name](head_dim, block_size, stride, position_embedding=position_embedding)

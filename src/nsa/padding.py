@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .ops.varlen import as_int
+
 
 def unpad_input(x: torch.Tensor, attention_mask: torch.Tensor):
     """x [B, T, ...] and attention_mask [B, T] (nonzero / True = a token) -> (x_packed [1, N, ...], indices [N]
@@ -34,16 +36,38 @@ def unpad_input(x: torch.Tensor, attention_mask: torch.Tensor):
 
 def pad_input(x_packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
     """The inverse of `unpad_input`: x_packed [1, N, ...] -> [batch, seqlen, ...], zeros at the padding.
-    Differentiable in x_packed."""
+    Differentiable in x_packed. indices: a 1-D integer tensor [N] of distinct positions in [0, batch * seqlen);
+    batch, seqlen: non-negative ints (NumPy integers too). ValueError naming the argument otherwise. The values of
+    indices (range, no duplicates) are read on the host (one device sync on a GPU; one O(N) pass, a sort only when
+    they are not increasing) except while torch.compile traces, where only dtype, rank and shape are checked."""
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.is_floating_point() \
+            or indices.is_complex() or indices.dtype == torch.bool:
+        got = f"{indices.dtype} {tuple(indices.shape)}" if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise ValueError(f"indices must be a 1-D integer tensor [N], got {got}")
+    if not torch.compiler.is_compiling():  # sizes may be symbolic while tracing
+        batch, seqlen = as_int("batch", batch, 0), as_int("seqlen", seqlen, 0)
     if not isinstance(x_packed, torch.Tensor) or x_packed.dim() < 2 or x_packed.shape[0] != 1 \
             or x_packed.shape[1] != indices.numel():
         raise ValueError(f"x_packed must be [1, N, ...] with N = {indices.numel()} (len(indices)), "
                          f"got {tuple(getattr(x_packed, 'shape', ()))}")
-    if indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) < batch * seqlen:
-        raise ValueError(f"indices must lie in [0, batch * seqlen = {batch * seqlen})")
+    if indices.numel() and not torch.compiler.is_compiling():
+        _check_index_values(indices, batch * seqlen)
     x = x_packed[0]
     out = x.new_zeros(batch * seqlen, *x.shape[1:])
     return out.index_copy(0, indices.to(device=x.device, dtype=torch.long), x).view(batch, seqlen, *x.shape[1:])
+
+
+def _check_index_values(indices: torch.Tensor, size: int) -> None:
+    """ValueError unless the (non-empty) indices are distinct and in [0, size): one host read when they increase."""
+    idx = indices.long()
+    increasing = (idx[1:] > idx[:-1]).all()
+    inc, lo, hi = torch.stack([increasing.long(), idx.min(), idx.max()]).tolist()
+    if not 0 <= lo <= hi < size:
+        raise ValueError(f"indices must lie in [0, batch * seqlen = {size}), got [{lo}, {hi}]")
+    if not inc:
+        s = idx.sort().values
+        if bool((s[1:] == s[:-1]).any()):
+            raise ValueError("indices must be distinct (a position given twice would be overwritten)")
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:

@@ -91,8 +91,14 @@ class TrainConfig:
         self.data_weights = {k: check_number(f"data_weights.{k}", w, 0.0) for k, w in self.data_weights.items()}
         if not (isinstance(self.compile, (bool, str)) and self.compile != ""):
             raise ValueError(f"compile must be true, false or a torch.compile backend name, got {self.compile!r}")
-        if not isinstance(self.device, str):
-            raise ValueError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if isinstance(self.compile, str):
+            from torch import _dynamo
+
+            backends = _dynamo.list_backends(exclude_tags=())  # debug ones (aot_eager, eager) included
+            if self.compile not in backends:
+                raise ValueError(f"compile must be true, false or a torch.compile backend (e.g. inductor, aot_eager; "
+                                 f"see torch._dynamo.list_backends()), got {self.compile!r}")
+        _check_device_name(self.device)
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be a mapping of ModelConfig fields, got {self.model!r}")
         model = ModelConfig.from_dict(self.model)  # validate early
@@ -383,12 +389,41 @@ def _prepare_out_dir(out_dir: Path, start: int, resume, overwrite: bool, ckpt: P
 
 
 # ------------------------------------------------------------------------------------------------- training
+def _check_device_name(device) -> None:
+    """A device's spelling ('auto', 'cpu', 'cuda', 'cuda:1', ...), else ValueError naming it. Whether the device
+    exists here is checked when training starts (a checkpoint's config may name a device this machine lacks)."""
+    if not isinstance(device, str):
+        raise ValueError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be 'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:1', got "
+                         f"{device!r}") from exc
+    if parsed.type == "meta":
+        raise ValueError("device must hold data: 'meta' cannot train")
+
+
 def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """The training device; ValueError naming `device` when it is not available here."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device == "auto":
+        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {cfg.device!r}: CUDA is not available here (use device=auto or cpu)")
+        if device.index is None:  # torch.cuda.set_device needs an index: this process's GPU, as for auto
+            device = torch.device("cuda", local)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {cfg.device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as exc:
+            raise ValueError(f"device {cfg.device!r} is not available here: {exc}") from exc
+    return device
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, stop_at: int | None = None,

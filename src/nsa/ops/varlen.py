@@ -1,6 +1,7 @@
 """Helpers for the one variable-length convention: packed tokens with flash-attn style `cu_seqlens`."""
 from __future__ import annotations
 
+import operator
 import weakref
 from typing import Iterable, Iterator
 
@@ -65,10 +66,44 @@ def sequence_spans(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None) -> 
             yield 0, start, end
 
 
+def as_int(name: str, value, minimum: int) -> int:
+    """value as a Python int >= minimum (NumPy integers accepted; bools, floats and tensors refused), else
+    ValueError naming it."""
+    if not isinstance(value, (bool, torch.Tensor)):
+        try:
+            index = operator.index(value)
+        except TypeError:
+            pass
+        else:
+            if index >= minimum:
+                return index
+    kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def check_offsets(name: str, cu: torch.Tensor) -> list[int]:
+    """The host values of the offsets `cu` (as the ops check `cu_seqlens`: a 1-D int32/int64 tensor of at least
+    two values, from 0, non-decreasing), else ValueError naming it."""
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D tensor [N+1] of sequence offsets, got "
+                         f"{tuple(cu.shape) if isinstance(cu, torch.Tensor) else type(cu).__name__}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 or int64, got {cu.dtype}")
+    values = host_offsets(cu)
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values}")
+    if any(b < a for a, b in zip(values[:-1], values[1:])):
+        raise ValueError(f"{name} must be non-decreasing, got {values}")
+    return values
+
+
 def compressed_cu_seqlens(cu_seqlens: torch.Tensor, block_size: int, stride: int) -> torch.Tensor:
     """Offsets of each sequence's compressed tokens in the packed compressed tensor (Eq. 7 count per sequence),
-    with their host values remembered (`host_offsets`)."""
-    bounds = host_offsets(cu_seqlens)
+    with their host values remembered (`host_offsets`). ValueError naming the argument for offsets the ops would
+    refuse or a block_size / stride that is not a positive int."""
+    block_size = as_int("block_size", block_size, 1)
+    stride = as_int("stride", stride, 1)
+    bounds = check_offsets("cu_seqlens", cu_seqlens)
     offsets = [0]
     for start, end in zip(bounds[:-1], bounds[1:]):
         offsets.append(offsets[-1] + num_compressed_tokens(end - start, block_size, stride))
