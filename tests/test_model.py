@@ -87,6 +87,129 @@ def test_config_validation():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="input_ids"):
         micro("full")(torch.zeros(3, dtype=torch.long))
+    import numpy as np
+
+    # unhashable / array values, unknown nsa keys and a non-mapping: ValueError naming the field, not TypeError
+    for kw, name in ((dict(compression=["mlp"]), "compression"), (dict(backend=["torch"]), "backend"),
+                     (dict(attention=["nsa"]), "attention"), (dict(shared_kv=np.array(["slc_win", "x"])), "shared_kv"),
+                     (dict(nsa={"foo": 1}), "foo"), (dict(nsa={1: 1}), "nsa")):
+        with pytest.raises(ValueError, match=name):
+            ModelConfig(**kw)
+    for bad in (None, [("hidden_size", 32)]):
+        with pytest.raises(ValueError, match="mapping"):
+            ModelConfig.from_dict(bad)
+    with pytest.raises(ValueError, match="unknown"):
+        ModelConfig.from_dict({1: 2, "x": 3})
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_token_ids_and_labels_are_checked(attention):
+    """Token ids outside [0, vocab), non-integer ids or labels, labels of another shape: ValueError naming
+    input_ids / prompt / labels (not an IndexError from the embedding, a device assert on CUDA). Any integer dtype
+    works; all labels ignored gives the NaN mean (documented, as torch and HF)."""
+    model = micro(attention)
+    x = ids(2, 20)
+    for bad in (x + 64, x - 100, x.double(), x.bool(), x.tolist(), x[0]):
+        with pytest.raises(ValueError, match="input_ids"):
+            model(bad)
+        with pytest.raises(ValueError, match="input_ids"):
+            model.loss(bad, x)
+    for bad in (x[:, :5], x + 64, x - 200, x.double(), x.bool(), x.tolist()):
+        with pytest.raises(ValueError, match="labels"):
+            model.loss(x, bad)
+    for bad in (x[:, :5] + 64, x[:, :5] - 64, x[:, :5].double(), x[:, :5].bool()):
+        with pytest.raises(ValueError, match="prompt"):
+            model.generate(bad, 2)
+    with pytest.raises(ValueError, match="prompt"):  # int8 cannot hold ids up to 255
+        micro(attention, vocab_size=256).generate(x[:, :5].to(torch.int8), 2)
+    with torch.no_grad():
+        ref = model(x)
+        for dtype in (torch.int32, torch.int16, torch.uint8):
+            assert torch.equal(model(x.to(dtype)), ref)
+        ignored = x.clone()
+        ignored[:, :7] = -100
+        assert torch.equal(model.loss(x, ignored.int()), model.loss(x, ignored))
+        assert torch.isnan(model.loss(x, torch.full_like(x, -100)))
+
+
+def test_token_id_range_is_not_read_under_capture(monkeypatch):
+    """The range check reads values (a GPU synchronisation): skipped while a CUDA graph is being captured."""
+    Watched = host_read_watch()
+    model = micro("full")
+    x = ids(2, 5).as_subclass(Watched)
+    with torch.no_grad():
+        model(x)
+        assert Watched.reads, "eagerly the ids are read (the watch must see host reads)"
+        Watched.reads.clear()
+        monkeypatch.setattr("nsa.cache.capturing", lambda: True)
+        model(x)
+    assert Watched.reads == []
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_position_ids_are_checked(attention):
+    model = micro(attention)
+    x = ids(2, 20)
+    with pytest.raises(ValueError, match="position_ids cannot be combined with cache"):
+        model(x, cache=model.make_cache(2, 40), position_ids=torch.arange(20) + 1000)
+    for bad in (torch.arange(7), torch.arange(20.0), torch.arange(20).expand(3, -1), torch.ones(20, dtype=torch.bool),
+                list(range(20))):
+        with pytest.raises(ValueError, match="position_ids"):
+            model(x, position_ids=bad)
+    with torch.no_grad():
+        assert torch.equal(model(x, position_ids=torch.arange(20).expand(2, -1)), model(x))
+        assert torch.equal(model(x, position_ids=torch.arange(20, dtype=torch.int32)), model(x))
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_cache_and_shift_state_are_checked(attention):
+    """A cache of the wrong kind, batch size or layer count, and a shift_state that is not a dict of [B, 1, C]
+    states: ValueError naming cache / shift_state (not an AttributeError or a shape error inside a layer)."""
+    model = micro(attention, token_shift=True)
+    x = ids(2, 20)
+    other = nsa.NSACache(2, 2, 40) if attention == "full" else KVCache(2, 2, 40, 2, 8)
+    for bad in (object(), other):
+        with pytest.raises(ValueError, match="cache"):
+            model(x, cache=bad, shift_state={})
+    with pytest.raises(ValueError, match="cache"):
+        LlamaLM.reorder_cache(object(), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="batch"):
+        model(x, cache=model.make_cache(3, 40), shift_state={})
+    fewer = KVCache(1, 2, 40, 2, 8) if attention == "full" else nsa.NSACache(1, 2, 40)
+    with pytest.raises(ValueError, match="layers"):
+        model(x, cache=fewer, shift_state={})
+    if attention == "full":
+        with pytest.raises(ValueError, match="cache"):
+            model(x, cache=KVCache(2, 2, 40, 1, 8), shift_state={})
+    for bad in ([], {0: torch.zeros(3, 1, 32)}, {0: "state"}):
+        with pytest.raises(ValueError, match="shift_state"):
+            model(x, cache=model.make_cache(2, 40), shift_state=bad)
+    cache, state = model.make_cache(2, 40), {}
+    with torch.no_grad():
+        model(x, cache=cache, shift_state=state)
+    before = {i: t.clone() for i, t in state.items()}
+    for bad in ([1], {0: torch.zeros(3, 1, 32)}, {0: 1.0}):
+        with pytest.raises(ValueError, match="shift_state"):
+            LlamaLM.reorder_cache(cache, torch.tensor([1, 0]), shift_state=bad)
+    assert all(torch.equal(state[i], before[i]) for i in state)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_full_attention_cache_of_another_dtype(static):
+    """A full-attention cache of another dtype than the model (as the NSA model accepts): keys/values are stored
+    in the cache's dtype and attended in the model's (prefill, ragged prefill, decode steps)."""
+    model = micro("full")  # float64
+    x, n = ids(2, 12), torch.tensor([12, 7])
+    cache, ref_cache = model.make_cache(2, 20, dtype=torch.float32, static=static), model.make_cache(2, 20)
+    with torch.no_grad():
+        assert_close(model(x, cache=cache, new_lengths=n), model(x, cache=ref_cache, new_lengths=n), atol=1e-5,
+                     rtol=1e-5, name="prefill")
+        for t in range(3):
+            tok = ids(2, 1, seed=30 + t)
+            assert_close(model(tok, cache=cache), model(tok, cache=ref_cache), atol=1e-5, rtol=1e-5, name=f"step {t}")
+    assert cache.k[0].dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        KVCache(1, 1, 4, 1, 2, dtype=torch.long)
 
 
 def test_full_kv_cache_prefill_and_decode_match_forward():
@@ -207,6 +330,28 @@ def test_generation_bad_arguments():
     assert model(p[:, :0]).shape == (2, 0, 64) and model(p[:0]).shape == (0, 5, 64)
     with pytest.raises(ValueError, match="new_lengths"):
         model(p, new_lengths=torch.tensor([5, 5]))
+    for kw, name in ((dict(temperature="1"), "temperature"), (dict(temperature=float("nan")), "temperature"),
+                     (dict(temperature=-1e-9), "temperature"), (dict(temperature=True), "temperature"),
+                     (dict(top_p="0.5"), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_p=None), "top_p"),
+                     (dict(generator=5), "generator"), (dict(use_cache="no"), "use_cache"),
+                     (dict(use_cache=1), "use_cache")):
+        with pytest.raises(ValueError, match=name):
+            model.generate(p, 2, **kw)
+    g = torch.Generator().manual_seed(0)
+    assert model.generate(p, 2, temperature=np.float32(0.7), top_p=np.float64(0.9), generator=g).shape == (2, 7)
+
+
+@pytest.mark.parametrize("attention,use_cache", [("nsa", True), ("full", True), ("nsa", False), ("full", False)])
+def test_generate_keeps_any_integer_prompt_dtype(attention, use_cache):
+    """An int32 (or int16, uint8) prompt: the same tokens as int64, in the prompt's dtype (the int64 samples were
+    written into an int32 buffer and failed)."""
+    model = micro(attention)
+    p, n = ids(2, 9), torch.tensor([9, 4])
+    with torch.no_grad():
+        ref = model.generate(p, 4, temperature=0, use_cache=use_cache, prompt_lengths=n)
+        for dtype in (torch.int32, torch.int16, torch.uint8):
+            out = model.generate(p.to(dtype), 4, temperature=0, use_cache=use_cache, prompt_lengths=n)
+            assert out.dtype == dtype and torch.equal(out.long(), ref)
 
 
 @pytest.mark.parametrize("shift", [False, True])
@@ -269,7 +414,7 @@ def test_full_attention_static_step_reads_nothing_on_the_host(monkeypatch):
         assert torch.isnan(got[0]).all() and torch.isfinite(got[1:]).all()  # row 0 reached 12 after 3 steps
         assert [n.as_subclass(torch.Tensor).tolist() for n in cache._lengths] == [[12, 8, 11]] * 2
         kept = [torch.Tensor.clone(t[0]) for t in cache.k + cache.v]
-        model(ids(3, 1), cache=cache)
+        model(ids(3, 1).as_subclass(Watched), cache=cache)  # the token-id range is not read under capture either
         assert Watched.reads == []
         assert all(torch.equal(t[0], old) for t, old in zip(cache.k + cache.v, kept))  # the full row kept its K/V
         assert [n.as_subclass(torch.Tensor).tolist() for n in cache._lengths] == [[12, 9, 12]] * 2
@@ -318,6 +463,15 @@ def test_sampling():
         model.generate(ids(1, 3), 2, top_p=0)
     with pytest.raises(ValueError, match="prompt"):
         model.generate(torch.zeros(1, 0, dtype=torch.long), 2)
+    # tiny valid temperature / top_p act as greedy (logits / T overflowed to NaN; top_p rounded to 0 kept nothing)
+    big = torch.tensor([[0.0, 30.0, 29.9, -5.0], [1e30, 0.0, 1e30 * (1 - 1e-6), -1e30]])
+    for t, p in ((1e-39, 1.0), (1e-300, 1.0), (5e-45, 1.0), (1.0, 1e-300), (1e-39, 1e-300)):
+        assert sample(big, t, p, g).tolist() == [1, 0], (t, p)
+        assert sample(big[:1].half(), t, p, g).tolist() == [1], (t, p)
+    prompt = ids(2, 5)
+    greedy = model.generate(prompt, 4, temperature=0)
+    for kw in (dict(temperature=1e-39), dict(top_p=1e-300)):
+        assert torch.equal(model.generate(prompt, 4, generator=g, **kw), greedy), kw
 
 
 def test_token_shift_reads_previous_token_only_within_sequence():
@@ -404,3 +558,20 @@ def test_ragged_generation_ignores_what_the_padding_holds(attention):
         plain = model.generate(padded, 5, temperature=0, prompt_lengths=n, use_cache=False)
         ref = model.generate(prompt, 5, temperature=0, prompt_lengths=n)
     assert torch.equal(cached, plain) and torch.equal(cached, ref)
+
+
+def test_generate_checks_the_prompt_once(monkeypatch):
+    """generate checks the prompt's ids, then feeds its own samples without a range check per step (each would be
+    a GPU synchronisation); a direct forward still checks."""
+    import nsa.models.llama as llama
+
+    model, reads = micro("nsa"), []
+    real = llama._check_token_ids
+    monkeypatch.setattr(llama, "_check_token_ids", lambda *a, **kw: reads.append(kw.get("check_range", True))
+                        or real(*a, **kw))
+    model.generate(ids(2, 9), 5, temperature=0)
+    assert reads[0] is True and reads[1:] == [False] * 5  # the prompt, then the prefill and four steps
+    model(ids(2, 3))
+    assert reads[-1] is True
+    with pytest.raises(ValueError, match="input_ids"):
+        model(ids(2, 3) + 64)

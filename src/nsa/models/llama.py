@@ -7,7 +7,9 @@ Generation keeps a cache: `nsa.NSACache` for NSA, the small `KVCache` below for 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +50,7 @@ class ModelConfig:
     token_shift: bool = False  # attention input += mix * previous token's (a "smeared" input, see Block)
 
     def __post_init__(self) -> None:
-        if self.attention not in ATTENTIONS:
+        if not isinstance(self.attention, str) or self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                      "intermediate_size"):
@@ -63,10 +65,12 @@ class ModelConfig:
         self.norm_eps = check_number("norm_eps", self.norm_eps, 0.0, lo_open=True, hi_open=True)
         self.init_std = check_number("init_std", self.init_std, 0.0, lo_open=True, hi_open=True)
         check_bool("token_shift", self.token_shift)
+        if not isinstance(self.backend, str):  # `x in dict` raises TypeError for unhashable values
+            raise ValueError(f"backend must be a backend name (a string), got {self.backend!r}")
         check_backend_name(self.backend)
-        if self.compression not in COMPRESSORS:
+        if not isinstance(self.compression, str) or self.compression not in COMPRESSORS:
             raise ValueError(f"compression must be one of {sorted(COMPRESSORS)}, got {self.compression!r}")
-        if not (isinstance(self.shared_kv, bool) or self.shared_kv == "slc_win"):
+        if not (isinstance(self.shared_kv, bool) or (isinstance(self.shared_kv, str) and self.shared_kv == "slc_win")):
             raise ValueError(f"shared_kv must be true, false or 'slc_win', got {self.shared_kv!r}")
         if not isinstance(self.gate_bias, (list, tuple)) or len(self.gate_bias) != 3:
             raise ValueError(f"gate_bias must be 3 numbers (cmp, slc, win), got {self.gate_bias!r}")
@@ -75,6 +79,10 @@ class ModelConfig:
             raise ValueError(f"nsa must be a mapping of NSAConfig fields, got {self.nsa!r}")
         if isinstance(self.nsa, NSAConfig):
             self.nsa = dataclasses.asdict(self.nsa)
+        known = {f.name for f in dataclasses.fields(NSAConfig)}
+        unknown = [k for k in self.nsa if not (isinstance(k, str) and k in known)]
+        if unknown:
+            raise ValueError(f"nsa has unknown keys {unknown!r} (NSAConfig fields: {sorted(known)})")
         self.nsa_config()  # validates the geometry (ValueError naming the field)
 
     def nsa_config(self) -> NSAConfig:
@@ -85,10 +93,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"model config must be a mapping of ModelConfig fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"model config has unknown keys {sorted(unknown)}")
+            raise ValueError(f"model config has unknown keys {sorted(unknown, key=repr)}")
         return cls(**d)
 
 
@@ -113,6 +123,8 @@ class KVCache:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         check_bool("static", static)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         shape = (batch_size, max_length, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
@@ -147,8 +159,8 @@ class KVCache:
         else:  # rows at different lengths (after a ragged prefill): one scattered write of the valid tokens
             rows, t = (torch.arange(T)[None, :] < n[:, None]).nonzero(as_tuple=True)
             dest = (rows.to(k.device), (old[rows] + t).to(k.device))
-            self.k[layer_idx][dest] = k[rows.to(k.device), t.to(k.device)]
-            self.v[layer_idx][dest] = v[rows.to(k.device), t.to(k.device)]
+            self.k[layer_idx][dest] = k[rows.to(k.device), t.to(k.device)].to(self.k[layer_idx].dtype)
+            self.v[layer_idx][dest] = v[rows.to(k.device), t.to(k.device)].to(self.v[layer_idx].dtype)
         self._lengths[layer_idx].copy_(old + n)
         S = min(int(old.max()) + T, self.max_length)
         return self.k[layer_idx][:, :S], self.v[layer_idx][:, :S]
@@ -200,6 +212,52 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+def _reads_values() -> bool:
+    """Whether a check may read tensor values on the host: not while compiling or exporting (data-dependent) nor
+    while a CUDA graph is being captured (a synchronisation)."""
+    return not (torch.compiler.is_compiling() or nsa_cache.capturing())
+
+
+def _check_token_ids(name: str, ids, vocab_size: int, valid: torch.Tensor | None = None,
+                     check_range: bool = True) -> torch.Tensor:
+    """ids as a [B, T] integer tensor of token ids in [0, vocab_size) (int32 kept, other integer types as int64),
+    else ValueError naming it. `valid` [B, T] bool: only those positions are range-checked (skipped, as a host
+    read, while compiling or capturing, and with check_range=False)."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{name} must be [B, T], got shape {shape}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        ids = ids.long()  # nn.Embedding takes int32/int64 only
+    if check_range and ids.numel() and _reads_values():
+        bad = (ids < 0) | (ids >= vocab_size)
+        if valid is not None:
+            bad &= valid
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be token ids in [0, {vocab_size}), got {int(bad.sum())} outside "
+                             f"(e.g. {int(ids[bad][0])})")
+    return ids
+
+
+def _check_position_ids(position_ids, B: int, T: int) -> None:
+    """As NativeSparseAttention.project: None or an integer tensor [T] or [B, T], else ValueError naming it."""
+    if position_ids is not None and (not isinstance(position_ids, torch.Tensor)
+                                     or tuple(position_ids.shape) not in ((T,), (B, T))
+                                     or position_ids.is_floating_point() or position_ids.is_complex()
+                                     or position_ids.dtype == torch.bool):
+        shape = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+        raise ValueError(f"position_ids must be an integer tensor [T] or [B, T] = [{B}, {T}], got {shape}")
+
+
+def _check_real(name: str, value, lo: float, hi: float = math.inf, lo_open: bool = False) -> float:
+    """A real number (NumPy scalars too; strings and bools refused) in the interval, as a float, else ValueError
+    naming it."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return check_number(name, float(value), lo, hi, lo_open=lo_open)
+
+
 def _attend(q, k, v, mask=None, is_causal=False):
     """SDPA on [B, T, H, D] tensors with GQA (k/v heads repeated to q's)."""
     G = q.shape[2] // k.shape[2]
@@ -235,6 +293,9 @@ class FullAttention(nn.Module):
         """With `cache`: x continues each cached row; `new_lengths` [B] (host) gives each row's valid tokens of x
         (right padding; outputs there are 0), as in NativeSparseAttention."""
         B, T, _ = x.shape
+        if cache is not None and position_ids is not None:
+            raise ValueError("position_ids cannot be combined with cache: positions come from the cache")
+        _check_position_ids(position_ids, B, T)
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k, v = self.kv_proj(x).view(B, T, 2, self.num_kv_heads, self.head_dim).unbind(2)
         if cache is not None and cache.static and T == 1 and new_lengths is None:  # no host read: graph-capturable
@@ -242,6 +303,7 @@ class FullAttention(nn.Module):
             tables = rope_tables(pos, self.head_dim, self.rope_theta, x.device, rope_dtype(q.dtype))
             q, k = apply_rope(q, None, tables=tables), apply_rope(k, None, tables=tables)
             k, v, pos, room = cache.step(layer_idx, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a cache of another dtype (no-op when equal)
             o = _attend_step(q, k, v, torch.arange(k.shape[1], device=x.device)[None, :] <= pos[:, None])
             o = torch.where(room[:, None, None, None], o, torch.full_like(o, float("nan")))
         elif cache is not None:
@@ -250,6 +312,7 @@ class FullAttention(nn.Module):
             tables = rope_tables(pos, self.head_dim, self.rope_theta, x.device, rope_dtype(q.dtype))
             q, k = apply_rope(q, None, tables=tables), apply_rope(k, None, tables=tables)
             k, v = cache.append(layer_idx, k, v, new_lengths)
+            k, v = k.to(q.dtype), v.to(q.dtype)
             if T == 1:
                 o = _attend_step(q, k, v, torch.arange(k.shape[1], device=x.device)[None, :] <= pos)
             elif old.numel() and int(old.max()) == 0:  # a prefill: plain causal attention over the T new tokens
@@ -377,16 +440,34 @@ class LlamaLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache=None, shift_state: dict | None = None,
                 new_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """`shift_state` (a dict, with `cache` and cfg.token_shift): each layer's last input state, kept by
-        `generate` between calls. `new_lengths` [B] (with `cache`): row b's first new_lengths[b] tokens are valid
-        (right padding, ragged prefill); logits at padded positions are meaningless."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-        if cache is not None and cu_seqlens is not None:
-            raise ValueError("cu_seqlens cannot be combined with a cache")
+        """input_ids: integer token ids in [0, vocab_size) (ValueError otherwise; the range is not read while
+        compiling or capturing a CUDA graph). `shift_state` (a dict, with `cache` and cfg.token_shift): each layer's
+        last input state, kept by `generate` between calls. `new_lengths` [B] (with `cache`): row b's first
+        new_lengths[b] tokens are valid (right padding, ragged prefill); logits at padded positions are meaningless.
+        `position_ids` cannot be combined with `cache` (positions come from the cache)."""
+        # generate's own steps feed ids it checked or sampled: no range check (a GPU synchronisation) per token
+        input_ids = _check_token_ids("input_ids", input_ids, self.cfg.vocab_size,
+                                     check_range=not getattr(self, "_generating", False))
+        B, T = input_ids.shape
+        if cache is not None:
+            self._check_cache(cache, B)
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens cannot be combined with a cache")
+            if position_ids is not None:
+                raise ValueError("position_ids cannot be combined with cache: positions come from the cache")
         cu_seqlens = check_cu_seqlens(cu_seqlens, input_ids)
+        _check_position_ids(position_ids, B, T)
         if cache is not None and self.cfg.token_shift and shift_state is None:
             raise ValueError("shift_state (a dict) is required with a cache when token_shift is on")
+        if shift_state is not None:
+            if not isinstance(shift_state, dict):
+                raise ValueError(f"shift_state must be a dict (layer index -> state), got {type(shift_state).__name__}")
+            if cache is not None and self.cfg.token_shift:
+                for i, state in shift_state.items():
+                    if not isinstance(state, torch.Tensor) or tuple(state.shape) != (B, 1, self.cfg.hidden_size):
+                        got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+                        raise ValueError(f"shift_state[{i!r}] must be a [B, 1, hidden] = [{B}, 1, "
+                                         f"{self.cfg.hidden_size}] tensor, got {got}")
         if new_lengths is not None:
             if cache is None:
                 raise ValueError("new_lengths is only used with cache")
@@ -399,8 +480,38 @@ class LlamaLM(nn.Module):
                       shift_state=shift_state, new_lengths=new_lengths)
         return F.linear(self.norm(x), self.embed.weight)  # tied output head
 
+    def _check_cache(self, cache, batch: int) -> None:
+        """ValueError (naming cache) unless `cache` is this attention type's cache with the input's batch size and
+        at least the model's layers."""
+        full = self.cfg.attention == "full"
+        if not isinstance(cache, KVCache if full else nsa_cache.NSACache):
+            kind = "a KVCache" if full else "an nsa.NSACache"
+            raise ValueError(f"cache must be {kind} for attention={self.cfg.attention!r} (see make_cache), got "
+                             f"{type(cache).__name__}")
+        layers = len(cache.k) if full else cache.num_layers
+        if layers < self.cfg.num_layers:
+            raise ValueError(f"cache has {layers} layers, fewer than the model's {self.cfg.num_layers}")
+        if cache.batch_size != batch:
+            raise ValueError(f"input_ids batch size {batch} does not match the cache's batch_size {cache.batch_size}")
+        if full and tuple(cache.k[0].shape[2:]) != (self.cfg.num_kv_heads, self.cfg.head_dim):
+            raise ValueError(f"cache holds [HKV, D] = {list(cache.k[0].shape[2:])}, the model "
+                             f"[{self.cfg.num_kv_heads}, {self.cfg.head_dim}]")
+
     def loss(self, input_ids, labels, cu_seqlens=None, reduction="mean"):
-        """Cross-entropy of logits vs labels [B, T] (-100 = ignored)."""
+        """Cross-entropy of logits vs labels [B, T] (input_ids' shape; integer ids in [0, vocab), -100 = ignored).
+        As in torch and HF, the mean over no counted label (all -100) is NaN."""
+        if (not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex()
+                or labels.dtype == torch.bool):
+            got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels must be an integer tensor [B, T], got {got}")
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        labels = labels.long()
+        if labels.numel() and _reads_values():
+            bad = ((labels < 0) | (labels >= self.cfg.vocab_size)) & (labels != -100)
+            if bool(bad.any()):
+                raise ValueError(f"labels must be token ids in [0, {self.cfg.vocab_size}) or -100 (ignored), got "
+                                 f"{int(bad.sum())} outside (e.g. {int(labels[bad][0])})")
         logits = self(input_ids, cu_seqlens=cu_seqlens)
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction=reduction)
 
@@ -440,10 +551,16 @@ class LlamaLM(nn.Module):
             raise ValueError(f"prompt must be [B, T0] with T0 >= 1, got shape {shape}")
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if not temperature >= 0:  # NaN too
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+            raise ValueError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
+        if torch.iinfo(prompt.dtype).max < self.cfg.vocab_size - 1:
+            raise ValueError(f"prompt's dtype {prompt.dtype} cannot hold token ids up to vocab_size - 1 = "
+                             f"{self.cfg.vocab_size - 1}")
+        temperature = _check_real("temperature", temperature, 0.0)
+        top_p = _check_real("top_p", top_p, 0.0, 1.0, lo_open=True)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_bool("use_cache", use_cache)
         for name, tok, optional in (("eos_token_id", eos_token_id, True), ("pad_token_id", pad_token_id, False)):
             if tok is None and optional:
                 continue
@@ -463,6 +580,8 @@ class LlamaLM(nn.Module):
             lengths = torch.full((B,), T0, dtype=torch.long)
         else:
             lengths = check_lengths("prompt_lengths", prompt_lengths, B, 1, T0)
+        valid = None if prompt_lengths is None else torch.arange(T0, device=dev)[None, :] < lengths.to(dev)[:, None]
+        _check_token_ids("prompt", prompt, self.cfg.vocab_size, valid)  # the padding may hold any ids
         if B == 0:
             return prompt.new_zeros(0, T0 + max_new_tokens)
         ragged = bool((lengths != T0).any())
@@ -470,11 +589,22 @@ class LlamaLM(nn.Module):
         out = torch.full((B, T0 + max_new_tokens), pad_token_id, dtype=prompt.dtype, device=dev)
         out[:, :T0] = prompt.masked_fill(torch.arange(T0, device=dev)[None, :] >= lengths.to(dev)[:, None],
                                          pad_token_id)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
         cache = self.make_cache(B, T0 + max_new_tokens, static=cuda_graph) if use_cache else None
         shift_state = {} if cache is not None else None
-        nxt, produced = None, torch.zeros(B, dtype=torch.long, device=dev)
         step_fn = _GraphStep(self, cache, shift_state) if cuda_graph else None
+        self._generating = True
+        try:
+            return self._generate_loop(out, lengths, max_new_tokens, cache, shift_state, step_fn, ragged, rows,
+                                       temperature, top_p, generator, eos_token_id, pad_token_id)
+        finally:
+            self._generating = False
+
+    def _generate_loop(self, out, lengths, max_new_tokens, cache, shift_state, step_fn, ragged, rows, temperature,
+                       top_p, generator, eos_token_id, pad_token_id):
+        B, dev = out.shape[0], out.device
+        T0 = out.shape[1] - max_new_tokens
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        nxt, produced = None, torch.zeros(B, dtype=torch.long, device=dev)
         for step in range(max_new_tokens):
             cur = lengths + step  # host: tokens of each row so far
             if cache is not None and step == 0:
@@ -493,7 +623,7 @@ class LlamaLM(nn.Module):
             else:
                 logits = self(out[:, :T0 + step])[:, -1]
             nxt = sample(logits.float(), temperature, top_p, generator)
-            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt.to(out.dtype))
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt).to(out.dtype)  # the prompt's dtype
             out[rows, cur.to(dev)] = nxt
             produced += ~done
             if eos_token_id is not None:
@@ -507,6 +637,15 @@ class LlamaLM(nn.Module):
         """Beam search: row b of the cache (and of the token-shift states that `forward` keeps in `shift_state`)
         becomes old row beam_idx[b]. Reordering the cache alone leaves token shift reading the old rows. Both are
         reordered in place (a captured CUDA graph keeps its buffers)."""
+        if not isinstance(cache, (KVCache, nsa_cache.NSACache)):
+            raise ValueError(f"cache must be a KVCache or an nsa.NSACache, got {type(cache).__name__}")
+        if shift_state is not None:  # checked before anything is reordered
+            if not isinstance(shift_state, dict):
+                raise ValueError(f"shift_state must be a dict (layer index -> state), got {type(shift_state).__name__}")
+            for i, state in shift_state.items():
+                if not isinstance(state, torch.Tensor) or state.dim() == 0 or state.shape[0] != cache.batch_size:
+                    raise ValueError(f"shift_state[{i!r}] must be a tensor of {cache.batch_size} rows (the cache's "
+                                     f"batch_size)")
         cache.reorder(beam_idx)
         for state in (shift_state or {}).values():  # in place, as the cache: captured graphs keep their buffers
             state.copy_(state.index_select(0, beam_idx.to(state.device)))
@@ -549,10 +688,15 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
     """Next token [B] from logits [B, V]: argmax at temperature 0, else nucleus (top-p) sampling."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # the top logit at 0 (a tiny temperature must not overflow it), temperature at least the dtype's smallest normal
+    # (else it rounds to 0): tiny temperatures act as greedy
+    logits = logits - logits.amax(-1, keepdim=True)
+    tiny = torch.finfo(logits.dtype if logits.is_floating_point() else torch.float32).tiny
+    probs = torch.softmax(logits / max(temperature, tiny), dim=-1)
     if top_p < 1:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p  # tokens before which the mass is still < top_p
+        keep[..., 0] = True  # the most likely token always (a tiny top_p rounds to 0 in float32)
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
