@@ -1,8 +1,9 @@
 """CPU decode-step benchmark: NSA decode attention over an NSA cache vs SDPA with one query over the dense cache.
 
 Both sides time the attention of one new token per sequence given a filled cache (projections and the cache
-append are the same for both and excluded). NSA uses the vectorised torch decode (`nsa.ops.decode.torch_decode`)
-with the paper geometry (l=32, d=16, l'=64, n=16, w=512); dense uses `F.scaled_dot_product_attention` with the
+append are the same for both and excluded). NSA uses the torch decode (`nsa.ops.decode.torch_decode`: for float32
+the compiled CPU kernel `decode_fwd`, which reads the caches in place; `nsa_vectorised_ms` times its pure-PyTorch
+gather path, what bfloat16 and machines without a compiler run) with the paper geometry (l=32, d=16, l'=64, n=16, w=512); dense uses `F.scaled_dot_product_attention` with the
 G query heads of a KV group folded into the query axis (q [B, HKV, G, Dk] against k [B, HKV, S, Dk], no mask:
 for a single new token this is exactly its causal attention, and no K/V head is expanded). Default heads: one KV
 group of the paper's model (G = 16, Dk = 192, Dv = 128), float32. With one KV head the NSA selection cache and the dense cache are the same tensor
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 import nsa
+from nsa.ops import decode
 from nsa.ops.decode import torch_decode
 
 
@@ -78,11 +80,17 @@ def run(contexts, batches, HQ, HKV, Dk, Dv, dtype, repeats, seed=0):
             with torch.no_grad():
                 t_dense = median_ms(dense, repeats)
                 t_nsa = median_ms(sparse, repeats)
+                decode.USE_FUSED_DECODE = False
+                try:
+                    t_vec = median_ms(sparse, repeats)
+                finally:
+                    decode.USE_FUSED_DECODE = True
             bound = nsa.decode_memory_access(S, cfg)["ratio"]
             rows.append(dict(context=S, batch=B, dense_ms=t_dense, nsa_ms=t_nsa, speedup=t_dense / t_nsa,
-                             memory_bound=bound))
+                             nsa_vectorised_ms=t_vec, speedup_vectorised=t_dense / t_vec, memory_bound=bound))
             r = rows[-1]
-            print(f"{S:>8} {B:>5} {t_dense:>10.3f} {t_nsa:>10.3f} {r['speedup']:>8.2f}x {bound:>8.2f}x", flush=True)
+            print(f"{S:>8} {B:>5} {t_dense:>10.3f} {t_nsa:>10.3f} {r['speedup']:>8.2f}x {t_vec:>10.3f} "
+                  f"{r['speedup_vectorised']:>8.2f}x {bound:>8.2f}x", flush=True)
             del k, v, kd, vd, k_cmp, v_cmp
     return rows
 
@@ -109,7 +117,8 @@ def main(argv=None):
     print(f"# CPU decode step, attention only: NSA torch decode vs SDPA (one query, dense cache)\n# {info}")
     print(f"# HQ={args.heads} HKV={args.kv_heads} Dk={args.dk} Dv={args.dv} {args.dtype}, paper geometry; "
           f"median of {args.repeats}")
-    print(f"{'context':>8} {'batch':>5} {'dense ms':>10} {'nsa ms':>10} {'speedup':>9} {'mem bound':>9}")
+    print(f"{'context':>8} {'batch':>5} {'dense ms':>10} {'nsa ms':>10} {'speedup':>9} {'vect. ms':>10} "
+          f"{'speedup':>9} {'mem bound':>9}")
     rows = run(contexts, batches, args.heads, args.kv_heads, args.dk, args.dv, dtype, args.repeats)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -369,3 +369,107 @@ def test_ninja_from_the_wheel_when_path_has_none(monkeypatch, tmp_path):
     assert shutil.which("ninja") is None
     cpu_kernels._ensure_ninja()
     assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR and shutil.which("ninja")
+
+
+# ------------------------------------------------------------------------------------------------ decode
+DECODE_GEOMETRIES = [small_config(), small_config(cmp_block_size=8, cmp_stride=8, slc_block_size=8, window_size=8),
+                     small_config(cmp_block_size=16, cmp_stride=4, slc_block_size=16, num_local_blocks=0,
+                                  num_init_blocks=0, window_size=5)]
+
+
+def _decode_case(G, cfg, Tq, seed, strided):
+    """A ragged batch over caches that may be strided views (a slice of a wider head axis and of a longer time
+    axis), NaN in every slot past a row's length, and a window ring (win_start) for k/v_win."""
+    from nsa.ops.decode import query_positions
+
+    B, S, HKV, Dk, Dv = 4, 150, 2, 16, 8
+    q, k_cmp, v_cmp, ks, vs, _, _, gates = make_inputs(B, S, G * HKV, HKV, Dk, Dv, cfg, dtype=torch.float32,
+                                                       seed=seed)
+    lengths = torch.tensor([150, 77, 9, max(Tq, 2)])
+    if strided:  # the caches as views into bigger buffers: head stride 2 D, position stride 4 D
+        def widen(x):
+            big = torch.full((B, x.shape[1] + 7, 2 * HKV, x.shape[3]), float("nan"))
+            big[:, :x.shape[1], ::2] = x
+            return big[:, :x.shape[1], ::2]
+        k_cmp, v_cmp, ks, vs = map(widen, (k_cmp, v_cmp, ks, vs))
+    for b, L in enumerate(lengths.tolist()):
+        tc = cfg.num_compressed(L)
+        for x in (k_cmp, v_cmp):
+            x[b, tc:] = float("nan")
+        for x in (ks, vs):
+            x[b, L:] = float("nan")
+    # the window ring: slot s holds position win_start[b] + s, W = w + Tq - 1 slots
+    W = cfg.window_size + Tq - 1
+    win_start = (lengths - W).clamp(min=0)
+    pos = win_start[:, None] + torch.arange(W)
+    kw = torch.stack([ks[b, pos[b].clamp(max=S - 1)] for b in range(B)])
+    vw = torch.stack([vs[b, pos[b].clamp(max=S - 1)] for b in range(B)])
+    rows = query_positions(lengths, Tq)
+    qq = torch.stack([q[b, rows[b]] for b in range(B)])
+    gg = torch.stack([gates[b, rows[b]] for b in range(B)])
+    return (qq, k_cmp, v_cmp, ks, vs, kw, vw, gg), lengths, win_start
+
+
+@pytest.mark.parametrize("G", [1, 2, 3, 16])
+@pytest.mark.parametrize("cfg", DECODE_GEOMETRIES, ids=["overlap", "l_eq_d_eq_lp", "no_forced"])
+@pytest.mark.parametrize("Tq", [1, 5])
+def test_decode_kernel_matches_vectorised_path_and_reference(G, cfg, Tq, monkeypatch):
+    """decode_fwd (one compiled call, caches read in place) against the pure-PyTorch gather decode and the float64
+    reference decode: ragged rows (one shorter than l), chunked queries, strided caches, a window ring, NaN past
+    every row's length; the same selected blocks (tie-robustly) and outputs."""
+    from nsa.ops import decode
+
+    calls, real = [], KERNELS.decode_fwd
+    monkeypatch.setattr(KERNELS, "decode_fwd", lambda *a: calls.append(a) or real(*a))
+    for strided in (False, True):
+        x, lengths, ws = _decode_case(G, cfg, Tq, seed=G + Tq, strided=strided)
+        kw = dict(lengths=lengths, config=cfg, win_start=ws, return_indices=True)
+        o, idx = decode.torch_decode(*x, **kw)
+        monkeypatch.setattr(decode, "USE_FUSED_DECODE", False)
+        o_vec, idx_vec = decode.torch_decode(*x, **kw)
+        monkeypatch.setattr(decode, "USE_FUSED_DECODE", True)
+        assert torch.isfinite(o).all()
+        assert_close(o, o_vec, **TOL32, name=f"fused vs vectorised (strided={strided})")
+        assert torch.equal(idx, idx_vec), strided
+        ref = decode.reference_decode(*[t.double() for t in x], lengths=lengths, config=cfg, win_start=ws)
+        assert_close(o, ref, atol=1e-5, rtol=1e-5, name="fused vs float64 reference")
+    assert len(calls) == 2
+    assert not calls[1][2].is_contiguous()  # the strided k_cmp view went in as it is: read in place, not copied
+
+
+def test_decode_kernel_through_the_public_op_and_max_length():
+    """nsa.decode_attention (float32, CPU) takes the kernel: with max_length a row out of range comes out NaN and
+    the others equal the exact call."""
+    cfg = DECODE_GEOMETRIES[0]
+    x, lengths, ws = _decode_case(4, cfg, 1, seed=3, strided=False)
+    exact = nsa.decode_attention(*x, lengths=lengths, config=cfg, win_start=ws)
+    bad = lengths.clone()
+    bad[2] = 151  # past max_length
+    o = nsa.decode_attention(*x, lengths=bad, config=cfg, win_start=ws, max_length=150)
+    assert torch.isnan(o[2]).all()
+    keep = torch.tensor([0, 1, 3])
+    assert_close(o[keep], exact[keep], **TOL32, name="valid rows")
+
+
+def test_decode_kernel_nan_in_a_visible_slot_propagates():
+    """A NaN the query does read (not a slot past its length) gives NaN, as in the torch path; not a silent 0."""
+    cfg = DECODE_GEOMETRIES[0]
+    x, lengths, ws = _decode_case(2, cfg, 1, seed=4, strided=False)
+    x[3][0, 3] = float("nan")  # k_slc of row 0 at position 3: in block 0, which is always selected
+    o = nsa.decode_attention(*x, lengths=lengths, config=cfg, win_start=ws)
+    assert torch.isnan(o[0]).all() and torch.isfinite(o[1:]).all()
+
+
+@pytest.mark.parametrize("shared_kv", [False, True])
+def test_layer_decode_float32_with_the_kernel_equals_the_full_forward(shared_kv):
+    """Prefill + 30 float32 decode steps through the layer (the cache's own window ring, rows of different
+    lengths) equal one full forward."""
+    cfg = DECODE_GEOMETRIES[0]
+    torch.manual_seed(0)
+    layer = nsa.NativeSparseAttention(32, 8, 2, 16, config=cfg, shared_kv=shared_kv, backend="torch")
+    torch.nn.init.normal_(layer.compress_k.mlp[2].weight, std=0.2)
+    x = torch.randn(2, 70, 32)
+    cache = nsa.NSACache(1, 2, 70)
+    with torch.no_grad():
+        steps = [layer(x[:, :40], cache=cache)] + [layer(x[:, t:t + 1], cache=cache) for t in range(40, 70)]
+        assert_close(torch.cat(steps, 1), layer(x), atol=1e-5, rtol=1e-4, name="prefill + steps vs full")

@@ -2,7 +2,8 @@
 
 Used by decoding (Tq = 1) and chunked prefill (Tq > 1). Two implementations with one signature:
 `reference_decode` (per sequence, per query, explicit key lists: written to be read) and `torch_decode`
-(vectorised over batch, queries and heads, gathers only the keys a query reads). Both follow docs/spec.md exactly.
+(vectorised over batch, queries and heads, gathers only the keys a query reads; float32 on the CPU runs as one
+compiled call, `cpu_kernels.decode_fwd`, that reads the caches in place). Both follow docs/spec.md exactly.
 
 Inputs (B sequences; sequence b has `lengths[b]` tokens *including* the Tq new ones, so its queries sit at
 positions lengths[b] - Tq + j, j < Tq):
@@ -219,6 +220,42 @@ def _torch_decode_chunk(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos,
     return o.reshape(B, Tq, HQ, -1).to(q.dtype), idx
 
 
+USE_FUSED_DECODE = True  # float32 CPU decode through the compiled kernel (`cpu_kernels.decode_fwd`) when it builds
+
+
+def _cache_rows(x):
+    """x as the compiled decode reads it: last dim contiguous, position stride >= head dim (else a copy)."""
+    ok = (x.shape[-1] <= 1 or x.stride(-1) == 1) and x.stride(1) >= x.shape[-1]
+    return x if ok else x.contiguous()
+
+
+def _fused_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, win_start, config, scale):
+    """The compiled float32 CPU decode: every branch of every query row in one call, the caches read in place
+    (no gathers). (o [B, Tq, HQ, Dv], idx [B, Tq, HKV, n]), or None where it does not apply (another device or
+    dtype, kernels disabled or not built): the vectorised torch path then runs."""
+    xs = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
+    if not USE_FUSED_DECODE or q.device.type != "cpu" or any(x.dtype != torch.float32 for x in xs):
+        return None
+    from . import cpu_kernels
+    from .torch_backend import _overlap_weights
+
+    mod = cpu_kernels.load()
+    if mod is None:
+        return None
+    B, Tq, HQ, Dk = q.shape
+    HKV = k_slc.shape[2]
+    G = HQ // HKV
+    qs = (q * scale).reshape(B * Tq, HKV, G, Dk).contiguous()
+    gs = gates.reshape(B * Tq, HKV, G, 3).contiguous()
+    rb = torch.arange(B).repeat_interleave(Tq)
+    ws = torch.zeros(B, dtype=torch.long) if win_start is None else win_start.to("cpu", torch.long).contiguous()
+    o, idx = mod.decode_fwd(qs, gs, *map(_cache_rows, xs[1:7]), pos.reshape(-1).contiguous(), rb, ws,
+                            _overlap_weights(config, torch.float32, "cpu"), config.cmp_block_size,
+                            config.cmp_stride, config.num_selected, config.num_init_blocks, config.num_local_blocks,
+                            config.window_size)
+    return o.reshape(B, Tq, HQ, -1), idx.reshape(B, Tq, HKV, -1)
+
+
 def torch_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths, config, scale=None,
                  win_start=None, return_indices=False, max_len=None, min_len=None, query_chunk=32):
     """Vectorised decode (same contract as `reference_decode`); queries are processed `query_chunk` at a time so
@@ -231,6 +268,9 @@ def torch_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths,
     if min_len is None and lengths.device.type == "cpu":  # free here (no device to wait for)
         min_len = int(lengths.min()) if lengths.numel() else 0
     pos = query_positions(lengths.to(q.device), Tq)
+    fused = _fused_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, win_start, config, scale)
+    if fused is not None:
+        return fused if return_indices else fused[0]
     outs, idxs = [], []
     for c in range(0, Tq, query_chunk):
         sl = slice(c, min(Tq, c + query_chunk))

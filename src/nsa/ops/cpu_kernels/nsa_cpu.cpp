@@ -6,6 +6,7 @@
 // the whole chunk is ever materialised. Every call has a pure-PyTorch twin in torch_backend.py (the _*_chunk
 // functions), against which tests/test_cpu_kernels.py checks it.
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -745,6 +746,164 @@ void cmp_bwd(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, co
   }
 }
 
+// ------------------------------------------------------------------------------------------------ decode
+namespace {
+
+// A cache [B, S, HKV, D] read in place: row (b, s, h) at p + b*sb + s*ss + h*sh (last dim contiguous, ss >= D so
+// that a run of positions is a BLAS matrix with leading dimension ss).
+struct CacheView {
+  const float* p;
+  int64_t B, S, D, sb, ss, sh;
+  CacheView(const at::Tensor& x, const char* name) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 4 && x.device().is_cpu() &&
+                    (x.size(3) <= 1 || x.stride(3) == 1) && x.stride(1) >= x.size(3),
+                name, " must be a float32 CPU tensor [B, S, HKV, D], last dim contiguous, position stride >= D");
+    p = x.data_ptr<float>();
+    B = x.size(0), S = x.size(1), D = x.size(3), sb = x.stride(0), ss = x.stride(1), sh = x.stride(2);
+  }
+  const float* at(int64_t b, int64_t s, int64_t h) const { return p + b * sb + s * ss + h * sh; }
+};
+
+// Rows of s [G, n] (row stride lds) in place: s <- exp(s - max); inv[g] = 1 / row sum (0 for an empty row).
+void softmax_rows(float* s, int64_t G, int64_t n, int64_t lds, float* inv) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* row = s + g * lds;
+    if (n == 0) {
+      inv[g] = 0.0f;
+      continue;
+    }
+    const float m = row_max(row, static_cast<int>(n));
+    const float sum = exp_row(row, static_cast<int>(n), std::isinf(m) ? 0.0f : m);
+    inv[g] = 1.0f / sum;  // the row max contributes exp(0) = 1, so sum >= 1 (NaN stays NaN)
+  }
+}
+
+// out[g] += gate[g] * inv[g] * o[g] over the G rows of o [G, Dv].
+void add_branch(float* out, const float* o, const float* inv, const float* gate, int64_t G, int64_t Dv) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float c = gate[g * 3] * inv[g];
+    for (int64_t e = 0; e < Dv; ++e) out[g * Dv + e] += c * o[g * Dv + e];
+  }
+}
+
+}  // namespace
+
+// NSA decode (Eq. 5, 7-12): R query rows, each one position of its own cached sequence, all three branches and
+// their gates for the G heads of every KV head; the caches are read in place. Row r reads cache row rb[r] at
+// position t = pos[r]: compressed tokens i with i*d + l - 1 <= t, its top-n selection blocks (ties to the lower
+// block), causal inside a block, and positions max(0, t - w + 1) .. t of the window at slot position - ws[rb[r]].
+//   q     [R, HKV, G, Dk] scaled queries        gates [R, HKV, G, 3] (cmp, slc, win)
+//   kc/vc [B, Sc, HKV, Dk|Dv]  ks/vs [B, S, HKV, Dk|Dv]  kw/vw [B, W, HKV, Dk|Dv]  (CacheView layouts)
+//   W     [r, 2] Eq. 9 weights, as in cmp_fwd (l' = r*d)
+// Returns o [R, HKV, G, Dv] and idx [R, HKV, n] int64 (ascending, -1 padded).
+std::vector<at::Tensor> decode_fwd(const at::Tensor& q, const at::Tensor& gates, const at::Tensor& kc,
+                                   const at::Tensor& vc, const at::Tensor& ks, const at::Tensor& vs,
+                                   const at::Tensor& kw, const at::Tensor& vw, const at::Tensor& pos,
+                                   const at::Tensor& rb, const at::Tensor& ws, const at::Tensor& W, int64_t l,
+                                   int64_t d, int64_t n, int64_t n_init, int64_t n_local, int64_t w) {
+  check_f32(q, "q", 4);
+  check_f32(gates, "gates", 4);
+  check_f32(W, "W", 2);
+  const CacheView KC(kc, "k_cmp"), VC(vc, "v_cmp"), KS(ks, "k_slc"), VS(vs, "v_slc"), KW(kw, "k_win"),
+      VW(vw, "v_win");
+  const int64_t R = q.size(0), HKV = q.size(1), G = q.size(2), Dk = q.size(3), Dv = VS.D, r = W.size(0);
+  const int64_t lp = r * d;
+  for (const at::Tensor* x : {&pos, &rb, &ws})
+    TORCH_CHECK(x->scalar_type() == at::kLong && x->is_contiguous() && x->dim() == 1 && x->device().is_cpu(),
+                "decode_fwd: pos, rb and ws must be contiguous int64 CPU vectors");
+  TORCH_CHECK(pos.size(0) == R && rb.size(0) == R && ws.size(0) == KS.B && gates.size(0) == R &&
+                  gates.size(1) == HKV && gates.size(2) == G && gates.size(3) == 3 && KC.D == Dk && KS.D == Dk &&
+                  KW.D == Dk && VC.D == Dv && VW.D == Dv && n >= 1 && w >= 1 && l >= 1 && d >= 1,
+              "decode_fwd: shapes do not match");
+  const int64_t *pp = pos.data_ptr<int64_t>(), *bp = rb.data_ptr<int64_t>(), *wsp = ws.data_ptr<int64_t>();
+  auto nvis = [&](int64_t t) -> int64_t { return t < l - 1 ? 0 : (t - l + 1) / d + 1; };
+  int64_t most = 1;
+  for (int64_t i = 0; i < R; ++i) {  // nothing below reads outside the caches
+    const int64_t t = pp[i], b = bp[i];
+    TORCH_CHECK(b >= 0 && b < KS.B && b < KC.B && b < KW.B && t >= 0 && t < KS.S && nvis(t) <= KC.S,
+                "decode_fwd: row ", i, " (cache row ", b, ", position ", t, ") outside the caches");
+    const int64_t lo = std::max<int64_t>(0, t - w + 1);
+    TORCH_CHECK(lo - wsp[b] >= 0 && t - wsp[b] < KW.S, "decode_fwd: row ", i, "'s window is outside k_win");
+    most = std::max({most, nvis(t), std::min(t + 1, n * lp), t - lo + 1});
+  }
+  auto o = at::zeros({R, HKV, G, Dv}, q.options());
+  auto idx = at::empty({R, HKV, n}, q.options().dtype(at::kLong));
+  {
+    pybind11::gil_scoped_release no_gil;
+    const float *qp = q.data_ptr<float>(), *gp = gates.data_ptr<float>(), *wp = W.data_ptr<float>();
+    float* op = o.data_ptr<float>();
+    int64_t* ip = idx.data_ptr<int64_t>();
+    at::parallel_for(0, R * HKV, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> s(G * most), ob(G * Dv), inv(G), ps(most), blk;
+      std::vector<std::pair<float, int64_t>> cand;
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t i = u / HKV, h = u % HKV, t = pp[i], b = bp[i];
+        const float* qu = qp + u * G * Dk;
+        const float* gu = gp + u * G * 3;
+        float* out = op + u * G * Dv;
+        int64_t* sel = ip + u * n;
+        const int dk = static_cast<int>(Dk), dv = static_cast<int>(Dv), g = static_cast<int>(G);
+        // compression branch (Eq. 7) and the selection scores (Eq. 8-10, 9 as in cmp_fwd)
+        const int64_t nv = nvis(t), nb = t / lp + 1;
+        blk.assign(nb + 1, 0.0f);
+        if (nv > 0) {
+          const int nvi = static_cast<int>(nv);
+          gemm(false, true, g, nvi, dk, qu, dk, KC.at(b, 0, h), static_cast<int>(KC.ss), s.data(), nvi);
+          softmax_rows(s.data(), G, nv, nv, inv.data());
+          gemm(false, false, g, dv, nvi, s.data(), nvi, VC.at(b, 0, h), static_cast<int>(VC.ss), ob.data(), dv);
+          add_branch(out, ob.data(), inv.data(), gu, G, Dv);
+          std::fill(ps.begin(), ps.begin() + nv, 0.0f);
+          for (int64_t gg = 0; gg < G; ++gg)
+            for (int64_t x = 0; x < nv; ++x) ps[x] += s[gg * nv + x] * inv[gg];
+          for (int64_t j = 0, x0 = 0; x0 < nv; ++j, x0 += r) {  // token x0 + o_ lies in block j at offset o_
+            const int64_t ne = std::min(r, nv - x0);
+            float own_part = 0.0f, next_part = 0.0f;
+            for (int64_t o_ = 0; o_ < ne; ++o_) {
+              own_part += ps[x0 + o_] * wp[o_ * 2];
+              next_part += ps[x0 + o_] * wp[o_ * 2 + 1];
+            }
+            blk[j] += own_part;
+            blk[j + 1] += next_part;
+          }
+        }
+        topn_row(blk.data(), nb, n, n_init, n_local, sel, cand);  // Eq. 11
+        // selected blocks (Eq. 12), causal inside the query's own block
+        int64_t total = 0;
+        for (int64_t k = 0; k < n; ++k)
+          if (sel[k] >= 0) total += std::min(lp, t + 1 - sel[k] * lp);
+        if (total > 0) {
+          const int tot = static_cast<int>(total);
+          for (int64_t k = 0, off = 0; k < n; ++k) {
+            if (sel[k] < 0) continue;
+            const int cnt = static_cast<int>(std::min(lp, t + 1 - sel[k] * lp));
+            gemm(false, true, g, cnt, dk, qu, dk, KS.at(b, sel[k] * lp, h), static_cast<int>(KS.ss), s.data() + off,
+                 tot);
+            off += cnt;
+          }
+          softmax_rows(s.data(), G, total, total, inv.data());
+          for (int64_t k = 0, off = 0; k < n; ++k) {
+            if (sel[k] < 0) continue;
+            const int cnt = static_cast<int>(std::min(lp, t + 1 - sel[k] * lp));
+            gemm(false, false, g, dv, cnt, s.data() + off, tot, VS.at(b, sel[k] * lp, h), static_cast<int>(VS.ss),
+                 ob.data(), dv, off > 0);
+            off += cnt;
+          }
+          add_branch(out, ob.data(), inv.data(), gu + 1, G, Dv);
+        }
+        // sliding window: positions lo .. t
+        const int64_t lo = std::max<int64_t>(0, t - w + 1);
+        const int cnt = static_cast<int>(t - lo + 1);
+        gemm(false, true, g, cnt, dk, qu, dk, KW.at(b, lo - wsp[b], h), static_cast<int>(KW.ss), s.data(), cnt);
+        softmax_rows(s.data(), G, cnt, cnt, inv.data());
+        gemm(false, false, g, dv, cnt, s.data(), cnt, VW.at(b, lo - wsp[b], h), static_cast<int>(VW.ss), ob.data(),
+             dv);
+        add_branch(out, ob.data(), inv.data(), gu + 2, G, Dv);
+      }
+    });
+  }
+  return {o, idx};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("slc_fwd", &slc_fwd, "selected attention forward of one chunk (float32)");
   m.def("cmp_fwd", &cmp_fwd, "compressed attention forward of one chunk, with its top-n blocks (float32)");
@@ -752,4 +911,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("win_bwd", &win_bwd, "sliding-window attention backward of one chunk (float32)");
   m.def("cmp_bwd", &cmp_bwd, "compressed attention backward of one chunk (float32)");
   m.def("win_fwd", &win_fwd, "sliding-window attention forward of one chunk (float32)");
+  m.def("decode_fwd", &decode_fwd, "NSA decode of query rows over caches read in place, all branches (float32)");
 }
