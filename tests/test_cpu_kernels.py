@@ -473,3 +473,49 @@ def test_layer_decode_float32_with_the_kernel_equals_the_full_forward(shared_kv)
     with torch.no_grad():
         steps = [layer(x[:, :40], cache=cache)] + [layer(x[:, t:t + 1], cache=cache) for t in range(40, 70)]
         assert_close(torch.cat(steps, 1), layer(x), atol=1e-5, rtol=1e-4, name="prefill + steps vs full")
+
+
+def test_decode_kernel_odd_layouts_huge_geometry_and_gates():
+    """Review findings, each against the vectorised path: caches whose odd strides torch still calls contiguous
+    (an empty head-dim-major k_cmp; one position with position stride < D), a geometry whose n * l' overflows
+    int64 (l = d = l' = 2^60: the score buffer must still cover every selected token), and a NaN gate on a branch
+    with no key (g * 0 = NaN, not 0)."""
+    from nsa.ops import decode
+
+    def both(*args, **kw):
+        decode.USE_FUSED_DECODE = False
+        try:
+            want = nsa.decode_attention(*args, backend="torch", **kw)
+        finally:
+            decode.USE_FUSED_DECODE = True
+        return nsa.decode_attention(*args, backend="torch", **kw), want
+
+    cfg = nsa.NSAConfig(cmp_block_size=4, cmp_stride=2, slc_block_size=4, num_selected=2, num_init_blocks=1,
+                        num_local_blocks=1, window_size=4)
+    store = lambda: torch.randn(1, 8, 4, 2).transpose(2, 3)  # noqa: E731 - [B, S, HKV, D], head-dim-major
+    ks, vs = store()[:, :3], store()[:, :3]
+    args = (torch.randn(1, 1, 4, 4), store()[:, :0], store()[:, :0], ks, vs, ks, vs, torch.rand(1, 1, 4, 3))
+    got, want = both(*args, lengths=torch.tensor([3]), config=cfg)
+    assert_close(got, want, **TOL32, name="empty strided k_cmp")
+    one = torch.randn(1, 1, 4, 1).permute(0, 3, 1, 2)  # [1, 1, 1, 4], position stride 1
+    cfg1 = nsa.NSAConfig(cmp_block_size=1, cmp_stride=1, slc_block_size=1, num_selected=1, num_init_blocks=0,
+                         num_local_blocks=1, window_size=1)
+    got, want = both(torch.randn(1, 1, 2, 4), one, one, one, one, one, one, torch.rand(1, 1, 2, 3),
+                     lengths=torch.tensor([1]), config=cfg1)
+    assert_close(got, want, **TOL32, name="one position, stride < D")
+    big = 2 ** 60
+    cfg_big = nsa.NSAConfig(cmp_block_size=big, cmp_stride=big, slc_block_size=big, num_selected=8,
+                            num_init_blocks=0, num_local_blocks=1, window_size=1)
+    ks, vs = torch.randn(1, 200, 1, 8), torch.randn(1, 200, 1, 8)
+    kc = torch.randn(1, 0, 1, 8)
+    args = (torch.randn(1, 1, 1, 8), kc, kc, ks, vs, ks, vs, torch.rand(1, 1, 1, 3))
+    got = nsa.decode_attention(*args, lengths=torch.tensor([200]), config=cfg_big, backend="torch")
+    want = decode.reference_decode(*[a.double() for a in args], lengths=torch.tensor([200]), config=cfg_big)
+    assert_close(got, want, atol=1e-5, rtol=1e-5, name="n * l' past int64")  # (the gather path cannot size it)
+    gates = torch.rand(1, 1, 4, 3)
+    gates[0, 0, 1, 0] = float("nan")  # head 1's cmp gate; position 2 < l - 1 sees no compressed token
+    ks, vs = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4)
+    got, want = both(torch.randn(1, 1, 4, 4), kc[..., :4].expand(1, 0, 2, 4), kc[..., :4].expand(1, 0, 2, 4),
+                     ks, vs, ks, vs, gates, lengths=torch.tensor([3]), config=cfg)
+    assert torch.isnan(got[0, 0, 1]).all() and torch.isfinite(got[0, 0, [0, 2, 3]]).all()
+    assert_close(got, want, **TOL32, name="NaN gate on an empty branch")

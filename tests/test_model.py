@@ -575,3 +575,35 @@ def test_generate_checks_the_prompt_once(monkeypatch):
     assert reads[-1] is True
     with pytest.raises(ValueError, match="input_ids"):
         model(ids(2, 3) + 64)
+
+
+def test_kv_cache_prefill_on_an_empty_cache_is_plain_causal(monkeypatch):
+    """A prefill into an empty (non-static) KVCache returns its T slots and runs causal SDPA, not a [T, 2T] mask:
+    the lengths the layer read before the append must not move under it."""
+    import nsa.models.llama as llama
+
+    model, calls = micro("full"), []
+    real = llama._attend
+    monkeypatch.setattr(llama, "_attend", lambda q, k, v, mask=None, is_causal=False: calls.append(
+        (k.shape[1], mask is None, is_causal)) or real(q, k, v, mask, is_causal))
+    cache = model.make_cache(2, 40)
+    with torch.no_grad():
+        got = model(ids(2, 9), cache=cache)
+        assert calls == [(9, True, True)] * 2  # both layers
+        assert_close(got, model(ids(2, 9)), atol=1e-10, rtol=1e-10)
+        model(ids(2, 3, seed=2), cache=cache)  # a chunk after it: the masked path over 12 slots
+    assert calls[4:] == [(12, False, False)] * 2 and cache.lengths.tolist() == [12, 12]  # [2:4]: the uncached run
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao.quantization's
+def test_layer_runs_after_dynamic_quantization():
+    """The layer's x checks read q_proj.weight only where it is a tensor (a dynamically quantized Linear has a
+    method there)."""
+    layer = nsa.NativeSparseAttention(32, 4, 2, 8, config=small_config(), backend="torch").eval()
+    try:
+        quant = torch.ao.quantization.quantize_dynamic(layer, {torch.nn.Linear}, dtype=torch.qint8)
+    except (RuntimeError, AssertionError, AttributeError) as exc:  # no quantized engine here (or no torch.ao)
+        pytest.skip(f"quantize_dynamic unavailable: {exc}")
+    x = torch.randn(2, 40, 32)
+    with torch.no_grad():
+        assert_close(quant(x), layer(x), atol=0.1, rtol=0.1, name="quantized vs float")

@@ -185,10 +185,11 @@ class NativeSparseAttention(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be [B, T, {self.hidden_size}], got {shape}")
-        w = self.q_proj.weight
-        if x.device != w.device:
+        w = getattr(self.q_proj, "weight", None)  # a method, not a tensor, in a dynamically quantized Linear
+        if isinstance(w, torch.Tensor) and x.device != w.device:
             raise ValueError(f"x must be on the layer's device {w.device}, got {x.device}")
-        if x.dtype != w.dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+        if isinstance(w, torch.Tensor) and x.dtype != w.dtype and not (
+                x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
             raise ValueError(f"x must have the layer's dtype {w.dtype} (or run under autocast), got {x.dtype}")
         check_bool("return_aux", return_aux)
         if cache is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -161,7 +162,10 @@ class KVCache:
             dest = (rows.to(k.device), (old[rows] + t).to(k.device))
             self.k[layer_idx][dest] = k[rows.to(k.device), t.to(k.device)].to(self.k[layer_idx].dtype)
             self.v[layer_idx][dest] = v[rows.to(k.device), t.to(k.device)].to(self.v[layer_idx].dtype)
-        self._lengths[layer_idx].copy_(old + n)
+        if self.static:  # in place: a captured graph keeps reading this buffer
+            self._lengths[layer_idx].copy_(old + n)
+        else:  # a new tensor: callers may still hold the old lengths
+            self._lengths[layer_idx] = old + n
         S = min(int(old.max()) + T, self.max_length)
         return self.k[layer_idx][:, :S], self.v[layer_idx][:, :S]
 
@@ -210,6 +214,9 @@ class KVCache:
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+_GENERATING = threading.local()  # .models: ids of the models whose generate runs in this thread
 
 
 def _reads_values() -> bool:
@@ -307,7 +314,7 @@ class FullAttention(nn.Module):
             o = _attend_step(q, k, v, torch.arange(k.shape[1], device=x.device)[None, :] <= pos[:, None])
             o = torch.where(room[:, None, None, None], o, torch.full_like(o, float("nan")))
         elif cache is not None:
-            old = cache.host_lengths[layer_idx]
+            old = cache.host_lengths[layer_idx].clone()  # append advances the cache's own
             pos = (old[:, None] + torch.arange(T)).to(x.device)  # [B, T]
             tables = rope_tables(pos, self.head_dim, self.rope_theta, x.device, rope_dtype(q.dtype))
             q, k = apply_rope(q, None, tables=tables), apply_rope(k, None, tables=tables)
@@ -447,7 +454,7 @@ class LlamaLM(nn.Module):
         `position_ids` cannot be combined with `cache` (positions come from the cache)."""
         # generate's own steps feed ids it checked or sampled: no range check (a GPU synchronisation) per token
         input_ids = _check_token_ids("input_ids", input_ids, self.cfg.vocab_size,
-                                     check_range=not getattr(self, "_generating", False))
+                                     check_range=id(self) not in getattr(_GENERATING, "models", ()))
         B, T = input_ids.shape
         if cache is not None:
             self._check_cache(cache, B)
@@ -592,12 +599,15 @@ class LlamaLM(nn.Module):
         cache = self.make_cache(B, T0 + max_new_tokens, static=cuda_graph) if use_cache else None
         shift_state = {} if cache is not None else None
         step_fn = _GraphStep(self, cache, shift_state) if cuda_graph else None
-        self._generating = True
+        models = _GENERATING.__dict__.setdefault("models", set())
+        outer = id(self) in models  # a generate inside a generate leaves the outer one's mark
+        models.add(id(self))
         try:
             return self._generate_loop(out, lengths, max_new_tokens, cache, shift_state, step_fn, ragged, rows,
                                        temperature, top_p, generator, eos_token_id, pad_token_id)
         finally:
-            self._generating = False
+            if not outer:
+                models.discard(id(self))
 
     def _generate_loop(self, out, lengths, max_new_tokens, cache, shift_state, step_fn, ragged, rows, temperature,
                        top_p, generator, eos_token_id, pad_token_id):

@@ -223,10 +223,14 @@ def _torch_decode_chunk(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos,
 USE_FUSED_DECODE = True  # float32 CPU decode through the compiled kernel (`cpu_kernels.decode_fwd`) when it builds
 
 
+_INT_MAX = 2**31 - 1  # BLAS sizes and leading dimensions are C ints
+
+
 def _cache_rows(x):
-    """x as the compiled decode reads it: last dim contiguous, position stride >= head dim (else a copy)."""
-    ok = (x.shape[-1] <= 1 or x.stride(-1) == 1) and x.stride(1) >= x.shape[-1]
-    return x if ok else x.contiguous()
+    """x as the compiled decode reads it: last dim contiguous, position stride >= head dim (else a fresh copy with
+    the standard strides; `.contiguous()` keeps odd strides that torch calls contiguous, e.g. on size-1 dims)."""
+    ok = (x.shape[-1] <= 1 or x.stride(-1) == 1) and (x.shape[1] <= 1 or x.stride(1) >= x.shape[-1])
+    return x if ok else x.clone(memory_format=torch.contiguous_format)
 
 
 def _fused_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, win_start, config, scale):
@@ -240,7 +244,9 @@ def _fused_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, win_s
     from .torch_backend import _overlap_weights
 
     mod = cpu_kernels.load()
-    if mod is None:
+    caches = [_cache_rows(x) for x in xs[1:7]]
+    if mod is None or any(max(x.shape[1], x.shape[3], x.stride(1) if x.shape[1] > 1 else 0) > _INT_MAX
+                          for x in caches):
         return None
     B, Tq, HQ, Dk = q.shape
     HKV = k_slc.shape[2]
@@ -249,7 +255,7 @@ def _fused_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, win_s
     gs = gates.reshape(B * Tq, HKV, G, 3).contiguous()
     rb = torch.arange(B).repeat_interleave(Tq)
     ws = torch.zeros(B, dtype=torch.long) if win_start is None else win_start.to("cpu", torch.long).contiguous()
-    o, idx = mod.decode_fwd(qs, gs, *map(_cache_rows, xs[1:7]), pos.reshape(-1).contiguous(), rb, ws,
+    o, idx = mod.decode_fwd(qs, gs, *caches, pos.reshape(-1).contiguous(), rb, ws,
                             _overlap_weights(config, torch.float32, "cpu"), config.cmp_block_size,
                             config.cmp_stride, config.num_selected, config.num_init_blocks, config.num_local_blocks,
                             config.window_size)

@@ -753,13 +753,19 @@ namespace {
 // that a run of positions is a BLAS matrix with leading dimension ss).
 struct CacheView {
   const float* p;
-  int64_t B, S, D, sb, ss, sh;
+  int64_t B, S, H, D, sb, ss, sh;
+  int ld;  // the BLAS leading dimension of a run of positions
   CacheView(const at::Tensor& x, const char* name) {
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 4 && x.device().is_cpu() &&
-                    (x.size(3) <= 1 || x.stride(3) == 1) && x.stride(1) >= x.size(3),
+                    (x.size(3) <= 1 || x.stride(3) == 1) && (x.size(1) <= 1 || x.stride(1) >= x.size(3)),
                 name, " must be a float32 CPU tensor [B, S, HKV, D], last dim contiguous, position stride >= D");
     p = x.data_ptr<float>();
-    B = x.size(0), S = x.size(1), D = x.size(3), sb = x.stride(0), ss = x.stride(1), sh = x.stride(2);
+    B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3), sb = x.stride(0), ss = x.stride(1), sh = x.stride(2);
+    const int64_t lead = S <= 1 ? std::max<int64_t>(D, 1) : ss;  // one position: its stride is never stepped
+    TORCH_CHECK(lead <= std::numeric_limits<int>::max() && S <= std::numeric_limits<int>::max() &&
+                    D <= std::numeric_limits<int>::max(),
+                name, ": sizes and the position stride must fit a BLAS int");
+    ld = static_cast<int>(lead);
   }
   const float* at(int64_t b, int64_t s, int64_t h) const { return p + b * sb + s * ss + h * sh; }
 };
@@ -813,18 +819,23 @@ std::vector<at::Tensor> decode_fwd(const at::Tensor& q, const at::Tensor& gates,
                 "decode_fwd: pos, rb and ws must be contiguous int64 CPU vectors");
   TORCH_CHECK(pos.size(0) == R && rb.size(0) == R && ws.size(0) == KS.B && gates.size(0) == R &&
                   gates.size(1) == HKV && gates.size(2) == G && gates.size(3) == 3 && KC.D == Dk && KS.D == Dk &&
-                  KW.D == Dk && VC.D == Dv && VW.D == Dv && n >= 1 && w >= 1 && l >= 1 && d >= 1,
+                  KW.D == Dk && VC.D == Dv && VW.D == Dv && n >= 1 && w >= 1 && l >= 1 && d >= 1 && r >= 1,
               "decode_fwd: shapes do not match");
+  for (const CacheView* c : {&KC, &VC, &KS, &VS, &KW, &VW})  // every cache as wide as its K twin, HKV heads
+    TORCH_CHECK(c->H == HKV && c->B == KS.B, "decode_fwd: caches must share B and HKV");
+  TORCH_CHECK(VC.S >= KC.S && VS.S >= KS.S && VW.S >= KW.S && KC.B == KS.B && KW.B == KS.B,
+              "decode_fwd: value caches shorter than their key caches");
   const int64_t *pp = pos.data_ptr<int64_t>(), *bp = rb.data_ptr<int64_t>(), *wsp = ws.data_ptr<int64_t>();
   auto nvis = [&](int64_t t) -> int64_t { return t < l - 1 ? 0 : (t - l + 1) / d + 1; };
   int64_t most = 1;
   for (int64_t i = 0; i < R; ++i) {  // nothing below reads outside the caches
     const int64_t t = pp[i], b = bp[i];
-    TORCH_CHECK(b >= 0 && b < KS.B && b < KC.B && b < KW.B && t >= 0 && t < KS.S && nvis(t) <= KC.S,
+    TORCH_CHECK(b >= 0 && b < KS.B && t >= 0 && t < KS.S && nvis(t) <= KC.S,
                 "decode_fwd: row ", i, " (cache row ", b, ", position ", t, ") outside the caches");
     const int64_t lo = std::max<int64_t>(0, t - w + 1);
     TORCH_CHECK(lo - wsp[b] >= 0 && t - wsp[b] < KW.S, "decode_fwd: row ", i, "'s window is outside k_win");
-    most = std::max({most, nvis(t), std::min(t + 1, n * lp), t - lo + 1});
+    const int64_t nb = t / lp + 1;  // selected tokens: at most t + 1 (every block), else n whole blocks <= t
+    most = std::max({most, nvis(t), n >= nb ? t + 1 : n * lp, t - lo + 1});
   }
   auto o = at::zeros({R, HKV, G, Dv}, q.options());
   auto idx = at::empty({R, HKV, n}, q.options().dtype(at::kLong));
@@ -848,9 +859,9 @@ std::vector<at::Tensor> decode_fwd(const at::Tensor& q, const at::Tensor& gates,
         blk.assign(nb + 1, 0.0f);
         if (nv > 0) {
           const int nvi = static_cast<int>(nv);
-          gemm(false, true, g, nvi, dk, qu, dk, KC.at(b, 0, h), static_cast<int>(KC.ss), s.data(), nvi);
+          gemm(false, true, g, nvi, dk, qu, dk, KC.at(b, 0, h), KC.ld, s.data(), nvi);
           softmax_rows(s.data(), G, nv, nv, inv.data());
-          gemm(false, false, g, dv, nvi, s.data(), nvi, VC.at(b, 0, h), static_cast<int>(VC.ss), ob.data(), dv);
+          gemm(false, false, g, dv, nvi, s.data(), nvi, VC.at(b, 0, h), VC.ld, ob.data(), dv);
           add_branch(out, ob.data(), inv.data(), gu, G, Dv);
           std::fill(ps.begin(), ps.begin() + nv, 0.0f);
           for (int64_t gg = 0; gg < G; ++gg)
@@ -866,6 +877,9 @@ std::vector<at::Tensor> decode_fwd(const at::Tensor& q, const at::Tensor& gates,
             blk[j + 1] += next_part;
           }
         }
+        if (nv == 0)  // o_cmp = 0: its gate still multiplies it (a NaN or inf gate gives NaN, as g * 0 does)
+          for (int64_t gg = 0; gg < G; ++gg)
+            for (int64_t e = 0; e < Dv; ++e) out[gg * Dv + e] += gu[gg * 3] * 0.0f;
         topn_row(blk.data(), nb, n, n_init, n_local, sel, cand);  // Eq. 11
         // selected blocks (Eq. 12), causal inside the query's own block
         int64_t total = 0;
@@ -876,7 +890,7 @@ std::vector<at::Tensor> decode_fwd(const at::Tensor& q, const at::Tensor& gates,
           for (int64_t k = 0, off = 0; k < n; ++k) {
             if (sel[k] < 0) continue;
             const int cnt = static_cast<int>(std::min(lp, t + 1 - sel[k] * lp));
-            gemm(false, true, g, cnt, dk, qu, dk, KS.at(b, sel[k] * lp, h), static_cast<int>(KS.ss), s.data() + off,
+            gemm(false, true, g, cnt, dk, qu, dk, KS.at(b, sel[k] * lp, h), KS.ld, s.data() + off,
                  tot);
             off += cnt;
           }
@@ -884,7 +898,7 @@ std::vector<at::Tensor> decode_fwd(const at::Tensor& q, const at::Tensor& gates,
           for (int64_t k = 0, off = 0; k < n; ++k) {
             if (sel[k] < 0) continue;
             const int cnt = static_cast<int>(std::min(lp, t + 1 - sel[k] * lp));
-            gemm(false, false, g, dv, cnt, s.data() + off, tot, VS.at(b, sel[k] * lp, h), static_cast<int>(VS.ss),
+            gemm(false, false, g, dv, cnt, s.data() + off, tot, VS.at(b, sel[k] * lp, h), VS.ld,
                  ob.data(), dv, off > 0);
             off += cnt;
           }
@@ -893,9 +907,9 @@ std::vector<at::Tensor> decode_fwd(const at::Tensor& q, const at::Tensor& gates,
         // sliding window: positions lo .. t
         const int64_t lo = std::max<int64_t>(0, t - w + 1);
         const int cnt = static_cast<int>(t - lo + 1);
-        gemm(false, true, g, cnt, dk, qu, dk, KW.at(b, lo - wsp[b], h), static_cast<int>(KW.ss), s.data(), cnt);
+        gemm(false, true, g, cnt, dk, qu, dk, KW.at(b, lo - wsp[b], h), KW.ld, s.data(), cnt);
         softmax_rows(s.data(), G, cnt, cnt, inv.data());
-        gemm(false, false, g, dv, cnt, s.data(), cnt, VW.at(b, lo - wsp[b], h), static_cast<int>(VW.ss), ob.data(),
+        gemm(false, false, g, dv, cnt, s.data(), cnt, VW.at(b, lo - wsp[b], h), VW.ld, ob.data(),
              dv);
         add_branch(out, ob.data(), inv.data(), gu + 2, G, Dv);
       }
