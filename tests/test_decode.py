@@ -584,3 +584,31 @@ def test_serving_loop_with_own_caches_equals_the_full_forward():
                                      config=cfg)
             outs.append(layer.o_proj(o.reshape(B, 1, -1)))
     assert_close(torch.cat(outs, 1), full, atol=1e-10, rtol=1e-10, name="serving loop")
+
+
+def test_chunk_queries_do_not_read_a_later_querys_nan():
+    """Causality with NaN: in a chunk of Tq queries, a compressed token only a later query sees may hold NaN (it
+    came from that query's own tokens); the earlier queries' outputs stay finite and equal to decoding them alone
+    (vectorised torch path, float64; it leaked 0 * NaN before)."""
+    from nsa.ops import decode
+
+    cfg = CFG
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = make_inputs(2, 60, 8, 2, 8, 6, cfg, seed=31)
+    lengths, Tq = torch.tensor([60, 45]), 6
+    last = [cfg.num_compressed(int(L)) - 1 for L in lengths]  # the newest compressed token of each row
+    for b, i in enumerate(last):
+        v_cmp[b, i] = float("nan")
+    rows = decode.query_positions(lengths, Tq)
+    qq = torch.stack([q[b, rows[b]] for b in range(2)])
+    gg = torch.stack([gates[b, rows[b]] for b in range(2)])
+    o = decode.torch_decode(qq, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gg, lengths=lengths, config=cfg)
+    for b, L in enumerate(lengths.tolist()):
+        for j in range(Tq):
+            t = L - Tq + j
+            sees_nan = last[b] * cfg.cmp_stride + cfg.cmp_block_size - 1 <= t
+            assert bool(torch.isnan(o[b, j]).all()) == sees_nan, (b, j)
+            if not sees_nan:
+                alone = decode.torch_decode(qq[b:b + 1, j:j + 1], k_cmp[b:b + 1], v_cmp[b:b + 1], k_slc[b:b + 1],
+                                            v_slc[b:b + 1], k_win[b:b + 1], v_win[b:b + 1], gg[b:b + 1, j:j + 1],
+                                            lengths=torch.tensor([t + 1]), config=cfg)
+                assert_close(o[b, j], alone[0, 0], **TOL64, name=f"row {b} query {j}")

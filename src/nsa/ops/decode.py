@@ -130,14 +130,19 @@ def overlap_scatter(num_cmp: int, config: NSAConfig, device=None, dtype=torch.fl
     return j0, w0, j1, w1
 
 
-def _masked_softmax_av(s, mask, v, contract):
-    """softmax over the last axis of scores s under mask (rows with no key -> 0), then probabilities @ v."""
+def _masked_softmax(s, mask):
+    """softmax over the last axis of scores s under mask (rows with no key -> 0)."""
     if s.shape[-1] == 0:
-        return torch.einsum(contract, s, v), s
+        return s
     s = s.masked_fill(~mask, _NEG_INF)
     m = s.amax(-1, keepdim=True)
     p = torch.exp(s - torch.where(torch.isinf(m), torch.zeros_like(m), m))
-    p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+
+
+def _masked_softmax_av(s, mask, v, contract):
+    """softmax over the last axis of scores s under mask (rows with no key -> 0), then probabilities @ v."""
+    p = _masked_softmax(s, mask)
     return torch.einsum(contract, p, v), p
 
 
@@ -174,17 +179,20 @@ def _torch_decode_chunk(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos,
     bidx = torch.arange(B, device=dev)[:, None, None, None]
     hidx = torch.arange(HKV, device=dev)[None, None, :, None]
 
-    # compression branch over the compressed tokens of the longest row, masked by Eq. 7 visibility. Slots a row
-    # never sees may hold anything (a caller's cache past the row's length), and 0 * NaN would leak into o: those
-    # past the tokens every query of the chunk sees (c0) are zeroed where no query of their row sees them.
+    # compression branch over the compressed tokens of the longest row, masked by Eq. 7 visibility. Slots a query
+    # does not see may hold anything (a caller's cache past the row's length, a later query's NaN), and 0 * NaN
+    # would leak into its o: past the tokens every query of the chunk sees (c0), each query reads its own masked
+    # copy of the values (at most (Tq - 1)/d + 1 tokens per row, plus the longest row's excess).
     Sc = min(k_cmp.shape[1], num_compressed_tokens(max_len, l, d))
     k_c, v_c = k_cmp[:, :Sc].to(acc), v_cmp[:, :Sc].to(acc)
     vis = (torch.arange(Sc, device=dev) * d + l - 1)[None, None, :] <= pos[:, :, None]  # [B, Tq, Sc]
     c0 = min(Sc, num_compressed_tokens(min_pos + 1, l, d))
-    if c0 < Sc:
-        v_c = torch.cat([v_c[:, :c0], torch.where(vis[:, :, c0:].any(1)[:, :, None, None], v_c[:, c0:], 0.0)], 1)
     s = torch.einsum("btkgd,bskd->btkgs", qg, k_c)
-    o_cmp, p = _masked_softmax_av(s, vis[:, :, None, None, :], v_c, "btkgs,bskd->btkgd")
+    p = _masked_softmax(s, vis[:, :, None, None, :])
+    o_cmp = torch.einsum("btkgs,bskd->btkgd", p[..., :c0], v_c[:, :c0])
+    if c0 < Sc:
+        v_own = torch.where(vis[:, :, c0:, None, None], v_c[:, None, c0:], 0.0)  # [B, Tq, Sc - c0, HKV, Dv]
+        o_cmp = o_cmp + torch.einsum("btkgs,btskd->btkgd", p[..., c0:], v_own)
 
     # selection scores (Eq. 8-10): group-sum p, then scatter onto selection blocks with the overlap weights
     Nb = max(1, math.ceil(max_len / lp))  # blocks of the longest sequence
