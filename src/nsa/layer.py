@@ -10,7 +10,7 @@ from torch import nn
 from .compression import block_starts, make_compressor
 from .config import NSAConfig, check_bool, check_int, check_lengths, check_number, num_compressed_tokens
 from .ops import dispatch
-from .ops.varlen import token_positions
+from .ops.varlen import check_position_ids, token_positions
 from .rope import apply_rope, rope_dtype, rope_tables
 
 _LAYER_IDS = itertools.count()
@@ -153,12 +153,7 @@ class NativeSparseAttention(nn.Module):
         position_ids: integer [T] or [B, T] (default: 0.. within each sequence)."""
         B, T = x.shape[:2]
         cu_seqlens = dispatch.check_cu_seqlens(cu_seqlens, x)
-        if position_ids is not None and (not isinstance(position_ids, torch.Tensor)
-                                         or tuple(position_ids.shape) not in ((T,), (B, T))
-                                         or position_ids.is_floating_point() or position_ids.is_complex()
-                                         or position_ids.dtype == torch.bool):
-            shape = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
-            raise ValueError(f"position_ids must be an integer tensor [T] or [B, T] = [{B}, {T}], got {shape}")
+        check_position_ids(position_ids, B, T)
         if position_ids is None:
             position_ids = token_positions(T, cu_seqlens, x.device)
         q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win, gates = self.project_tokens(x, position_ids)

@@ -22,7 +22,7 @@ from ..compression import COMPRESSORS
 from ..config import NSAConfig, check_bool, check_lengths, check_number
 from ..layer import NativeSparseAttention
 from ..ops.dispatch import check_backend_name, check_cu_seqlens
-from ..ops.varlen import sequence_spans, token_positions
+from ..ops.varlen import check_position_ids, sequence_spans, token_positions
 from ..rope import apply_rope, rope_dtype, rope_tables
 
 ATTENTIONS = ("nsa", "full")
@@ -247,16 +247,6 @@ def _check_token_ids(name: str, ids, vocab_size: int, valid: torch.Tensor | None
     return ids
 
 
-def _check_position_ids(position_ids, B: int, T: int) -> None:
-    """As NativeSparseAttention.project: None or an integer tensor [T] or [B, T], else ValueError naming it."""
-    if position_ids is not None and (not isinstance(position_ids, torch.Tensor)
-                                     or tuple(position_ids.shape) not in ((T,), (B, T))
-                                     or position_ids.is_floating_point() or position_ids.is_complex()
-                                     or position_ids.dtype == torch.bool):
-        shape = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
-        raise ValueError(f"position_ids must be an integer tensor [T] or [B, T] = [{B}, {T}], got {shape}")
-
-
 def _check_real(name: str, value, lo: float, hi: float = math.inf, lo_open: bool = False) -> float:
     """A real number (NumPy scalars too; strings and bools refused) in the interval, as a float, else ValueError
     naming it."""
@@ -302,7 +292,7 @@ class FullAttention(nn.Module):
         B, T, _ = x.shape
         if cache is not None and position_ids is not None:
             raise ValueError("position_ids cannot be combined with cache: positions come from the cache")
-        _check_position_ids(position_ids, B, T)
+        check_position_ids(position_ids, B, T)
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k, v = self.kv_proj(x).view(B, T, 2, self.num_kv_heads, self.head_dim).unbind(2)
         if cache is not None and cache.static and T == 1 and new_lengths is None:  # no host read: graph-capturable
@@ -463,7 +453,7 @@ class LlamaLM(nn.Module):
             if position_ids is not None:
                 raise ValueError("position_ids cannot be combined with cache: positions come from the cache")
         cu_seqlens = check_cu_seqlens(cu_seqlens, input_ids)
-        _check_position_ids(position_ids, B, T)
+        check_position_ids(position_ids, B, T)
         if cache is not None and self.cfg.token_shift and shift_state is None:
             raise ValueError("shift_state (a dict) is required with a cache when token_shift is on")
         if shift_state is not None:

@@ -137,3 +137,13 @@ def token_positions(seqlen: int, cu_seqlens: torch.Tensor | None, device: torch.
     lengths = cu[1:] - cu[:-1]
     starts = torch.repeat_interleave(cu[:-1], lengths, output_size=seqlen)
     return torch.arange(seqlen, device=device) - starts
+
+
+def check_position_ids(position_ids, B: int, T: int) -> None:
+    """None or an integer (not bool) tensor [T] or [B, T], else ValueError naming position_ids."""
+    if position_ids is not None and (not isinstance(position_ids, torch.Tensor)
+                                     or tuple(position_ids.shape) not in ((T,), (B, T))
+                                     or position_ids.is_floating_point() or position_ids.is_complex()
+                                     or position_ids.dtype == torch.bool):
+        shape = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+        raise ValueError(f"position_ids must be an integer tensor [T] or [B, T] = [{B}, {T}], got {shape}")

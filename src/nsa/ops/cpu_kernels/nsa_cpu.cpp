@@ -375,6 +375,21 @@ std::vector<at::Tensor> win_fwd(const at::Tensor& q, const at::Tensor& k, const 
   return {o, lse};
 }
 
+// Eq. 9: blk[j] += the group-summed probabilities ps[0, nv) of the compressed tokens overlapping selection block
+// j, weighted by W [r, 2] (own block, next block) by a token's offset inside its block (l' = r*d).
+inline void add_block_scores(const float* ps, int64_t nv, int64_t r, const float* wp, float* blk) {
+  for (int64_t j = 0, x0 = 0; x0 < nv; ++j, x0 += r) {  // token x0 + o lies in block j at offset o
+    const int64_t ne = std::min(r, nv - x0);
+    float own_part = 0.0f, next_part = 0.0f;
+    for (int64_t o = 0; o < ne; ++o) {
+      own_part += ps[x0 + o] * wp[o * 2];
+      next_part += ps[x0 + o] * wp[o * 2 + 1];
+    }
+    blk[j] += own_part;
+    blk[j + 1] += next_part;
+  }
+}
+
 // Top-n of one query's block scores blk[0, nb) (Eq. 11): forced blocks (j < n_init or j > nb - 1 - n_local) first,
 // then the highest scores, ties to the lower index (NaN ranks lowest); writes n ascending indices, -1 padded.
 // The best candidates are kept in a small sorted list: most blocks are rejected with one comparison.
@@ -485,16 +500,7 @@ std::vector<at::Tensor> cmp_fwd(const at::Tensor& q, const at::Tensor& kc, const
             for (int64_t x = 0; x < nv; ++x) ps[x] += srow[x] * sc;
           }
           std::fill(blk.begin(), blk.begin() + nb + 1, 0.0f);
-          for (int64_t j = 0, x0 = 0; x0 < nv; ++j, x0 += r) {  // token x0 + o lies in block j at offset o
-            const int64_t ne = std::min(r, nv - x0);
-            float own_part = 0.0f, next_part = 0.0f;
-            for (int64_t o_ = 0; o_ < ne; ++o_) {
-              own_part += ps[x0 + o_] * wp[o_ * 2];
-              next_part += ps[x0 + o_] * wp[o_ * 2 + 1];
-            }
-            blk[j] += own_part;
-            blk[j + 1] += next_part;
-          }
+          add_block_scores(ps.data(), nv, r, wp, blk.data());
           topn_row(blk.data(), nb, n_sel, n_init, n_local, ip + ((a + i) * HKV + h) * n_sel, cand);
         }
       }
@@ -866,16 +872,7 @@ std::vector<at::Tensor> decode_fwd(const at::Tensor& q, const at::Tensor& gates,
           std::fill(ps.begin(), ps.begin() + nv, 0.0f);
           for (int64_t gg = 0; gg < G; ++gg)
             for (int64_t x = 0; x < nv; ++x) ps[x] += s[gg * nv + x] * inv[gg];
-          for (int64_t j = 0, x0 = 0; x0 < nv; ++j, x0 += r) {  // token x0 + o_ lies in block j at offset o_
-            const int64_t ne = std::min(r, nv - x0);
-            float own_part = 0.0f, next_part = 0.0f;
-            for (int64_t o_ = 0; o_ < ne; ++o_) {
-              own_part += ps[x0 + o_] * wp[o_ * 2];
-              next_part += ps[x0 + o_] * wp[o_ * 2 + 1];
-            }
-            blk[j] += own_part;
-            blk[j + 1] += next_part;
-          }
+          add_block_scores(ps.data(), nv, r, wp, blk.data());
         }
         if (nv == 0)  // o_cmp = 0: its gate still multiplies it (a NaN or inf gate gives NaN, as g * 0 does)
           for (int64_t gg = 0; gg < G; ++gg)
