@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import check_bool, num_compressed_tokens
+from .config import check_bool, check_int, num_compressed_tokens
 from .ops import library
-from .ops.varlen import as_int, packed_block_starts
+from .ops.varlen import packed_block_starts
 
 
 def block_starts(seqlen: int, block_size: int, stride: int, cu_seqlens: torch.Tensor | None, device=None,
@@ -43,8 +43,9 @@ class Compressor(nn.Module):
 
     def __init__(self, head_dim: int, block_size: int, stride: int, position_embedding: bool = False):
         super().__init__()
-        head_dim, block_size = as_int("head_dim", head_dim, 1), as_int("block_size", block_size, 1)
-        stride = as_int("stride", stride, 1)
+        head_dim = check_int("head_dim", head_dim, 1, numpy=True)
+        block_size = check_int("block_size", block_size, 1, numpy=True)
+        stride = check_int("stride", stride, 1, numpy=True)
         check_bool("position_embedding", position_embedding)
         self.head_dim, self.block_size, self.stride = head_dim, block_size, stride
         # learned intra-block position embedding, added to the l tokens of a block (§3.3.1)
@@ -110,7 +111,7 @@ class MLPCompressor(Compressor):
 
     def __init__(self, head_dim, block_size, stride, position_embedding=True, hidden: int | None = None):
         super().__init__(head_dim, block_size, stride, position_embedding)
-        hidden = self.head_dim if hidden is None else as_int("hidden", hidden, 1)
+        hidden = self.head_dim if hidden is None else check_int("hidden", hidden, 1, numpy=True)
         self.mlp = nn.Sequential(nn.Linear(block_size * head_dim, hidden), nn.GELU(), nn.Linear(hidden, head_dim))
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass
 
 
@@ -73,8 +74,15 @@ def bounded_window(config: NSAConfig, seqlen: int) -> NSAConfig:
 
 
 # ---------------------------------------------------------------------------------- field checks for configs
-def check_int(name: str, value, minimum: int) -> int:
-    """value as an int >= minimum (bools refused), else ValueError naming the field."""
+def check_int(name: str, value, minimum: int, numpy: bool = False) -> int:
+    """value as an int >= minimum (bools refused), else ValueError naming the field. `numpy`: NumPy integers are
+    accepted too and returned as Python ints (for sizes passed to functions; config fields stay Python ints, which
+    every serialiser takes)."""
+    if numpy and not isinstance(value, bool) and not hasattr(value, "dim"):  # not a bool, not a tensor
+        try:
+            value = operator.index(value)
+        except TypeError:
+            pass
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise ValueError(f"{name} must be {kind}, got {value!r}")

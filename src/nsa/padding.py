@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ops.varlen import as_int
+from .config import check_int
 
 
 def unpad_input(x: torch.Tensor, attention_mask: torch.Tensor):
@@ -45,7 +45,8 @@ def pad_input(x_packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen:
         got = f"{indices.dtype} {tuple(indices.shape)}" if isinstance(indices, torch.Tensor) else type(indices).__name__
         raise ValueError(f"indices must be a 1-D integer tensor [N], got {got}")
     if not torch.compiler.is_compiling():  # sizes may be symbolic while tracing
-        batch, seqlen = as_int("batch", batch, 0), as_int("seqlen", seqlen, 0)
+        batch = check_int("batch", batch, 0, numpy=True)
+        seqlen = check_int("seqlen", seqlen, 0, numpy=True)
     if not isinstance(x_packed, torch.Tensor) or x_packed.dim() < 2 or x_packed.shape[0] != 1 \
             or x_packed.shape[1] != indices.numel():
         raise ValueError(f"x_packed must be [1, N, ...] with N = {indices.numel()} (len(indices)), "

@@ -1,13 +1,12 @@
 """Helpers for the one variable-length convention: packed tokens with flash-attn style `cu_seqlens`."""
 from __future__ import annotations
 
-import operator
 import weakref
 from typing import Iterable, Iterator
 
 import torch
 
-from ..config import num_compressed_tokens
+from ..config import check_int, num_compressed_tokens
 
 # id(offsets tensor) -> (weak reference to it, its version counter, its values as host ints). Device kernels need the
 # offsets on the host (tile tables, loop bounds); remembering them where they were built from host numbers, or read
@@ -66,21 +65,6 @@ def sequence_spans(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None) -> 
             yield 0, start, end
 
 
-def as_int(name: str, value, minimum: int) -> int:
-    """value as a Python int >= minimum (NumPy integers accepted; bools, floats and tensors refused), else
-    ValueError naming it."""
-    if not isinstance(value, (bool, torch.Tensor)):
-        try:
-            index = operator.index(value)
-        except TypeError:
-            pass
-        else:
-            if index >= minimum:
-                return index
-    kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-    raise ValueError(f"{name} must be {kind}, got {value!r}")
-
-
 def check_offsets(name: str, cu: torch.Tensor) -> list[int]:
     """The host values of the offsets `cu` (as the ops check `cu_seqlens`: a 1-D int32/int64 tensor of at least
     two values, from 0, non-decreasing), else ValueError naming it."""
@@ -101,8 +85,8 @@ def compressed_cu_seqlens(cu_seqlens: torch.Tensor, block_size: int, stride: int
     """Offsets of each sequence's compressed tokens in the packed compressed tensor (Eq. 7 count per sequence),
     with their host values remembered (`host_offsets`). ValueError naming the argument for offsets the ops would
     refuse or a block_size / stride that is not a positive int."""
-    block_size = as_int("block_size", block_size, 1)
-    stride = as_int("stride", stride, 1)
+    block_size = check_int("block_size", block_size, 1, numpy=True)
+    stride = check_int("stride", stride, 1, numpy=True)
     bounds = check_offsets("cu_seqlens", cu_seqlens)
     offsets = [0]
     for start, end in zip(bounds[:-1], bounds[1:]):
