@@ -1,13 +1,15 @@
 """CPU decode-step benchmark: NSA decode attention over an NSA cache vs SDPA with one query over the dense cache.
 
 Both sides time the attention of one new token per sequence given a filled cache (projections and the cache
-append are the same for both and excluded). NSA uses the torch decode (`nsa.ops.decode.torch_decode`: for float32
-the compiled CPU kernel `decode_fwd`, which reads the caches in place; `nsa_vectorised_ms` times its pure-PyTorch
-gather path, what bfloat16 and machines without a compiler run) with the paper geometry (l=32, d=16, l'=64, n=16, w=512); dense uses `F.scaled_dot_product_attention` with the
-G query heads of a KV group folded into the query axis (q [B, HKV, G, Dk] against k [B, HKV, S, Dk], no mask:
-for a single new token this is exactly its causal attention, and no K/V head is expanded). Default heads: one KV
-group of the paper's model (G = 16, Dk = 192, Dv = 128), float32. With one KV head the NSA selection cache and the dense cache are the same tensor
-(the layouts [B, S, 1, D] and [B, 1, S, D] coincide), and the window reads it too (shared K/V).
+append are the same for both and excluded). NSA uses the torch decode (`nsa.ops.decode.torch_decode`: the
+compiled CPU kernel `decode_fwd`, which reads the caches in place, float32 or bfloat16 / float16 converted on the
+way; `nsa_vectorised_ms` times its pure-PyTorch gather path, what machines without a compiler run) with the paper
+geometry (l=32, d=16, l'=64, n=16, w=512); dense uses `F.scaled_dot_product_attention` with the G query heads of a
+KV group folded into the query axis (q [B, HKV, G, Dk] against k [B, HKV, S, Dk], no mask: for a single new token
+this is exactly its causal attention, and no K/V head is expanded), in the same dtype. Default heads: one KV group
+of the paper's model (G = 16, Dk = 192, Dv = 128), float32. With one KV head the NSA selection cache and the dense
+cache are the same tensor (the layouts [B, S, 1, D] and [B, 1, S, D] coincide), and the window reads it too
+(shared K/V).
 
     python benchmarks/cpu_decode.py [--contexts 8192,...] [--batches 1,16] [--repeats 5]
 
@@ -103,7 +105,7 @@ def main(argv=None):
     ap.add_argument("--kv-heads", type=int, default=1)
     ap.add_argument("--dk", type=int, default=192)
     ap.add_argument("--dv", type=int, default=128)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_decode.json"))

@@ -437,6 +437,61 @@ def test_decode_kernel_matches_vectorised_path_and_reference(G, cfg, Tq, monkeyp
     assert not calls[1][2].is_contiguous()  # the strided k_cmp view went in as it is: read in place, not copied
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("G", [1, 3, 16])
+def test_decode_kernel_reads_16bit_caches(dtype, G, monkeypatch):
+    """bfloat16 / float16 caches go through decode_fwd too (converted to float32 tile by tile on their way to the
+    BLAS): with float32 queries the arithmetic is float32 on both paths, so the outputs match the vectorised path
+    and the float64 reference as tightly as the float32 case; with 16-bit queries the output is 16-bit and equals
+    the vectorised path's up to its rounding. Strided caches, a window ring, NaN past every row's length."""
+    from nsa.ops import decode
+
+    calls, real = [], KERNELS.decode_fwd
+    monkeypatch.setattr(KERNELS, "decode_fwd", lambda *a: calls.append(a) or real(*a))
+    cfg = DECODE_GEOMETRIES[0]
+    for strided, Tq in ((False, 1), (True, 5)):
+        x, lengths, ws = _decode_case(G, cfg, Tq, seed=10 + G, strided=strided)
+        x = [x[0]] + [t.to(dtype) for t in x[1:7]] + [x[7]]  # float32 q and gates, 16-bit caches
+        kw = dict(lengths=lengths, config=cfg, win_start=ws, return_indices=True)
+        o, idx = decode.torch_decode(*x, **kw)
+        monkeypatch.setattr(decode, "USE_FUSED_DECODE", False)
+        o_vec, idx_vec = decode.torch_decode(*x, **kw)
+        o16_vec = decode.torch_decode(x[0].to(dtype), *x[1:7], x[7].to(dtype), **kw)[0]
+        monkeypatch.setattr(decode, "USE_FUSED_DECODE", True)
+        assert o.dtype == torch.float32 and torch.isfinite(o).all()
+        assert_close(o, o_vec, **TOL32, name=f"{dtype} caches: fused vs vectorised")
+        assert torch.equal(idx, idx_vec)
+        ref = decode.reference_decode(*[t.double() for t in x], lengths=lengths, config=cfg, win_start=ws)
+        assert_close(o, ref, atol=1e-5, rtol=1e-5, name=f"{dtype} caches: fused vs float64 reference")
+        o16 = decode.torch_decode(x[0].to(dtype), *x[1:7], x[7].to(dtype), **kw)[0]
+        assert o16.dtype == dtype
+        assert_close(o16, o16_vec, atol=1e-2, rtol=1e-2, name=f"{dtype} queries: fused vs vectorised")
+    assert len(calls) == 4 and calls[0][2].dtype == dtype  # every call took the kernel, caches unconverted
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_kernel_long_runs(dtype):
+    """Runs of more than one conversion tile (128 positions) in every branch: 300+ compressed tokens, a selection
+    block of 160 positions and a 300-token window, against the vectorised path and the float64 reference."""
+    from nsa.ops import decode
+
+    cfg = nsa.NSAConfig(cmp_block_size=4, cmp_stride=2, slc_block_size=160, num_selected=3, num_init_blocks=1,
+                        num_local_blocks=1, window_size=300)
+    q, k_cmp, v_cmp, ks, vs, _, _, gates = make_inputs(2, 700, 6, 2, 24, 16, cfg, dtype=torch.float32, seed=5)
+    caches = [t.to(dtype) for t in (k_cmp, v_cmp, ks, vs, ks, vs)]
+    args = (q[:, -1:], *caches, gates[:, -1:])
+    lengths = torch.tensor([700, 455])
+    o = decode.torch_decode(*args, lengths=lengths, config=cfg)
+    decode.USE_FUSED_DECODE = False
+    try:
+        want = decode.torch_decode(*args, lengths=lengths, config=cfg)
+    finally:
+        decode.USE_FUSED_DECODE = True
+    assert_close(o, want, **TOL32, name=f"{dtype}: fused vs vectorised")
+    ref = decode.reference_decode(*[t.double() for t in args], lengths=lengths, config=cfg)
+    assert_close(o, ref, atol=1e-5, rtol=1e-5, name=f"{dtype}: fused vs float64 reference")
+
+
 def test_decode_kernel_through_the_public_op_and_max_length():
     """nsa.decode_attention (float32, CPU) takes the kernel: with max_length a row out of range comes out NaN and
     the others equal the exact call."""

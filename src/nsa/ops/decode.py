@@ -2,8 +2,8 @@
 
 Used by decoding (Tq = 1) and chunked prefill (Tq > 1). Two implementations with one signature:
 `reference_decode` (per sequence, per query, explicit key lists: written to be read) and `torch_decode`
-(vectorised over batch, queries and heads, gathers only the keys a query reads; float32 on the CPU runs as one
-compiled call, `cpu_kernels.decode_fwd`, that reads the caches in place). Both follow docs/spec.md exactly.
+(vectorised over batch, queries and heads, gathers only the keys a query reads; on the CPU, float32, bfloat16
+and float16 caches run as one compiled call, `cpu_kernels.decode_fwd`, that reads them in place). Both follow docs/spec.md exactly.
 
 Inputs (B sequences; sequence b has `lengths[b]` tokens *including* the Tq new ones, so its queries sit at
 positions lengths[b] - Tq + j, j < Tq):
@@ -228,7 +228,8 @@ def _torch_decode_chunk(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos,
     return o.reshape(B, Tq, HQ, -1).to(q.dtype), idx
 
 
-USE_FUSED_DECODE = True  # float32 CPU decode through the compiled kernel (`cpu_kernels.decode_fwd`) when it builds
+USE_FUSED_DECODE = True  # CPU decode through the compiled kernel (`cpu_kernels.decode_fwd`) when it builds
+_FUSED_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 _INT_MAX = 2**31 - 1  # BLAS sizes and leading dimensions are C ints
@@ -242,11 +243,13 @@ def _cache_rows(x):
 
 
 def _fused_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, win_start, config, scale):
-    """The compiled float32 CPU decode: every branch of every query row in one call, the caches read in place
-    (no gathers). (o [B, Tq, HQ, Dv], idx [B, Tq, HKV, n]), or None where it does not apply (another device or
-    dtype, kernels disabled or not built): the vectorised torch path then runs."""
+    """The compiled CPU decode: every branch of every query row in one call, the caches read in place (no gathers)
+    and converted to float32 on the way when they are bfloat16 / float16; float32 arithmetic, as the vectorised
+    path. (o [B, Tq, HQ, Dv] in q's dtype, idx [B, Tq, HKV, n]), or None where it does not apply (another device,
+    float64, caches of mixed dtypes, kernels disabled or not built): the vectorised torch path then runs."""
     xs = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
-    if not USE_FUSED_DECODE or q.device.type != "cpu" or any(x.dtype != torch.float32 for x in xs):
+    if (not USE_FUSED_DECODE or q.device.type != "cpu" or q.dtype == torch.float64 or gates.dtype == torch.float64
+            or k_slc.dtype not in _FUSED_CACHE_DTYPES or any(x.dtype != k_slc.dtype for x in xs[1:7])):
         return None
     from . import cpu_kernels
     from .torch_backend import _overlap_weights
@@ -259,15 +262,15 @@ def _fused_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, win_s
     B, Tq, HQ, Dk = q.shape
     HKV = k_slc.shape[2]
     G = HQ // HKV
-    qs = (q * scale).reshape(B * Tq, HKV, G, Dk).contiguous()
-    gs = gates.reshape(B * Tq, HKV, G, 3).contiguous()
+    qs = (q.float() * scale).reshape(B * Tq, HKV, G, Dk).contiguous()
+    gs = gates.float().reshape(B * Tq, HKV, G, 3).contiguous()
     rb = torch.arange(B).repeat_interleave(Tq)
     ws = torch.zeros(B, dtype=torch.long) if win_start is None else win_start.to("cpu", torch.long).contiguous()
     o, idx = mod.decode_fwd(qs, gs, *caches, pos.reshape(-1).contiguous(), rb, ws,
                             _overlap_weights(config, torch.float32, "cpu"), config.cmp_block_size,
                             config.cmp_stride, config.num_selected, config.num_init_blocks, config.num_local_blocks,
                             config.window_size)
-    return o.reshape(B, Tq, HQ, -1), idx.reshape(B, Tq, HKV, -1)
+    return o.reshape(B, Tq, HQ, -1).to(q.dtype), idx.reshape(B, Tq, HKV, -1)
 
 
 def torch_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, lengths, config, scale=None,

@@ -1,6 +1,6 @@
-// Fused CPU kernels for the "torch" backend (float32), forward and backward of each NSA branch: compressed
-// attention (Eq. 7) with its top-n block selection in the same pass (Eq. 8-11), selected-block attention (Eq. 12)
-// and sliding-window attention. Each call handles one query chunk on the calling thread (the Python side spreads
+// Fused CPU kernels for the "torch" backend (float32; the decode also reads bfloat16 / float16 caches), forward
+// and backward of each NSA branch: compressed attention (Eq. 7) with its top-n block selection in the same pass
+// (Eq. 8-11), selected-block attention (Eq. 12) and sliding-window attention. Each call handles one query chunk on the calling thread (the Python side spreads
 // chunks over worker threads and the GIL is released here). Matrix products go to the BLAS that libtorch_cpu
 // exports (sgemm_); masking, exp and the row statistics run in cache-sized tiles in between, so no score tensor of
 // the whole chunk is ever materialised. Every call has a pure-PyTorch twin in torch_backend.py (the _*_chunk
@@ -13,9 +13,10 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -755,17 +756,20 @@ void cmp_bwd(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, co
 // ------------------------------------------------------------------------------------------------ decode
 namespace {
 
-// A cache [B, S, HKV, D] read in place: row (b, s, h) at p + b*sb + s*ss + h*sh (last dim contiguous, ss >= D so
-// that a run of positions is a BLAS matrix with leading dimension ss).
+// A cache [B, S, HKV, D] of element type T (float, bfloat16 or half) read in place: row (b, s, h) at
+// p + b*sb + s*ss + h*sh (last dim contiguous, ss >= D so that a run of positions is a BLAS matrix with leading
+// dimension ss; 16-bit caches are converted to float in tiles of kCvtRows positions on their way to the BLAS).
+template <typename T>
 struct CacheView {
-  const float* p;
+  const T* p;
   int64_t B, S, H, D, sb, ss, sh;
   int ld;  // the BLAS leading dimension of a run of positions
   CacheView(const at::Tensor& x, const char* name) {
-    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 4 && x.device().is_cpu() &&
+    TORCH_CHECK(x.scalar_type() == c10::CppTypeToScalarType<T>::value && x.dim() == 4 && x.device().is_cpu() &&
                     (x.size(3) <= 1 || x.stride(3) == 1) && (x.size(1) <= 1 || x.stride(1) >= x.size(3)),
-                name, " must be a float32 CPU tensor [B, S, HKV, D], last dim contiguous, position stride >= D");
-    p = x.data_ptr<float>();
+                name, " must be a CPU tensor [B, S, HKV, D] of the caches' dtype, last dim contiguous, position "
+                "stride >= D");
+    p = x.data_ptr<T>();
     B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3), sb = x.stride(0), ss = x.stride(1), sh = x.stride(2);
     const int64_t lead = S <= 1 ? std::max<int64_t>(D, 1) : ss;  // one position: its stride is never stepped
     TORCH_CHECK(lead <= std::numeric_limits<int>::max() && S <= std::numeric_limits<int>::max() &&
@@ -773,8 +777,69 @@ struct CacheView {
                 name, ": sizes and the position stride must fit a BLAS int");
     ld = static_cast<int>(lead);
   }
-  const float* at(int64_t b, int64_t s, int64_t h) const { return p + b * sb + s * ss + h * sh; }
+  const T* at(int64_t b, int64_t s, int64_t h) const { return p + b * sb + s * ss + h * sh; }
 };
+
+constexpr int kCvtRows = 128;  // positions of a 16-bit cache converted to float per BLAS call
+
+inline void to_float(const at::BFloat16* x, float* y, int n) {  // bf16 is the top half of a float
+  const uint16_t* u = reinterpret_cast<const uint16_t*>(x);
+  int i = 0;
+#if defined(__AVX2__)
+  for (; i + 8 <= n; i += 8) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + i)));
+    _mm256_storeu_ps(y + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+#endif
+  for (; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(u[i]) << 16;
+    std::memcpy(y + i, &bits, sizeof(float));
+  }
+}
+
+inline void to_float(const at::Half* x, float* y, int n) {
+  int i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+#endif
+  for (; i < n; ++i) y[i] = static_cast<float>(x[i]);
+}
+
+// rows [cnt, D] (row stride ld) -> buf [cnt, D] float, contiguous
+template <typename T>
+void rows_to_float(const T* x, int ld, int cnt, int D, float* buf) {
+  for (int r = 0; r < cnt; ++r) to_float(x + static_cast<int64_t>(r) * ld, buf + static_cast<int64_t>(r) * D, D);
+}
+
+// C[g, cnt] (row stride ldc) = Q[g, dk] K^T, K = cnt cache rows from k (stride ldk).
+inline void gemm_qk(int g, int cnt, int dk, const float* q, const float* k, int ldk, float* c, int ldc, float*) {
+  gemm(false, true, g, cnt, dk, q, dk, k, ldk, c, ldc);
+}
+template <typename T>
+void gemm_qk(int g, int cnt, int dk, const float* q, const T* k, int ldk, float* c, int ldc, float* buf) {
+  for (int x = 0; x < cnt; x += kCvtRows) {
+    const int m = std::min(kCvtRows, cnt - x);
+    rows_to_float(k + static_cast<int64_t>(x) * ldk, ldk, m, dk, buf);
+    gemm(false, true, g, m, dk, q, dk, buf, dk, c + x, ldc);
+  }
+}
+
+// O[g, dv] (+)= P[g, cnt] (row stride ldp) V, V = cnt cache rows from v (stride ldv).
+inline void gemm_pv(int g, int dv, int cnt, const float* p, int ldp, const float* v, int ldv, float* o, bool acc,
+                    float*) {
+  gemm(false, false, g, dv, cnt, p, ldp, v, ldv, o, dv, acc);
+}
+template <typename T>
+void gemm_pv(int g, int dv, int cnt, const float* p, int ldp, const T* v, int ldv, float* o, bool acc,
+             float* buf) {
+  if (cnt <= 0) gemm(false, false, g, dv, 0, p, ldp, buf, dv, o, dv, acc);  // zero-fills unless accumulating
+  for (int x = 0; x < cnt; x += kCvtRows) {
+    const int m = std::min(kCvtRows, cnt - x);
+    rows_to_float(v + static_cast<int64_t>(x) * ldv, ldv, m, dv, buf);
+    gemm(false, false, g, dv, m, p + x, ldp, buf, dv, o, dv, acc || x > 0);
+  }
+}
 
 // Rows of s [G, n] (row stride lds) in place: s <- exp(s - max); inv[g] = 1 / row sum (0 for an empty row).
 void softmax_rows(float* s, int64_t G, int64_t n, int64_t lds, float* inv) {
@@ -807,16 +872,19 @@ void add_branch(float* out, const float* o, const float* inv, const float* gate,
 //   q     [R, HKV, G, Dk] scaled queries        gates [R, HKV, G, 3] (cmp, slc, win)
 //   kc/vc [B, Sc, HKV, Dk|Dv]  ks/vs [B, S, HKV, Dk|Dv]  kw/vw [B, W, HKV, Dk|Dv]  (CacheView layouts)
 //   W     [r, 2] Eq. 9 weights, as in cmp_fwd (l' = r*d)
-// Returns o [R, HKV, G, Dv] and idx [R, HKV, n] int64 (ascending, -1 padded).
-std::vector<at::Tensor> decode_fwd(const at::Tensor& q, const at::Tensor& gates, const at::Tensor& kc,
-                                   const at::Tensor& vc, const at::Tensor& ks, const at::Tensor& vs,
-                                   const at::Tensor& kw, const at::Tensor& vw, const at::Tensor& pos,
-                                   const at::Tensor& rb, const at::Tensor& ws, const at::Tensor& W, int64_t l,
-                                   int64_t d, int64_t n, int64_t n_init, int64_t n_local, int64_t w) {
+// The six caches share one dtype: float32, or bfloat16 / float16 converted to float32 on the way (the
+// arithmetic is float32 throughout).
+// Returns o [R, HKV, G, Dv] float32 and idx [R, HKV, n] int64 (ascending, -1 padded).
+template <typename T>
+std::vector<at::Tensor> decode_rows(const at::Tensor& q, const at::Tensor& gates, const at::Tensor& kc,
+                                    const at::Tensor& vc, const at::Tensor& ks, const at::Tensor& vs,
+                                    const at::Tensor& kw, const at::Tensor& vw, const at::Tensor& pos,
+                                    const at::Tensor& rb, const at::Tensor& ws, const at::Tensor& W, int64_t l,
+                                    int64_t d, int64_t n, int64_t n_init, int64_t n_local, int64_t w) {
   check_f32(q, "q", 4);
   check_f32(gates, "gates", 4);
   check_f32(W, "W", 2);
-  const CacheView KC(kc, "k_cmp"), VC(vc, "v_cmp"), KS(ks, "k_slc"), VS(vs, "v_slc"), KW(kw, "k_win"),
+  const CacheView<T> KC(kc, "k_cmp"), VC(vc, "v_cmp"), KS(ks, "k_slc"), VS(vs, "v_slc"), KW(kw, "k_win"),
       VW(vw, "v_win");
   const int64_t R = q.size(0), HKV = q.size(1), G = q.size(2), Dk = q.size(3), Dv = VS.D, r = W.size(0);
   const int64_t lp = r * d;
@@ -827,7 +895,7 @@ std::vector<at::Tensor> decode_fwd(const at::Tensor& q, const at::Tensor& gates,
                   gates.size(1) == HKV && gates.size(2) == G && gates.size(3) == 3 && KC.D == Dk && KS.D == Dk &&
                   KW.D == Dk && VC.D == Dv && VW.D == Dv && n >= 1 && w >= 1 && l >= 1 && d >= 1 && r >= 1,
               "decode_fwd: shapes do not match");
-  for (const CacheView* c : {&KC, &VC, &KS, &VS, &KW, &VW})  // every cache as wide as its K twin, HKV heads
+  for (const CacheView<T>* c : {&KC, &VC, &KS, &VS, &KW, &VW})  // every cache as wide as its K twin, HKV heads
     TORCH_CHECK(c->H == HKV && c->B == KS.B, "decode_fwd: caches must share B and HKV");
   TORCH_CHECK(VC.S >= KC.S && VS.S >= KS.S && VW.S >= KW.S && KC.B == KS.B && KW.B == KS.B,
               "decode_fwd: value caches shorter than their key caches");
@@ -851,7 +919,8 @@ std::vector<at::Tensor> decode_fwd(const at::Tensor& q, const at::Tensor& gates,
     float* op = o.data_ptr<float>();
     int64_t* ip = idx.data_ptr<int64_t>();
     at::parallel_for(0, R * HKV, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> s(G * most), ob(G * Dv), inv(G), ps(most), blk;
+      std::vector<float> s(G * most), ob(G * Dv), inv(G), ps(most), blk,
+          buf(std::is_same<T, float>::value ? 0 : kCvtRows * std::max(Dk, Dv));
       std::vector<std::pair<float, int64_t>> cand;
       for (int64_t u = begin; u < end; ++u) {
         const int64_t i = u / HKV, h = u % HKV, t = pp[i], b = bp[i];
@@ -865,9 +934,9 @@ std::vector<at::Tensor> decode_fwd(const at::Tensor& q, const at::Tensor& gates,
         blk.assign(nb + 1, 0.0f);
         if (nv > 0) {
           const int nvi = static_cast<int>(nv);
-          gemm(false, true, g, nvi, dk, qu, dk, KC.at(b, 0, h), KC.ld, s.data(), nvi);
+          gemm_qk(g, nvi, dk, qu, KC.at(b, 0, h), KC.ld, s.data(), nvi, buf.data());
           softmax_rows(s.data(), G, nv, nv, inv.data());
-          gemm(false, false, g, dv, nvi, s.data(), nvi, VC.at(b, 0, h), VC.ld, ob.data(), dv);
+          gemm_pv(g, dv, nvi, s.data(), nvi, VC.at(b, 0, h), VC.ld, ob.data(), false, buf.data());
           add_branch(out, ob.data(), inv.data(), gu, G, Dv);
           std::fill(ps.begin(), ps.begin() + nv, 0.0f);
           for (int64_t gg = 0; gg < G; ++gg)
@@ -887,16 +956,15 @@ std::vector<at::Tensor> decode_fwd(const at::Tensor& q, const at::Tensor& gates,
           for (int64_t k = 0, off = 0; k < n; ++k) {
             if (sel[k] < 0) continue;
             const int cnt = static_cast<int>(std::min(lp, t + 1 - sel[k] * lp));
-            gemm(false, true, g, cnt, dk, qu, dk, KS.at(b, sel[k] * lp, h), KS.ld, s.data() + off,
-                 tot);
+            gemm_qk(g, cnt, dk, qu, KS.at(b, sel[k] * lp, h), KS.ld, s.data() + off, tot, buf.data());
             off += cnt;
           }
           softmax_rows(s.data(), G, total, total, inv.data());
           for (int64_t k = 0, off = 0; k < n; ++k) {
             if (sel[k] < 0) continue;
             const int cnt = static_cast<int>(std::min(lp, t + 1 - sel[k] * lp));
-            gemm(false, false, g, dv, cnt, s.data() + off, tot, VS.at(b, sel[k] * lp, h), VS.ld,
-                 ob.data(), dv, off > 0);
+            gemm_pv(g, dv, cnt, s.data() + off, tot, VS.at(b, sel[k] * lp, h), VS.ld, ob.data(), off > 0,
+                    buf.data());
             off += cnt;
           }
           add_branch(out, ob.data(), inv.data(), gu + 1, G, Dv);
@@ -904,15 +972,32 @@ std::vector<at::Tensor> decode_fwd(const at::Tensor& q, const at::Tensor& gates,
         // sliding window: positions lo .. t
         const int64_t lo = std::max<int64_t>(0, t - w + 1);
         const int cnt = static_cast<int>(t - lo + 1);
-        gemm(false, true, g, cnt, dk, qu, dk, KW.at(b, lo - wsp[b], h), KW.ld, s.data(), cnt);
+        gemm_qk(g, cnt, dk, qu, KW.at(b, lo - wsp[b], h), KW.ld, s.data(), cnt, buf.data());
         softmax_rows(s.data(), G, cnt, cnt, inv.data());
-        gemm(false, false, g, dv, cnt, s.data(), cnt, VW.at(b, lo - wsp[b], h), VW.ld, ob.data(),
-             dv);
+        gemm_pv(g, dv, cnt, s.data(), cnt, VW.at(b, lo - wsp[b], h), VW.ld, ob.data(), false, buf.data());
         add_branch(out, ob.data(), inv.data(), gu + 2, G, Dv);
       }
     });
   }
   return {o, idx};
+}
+
+std::vector<at::Tensor> decode_fwd(const at::Tensor& q, const at::Tensor& gates, const at::Tensor& kc,
+                                   const at::Tensor& vc, const at::Tensor& ks, const at::Tensor& vs,
+                                   const at::Tensor& kw, const at::Tensor& vw, const at::Tensor& pos,
+                                   const at::Tensor& rb, const at::Tensor& ws, const at::Tensor& W, int64_t l,
+                                   int64_t d, int64_t n, int64_t n_init, int64_t n_local, int64_t w) {
+  switch (ks.scalar_type()) {
+    case at::kFloat:
+      return decode_rows<float>(q, gates, kc, vc, ks, vs, kw, vw, pos, rb, ws, W, l, d, n, n_init, n_local, w);
+    case at::kBFloat16:
+      return decode_rows<at::BFloat16>(q, gates, kc, vc, ks, vs, kw, vw, pos, rb, ws, W, l, d, n, n_init, n_local,
+                                       w);
+    case at::kHalf:
+      return decode_rows<at::Half>(q, gates, kc, vc, ks, vs, kw, vw, pos, rb, ws, W, l, d, n, n_init, n_local, w);
+    default:
+      TORCH_CHECK(false, "decode_fwd: the caches must be float32, bfloat16 or float16");
+  }
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -922,5 +1007,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("win_bwd", &win_bwd, "sliding-window attention backward of one chunk (float32)");
   m.def("cmp_bwd", &cmp_bwd, "compressed attention backward of one chunk (float32)");
   m.def("win_fwd", &win_fwd, "sliding-window attention forward of one chunk (float32)");
-  m.def("decode_fwd", &decode_fwd, "NSA decode of query rows over caches read in place, all branches (float32)");
+  m.def("decode_fwd", &decode_fwd,
+        "NSA decode of query rows over caches read in place, all branches (float32 / bfloat16 / float16 caches)");
 }
