@@ -471,16 +471,16 @@ def test_decode_kernel_reads_16bit_caches(dtype, G, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_decode_kernel_long_runs(dtype):
-    """Runs of more than one conversion tile (128 positions) in every branch: 300+ compressed tokens, a selection
-    block of 160 positions and a 300-token window, against the vectorised path and the float64 reference."""
+    """Runs of more than one conversion tile (512 positions) in every branch: 600+ compressed tokens, a selection
+    block of 520 positions and a 700-token window, against the vectorised path and the float64 reference."""
     from nsa.ops import decode
 
-    cfg = nsa.NSAConfig(cmp_block_size=4, cmp_stride=2, slc_block_size=160, num_selected=3, num_init_blocks=1,
-                        num_local_blocks=1, window_size=300)
-    q, k_cmp, v_cmp, ks, vs, _, _, gates = make_inputs(2, 700, 6, 2, 24, 16, cfg, dtype=torch.float32, seed=5)
+    cfg = nsa.NSAConfig(cmp_block_size=4, cmp_stride=2, slc_block_size=520, num_selected=2, num_init_blocks=1,
+                        num_local_blocks=1, window_size=700)
+    q, k_cmp, v_cmp, ks, vs, _, _, gates = make_inputs(2, 1300, 6, 2, 24, 16, cfg, dtype=torch.float32, seed=5)
     caches = [t.to(dtype) for t in (k_cmp, v_cmp, ks, vs, ks, vs)]
     args = (q[:, -1:], *caches, gates[:, -1:])
-    lengths = torch.tensor([700, 455])
+    lengths = torch.tensor([1300, 1100])
     o = decode.torch_decode(*args, lengths=lengths, config=cfg)
     decode.USE_FUSED_DECODE = False
     try:
