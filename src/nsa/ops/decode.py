@@ -242,6 +242,23 @@ def _cache_rows(x):
     return x if ok else x.clone(memory_format=torch.contiguous_format)
 
 
+_OVERLAP_W: dict = {}
+
+
+def _cpu_overlap_weights(config):
+    """The Eq. 9 weights `decode_fwd` takes ([l'/d, 2] float32 on the CPU), built once per geometry: a decode step
+    is short, and rebuilding them took about a tenth of a small layer's step."""
+    from .torch_backend import _overlap_weights
+
+    key = (config.cmp_block_size, config.cmp_stride, config.slc_block_size)
+    if key not in _OVERLAP_W:
+        if len(_OVERLAP_W) >= 64:
+            _OVERLAP_W.clear()
+        with torch.inference_mode(False), torch.no_grad():
+            _OVERLAP_W[key] = _overlap_weights(config, torch.float32, "cpu")
+    return _OVERLAP_W[key]
+
+
 def _fused_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, win_start, config, scale):
     """The compiled CPU decode: every branch of every query row in one call, the caches read in place (no gathers)
     and converted to float32 on the way when they are bfloat16 / float16; float32 arithmetic, as the vectorised
@@ -252,7 +269,6 @@ def _fused_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, win_s
             or k_slc.dtype not in _FUSED_CACHE_DTYPES or any(x.dtype != k_slc.dtype for x in xs[1:7])):
         return None
     from . import cpu_kernels
-    from .torch_backend import _overlap_weights
 
     mod = cpu_kernels.load()
     caches = [_cache_rows(x) for x in xs[1:7]]
@@ -264,10 +280,10 @@ def _fused_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, win_s
     G = HQ // HKV
     qs = (q.float() * scale).reshape(B * Tq, HKV, G, Dk).contiguous()
     gs = gates.float().reshape(B * Tq, HKV, G, 3).contiguous()
-    rb = torch.arange(B).repeat_interleave(Tq)
+    rb = torch.arange(B) if Tq == 1 else torch.arange(B).repeat_interleave(Tq)
     ws = torch.zeros(B, dtype=torch.long) if win_start is None else win_start.to("cpu", torch.long).contiguous()
     o, idx = mod.decode_fwd(qs, gs, *caches, pos.reshape(-1).contiguous(), rb, ws,
-                            _overlap_weights(config, torch.float32, "cpu"), config.cmp_block_size,
+                            _cpu_overlap_weights(config), config.cmp_block_size,
                             config.cmp_stride, config.num_selected, config.num_init_blocks, config.num_local_blocks,
                             config.window_size)
     return o.reshape(B, Tq, HQ, -1).to(q.dtype), idx.reshape(B, Tq, HKV, -1)
