@@ -24,7 +24,7 @@ def _inv_freq(dim: int, theta: float, device: torch.device) -> torch.Tensor:
 def rope_tables(positions: torch.Tensor, dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) [B or 1, T, 1, dim] in `dtype` for positions [T] or [B, T]: build once, rotate several tensors
     at the same positions (`apply_rope(..., tables=)`). `sin` carries the rotation's sign: (-sin, +sin) halves,
-    so that a rotation is x * cos + roll(x, dim/2) * sin."""
+    so that a rotation is x * cos + (x2, x1) * sin."""
     # angles in float64: positions reach 10^5+ and float32 angles would lose the low bits
     angles = positions.to(device=device, dtype=torch.float64)[..., None] * _inv_freq(dim, float(theta),
                                                                                       torch.device(device))
@@ -51,4 +51,5 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor | None, theta: float = 1
     acc = rope_dtype(x.dtype)
     cos, sin = rope_tables(positions, D, theta, x.device, acc) if tables is None else tables
     xf = x.to(acc)
-    return (xf * cos + xf.roll(D // 2, -1) * sin).to(x.dtype)
+    swapped = torch.cat((xf[..., D // 2:], xf[..., :D // 2]), -1)  # (x2, x1); roll() breaks compiled dynamic shapes
+    return (xf * cos + swapped * sin).to(x.dtype)
