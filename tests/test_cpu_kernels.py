@@ -492,6 +492,26 @@ def test_decode_kernel_long_runs(dtype):
     assert_close(o, ref, atol=1e-5, rtol=1e-5, name=f"{dtype}: fused vs float64 reference")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_kernel_normalises_before_the_values(dtype):
+    """Values near the float32 limit: the probabilities are normalised before they weight V, so four keys of
+    v = 1e38 give 1e38 (as the reference does), not an overflowed sum 4e38 = inf, then NaN through 0 * inf."""
+    from nsa.ops import decode
+
+    cfg = nsa.NSAConfig(cmp_block_size=4, cmp_stride=4, slc_block_size=4, num_selected=2, num_init_blocks=1,
+                        num_local_blocks=1, window_size=4)
+    k = torch.zeros(1, 4, 1, 1, dtype=dtype)
+    v = torch.full((1, 4, 1, 1), 1e38, dtype=dtype)
+    kc = torch.zeros(1, 1, 1, 1, dtype=dtype)
+    for gates in ([0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.5, 0.0, 0.0]):
+        args = (torch.zeros(1, 1, 1, 1), kc, kc, k, v, k, v, torch.tensor([[[gates]]]))
+        kw = dict(lengths=torch.tensor([4]), config=cfg)
+        got = nsa.decode_attention(*args, **kw)
+        want = decode.reference_decode(*args, **kw)
+        assert torch.isfinite(got).all(), gates
+        assert_close(got, want, atol=0, rtol=1e-6, name=f"{gates}")
+
+
 def test_decode_kernel_through_the_public_op_and_max_length():
     """nsa.decode_attention (float32, CPU) takes the kernel: with max_length a row out of range comes out NaN and
     the others equal the exact call."""

@@ -846,7 +846,9 @@ void gemm_pv(int g, int dv, int cnt, const float* p, int ldp, const T* v, int ld
   }
 }
 
-// Rows of s [G, n] (row stride lds) in place: s <- exp(s - max); inv[g] = 1 / row sum (0 for an empty row).
+// Rows of s [G, n] (row stride lds) in place: s <- softmax(s), normalised before the products with V (their sums
+// then stay in range wherever the output does); inv[g] = 1, the factor left for the output (0 for an empty row, so
+// that a NaN gate still gives NaN).
 void softmax_rows(float* s, int64_t G, int64_t n, int64_t lds, float* inv) {
   for (int64_t g = 0; g < G; ++g) {
     float* row = s + g * lds;
@@ -856,7 +858,9 @@ void softmax_rows(float* s, int64_t G, int64_t n, int64_t lds, float* inv) {
     }
     const float m = row_max(row, static_cast<int>(n));
     const float sum = exp_row(row, static_cast<int>(n), std::isinf(m) ? 0.0f : m);
-    inv[g] = 1.0f / sum;  // the row max contributes exp(0) = 1, so sum >= 1 (NaN stays NaN)
+    const float r = 1.0f / sum;  // the row max contributes exp(0) = 1, so sum >= 1 (NaN stays NaN)
+    for (int64_t x = 0; x < n; ++x) row[x] *= r;
+    inv[g] = 1.0f;
   }
 }
 
