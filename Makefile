@@ -27,7 +27,7 @@ bench-cpu: $(STAMP)
 bench-gpu:
 	bash benchmarks/run_gpu_suite.sh
 
-# one ~8-minute call: Triton tests compiled on the GPU, the GPU suite and the decode benchmark
+# one call of ~10 minutes (~8 with SKIP_TRAIN=1): the GPU suite, decode, profile, generate, the Triton tests on the GPU
 gpu-check:
 	bash benchmarks/run_gpu_all.sh
 

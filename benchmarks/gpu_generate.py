@@ -74,7 +74,7 @@ def run(contexts, batches, tokens, model_kw, device, dtype):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--contexts", default="8192")  # the full-attention prefill builds a [B, T, T] mask
+    ap.add_argument("--contexts", default="8192")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--smoke", action="store_true")

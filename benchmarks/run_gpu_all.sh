@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything a GPU session has to check, in one call of at most ~8 minutes (the device budget is 15 minutes per
-# session, start-up included). Stages, most valuable first, each with its own time limit so a slow stage cannot
+# Everything a GPU session has to check, in one call of at most ~10 minutes, ~8 with SKIP_TRAIN=1 (the device
+# budget is 15 minutes per session, start-up included). Stages, most valuable first, each with its own time limit so a slow stage cannot
 # starve the others:
 #   suite  - gpu_suite.py: bf16 correctness vs the reference, packed vs padded tiles, paper config and G sweep timings
 #   decode - gpu_decode.py: the decode step vs SDPA over the dense cache, 8k..128k, batch 1 and 16; the eager layer
@@ -14,7 +14,7 @@
 # is set (the device tool's return folder), are copied there after every stage.
 #   bash benchmarks/run_gpu_all.sh            # card name for the file names: nvidia-smi, else "gpu"
 # Knobs for a shorter rerun: SUITE_ARGS (extra gpu_suite.py arguments, e.g. --skip-packing), SUITE_S / DECODE_S /
-# PROFILE_S / TESTS_S (stage limits in seconds), SKIP_TRAIN=1.
+# PROFILE_S / GENERATE_S / TESTS_S (stage limits in seconds), SKIP_TRAIN=1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"

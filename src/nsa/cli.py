@@ -109,7 +109,7 @@ def _main(argv: list[str] | None) -> None:
 
     ev = sub.add_parser("eval", help="val loss/ppl, NIAH grid + heatmap, MQAR for a checkpoint")
     ev.add_argument("checkpoint")
-    ev.add_argument("--out", default=None, help="folder for eval.json and niah.png (default: next to checkpoint)")
+    ev.add_argument("--out", default=None, help="folder for eval.json and niah.png (default: an eval/ folder next to the checkpoint)")
     ev.add_argument("--lengths", type=int, nargs="+", default=None)
     ev.add_argument("--depths", type=float, nargs="+", default=None)
     ev.add_argument("--niah-samples", type=int, default=16)

@@ -211,7 +211,8 @@ class NativeSparseAttention(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ decoding
     def _decode_impl(self, device: torch.device) -> str:
-        """reference -> readable decode reference; torch -> vectorised torch decode; triton (or auto on CUDA) ->
+        """reference -> readable decode reference; torch -> the torch decode (on the CPU one compiled call for float32,
+        bfloat16 or float16 caches, else vectorised); triton (or auto on CUDA) ->
         the Triton decode kernels (decode steps and chunked prefill) where they apply, else the torch decode."""
         if self.backend == "reference":
             return "reference"

@@ -1,4 +1,5 @@
-"""Fused float32 CPU kernels for the "torch" backend, compiled on first use (needs a C++ compiler).
+"""Fused CPU kernels for the "torch" backend (float32 math; the decode also reads bfloat16 / float16 caches),
+compiled on first use (needs a C++ compiler).
 
 `load()` returns the compiled module, or None when the kernels are disabled (`NSA_CPU_KERNELS=0`) or cannot be
 built here: the torch backend then runs its pure-PyTorch path, which computes the same thing. The build goes to
