@@ -242,6 +242,11 @@ def _cache_rows(x):
     return x if ok else x.clone(memory_format=torch.contiguous_format)
 
 
+def _needs_grad(xs) -> bool:
+    """Some input needs a gradient: only the differentiable torch path may run (the kernels have no backward)."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
 _OVERLAP_W: dict = {}
 
 
@@ -266,7 +271,8 @@ def _fused_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, win_s
     float64, caches of mixed dtypes, kernels disabled or not built): the vectorised torch path then runs."""
     xs = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
     if (not USE_FUSED_DECODE or q.device.type != "cpu" or q.dtype == torch.float64 or gates.dtype == torch.float64
-            or k_slc.dtype not in _FUSED_CACHE_DTYPES or any(x.dtype != k_slc.dtype for x in xs[1:7])):
+            or k_slc.dtype not in _FUSED_CACHE_DTYPES or any(x.dtype != k_slc.dtype for x in xs[1:7])
+            or _needs_grad(xs)):  # the kernel has no backward: the vectorised path is differentiable
         return None
     from . import cpu_kernels
 
@@ -341,6 +347,8 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
     """Checked entry point: NSA output [B, Tq, HQ, Dv] for the last Tq positions of each cached sequence.
 
     impl: "reference" | "torch" | "triton" (the Triton decode kernels, any Tq; torch where they do not apply).
+    Differentiable: when an input requires a gradient (grad mode on), the pure-PyTorch torch decode runs in place of
+    the kernels (Triton, compiled CPU), which have no backward. The selected blocks get no gradient (Eq. 11).
     `host_lengths` (optional CPU copy of `lengths`) spares a device synchronisation. `check_window` also checks
     that the window tensors hold every position the windows read (reads win_start on the host).
     `max_length` (host int): see `_bounded_rows`; the values of lengths and win_start are then never read on the host
@@ -425,7 +433,8 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
         except ImportError:  # Triton not installed: the torch decode
             impl = "torch"
         else:
-            if triton_decode_supported(q, k_slc, v_slc):
+            if triton_decode_supported(q, k_slc, v_slc) and not _needs_grad(
+                    (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)):
                 return _poison(triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw), valid)
             impl = "torch"
     if impl not in IMPLS:
