@@ -10,14 +10,17 @@ _INV_FREQ: dict = {}
 def _inv_freq(dim: int, theta: float, device: torch.device) -> torch.Tensor:
     """theta^(-2i/dim), i < dim/2, float64 on `device`. Eagerly built once per (dim, theta, device), not per call (a
     decode step rotates at one new position per layer); while compiling, traced inline."""
-    if torch.compiler.is_compiling():
+    def build():
         return theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim)
+
+    if torch.compiler.is_compiling():
+        return build()
     key = (dim, theta, device)
     if key not in _INV_FREQ:
         if len(_INV_FREQ) >= 64:
             _INV_FREQ.clear()
         with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable by any later call
-            _INV_FREQ[key] = theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim)
+            _INV_FREQ[key] = build()
     return _INV_FREQ[key]
 
 

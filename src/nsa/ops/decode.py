@@ -3,7 +3,8 @@
 Used by decoding (Tq = 1) and chunked prefill (Tq > 1). Two implementations with one signature:
 `reference_decode` (per sequence, per query, explicit key lists: written to be read) and `torch_decode`
 (vectorised over batch, queries and heads, gathers only the keys a query reads; on the CPU, float32, bfloat16
-and float16 caches run as one compiled call, `cpu_kernels.decode_fwd`, that reads them in place). Both follow docs/spec.md exactly.
+and float16 caches run as one compiled call, `cpu_kernels.decode_fwd`, that reads them in place). Both follow
+docs/spec.md exactly.
 
 Inputs (B sequences; sequence b has `lengths[b]` tokens *including* the Tq new ones, so its queries sit at
 positions lengths[b] - Tq + j, j < Tq):

@@ -3,8 +3,8 @@
 Same functions and contract as `nsa.ops.reference` (see docs/spec.md). For CPU tensors computed in float32
 (float32, bfloat16, float16) each op's per-chunk branch work (forward and backward) runs in the compiled kernels of
 `cpu_kernels` when they build (C++, BLAS products with fused mask/exp/statistics in cache-sized tiles, top-n inside
-the cmp pass); the chunk loop, threads and autograd stay here. The per-chunk functions below are the pure-PyTorch path, used otherwise (float64,
-other devices, no compiler, USE_FUSED_CPU = False). Design:
+the cmp pass); the chunk loop, threads and autograd stay here. The per-chunk functions below are the pure-PyTorch
+path, used otherwise (float64, other devices, no compiler, USE_FUSED_CPU = False). Design:
 - Queries are processed per sequence in chunks of `CHUNK_SIZE`; inside a chunk every score tile is kept below
   `WORK_ELEMS` elements, so peak memory is O(chunk * (n*l' + w + T/d)) per head, never O(T^2).
 - cmp branch (Eq. 7): dense over the visible compressed prefix of a sub-chunk; its probabilities also give the

@@ -1,10 +1,10 @@
 // Fused CPU kernels for the "torch" backend (float32; the decode also reads bfloat16 / float16 caches), forward
 // and backward of each NSA branch: compressed attention (Eq. 7) with its top-n block selection in the same pass
-// (Eq. 8-11), selected-block attention (Eq. 12) and sliding-window attention. Each call handles one query chunk on the calling thread (the Python side spreads
-// chunks over worker threads and the GIL is released here). Matrix products go to the BLAS that libtorch_cpu
-// exports (sgemm_); masking, exp and the row statistics run in cache-sized tiles in between, so no score tensor of
-// the whole chunk is ever materialised. Every call has a pure-PyTorch twin in torch_backend.py (the _*_chunk
-// functions), against which tests/test_cpu_kernels.py checks it.
+// (Eq. 8-11), selected-block attention (Eq. 12) and sliding-window attention. Each call handles one query chunk on
+// the calling thread (the Python side spreads chunks over worker threads and the GIL is released here). Matrix
+// products go to the BLAS that libtorch_cpu exports (sgemm_); masking, exp and the row statistics run in
+// cache-sized tiles in between, so no score tensor of the whole chunk is ever materialised. Every call has a
+// pure-PyTorch twin in torch_backend.py (the _*_chunk functions), against which tests/test_cpu_kernels.py checks it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
