@@ -434,8 +434,7 @@ def decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, leng
         except ImportError:  # Triton not installed: the torch decode
             impl = "torch"
         else:
-            if triton_decode_supported(q, k_slc, v_slc) and not _needs_grad(
-                    (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)):
+            if triton_decode_supported(q, k_slc, v_slc) and not _needs_grad([x for _, x in named]):
                 return _poison(triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw), valid)
             impl = "torch"
     if impl not in IMPLS:
