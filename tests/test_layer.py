@@ -36,70 +36,6 @@ def test_compressors_start_as_mean_pooling(name):
     assert_close(comp(x), compression_blocks(x, 8, 4).mean(-2), atol=1e-12, rtol=1e-12, name=name)
 
 
-def _phi_from_blocks(comp, x, cu=None):
-    """φ as Eq. 7 states it: the overlapping blocks gathered, the PE added, then `compress`."""
-    blocks = compression_blocks(x, comp.block_size, comp.stride, cu)
-    if comp.pos_emb is not None:
-        blocks = blocks + comp.pos_emb.to(blocks.dtype)
-    return comp.compress(blocks)
-
-
-@pytest.mark.parametrize("name", ["mlp", "linear", "mean"])
-@pytest.mark.parametrize("l,d", [(8, 4), (8, 8), (16, 4), (4, 1), (6, 4)])
-@pytest.mark.parametrize("packed", [False, True])
-def test_compressor_chunks_equal_blocks(name, l, d, packed):
-    """φ runs on the non-overlapping chunks of d tokens (no [B, Tc, H, l, D] copy); it must equal φ over the
-    gathered blocks, outputs and every gradient, with random weights and PE, padded and packed (an empty sequence,
-    one shorter than l, lengths not multiples of d). d ∤ l (6, 4) keeps the blocks."""
-    gen = torch.Generator().manual_seed(l * 10 + d)
-    for pe in (True, False):
-        comp = nsa.make_compressor(name, 8, l, d, position_embedding=pe).double()
-        with torch.no_grad():
-            for p in comp.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
-        cu = torch.tensor([0, 3, 20, 20, 41, 50]) if packed else None
-        x = torch.randn(1 if packed else 2, 50, 3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-        out, ref = comp(x, cu), _phi_from_blocks(comp, x, cu)
-        assert out.shape == ref.shape
-        assert_close(out, ref, atol=1e-12, rtol=1e-12, name="out")
-        g = torch.randn(out.shape, generator=gen, dtype=out.dtype)
-        wrt = [x] + list(comp.parameters())
-        for a, b in zip(torch.autograd.grad(out, wrt, g), torch.autograd.grad(ref, wrt, g)):
-            assert_close(a, b, atol=1e-12, rtol=1e-12, name="grad")
-
-
-def test_compressor_chunks_only_where_they_compute_the_same():
-    """A subclass that overrides `compress` only, or an MLP whose first Linear has a hook, gets the blocks."""
-    class Doubled(nsa.compression.MLPCompressor):
-        def compress(self, blocks):
-            return 2 * super().compress(blocks)
-
-    x = torch.randn(1, 30, 2, 8, dtype=torch.float64)
-    comp = Doubled(8, 8, 4).double()
-    assert_close(comp(x), _phi_from_blocks(comp, x), atol=1e-12, rtol=1e-12, name="override")
-    seen = []
-    comp = nsa.make_compressor("mlp", 8, 8, 4, position_embedding=True).double()
-    comp.mlp[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
-    comp(x)
-    assert seen == [(1, 6, 2, 64)]  # the flattened blocks [B, Tc, H, l*D]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_compressor_chunks_16bit(dtype):
-    """16-bit φ over chunks stays as close to the float64 φ as φ over the blocks does (block sums accumulate in
-    float32)."""
-    gen = torch.Generator().manual_seed(3)
-    comp = nsa.make_compressor("mlp", 16, 32, 16, position_embedding=True)
-    with torch.no_grad():
-        comp.mlp[2].weight.normal_(0, 0.1, generator=gen)
-    x = torch.randn(2, 300, 2, 16, generator=gen)
-    exact = _phi_from_blocks(comp.double(), x.double())
-    comp = comp.to(dtype)
-    err_chunks = (comp(x.to(dtype)).double() - exact).abs().max()
-    err_blocks = (_phi_from_blocks(comp, x.to(dtype)).double() - exact).abs().max()
-    assert err_chunks <= 1.25 * err_blocks, (err_chunks, err_blocks)
-
-
 @pytest.mark.parametrize("compression", ["mlp", "linear", "mean"])
 @pytest.mark.parametrize("shared_kv", [False, True, "slc_win"])
 def test_layer_gradients_reach_everything(compression, shared_kv):
@@ -192,9 +128,7 @@ def test_compressed_keys_rotated_at_block_end():
 def test_torch_compile_matches_eager(varlen, recwarn):
     """torch.compile(layer): Dynamo traces the projections, RoPE and φ, and the NSA op as its custom ops instead of
     tracing into the backends, which it cannot (it warned about every compiled-kernel call). Same output and
-    gradients as eager (more in tests/test_compile.py): bitwise for a padded batch; a packed one computes φ from
-    overlapping blocks when compiled (its chunk layout depends on the offsets' values) and from chunks eagerly, so
-    there they agree to rounding."""
+    gradients as eager (more in tests/test_compile.py)."""
     torch._dynamo.reset()
     layer = make_layer().float()  # float32: the compiled CPU kernels, which Dynamo cannot trace
     cu = torch.tensor([0, 40, 100]) if varlen else None
@@ -203,11 +137,7 @@ def test_torch_compile_matches_eager(varlen, recwarn):
     (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
     out = torch.compile(layer, backend="eager")(x, cu_seqlens=cu)
     (g,) = torch.autograd.grad(out.square().sum(), x)
-    if varlen:
-        assert_close(out, ref, atol=1e-5, rtol=1e-5, name="out")
-        assert_close(g, g_ref, atol=1e-5, rtol=1e-5, name="grad")
-    else:
-        assert torch.equal(out, ref) and torch.equal(g, g_ref)
+    assert torch.equal(out, ref) and torch.equal(g, g_ref)
     assert not [w for w in recwarn if "Dynamo does not know how to trace" in str(w.message)]
 
 

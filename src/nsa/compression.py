@@ -7,14 +7,12 @@ compressed tokens in order (see `nsa.ops.varlen.compressed_cu_seqlens`).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 from .config import check_bool, check_int, num_compressed_tokens
 from .ops import library
-from .ops.varlen import host_offsets, packed_block_starts
+from .ops.varlen import packed_block_starts
 
 
 def block_starts(seqlen: int, block_size: int, stride: int, cu_seqlens: torch.Tensor | None, device=None,
@@ -67,10 +65,6 @@ class Compressor(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-1] != self.head_dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be [B, T, H, head_dim={self.head_dim}], got {got}")
-        chunks = _chunks(x, self.block_size, self.stride, cu_seqlens) if self._chunked() else None
-        out = None if chunks is None else self.compress_chunks(chunks)
-        if out is not None:
-            return out
         blocks = compression_blocks(x, self.block_size, self.stride, cu_seqlens, starts)
         if self.pos_emb is not None:
             blocks = blocks + self.pos_emb.to(blocks.dtype)
@@ -78,107 +72,6 @@ class Compressor(nn.Module):
 
     def compress(self, blocks: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def compress_chunks(self, chunks: "Chunks") -> torch.Tensor | None:
-        """The same map as `compress`, computed from the non-overlapping chunks of d tokens that the overlapping
-        blocks are made of (no [B, Tc, H, l, D] copy: about half the memory traffic), or None to use `compress`."""
-        return None
-
-    def _chunked(self) -> bool:
-        """Whether `compress_chunks` computes what `compress` does: it is defined by the same class or a subclass
-        of the one defining `compress` (a subclass overriding only `compress` keeps the blocks)."""
-        mro = type(self).__mro__
-        owner = {name: next(k for k in mro if name in k.__dict__) for name in ("compress", "compress_chunks")}
-        return owner["compress_chunks"] is not Compressor and issubclass(owner["compress_chunks"], owner["compress"])
-
-    @staticmethod
-    def _plain(linear) -> bool:
-        """An `nn.Linear` itself, without hooks: its weight can be read directly."""
-        return type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks)
-
-    def _block_mean(self, chunks: "Chunks") -> torch.Tensor:
-        """Mean of every block, position embedding included: (Σ_j chunk sum_{i+j}) / l (+ mean of the PE)."""
-        x = chunks.x
-        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        sums = x.unflatten(-1, (self.stride, self.head_dim)).sum(-2, dtype=acc)       # [B, nch, H, D]
-        mean = chunks.combine(sums) / self.block_size
-        if self.pos_emb is not None:
-            mean = mean + self.pos_emb.to(acc).mean(0)
-        return mean.to(x.dtype)
-
-    def _block_linear(self, chunks: "Chunks", linear: nn.Linear) -> torch.Tensor:
-        """`linear` applied to every flattened block (+ PE): Σ_j chunk_{i+j} · W_jᵀ + b + W · PE, where W_j are the
-        columns of W that read a block's j-th chunk."""
-        x, r = chunks.x, self.block_size // self.stride
-        w = linear.weight.to(x.dtype)                                                  # [out, l*D]
-        out = w.shape[0]
-        w_chunks = w.view(out, r, -1).transpose(0, 1).reshape(r * out, -1)             # [r*out, d*D]
-        y = torch.nn.functional.linear(x, w_chunks).unflatten(-1, (r, out))           # [B, nch, H, r, out]
-        h = chunks.combine(y, per_chunk_slot=True)
-        bias = linear.bias
-        if self.pos_emb is not None:
-            pe_term = w @ self.pos_emb.to(x.dtype).flatten()
-            bias = pe_term if bias is None else bias.to(x.dtype) + pe_term
-        return h if bias is None else h + bias.to(x.dtype)
-
-
-class Chunks:
-    """x cut into non-overlapping chunks of d tokens, [B, nch, H, d*D]; block i (l = r·d tokens) is the chunks
-    first[i] + j, j < r. Without `cu_seqlens`, first[i] = i; with it, each sequence's chunks follow its own
-    blocks (r - 1 more chunks per sequence than blocks)."""
-
-    def __init__(self, x: torch.Tensor, num_blocks: int, r: int, first: torch.Tensor | None):
-        self.x, self.num_blocks, self.r, self.first = x, num_blocks, r, first
-
-    def combine(self, z: torch.Tensor, per_chunk_slot: bool = False) -> torch.Tensor:
-        """Σ_j z[:, first[i] + j] over a block's r chunks; with `per_chunk_slot`, z is [B, nch, H, r, ...] and
-        chunk j of a block contributes its slot j."""
-        parts = []
-        for j in range(self.r):
-            zj = z.select(3, j) if per_chunk_slot else z
-            parts.append(zj[:, j:j + self.num_blocks] if self.first is None else zj[:, self.first + j])
-        total = parts[0]
-        for part in parts[1:]:
-            total = total + part
-        return total
-
-
-def _chunks(x: torch.Tensor, block_size: int, stride: int, cu_seqlens) -> Chunks | None:
-    """x [B, T, H, D] as `Chunks`, or None where the blocks are not whole chunks (d ∤ l) or the layout must stay
-    traceable as it was (torch.export; packed offsets while compiling, whose block count is a dynamic size)."""
-    if block_size % stride or torch.compiler.is_exporting():
-        return None
-    if cu_seqlens is not None and torch.compiler.is_compiling():
-        return None
-    B, T, H, D = x.shape
-    r = block_size // stride
-    if cu_seqlens is None:
-        num_blocks = num_compressed_tokens(T, block_size, stride)
-        nch = num_blocks + r - 1 if num_blocks > 0 else 0
-        chunks = x[:, :nch * stride].unflatten(1, (nch, stride)).transpose(2, 3)  # [B, nch, H, d, D]
-        return Chunks(chunks.reshape(B, nch, H, stride * D), num_blocks, r, None)
-    tokens, first = _packed_chunk_plan(tuple(host_offsets(cu_seqlens)), block_size, stride, x.device)
-    chunks = x.index_select(1, tokens).unflatten(1, (tokens.numel() // stride, stride)).transpose(2, 3)
-    return Chunks(chunks.reshape(B, -1, H, stride * D), first.numel(), r, first)
-
-
-@functools.lru_cache(maxsize=8)
-def _packed_chunk_plan(bounds: tuple[int, ...], block_size: int, stride: int, device: torch.device):
-    """For packed offsets `bounds`: the token positions of every sequence's chunks in order, [nch * d], and each
-    compressed block's first chunk, [Tc]. Built on the host once per offset list (every compressor of a batch
-    shares it) and copied without blocking."""
-    r = block_size // stride
-    tokens, first, count = [], [], 0
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        n = num_compressed_tokens(end - start, block_size, stride)
-        if n > 0:
-            tokens.append(torch.arange(start, start + (n + r - 1) * stride))
-            first.append(torch.arange(count, count + n))
-            count += n + r - 1
-    plan = [torch.cat(t) if t else torch.zeros(0, dtype=torch.long) for t in (tokens, first)]
-    if device.type == "cuda":
-        return tuple(t.pin_memory().to(device, non_blocking=True) for t in plan)
-    return tuple(t.to(device) for t in plan)
 
 
 class MeanCompressor(Compressor):
@@ -189,9 +82,6 @@ class MeanCompressor(Compressor):
 
     def compress(self, blocks):
         return blocks.mean(dim=-2)
-
-    def compress_chunks(self, chunks):
-        return self._block_mean(chunks)
 
 
 class LinearCompressor(Compressor):
@@ -214,9 +104,6 @@ class LinearCompressor(Compressor):
     def compress(self, blocks):
         return _per_block(blocks, self.proj)
 
-    def compress_chunks(self, chunks):
-        return self._block_linear(chunks, self.proj) if self._plain(self.proj) else None
-
 
 class MLPCompressor(Compressor):
     """Mean pooling plus a two-layer MLP over the flattened block (GELU); the MLP's last layer starts at zero,
@@ -237,15 +124,6 @@ class MLPCompressor(Compressor):
 
     def compress(self, blocks):
         return blocks.mean(dim=-2) + _per_block(blocks, self.mlp)
-
-    def compress_chunks(self, chunks):
-        if not (isinstance(self.mlp, nn.Sequential) and self._plain(self.mlp[0]) and not self.mlp._forward_hooks
-                and not self.mlp._forward_pre_hooks):
-            return None
-        h = self._block_linear(chunks, self.mlp[0])
-        for layer in list(self.mlp)[1:]:
-            h = layer(h)
-        return self._block_mean(chunks) + h
 
 
 def _per_block(blocks: torch.Tensor, layers: nn.Module) -> torch.Tensor:
