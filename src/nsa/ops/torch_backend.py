@@ -747,6 +747,12 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save, workers=1):
     if need_sel:
         W = _overlap_weights(geom.cfg, acc, q.device)
         r = geom.cfg.slc_block_size // geom.cfg.cmp_stride
+    if fused is not None and q0 == 0:
+        _forward_fused(fused, out, saved, q, cmp, slc, win, gates, geom, W, r, workers)
+        if gates is None:
+            name = "cmp" if cmp is not None else ("slc" if slc is not None else "win")
+            out = saved["o_" + name].to(q.dtype)
+        return out, saved
     for b, s, e, cs, ce in _spans(geom, B, T):
         L = e - s
         if L == 0 or L <= q0:
@@ -836,6 +842,85 @@ def _forward_impl(q, cmp, slc, win, gates, geom, save, workers=1):
     return out, saved
 
 
+def _forward_fused(fused, out, saved, q, cmp, slc, win, gates, geom, W, r, workers):
+    """`_forward_impl` through the compiled float32 kernels, for full sequences (no query offset): fills `out` (with
+    gates) and `saved`. Whole-batch work runs once (scaled queries, query and key norms for the shift-free tests,
+    and, when the branch outputs are saved, the gate combination of Eq. 5); per chunk the kernels run on views and
+    one host read takes the chunk's shift-free decisions."""
+    B, T, HQ, Dk = q.shape
+    acc = torch.float32
+    ref_kv = (slc or win or cmp)
+    HKV, Dv = ref_kv[0].shape[2], ref_kv[1].shape[3]
+    G = HQ // HKV
+    need_sel = slc is not None and slc[2] is None
+    cfg = geom.cfg
+    qs = torch.mul(q, geom.scale) if q.dtype == acc else q.to(acc).mul_(geom.scale)
+    qs = qs.contiguous().view(B, T, HKV, G * Dk)
+    qnorm = torch.linalg.vector_norm(qs.view(B, T, HKV, G, Dk), dim=-1)  # [B, T, HKV, G]
+    knorm = {}  # largest key norm per KV head, for the shift-free test; one pass per distinct key tensor
+    for name, br in (("cmp", cmp), ("slc", slc), ("win", win)):
+        if br is not None:
+            same = [n for n, k in knorm.items() if k[0] is br[0]]
+            knorm[name] = knorm[same[0]] if same else (br[0], torch.linalg.vector_norm(br[0].to(acc), dim=-1))
+    limit = _exp_limit(acc)
+    gated = gates is not None and "o_cmp" in saved  # the gate combination then runs once, over the whole batch
+    flat = {k: v.view(B * T, *v.shape[2:]) for k, v in saved.items()}  # rows b*T + t
+    for b, s, e, cs, ce in _spans(geom, B, T):
+        L = e - s
+        if L == 0:
+            continue
+        Tc = ce - cs
+        kmax = []  # [branches, HKV]
+        for name, (_, norms) in knorm.items():
+            lo, hi = (cs, ce) if name == "cmp" else (s, e)
+            kmax.append(norms[b, lo:hi].amax(0) if hi > lo else norms.new_zeros(HKV))
+        kmax = torch.stack(kmax)
+        if cmp is not None:
+            kc, vc = _prep_cmp(cmp[0][b, cs:ce].to(acc), cmp[1][b, cs:ce].to(acc), r or 1, acc)
+        if slc is not None:
+            kf, vf = (x[b, s:e].to(acc).reshape(L * HKV, -1) for x in slc[:2])
+        if win is not None:
+            kw, vw = (x[b, s:e].to(acc).reshape(L * HKV, -1) for x in win)
+
+        def one_chunk(a, c1, b=b, s=s, L=L, Tc=Tc, kmax=kmax):
+            C, rows = c1 - a, slice(s + a, s + c1)
+            qflat = qs[b, rows].view(C * HKV, G * Dk)
+            qn = qnorm[b, rows].amax(dim=(0, 2))  # [HKV]
+            # Cauchy-Schwarz: every score of branch k is at most max_h |q|_h * max|k|_h (see _shift_free)
+            shift_free = dict(zip(knorm, ((qn * kmax).amax(1) <= limit).tolist()))
+            res = {}
+            if cmp is not None:
+                n_sel = cfg.num_selected if need_sel else 0
+                o_c, lse_c, idx = fused.cmp_fwd(qflat, kc, vc, W if need_sel else kc.new_zeros(1, 2), C, a, geom.l,
+                                                geom.d, Tc, n_sel, cfg.num_init_blocks if need_sel else 0,
+                                                cfg.num_local_blocks if need_sel else 0, shift_free["cmp"])
+                res["cmp"] = (o_c, lse_c)
+            if slc is not None:
+                if not need_sel:
+                    idx = slc[2][b, rows]
+                res["slc"] = fused.slc_fwd(qflat, kf, vf, idx.long().contiguous(), a, geom.lp, G, shift_free["slc"])
+            if win is not None:
+                res["win"] = fused.win_fwd(qflat, kw, vw, C, HKV, a, geom.window, G, shift_free["win"])
+            r0 = b * T + s + a
+            if "idx" in flat:
+                flat["idx"][r0:r0 + C] = idx
+            for name, (o_b, lse_b) in res.items():
+                if "o_" + name in flat:
+                    flat["o_" + name][r0:r0 + C] = o_b.view(C, HQ, Dv)
+                    flat["lse_" + name][r0:r0 + C] = lse_b.view(C, HQ)
+            if gates is not None and not gated:
+                g = gates[b, rows].to(acc).view(C, HKV, G, 3, 1)
+                o = res["cmp"][0].mul_(g[..., 0, :])  # Eq. 5, in place: the branch outputs are no longer needed
+                o.addcmul_(res["slc"][0], g[..., 1, :]).addcmul_(res["win"][0], g[..., 2, :])
+                out[b, rows] = o.view(C, HQ, Dv)
+
+        _run_chunks(lambda group: [one_chunk(a, c1) for a, c1 in group], _chunks(L), workers)
+    if gated:  # Eq. 5 over the whole batch
+        g = gates.to(acc).reshape(B, T, HQ, 3, 1)
+        o = saved["o_cmp"] * g[..., 0, :]
+        out.copy_(o.addcmul_(saved["o_slc"], g[..., 1, :]).addcmul_(saved["o_win"], g[..., 2, :]))
+
+
 def _backward(q, cmp, slc, win, gates, geom, saved, dout, dlse=None):
     with _threads_for(q) as workers, _no_autocast(q):
         return _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse, workers)
@@ -846,6 +931,9 @@ def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None, worker
     (dk, dv) win, dgates (None where a branch or the gates are absent)."""
     B, T, HQ, Dk = q.shape
     acc = _acc_dtype(q.dtype)
+    fused = _fused_kernels(q, acc)
+    if fused is not None:
+        return _backward_fused(fused, q, cmp, slc, win, gates, geom, saved, dout, dlse, workers)
     ref_kv = (slc or win or cmp)
     HKV, Dv = ref_kv[0].shape[2], ref_kv[1].shape[3]
     G = HQ // HKV
@@ -854,7 +942,6 @@ def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None, worker
     dslc = None if slc is None else tuple(torch.zeros_like(x, dtype=acc) for x in slc[:2])
     dwin = None if win is None else tuple(torch.zeros_like(x, dtype=acc) for x in win)
     dg = None if gates is None else torch.zeros(B, T, HQ, 3, dtype=acc, device=q.device)
-    fused = _fused_kernels(q, acc)
     for b, s, e, cs, ce in _spans(geom, B, T):
         L = e - s
         if L == 0:
@@ -868,22 +955,17 @@ def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None, worker
             NB = -(-L // geom.lp)
         if win is not None:
             kw_s, vw_s = (x[b, s:e].to(acc) for x in win)
-            wplan = None if fused is not None else _WinPlan(geom.window, L, min(int(CHUNK_SIZE), L), q.device, acc)
+            wplan = _WinPlan(geom.window, L, min(int(CHUNK_SIZE), L), q.device, acc)
 
         def group(chunks, b=b, s=s, L=L, q_s=q_s, Tc=Tc):
             """Gradients of some chunks of this sequence; k/v gradients go to buffers local to the group."""
             buf = {}
             if cmp is not None:
                 buf["dkc"], buf["dvc"] = torch.zeros_like(kc), torch.zeros_like(vc)
-            # the fused kernels accumulate k/v gradients in the keys' own [L*HKV, D] layout
-            if slc is not None and fused is not None:
-                buf["dkb"], buf["dvb"] = kf.new_zeros(L * HKV, Dk), vf.new_zeros(L * HKV, Dv)
-            elif slc is not None:
+            if slc is not None:
                 buf["dkb"] = torch.zeros(HKV * NB, geom.lp * Dk, dtype=acc, device=q.device)
                 buf["dvb"] = torch.zeros(HKV * NB, geom.lp * Dv, dtype=acc, device=q.device)
-            if win is not None and fused is not None:
-                buf["dkw"], buf["dvw"] = kw_s.new_zeros(L * HKV, Dk), vw_s.new_zeros(L * HKV, Dv)
-            elif win is not None:
+            if win is not None:
                 buf["dkw"], buf["dvw"] = _win_grad_buffers(L, HKV, Dk, Dv, wplan, acc, q.device)
             for a, c1 in chunks:
                 one_chunk(a, c1, b, s, L, q_s, Tc, **buf)
@@ -896,8 +978,6 @@ def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None, worker
             dO = dout[b, rows].to(acc).view(C, HKV, G, Dv)
             if gates is not None:
                 g = gates[b, rows].to(acc).view(C, HKV, G, 3)
-            gk = g.contiguous() if gates is not None else dO.new_zeros(0)  # the fused kernels' gates argument
-            dO = dO.contiguous()
             dqc = torch.zeros(C, HKV, G, Dk, dtype=acc, device=q.device)
             for k_, name in enumerate(("cmp", "slc", "win")):
                 br = (cmp, slc, win)[k_]
@@ -913,17 +993,6 @@ def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None, worker
                     delta = (dO * o_b).sum(-1)
                 if dlse is not None:  # a branch op's lse gradient (the composed op has none)
                     delta = delta - dlse[b, rows].to(acc).view(C, HKV, G)
-                if fused is not None:  # the kernels scale dO by the gate and accumulate into dqc themselves
-                    args = (dO, gk, delta.contiguous(), lse_b.contiguous())
-                    if name == "cmp":
-                        fused.cmp_bwd(qflat, kc, vc, *args, dkc, dvc, dqc, C, a, geom.l, geom.d, Tc)
-                    elif name == "slc":
-                        fused.slc_bwd(qflat, kf, vf, saved["idx"][b, rows].contiguous(), *args, dkb, dvb, dqc, a,
-                                      geom.lp, G)
-                    else:
-                        fused.win_bwd(qflat, kw_s.reshape(L * HKV, Dk), vw_s.reshape(L * HKV, Dv), *args, dkw, dvw,
-                                      dqc, C, HKV, a, geom.window, G)
-                    continue
                 dOb = dO if gates is None else dO * g[..., k_:k_ + 1]
                 if name == "cmp":
                     dqc += _cmp_backward_chunk(qflat, kc, vc, a, C, geom.l, geom.d, Tc, dOb, delta, lse_b, dkc, dvc)
@@ -940,17 +1009,100 @@ def _backward_impl(q, cmp, slc, win, gates, geom, saved, dout, dlse=None, worker
         if cmp is not None:
             dcmp[0][b, cs:ce] = dkc[:, :Tc].permute(1, 0, 2)
             dcmp[1][b, cs:ce] = dvc[:, :Tc].permute(1, 0, 2)
-        if slc is not None and fused is not None:
-            dslc[0][b, s:e], dslc[1][b, s:e] = dkb.view(L, HKV, Dk), dvb.view(L, HKV, Dv)
-        elif slc is not None:
+        if slc is not None:
             dslc[0][b, s:e] = dkb.view(HKV, NB * geom.lp, Dk)[:, :L].permute(1, 0, 2)
             dslc[1][b, s:e] = dvb.view(HKV, NB * geom.lp, Dv)[:, :L].permute(1, 0, 2)
-        if win is not None and fused is not None:
-            dwin[0][b, s:e], dwin[1][b, s:e] = dkw.view(L, HKV, Dk), dvw.view(L, HKV, Dv)
-        elif win is not None:
+        if win is not None:
             dwin[0][b, s:e] = _win_grad_out(dkw, wplan, L)
             dwin[1][b, s:e] = _win_grad_out(dvw, wplan, L)
     return dq, dcmp, dslc, dwin, dg
+
+
+def _backward_fused(fused, q, cmp, slc, win, gates, geom, saved, dout, dlse, workers):
+    """`_backward_impl` through the compiled float32 kernels. The elementwise work runs once over the whole batch
+    (scaled queries, dL/dg of Eq. 5, the softmax deltas, dq's scale); per chunk only the kernels run, on views of
+    whole-batch tensors. They accumulate dq, and the slc/win dK/dV in the keys' own layout, in place: straight into
+    the returned gradients when a sequence's chunks run as one group, else into per-group buffers summed in a fixed
+    order (bitwise repeatable either way)."""
+    B, T, HQ, Dk = q.shape
+    acc = torch.float32
+    ref_kv = (slc or win or cmp)
+    HKV, Dv = ref_kv[0].shape[2], ref_kv[1].shape[3]
+    G = HQ // HKV
+    qs = torch.mul(q, geom.scale) if q.dtype == acc else q.to(acc).mul_(geom.scale)
+    qs = qs.contiguous().view(B, T, HKV, G * Dk)
+    dO = dout.to(acc).contiguous().view(B, T, HKV, G, Dv)
+    gk = None if gates is None else gates.to(acc).contiguous().view(B, T, HKV, G, 3)
+    no_gates = dO.new_zeros(0)  # the kernels' gates argument when there are none
+    dg = None if gates is None else torch.zeros(B, T, HQ, 3, dtype=acc, device=q.device)
+    branches = [(k_, name) for k_, name in enumerate(("cmp", "slc", "win")) if (cmp, slc, win)[k_] is not None]
+    delta, lse = {}, {}
+    for k_, name in branches:
+        dgk = (dO * saved["o_" + name].view(B, T, HKV, G, Dv)).sum(-1)
+        if gates is not None:  # Eq. 5: dL/dg = <dO, o_b>, and delta = <g dO, o_b> = g dL/dg
+            dg[..., k_] = dgk.view(B, T, HQ)
+            dgk = dgk * gk[..., k_]
+        if dlse is not None:  # a branch op's lse gradient (the composed op has none)
+            dgk = dgk - dlse.to(acc).reshape(B, T, HKV, G)
+        delta[name] = dgk.contiguous()
+        lse[name] = saved["lse_" + name].view(B, T, HKV, G)
+    dq = torch.zeros(B, T, HKV, G, Dk, dtype=acc, device=q.device)
+    dcmp = None if cmp is None else tuple(torch.zeros_like(x, dtype=acc) for x in cmp[:2])
+    dslc = None if slc is None else tuple(torch.zeros(x.shape, dtype=acc, device=q.device) for x in slc[:2])
+    dwin = None if win is None else tuple(torch.zeros(x.shape, dtype=acc, device=q.device) for x in win)
+    for b, s, e, cs, ce in _spans(geom, B, T):
+        L = e - s
+        if L == 0:
+            continue
+        Tc = ce - cs
+        if cmp is not None:
+            kc, vc = _prep_cmp(cmp[0][b, cs:ce].to(acc), cmp[1][b, cs:ce].to(acc), 1, acc)
+        if slc is not None:
+            kf, vf = (x[b, s:e].to(acc).reshape(L * HKV, -1) for x in slc[:2])
+        if win is not None:
+            kw, vw = (x[b, s:e].to(acc).reshape(L * HKV, -1) for x in win)
+        chunks = _chunks(L)
+        one_group = min(workers, len(chunks)) == 1
+
+        def group(items, b=b, s=s, L=L, Tc=Tc):
+            """Gradients of some chunks of this sequence, into the returned k/v gradients (one group) or into
+            buffers of this group's own."""
+            buf = {}
+            if cmp is not None:
+                buf["dkc"], buf["dvc"] = torch.zeros_like(kc), torch.zeros_like(vc)
+            for key, grads in (("b", dslc), ("w", dwin)):
+                if grads is None:
+                    continue
+                if one_group:
+                    buf["dk" + key], buf["dv" + key] = (x[b, s:e].view(L * HKV, -1) for x in grads)
+                else:
+                    buf["dk" + key], buf["dv" + key] = (x.new_zeros(L * HKV, x.shape[-1]) for x in grads)
+            for a, c1 in items:
+                C, rows = c1 - a, slice(s + a, s + c1)
+                qflat = qs[b, rows].view(C * HKV, G * Dk)
+                args = (dO[b, rows], no_gates if gk is None else gk[b, rows])
+                dqc = dq[b, rows]
+                if cmp is not None:  # the kernels scale dO by the gate and accumulate into dqc themselves
+                    fused.cmp_bwd(qflat, kc, vc, *args, delta["cmp"][b, rows], lse["cmp"][b, rows], buf["dkc"],
+                                  buf["dvc"], dqc, C, a, geom.l, geom.d, Tc)
+                if slc is not None:
+                    fused.slc_bwd(qflat, kf, vf, saved["idx"][b, rows].contiguous(), *args, delta["slc"][b, rows],
+                                  lse["slc"][b, rows], buf["dkb"], buf["dvb"], dqc, a, geom.lp, G)
+                if win is not None:
+                    fused.win_bwd(qflat, kw, vw, *args, delta["win"][b, rows], lse["win"][b, rows], buf["dkw"],
+                                  buf["dvw"], dqc, C, HKV, a, geom.window, G)
+            return buf
+
+        bufs = _run_chunks(group, chunks, workers)
+        tot = {k: sum(bb[k] for bb in bufs[1:]) + bufs[0][k] if len(bufs) > 1 else bufs[0][k] for k in bufs[0]}
+        if cmp is not None:
+            dcmp[0][b, cs:ce] = tot["dkc"][:, :Tc].permute(1, 0, 2)
+            dcmp[1][b, cs:ce] = tot["dvc"][:, :Tc].permute(1, 0, 2)
+        if not one_group:
+            for key, grads in (("b", dslc), ("w", dwin)):
+                if grads is not None:
+                    grads[0][b, s:e], grads[1][b, s:e] = tot["dk" + key].view(L, HKV, Dk), tot["dv" + key].view(L, HKV, Dv)
+    return dq.mul_(geom.scale).view(B, T, HQ, Dk), dcmp, dslc, dwin, dg
 
 
 def _cast(x, like):
