@@ -108,6 +108,10 @@ def _run_chunks(fn, items, workers):
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def run(g):  # the caller's autograd modes (inference tensors may only be written under inference mode)
+        # A worker's OpenMP/MKL thread count is set (to the op's 1) lazily, by its first threaded torch call; the
+        # compiled kernels' BLAS calls must not come first, or they run multi-threaded (other rounding, and
+        # oversubscribed cores). get_num_threads() sets it.
+        torch.get_num_threads()
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             return fn(g)
 
